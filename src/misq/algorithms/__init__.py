@@ -1,0 +1,1 @@
+"""Pure tensor algorithms. Nothing here knows about models, files or the CLI."""
