@@ -1,0 +1,492 @@
+"""Compare compressed runs against an FP16 baseline: numbers, verdict and suggestions.
+
+:func:`compare` loads the results files, builds one comparison dict (what
+``comparison_results.json`` holds) and renders ``report.md`` and ``report.html`` from that
+dict alone (see :mod:`misq.report_html`), so every number in a report is a number in the JSON.
+
+Derived percentages (retention, change, budget gap) are rounded here, once, to the precision
+the reports print; the verdict rules test those same rounded numbers, so a report never shows
+"90.00%" next to a FAIL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import misq
+from misq.atomic import atomic_write_json, atomic_write_text
+from misq.errors import MisqError
+from misq.rundir import RESULTS_FILE, iso_utc
+
+log = logging.getLogger(__name__)
+
+DATASET_ORDER = ("wikitext2", "ptb", "c4")
+VERDICT_DATASETS = ("wikitext2", "c4")
+BUDGET_TOLERANCE = 0.01  # bits; "budget met" means |actual - target| <= this
+PROTOCOL_KEYS = ("name", "c4_documents", "c4_max_tokens", "unk_as_text")
+
+
+def load_results(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """Read a misq results file (or a run directory holding ``results.json``)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / RESULTS_FILE).is_file():
+            raise MisqError(f"{p} is a directory without {RESULTS_FILE}: pass a results file written by misq compress or misq eval")
+        p = p / RESULTS_FILE
+    if not p.is_file():
+        raise MisqError(f"results file {p} does not exist: pass the results.json written by misq compress or misq eval")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MisqError(f"{p} is not misq results JSON ({err}): pass a results file written by misq compress or misq eval") from None
+    if not isinstance(data, dict) or not ({"ppl", "eval"} & data.keys()):
+        raise MisqError(f"{p} is not a misq results file (no 'ppl' or 'eval' section): pass a file written by misq compress or misq eval")
+    return p, data
+
+
+def compare(
+    baseline_path: str | os.PathLike,
+    results_paths: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    retention_threshold: float = 0.9,
+) -> dict[str, Any]:
+    """Compare compressed results against a baseline and write the three report files.
+
+    Writes ``comparison_results.json``, ``report.md`` and a self-contained ``report.html``
+    into ``out_dir`` (each atomically) and returns the dict the JSON holds.
+    """
+    if not results_paths:
+        raise MisqError("no compressed results given: pass at least one results.json from misq compress")
+    if not 0.0 < retention_threshold <= 1.0:
+        raise MisqError(f"retention threshold {retention_threshold} is outside (0, 1]: give a fraction, e.g. 0.9 for 90%")
+    baseline = load_results(baseline_path)
+    runs = [load_results(p) for p in results_paths]
+    comparison = build_comparison(baseline, runs, retention_threshold=retention_threshold)
+
+    # Imported here: the renderers pull in matplotlib, which analysis alone does not need.
+    from misq.report_html import render_html, render_markdown
+    from misq.report_plots import make_plots
+
+    out = Path(out_dir)
+    plots = make_plots(comparison)
+    atomic_write_json(out / "comparison_results.json", comparison)
+    atomic_write_text(out / "report.md", render_markdown(comparison, plots))
+    atomic_write_text(out / "report.html", render_html(comparison, plots))
+    log.info("wrote comparison_results.json, report.md and report.html to %s", out)
+    return comparison
+
+
+def build_comparison(
+    baseline: tuple[Path, dict[str, Any]],
+    runs: list[tuple[Path, dict[str, Any]]],
+    *,
+    retention_threshold: float = 0.9,
+) -> dict[str, Any]:
+    """The comparison dict for already-loaded ``(path, results)`` pairs."""
+    base_path, base = baseline
+    warnings: list[str] = []
+    if base.get("kind") not in (None, "baseline"):
+        warnings.append(f"the baseline file {base_path} has kind {base.get('kind')!r}, not 'baseline': retention is measured against it anyway")
+    threshold_pct = round(100 * retention_threshold, 2)  # one rounding, shared by text and rules
+    analysed = [_analyse_run(p, r, base, threshold_pct) for p, r in runs]
+    _dedupe_labels(analysed, [p for p, _ in runs])
+    primary, reason = _pick_primary(analysed)
+    return {
+        "misq_version": misq.__version__,
+        "kind": "comparison",
+        "created": iso_utc(time.time()),
+        "rules": {
+            "retention_threshold_pct": threshold_pct,
+            "budget_tolerance_bits": BUDGET_TOLERANCE,
+            "verdict_datasets": list(VERDICT_DATASETS),
+            "text": [
+                f"budget met: |actual - target average bits| <= {BUDGET_TOLERANCE} (not applicable to uniform precision)",
+                *(f"retention on {ds} >= {threshold_pct:g}% (retention = baseline PPL / compressed PPL)" for ds in VERDICT_DATASETS),
+                "PASS when every applicable rule holds; FAIL when any fails; INCOMPLETE when none fails but a number is missing or not comparable",
+            ],
+        },
+        "baseline": {
+            "path": str(base_path),
+            "model": (base.get("model") or {}).get("name_or_path"),
+            "parameters": (base.get("model") or {}).get("parameters"),
+            "dtype": (base.get("model") or {}).get("dtype", "float16"),
+            "seqlen": _seqlen(base),
+            "ppl": {ds: _ppl(base, ds) for ds in _datasets(base)},
+            "eval_s": _eval_seconds(base),
+        },
+        "primary": primary,
+        "primary_reason": reason,
+        # The headline for the CLI: the primary run's verdict, and every run's status.
+        "verdict": {"status": analysed[primary]["verdict"]["status"], "run": analysed[primary]["label"],
+                    "summary": analysed[primary]["verdict"]["summary"],
+                    "per_run": {r["label"]: r["verdict"]["status"] for r in analysed}},  # fmt: skip
+        "warnings": warnings + [f"{r['label']}: {w}" for r in analysed for w in r["warnings"]],
+        "runs": analysed,
+    }
+
+
+# --------------------------------------------------------------------------- reading fields
+
+
+def _num(x: Any) -> float | None:
+    """A finite float, or None for missing / non-numeric / NaN / inf."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+def _ppl(res: dict[str, Any], ds: str) -> float | None:
+    value = (res.get("ppl") or {}).get(ds)
+    if value is None:
+        value = ((res.get("eval") or {}).get(ds) or {}).get("ppl")
+    return _num(value)
+
+
+def _diverged(res: dict[str, Any], ds: str) -> bool:
+    """Whether a PPL is recorded but is NaN or infinite (the model broke)."""
+    value = (res.get("ppl") or {}).get(ds)
+    return isinstance(value, (int, float)) and not math.isfinite(value)
+
+
+def _datasets(*results: dict[str, Any]) -> list[str]:
+    """Datasets any of the files evaluated, the protocol's three first in their usual order."""
+    names: set[str] = set()
+    for res in results:
+        names |= set((res.get("ppl") or {}).keys()) | set((res.get("eval") or {}).keys())
+    return [d for d in DATASET_ORDER if d in names] + sorted(names - set(DATASET_ORDER))
+
+
+def _seqlen(res: dict[str, Any]) -> int | None:
+    for source in (res.get("protocol") or {}, res.get("config") or {}):
+        if isinstance(source.get("seqlen"), int):
+            return source["seqlen"]
+    for entry in (res.get("eval") or {}).values():
+        if isinstance(entry, dict) and isinstance(entry.get("seqlen"), int):
+            return entry["seqlen"]
+    return None
+
+
+def _eval_seconds(res: dict[str, Any]) -> dict[str, float | None]:
+    timed = (res.get("timing") or {}).get("eval_s") or {}
+    return {ds: _num(timed.get(ds, ((res.get("eval") or {}).get(ds) or {}).get("seconds"))) for ds in _datasets(res)}
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _analyse_run(path: Path, res: dict[str, Any], base: dict[str, Any], threshold_pct: float) -> dict[str, Any]:
+    warnings: list[str] = []
+    if res.get("kind") == "baseline":
+        warnings.append(f"{path} is a baseline file, not a compressed run")
+    base_model = (base.get("model") or {}).get("name_or_path")
+    model = (res.get("model") or {}).get("name_or_path")
+    if base_model and model and base_model != model:
+        warnings.append(f"model differs from the baseline ({model} vs {base_model}): perplexities are not comparable")
+    comparable = _check_protocol(base, res, warnings)
+    config = _config_summary(res)
+    perplexity = _perplexity(base, res, comparable)
+    compression = _compression(res, config)
+    layers = _layers(res)
+    run = {
+        "path": str(path),
+        "label": _label(config, path),
+        "model": model,
+        "comparable": comparable,
+        "config": config,
+        "perplexity": perplexity,
+        "compression": compression,
+        "cost": {"compress_s": _num((res.get("timing") or {}).get("compress_s")), "eval_s": _eval_seconds(res)},
+        "layers": layers,
+        "warnings": warnings,
+    }
+    run["verdict"] = _verdict(run, threshold_pct)
+    run["suggestions"] = _suggestions(run)
+    return run
+
+
+def _check_protocol(base: dict[str, Any], res: dict[str, Any], warnings: list[str]) -> bool:
+    """Warn (never fail) when the two files did not measure PPL the same way."""
+    comparable = True
+    b_len, r_len = _seqlen(base), _seqlen(res)
+    if b_len is not None and r_len is not None and b_len != r_len:
+        warnings.append(f"seqlen differs (baseline {b_len}, run {r_len}): perplexities are NOT comparable; re-evaluate both with the same --seqlen")
+        comparable = False
+    elif b_len is None or r_len is None:
+        warnings.append("seqlen is not recorded in both files: cannot confirm the perplexities are comparable")
+    b_proto, r_proto = base.get("protocol") or {}, res.get("protocol") or {}
+    differ = [k for k in PROTOCOL_KEYS if k in b_proto and k in r_proto and b_proto[k] != r_proto[k]]
+    if differ:
+        detail = ", ".join(f"{k} {b_proto[k]!r} vs {r_proto[k]!r}" for k in differ)
+        warnings.append(f"evaluation protocol differs ({detail}): perplexities are NOT comparable")
+        comparable = False
+    return comparable
+
+
+def _config_summary(res: dict[str, Any]) -> dict[str, Any]:
+    cfg = res.get("config") or {}
+    sp = res.get("sparsity") or {}
+    bits = res.get("bits") or {}
+    grouping = cfg.get("grouping")
+    target = _num(bits.get("target_avg_bits", cfg.get("target_avg_bits") if grouping != "uniform" else None))
+    prunen, prunem = cfg.get("prunen") or 0, cfg.get("prunem") or 0
+    if sp.get("pattern"):
+        pattern = sp["pattern"]
+    elif prunen and prunem:
+        pattern = f"{prunen}:{prunem}"
+    else:
+        pattern = "unstructured" if (cfg.get("sparsity") or 0) > 0 else "none"
+    sparsity_target = _num(sp.get("target", prunen / prunem if prunen and prunem else cfg.get("sparsity")))
+    if res.get("kind") == "baseline" or not cfg:
+        precision = (res.get("model") or {}).get("dtype", "float16")
+    elif grouping == "uniform":
+        precision = f"uniform {cfg.get('wbits')}-bit"
+    else:
+        widths = ",".join(str(b) for b in cfg.get("bits") or [])
+        precision = f"mixed {{{widths}}}, target {target:g} avg bits" if target is not None else f"mixed {{{widths}}}"
+    return {
+        "precision": precision,
+        "bits": cfg.get("bits"),
+        "wbits": cfg.get("wbits"),
+        "target_avg_bits": target,
+        "sparsity_target": sparsity_target,
+        "sparsity_actual": _num(sp.get("actual")),
+        "pattern": pattern,
+        "method": grouping,
+        "calibration_dataset": cfg.get("dataset"),
+        "nsamples": cfg.get("nsamples"),
+        "n_groups": cfg.get("n_groups") if grouping != "uniform" else None,
+        "budget": cfg.get("budget") if grouping != "uniform" else None,
+        "seqlen": _seqlen(res),
+        "seed": cfg.get("seed"),
+    }
+
+
+def _label(config: dict[str, Any], path: Path) -> str:
+    """A short name for a run, e.g. ``mi K=10 4.0b layer`` (plus ``+50%`` / ``+2:4`` when pruned)."""
+    method = config["method"]
+    if method == "uniform":
+        label = f"uniform {config['wbits']}b"
+    elif method:
+        target = config["target_avg_bits"]
+        # One decimal as in "4.0b", more only when needed ("3.25b").
+        shown = None if target is None else (f"{target:.1f}" if round(target, 1) == target else f"{target:g}")
+        label = f"{method} K={config['n_groups']} {shown}b {config['budget']}" if shown else f"{method} K={config['n_groups']}"
+    else:
+        label = path.parent.name if path.name == RESULTS_FILE else path.stem
+    if config["pattern"] not in ("none", "unstructured"):
+        label += f" +{config['pattern']}"
+    elif config["sparsity_target"]:
+        label += f" +{100 * config['sparsity_target']:.0f}%"
+    return label
+
+
+def _dedupe_labels(runs: list[dict[str, Any]], paths: list[Path]) -> None:
+    """Two runs of a sweep can share a config (e.g. different seeds): tell them apart."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run["label"]] = counts.get(run["label"], 0) + 1
+    for run, path in zip(runs, paths):
+        if counts[run["label"]] > 1:
+            where = path.parent.name if path.name == RESULTS_FILE else path.stem
+            run["label"] = f"{run['label']} ({where})"
+    labels = [r["label"] for r in runs]
+    for i, run in enumerate(runs):
+        if labels.count(run["label"]) > 1:  # same folder names too: fall back to the position
+            run["label"] += f" #{i + 1}"
+
+
+def _perplexity(base: dict[str, Any], res: dict[str, Any], comparable: bool) -> dict[str, dict[str, Any]]:
+    table = {}
+    for ds in _datasets(base, res):
+        b, c = _ppl(base, ds), _ppl(res, ds)
+        entry: dict[str, Any] = {"baseline": b, "compressed": c, "retention_pct": None, "change_pct": None, "comparable": comparable}
+        if b is not None and b > 0 and c is not None and c > 0:
+            entry["retention_pct"] = round(100 * b / c, 2)
+            entry["change_pct"] = round(100 * (c - b) / b, 2)
+        elif b is not None and _diverged(res, ds):
+            entry["retention_pct"], entry["diverged"] = 0.0, True  # NaN/inf PPL: nothing retained
+        table[ds] = entry
+    return table
+
+
+def _compression(res: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    st, bits = res.get("storage") or {}, res.get("bits") or {}
+
+    def ratio(key: str, bits_key: str) -> float | None:
+        # The protocol defines the ratio as 16 / bits per parameter on disk; older files lack it.
+        given, per_param = _num(st.get(key)), _num(st.get(bits_key))
+        if given is None and per_param:
+            return round(16 / per_param, 4)
+        return given
+
+    avg_channel = _num(st.get("avg_channel_bits", bits.get("actual_avg_bits")))
+    actual = _num(bits.get("actual_avg_bits", avg_channel))
+    target = config["target_avg_bits"]
+    histogram = []
+    for width, h in sorted((bits.get("histogram") or {}).items(), key=lambda kv: float(kv[0])):
+        histogram.append({"width": int(float(width)), **{k: h.get(k) for k in ("channels", "channel_share", "weights", "weight_share")}})
+    return {
+        "avg_channel_bits": avg_channel,
+        "bits_per_stored_weight": _num(st.get("bits_per_stored_weight")),
+        "bits_per_param_disk_quantized": _num(st.get("bits_per_param_disk_quantized")),
+        "bits_per_param_disk_model": _num(st.get("bits_per_param_disk_model")),
+        "compression_ratio_quantized": ratio("compression_ratio_quantized", "bits_per_param_disk_quantized"),
+        "compression_ratio_model": ratio("compression_ratio_model", "bits_per_param_disk_model"),
+        "bytes_quantized": st.get("bytes_quantized"),
+        "bytes_model": st.get("bytes_model"),
+        "bytes_fp16_model": st.get("bytes_fp16_model"),
+        "target_avg_bits": target,
+        "actual_avg_bits": actual,
+        "budget_gap_bits": round(actual - target, 4) if actual is not None and target is not None else None,
+        "exact": bits.get("exact"),
+        "histogram": histogram,
+    }
+
+
+def _layers(res: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer bits and errors, and which layers' errors are outliers (> median + 3 MAD)."""
+    per_bits = {e.get("name"): e.get("avg_bits") for e in (res.get("bits") or {}).get("per_layer") or [] if isinstance(e, dict)}
+    rows = [
+        {"name": e.get("name"), "avg_bits": _num(e.get("avg_bits", per_bits.get(e.get("name")))), "rel_error": _num(e.get("rel_error"))}
+        for e in res.get("layers") or []
+        if isinstance(e, dict)
+    ]
+    if not rows:
+        rows = [{"name": n, "avg_bits": _num(b), "rel_error": None} for n, b in per_bits.items()]
+    out: dict[str, Any] = {"count": len(rows), "per_layer": rows, "median_rel_error": None, "mad_rel_error": None,
+                           "outlier_limit": None, "outliers": []}  # fmt: skip
+    errors = [r["rel_error"] for r in rows if r["rel_error"] is not None]
+    if len(errors) >= 3:
+        med = statistics.median(errors)
+        mad = statistics.median(abs(e - med) for e in errors)
+        # A floor on the MAD keeps float noise among near-equal errors from flagging "outliers".
+        limit = med + 3 * max(mad, 1e-3 * med)
+        flagged = [r for r in rows if r["rel_error"] is not None and r["rel_error"] > limit]
+        flagged.sort(key=lambda r: -r["rel_error"])
+        out.update(median_rel_error=med, mad_rel_error=mad, outlier_limit=limit,
+                   outliers=[{"name": r["name"], "rel_error": r["rel_error"]} for r in flagged])  # fmt: skip
+    return out
+
+
+def _rule(rule_id: str, text: str, value: float | None, status: str, note: str = "") -> dict[str, Any]:
+    return {"id": rule_id, "rule": text, "value": value, "status": status, "note": note}
+
+
+def _verdict(run: dict[str, Any], threshold_pct: float) -> dict[str, Any]:
+    """PASS / FAIL / INCOMPLETE by the rules in the comparison's ``rules.text``."""
+    comp, cfg = run["compression"], run["config"]
+    text = f"|actual - target average bits| <= {BUDGET_TOLERANCE}"
+    gap = comp["budget_gap_bits"]
+    if cfg["method"] == "uniform":
+        rules = [_rule("budget", text, None, "n/a", "uniform precision has no bit budget")]
+    elif gap is None:
+        rules = [_rule("budget", text, None, "missing", "target or actual average bits not recorded")]
+    else:
+        status = "pass" if abs(gap) <= BUDGET_TOLERANCE + 1e-9 else "fail"
+        rules = [_rule("budget", text, gap, status, f"actual {comp['actual_avg_bits']:.4f} vs target {comp['target_avg_bits']:g}")]
+    for ds in VERDICT_DATASETS:
+        entry = run["perplexity"].get(ds) or {}
+        value, text = entry.get("retention_pct"), f"retention on {ds} >= {threshold_pct:g}%"
+        if value is None:
+            rules.append(_rule(f"retention_{ds}", text, None, "missing", f"no {ds} perplexity in both files"))
+        elif not entry["comparable"]:
+            rules.append(_rule(f"retention_{ds}", text, value, "missing", "perplexities not comparable (see warnings)"))
+        else:
+            status = "pass" if value >= threshold_pct else "fail"
+            rules.append(_rule(f"retention_{ds}", text, value, status, f"{value:.2f}% {'>=' if status == 'pass' else '<'} {threshold_pct:g}%"))
+    failed = [r for r in rules if r["status"] == "fail"]
+    missing = [r for r in rules if r["status"] == "missing"]
+    if failed:
+        result, why = "FAIL", failed
+    elif missing:
+        result, why = "INCOMPLETE", missing
+    else:
+        result, why = "PASS", []
+    summary = result + (": " + "; ".join(f"{r['rule']} ({r['note']})" for r in why) if why else ": every applicable rule holds")
+    return {"status": result, "summary": summary, "rules": rules}
+
+
+def _suggestions(run: dict[str, Any]) -> list[dict[str, str]]:
+    """Advice computed from this run's numbers; each item names the number that triggered it."""
+    out: list[dict[str, str]] = []
+    comp, cfg, layers = run["compression"], run["config"], run["layers"]
+
+    def add(sid: str, trigger: str, text: str) -> None:
+        out.append({"id": sid, "trigger": trigger, "text": text})
+
+    gap = comp["budget_gap_bits"]
+    if cfg["method"] != "uniform" and gap is not None and abs(gap) > BUDGET_TOLERANCE + 1e-9:
+        fix = "use --budget model, which lets layers trade bits" if cfg["budget"] == "layer" else "add intermediate widths to --bits"
+        add("budget_missed", f"actual - target average bits = {gap:+.4f} (tolerance ±{BUDGET_TOLERANCE})",
+            f"The bit budget was missed by {gap:+.4f} bits ({comp['actual_avg_bits']:.4f} vs target {comp['target_avg_bits']:g}): "
+            f"the widths {cfg['bits']} cannot hit the target exactly at this granularity; {fix}.")  # fmt: skip
+    changes = {ds: e["change_pct"] for ds, e in run["perplexity"].items() if e["change_pct"] is not None and e["comparable"]}
+    if len(changes) >= 2:
+        median = statistics.median(changes.values())
+        for ds, change in changes.items():
+            if median > 0 and change > 2 * median:
+                cal = cfg["calibration_dataset"]
+                why = (f"although it is the calibration set, so the compression is too aggressive for it" if cal == ds
+                       else f"calibration used {cal}; try --dataset {ds} to see whether this is a domain gap")  # fmt: skip
+                add(f"dataset_degrades_{ds}", f"{ds} change {change:+.2f}% > 2 x median change {median:+.2f}%",
+                    f"{ds} degrades far more than the other datasets ({change:+.2f}% vs median {median:+.2f}%): {why}.")  # fmt: skip
+    if isinstance(cfg["nsamples"], int) and cfg["nsamples"] < 128:
+        add("few_samples", f"nsamples = {cfg['nsamples']} < 128",
+            f"Only {cfg['nsamples']} calibration samples (the protocol uses 128): the Hessian estimates are noisy; use --nsamples 128.")  # fmt: skip
+    if layers["outliers"]:
+        worst = layers["outliers"][0]
+        others = f" and {len(layers['outliers']) - 1} more" if len(layers["outliers"]) > 1 else ""
+        add("layer_outlier", f"{worst['name']} rel_error {worst['rel_error']:.4g} > median + 3 MAD = {layers['outlier_limit']:.4g}",
+            f"Layer {worst['name']}{others} has an outlying reconstruction error ({worst['rel_error']:.4g} vs median "
+            f"{layers['median_rel_error']:.4g}): give it more bits or keep it in fp16, or raise --percdamp if its Hessian is ill-conditioned.")  # fmt: skip
+    hist = {h["width"]: h for h in comp["histogram"] if isinstance(h.get("weight_share"), (int, float))}
+    widths = sorted(set(cfg["bits"] or []) | set(hist))
+    if cfg["method"] not in (None, "uniform") and widths and widths[-1] in hist and hist[widths[-1]]["weight_share"] > 0.5:
+        share = hist[widths[-1]]["weight_share"]
+        add("saturated_top", f"weight share at the top width {widths[-1]} = {100 * share:.1f}% > 50%",
+            f"{100 * share:.1f}% of weights sit at the top width ({widths[-1]} bits): the allocation is saturating and cannot "
+            f"favour important channels; add a wider width to --bits or lower --target_avg_bits.")  # fmt: skip
+    if cfg["method"] not in (None, "uniform") and widths and widths[0] in hist and hist[widths[0]]["weight_share"] > 0.5:
+        share = hist[widths[0]]["weight_share"]
+        add("saturated_bottom", f"weight share at the lowest width {widths[0]} = {100 * share:.1f}% > 50%",
+            f"{100 * share:.1f}% of weights sit at the lowest width ({widths[0]} bits): the budget is so tight that most channels "
+            f"get the floor; raise --target_avg_bits or add a lower width to --bits.")  # fmt: skip
+    stored, channel = comp["bits_per_stored_weight"], comp["avg_channel_bits"]
+    if stored is not None and channel is not None and stored - channel > 0.5:
+        fewer = f" (e.g. --n_groups {max(1, cfg['n_groups'] // 2)})" if isinstance(cfg["n_groups"], int) else ""
+        add("scale_overhead", f"bits per stored weight - average channel bits = {stored - channel:.3f} > 0.5",
+            f"Scales and zero points cost {stored - channel:.3f} bits per weight ({stored:.3f} stored vs {channel:.3f} channel bits): "
+            f"use fewer groups{fewer} to cut the overhead.")  # fmt: skip
+    target_sp, actual_sp = cfg["sparsity_target"], cfg["sparsity_actual"]
+    if target_sp is not None and actual_sp is not None and abs(actual_sp - target_sp) > 0.01:
+        add("sparsity_missed", f"actual sparsity {actual_sp:.4f} vs target {target_sp:.4f}",
+            f"Actual sparsity {100 * actual_sp:.2f}% differs from the target {100 * target_sp:.2f}% by more than 1 point: "
+            f"check which layers were skipped.")  # fmt: skip
+    return out
+
+
+def _pick_primary(runs: list[dict[str, Any]]) -> tuple[int, str]:
+    """Index of the run the detailed sections describe: the best mean retention."""
+    if len(runs) == 1:
+        return 0, "the only run"
+
+    def score(run: dict[str, Any]) -> float:
+        values = [e["retention_pct"] for e in run["perplexity"].values() if e["retention_pct"] is not None and e["comparable"]]
+        return statistics.fmean(values) if values else -math.inf
+
+    scores = [score(r) for r in runs]
+    best = max(range(len(runs)), key=lambda i: (scores[i], -i))  # ties: the earlier run
+    if scores[best] == -math.inf:
+        return 0, f"the first of {len(runs)} runs (no comparable perplexities to rank them)"
+    return best, f"the best mean perplexity retention ({scores[best]:.2f}%) of {len(runs)} runs"
+
+
+__all__ = ["compare", "build_comparison", "load_results", "DATASET_ORDER", "VERDICT_DATASETS", "BUDGET_TOLERANCE"]
