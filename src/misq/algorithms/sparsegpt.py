@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -46,14 +47,20 @@ class HessianAccumulator:
     def add(self, x: Tensor) -> None:
         n = x.shape[0] if x.dim() > 2 else 1
         x = x.reshape(-1, x.shape[-1])
-        self.H *= self.nsamples / (self.nsamples + n)
+        beta = self.nsamples / (self.nsamples + n)
         self.nsamples += n
         scale = math.sqrt(2.0 / self.nsamples)
         if _HAS_OUT_DTYPE and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.H.dtype == torch.float32:
             # Tensor-core product with fp32 accumulation *and* fp32 output: the products of
             # fp16 inputs are exact in fp32, so this matches upcasting first, several times faster.
-            self.H.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=scale * scale)
+            if _HAS_ADDMM_OUT_DTYPE:
+                # One GEMM, H = beta·H + alpha·xᵀx in its epilogue: no [C, C] temporary, no extra passes.
+                torch.addmm(self.H, x.t(), x, out_dtype=torch.float32, beta=beta, alpha=scale * scale, out=self.H)
+            else:
+                self.H *= beta
+                self.H.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=scale * scale)
         else:
+            self.H *= beta
             xs = x.to(self.H.dtype)
             self.H.addmm_(xs.t(), xs, alpha=scale * scale)
 
@@ -72,7 +79,23 @@ def _probe_out_dtype() -> bool:
         return False
 
 
+def _probe_addmm_out_dtype() -> bool:
+    """Does ``torch.addmm(H, a, b, out_dtype=float32, out=H)`` work (in place, right values)?"""
+    if not _HAS_OUT_DTYPE:
+        return False
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        a = torch.randn(96, 40, device="cuda", dtype=torch.float16, generator=g)
+        H = torch.randn(40, 40, device="cuda", generator=g)
+        ref = 0.75 * H + 0.125 * (a.float().t() @ a.float())
+        out = torch.addmm(H, a.t(), a, out_dtype=torch.float32, beta=0.75, alpha=0.125, out=H)
+        return out.data_ptr() == H.data_ptr() and bool(torch.allclose(H, ref, rtol=1e-5, atol=1e-5))
+    except Exception:  # older torch: no out_dtype overload of addmm
+        return False
+
+
 _HAS_OUT_DTYPE = _probe_out_dtype()
+_HAS_ADDMM_OUT_DTYPE = _probe_addmm_out_dtype()
 
 
 @dataclass
@@ -107,15 +130,40 @@ def damped_inverse_cholesky(H: Tensor, percdamp: float, max_tries: int = 6) -> t
     for attempt in range(max_tries):
         H[diag, diag] += damp * mean_diag - added
         added = damp * mean_diag
-        L, info = torch.linalg.cholesky_ex(H)
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
-                return U, damp
+        U = _upper_cholesky_of_inverse(H)
+        if U is not None:
+            return U, damp
         log.warning("Hessian not positive definite with damping %.3g; retrying with %.3g", damp, damp * 10)
         damp *= 10
     raise NumericalError(f"the Hessian is not positive definite even with damping {damp / 10:.3g} of its mean diagonal")
+
+
+# How U = chol(H⁻¹) (upper) is computed. "reverse": H = V Vᵀ with V upper (the Cholesky factor of
+# H in reversed order), so H⁻¹ = V⁻ᵀ V⁻¹ and U = V⁻¹: one factorization and one triangular
+# solve. "inverse": chol(H), cholesky_inverse, chol again (the reference's sequence). Both give
+# the same unique factor up to fp32 rounding.
+HINV_METHOD = "reverse"
+
+
+def _upper_cholesky_of_inverse(H: Tensor) -> Tensor | None:
+    """Upper U with Uᵀ U = H⁻¹, or None when H is not positive definite."""
+    if HINV_METHOD == "reverse":
+        Hr = H.flip(0, 1)
+        M, info = torch.linalg.cholesky_ex(Hr)
+        del Hr
+        if info != 0:
+            return None
+        V = M.flip(0, 1)
+        del M
+        eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+        return torch.linalg.solve_triangular(V, eye, upper=True)
+    L, info = torch.linalg.cholesky_ex(H)
+    if info != 0:
+        return None
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    return U if info == 0 else None
 
 
 BlockFn = Callable[..., tuple[Tensor, Tensor]]
@@ -126,7 +174,7 @@ def block_loop(W1: Tensor, Hinv1: Tensor, keep1: Tensor, scale1: Tensor, zero1: 
     """The column-by-column OBS sweep inside one block (the straightforward, reference path).
 
     W1 [R, B] (modified in place), Hinv1 [B, B] upper Cholesky block, keep1 [R, B] bool
-    (modified in place for N:M), scale1/zero1 [R, B], maxq1 [B].
+    (modified in place for N:M), scale1/zero1/maxq1 [R, B] (maxq inf = not quantized).
     Returns Q1 [R, B] (the final weights) and Err1 [R, B] (the scaled errors to propagate).
     """
     B = W1.shape[1]
@@ -139,10 +187,10 @@ def block_loop(W1: Tensor, Hinv1: Tensor, keep1: Tensor, scale1: Tensor, zero1: 
             pruned = torch.topk(sal, prunen, dim=1, largest=False)[1]
             keep1[:, i : i + prunem].scatter_(1, pruned, False)
         w = W1[:, i]
-        q = quantize(w * keep1[:, i], scale1[:, i], zero1[:, i], maxq1[i])
+        q = quantize(w * keep1[:, i], scale1[:, i], zero1[:, i], maxq1[:, i])
         Q1[:, i] = q
         err = (w - q) / Hinv1[i, i]
-        W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+        W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
         Err1[:, i] = err
     return Q1, Err1
 
@@ -166,11 +214,20 @@ def _unstructured_keep(W1: Tensor, hdiag: Tensor, sparsity: float, segments: lis
     return keep
 
 
+def column_params(grids: list[QuantGrid]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-weight (scale, zero, maxq), each [R, C], for layers stacked by rows (R = Σ rows)."""
+    parts = [g.column_grid() for g in grids]
+    scale = torch.cat([p[0] for p in parts])
+    zero = torch.cat([p[1] for p in parts])
+    maxq = torch.cat([p[2].unsqueeze(0).expand_as(p[0]) for p in parts])
+    return scale, zero, maxq
+
+
 @torch.no_grad()
 def solve(
     W: Tensor,
     H: Tensor,
-    grid: QuantGrid | None,
+    qparams: tuple[Tensor, Tensor, Tensor] | None,
     *,
     sparsity: float = 0.0,
     prunen: int = 0,
@@ -182,7 +239,8 @@ def solve(
 ) -> SolveResult:
     """Prune and quantize W [R, C] against H [C, C] (H is consumed: modified in place).
 
-    ``grid`` None means no quantization. ``row_segments`` lists the row counts of stacked
+    ``qparams`` = (scale, zero, maxq), each [R, C] (see :func:`column_params`); None means no
+    quantization. ``row_segments`` lists the row counts of stacked
     layers (default: one segment of R rows). ``block_fn`` replaces :func:`block_loop` with a
     fused kernel of the same signature (e.g. on CUDA).
     """
@@ -201,12 +259,12 @@ def solve(
     Hinv, damp = damped_inverse_cholesky(H, percdamp)
     del H
 
-    if grid is not None:
-        scale, zero, maxq = grid.column_grid()
+    if qparams is not None:
+        scale, zero, maxq = (t.to(device=W.device, dtype=torch.float32) for t in qparams)
     else:
         scale = torch.ones_like(W)
         zero = torch.zeros_like(W)
-        maxq = torch.full((C,), float("inf"), device=W.device)
+        maxq = torch.full_like(W, float("inf"))
     keep = torch.ones_like(W, dtype=torch.bool)
     run_block = block_fn or block_loop
     for i1 in range(0, C, blocksize):
@@ -217,21 +275,75 @@ def solve(
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         else:
             keep1 = _unstructured_keep(W1, torch.diag(Hinv1), sparsity, segments)
-        Q1, Err1 = run_block(W1, Hinv1, keep1, scale[:, i1:i2], zero[:, i1:i2], maxq[i1:i2], prunen, prunem)
+        Q1, Err1 = run_block(W1, Hinv1, keep1, scale[:, i1:i2], zero[:, i1:i2], maxq[:, i1:i2], prunen, prunem)
         W[:, i1:i2] = Q1
         keep[:, i1:i2] = keep1
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
+    del Hinv, scale, zero, maxq
     if not torch.isfinite(W).all():
         raise NumericalError("the solved weight holds NaN/Inf")
-    rel, spars = [], []
-    start = 0
+    slices, start = [], 0
     for rows in segments:
-        rows_slice = slice(start, start + rows)
-        rel.append(relative_output_error(W0[rows_slice], W[rows_slice], H_orig))
-        spars.append(1.0 - keep[rows_slice].float().mean().item())
+        slices.append(slice(start, start + rows))
         start += rows
+    rel = _segment_rel_errors(W0, W, H_orig, slices)
+    spars = [1.0 - keep[sl].float().mean().item() for sl in slices]
     return SolveResult(weight=W, keep=keep, rel_error=rel, damp=damp, seconds=time.perf_counter() - t0, sparsity=spars)
+
+
+# On CUDA the reported errors use fp32-accurate products built from TF32 tensor-core GEMMs
+# (A·B ≈ A_hi·B_hi + A_hi·B_lo + A_lo·B_hi, A_hi = A's top 10 mantissa bits): about 1e-6
+# relative, like fp32, at several times fp32's speed. False: plain fp32 GEMMs everywhere.
+FAST_REL_ERROR = True
+
+
+def _tf32_hi(x: Tensor) -> Tensor:
+    """x with its 13 low mantissa bits cleared: exactly representable in TF32."""
+    return (x.contiguous().view(torch.int32) & -8192).view(torch.float32)
+
+
+@contextmanager
+def _tf32_matmul():
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):  # torch >= 2.9; never mix with the legacy flag
+        prev = m.fp32_precision
+        m.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            m.fp32_precision = prev
+    else:  # pragma: no cover - older torch
+        prev = m.allow_tf32
+        m.allow_tf32 = True
+        try:
+            yield
+        finally:
+            m.allow_tf32 = prev
+
+
+def _quadratic_form_3xtf32(X: Tensor, H_hi: Tensor, H_lo: Tensor) -> Tensor:
+    """tr(X H Xᵀ) for X [r, C] with H = H_hi + H_lo, as a 0-dim fp32 tensor."""
+    X_hi = _tf32_hi(X)
+    X_lo = X - X_hi
+    with _tf32_matmul():
+        Y = X_hi @ H_hi
+        Y.addmm_(X_hi, H_lo).addmm_(X_lo, H_hi)
+    return torch.sum(Y * X)
+
+
+def _segment_rel_errors(W0: Tensor, W: Tensor, H: Tensor, slices: list[slice]) -> list[float]:
+    """relative_output_error of each row segment; H (solve's own copy) may be overwritten."""
+    if not (FAST_REL_ERROR and W.is_cuda):
+        return [relative_output_error(W0[sl], W[sl], H) for sl in slices]
+    H_hi = _tf32_hi(H)
+    H_lo = H.sub_(H_hi)
+    out = []
+    for sl in slices:
+        num = _quadratic_form_3xtf32(W0[sl] - W[sl], H_hi, H_lo)
+        den = _quadratic_form_3xtf32(W0[sl], H_hi, H_lo)
+        out.append(float(num / den) if den > 0 else 0.0)
+    return out
 
 
 def relative_output_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:

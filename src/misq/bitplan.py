@@ -1,0 +1,166 @@
+"""Which width every input channel gets: grouping + cost tables + budgeted allocation.
+
+For each linear layer the input channels are partitioned into K groups (by mutual information,
+by Hessian sensitivity, or a single group for uniform quantization); for each group and each
+candidate width the loss it would add is estimated (the Hessian-weighted quantization error of
+its surviving weights); then a multiple-choice knapsack picks one width per group so that the
+weight-weighted average meets ``--target_avg_bits``.
+
+``--budget layer`` solves one knapsack per linear layer. ``--budget model`` measures every layer
+first (on the dense model) and solves one knapsack over all of them, so sensitive layers can
+take more bits; costs are then made comparable across layers by dividing by the layer's output
+energy tr(W H Wᵀ), i.e. they are *relative* output errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from misq.algorithms import allocation, grouping
+from misq.algorithms.quantizer import QuantGrid, find_grid
+from misq.config import CompressConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModulePlan:
+    """Grouping and widths for one linear layer with C input channels and K groups.
+
+    groups: [C] int64 group of each channel; bits: [K] int64 width of each group;
+    costs: [K, B] estimated loss per (group, candidate width), or None for uniform.
+    """
+
+    name: str
+    rows: int
+    groups: Tensor
+    bits: Tensor
+    costs: Tensor | None = None
+
+    def group_weights(self) -> Tensor:
+        """[K] number of weights (rows × channels) in each group."""
+        return torch.bincount(self.groups, minlength=self.bits.numel()) * self.rows
+
+    def column_bits(self) -> Tensor:
+        return self.bits[self.groups]
+
+    def avg_bits(self) -> float:
+        return float(self.column_bits().float().mean())
+
+
+def estimate_keep(W: Tensor, H: Tensor, cfg: CompressConfig) -> Tensor:
+    """[R, C] guess of SparseGPT's mask before solving: keep the largest w²·H_jj (its saliency
+    with H⁻¹ replaced by the diagonal), per layer for unstructured sparsity, per M for N:M."""
+    sal = W.float() ** 2 * torch.diag(H).clamp_min(0).unsqueeze(0)
+    if cfg.structured:
+        R, C = W.shape
+        blocks = sal[:, : C - C % cfg.prunem].reshape(R, -1, cfg.prunem)
+        order = blocks.argsort(dim=2)
+        keep = torch.ones_like(blocks, dtype=torch.bool)
+        keep.scatter_(2, order[:, :, : cfg.prunen], False)
+        out = torch.ones_like(W, dtype=torch.bool)
+        out[:, : keep.shape[1] * cfg.prunem] = keep.reshape(R, -1)
+        return out
+    if cfg.sparsity <= 0:
+        return torch.ones_like(W, dtype=torch.bool)
+    k = int(sal.numel() * cfg.sparsity)
+    thresh = torch.kthvalue(sal.flatten().cpu(), max(k, 1)).values.to(sal.device)
+    return sal > thresh
+
+
+def step_groups(weights: dict[str, Tensor], H: Tensor, cfg: CompressConfig) -> dict[str, Tensor]:
+    """Channel groups [C] for each layer of one step (layers that share the input and H)."""
+    C = H.shape[0]
+    if not cfg.mixed_precision:
+        return {name: torch.zeros(C, dtype=torch.long, device=H.device) for name in weights}
+    mi = None
+    if cfg.grouping == "mi":
+        # MI depends on the activations only, so layers sharing an input share it.
+        mi = grouping.gaussian_mi(H)
+    return {
+        name: grouping.group_channels(cfg.grouping, cfg.n_groups, H=H, W=W, mi=mi, seed=cfg.seed).to(H.device)
+        for name, W in weights.items()
+    }
+
+
+def module_costs(W: Tensor, H: Tensor, groups: Tensor, cfg: CompressConfig, *, relative: bool) -> Tensor:
+    """[K, B] estimated loss of each group at each candidate width."""
+    keep = estimate_keep(W, H, cfg)
+    costs = allocation.group_costs(W.float(), H, groups, cfg.bits, keep)
+    if relative:
+        energy = torch.sum((W.float() @ H) * W.float()).clamp_min(1e-30)
+        costs = costs / energy
+    return costs.cpu()
+
+
+def plan_step(weights: dict[str, Tensor], H: Tensor, cfg: CompressConfig, *, with_costs: bool = False) -> dict[str, ModulePlan]:
+    """Plans for the layers of one step. Layer-scope budgets are allocated here; for a model-scope
+    budget (``with_costs``) the cost tables are kept and widths are set later by :func:`allocate_model`."""
+    groups = step_groups(weights, H, cfg)
+    plans = {}
+    for name, W in weights.items():
+        g = groups[name]
+        if not cfg.mixed_precision:
+            plans[name] = ModulePlan(name, W.shape[0], g.cpu(), torch.tensor([cfg.wbits]))
+            continue
+        costs = module_costs(W, H, g, cfg, relative=with_costs)
+        plan = ModulePlan(name, W.shape[0], g.cpu(), torch.zeros(int(g.max()) + 1, dtype=torch.long), costs)
+        if not with_costs:
+            res = allocation.allocate([costs], [plan.group_weights()], cfg.bits, cfg.target_avg_bits)
+            plan.bits = res.bits[0].cpu().long()
+            if not res.exact:
+                log.warning("%s: %s", name, res.message)
+        plans[name] = plan
+    return plans
+
+
+def allocate_model(plans: dict[str, ModulePlan], cfg: CompressConfig) -> allocation.AllocationResult:
+    """One knapsack over every layer's groups (``--budget model``); sets ``plan.bits`` in place."""
+    names = list(plans)
+    res = allocation.allocate([plans[n].costs for n in names], [plans[n].group_weights() for n in names],
+                              cfg.bits, cfg.target_avg_bits)
+    for name, bits in zip(names, res.bits):
+        plans[name].bits = bits.cpu().long()
+    if not res.exact:
+        log.warning("model budget: %s", res.message)
+    return res
+
+
+def grid_for(W: Tensor, plan: ModulePlan, cfg: CompressConfig) -> QuantGrid:
+    """The quantization grid of one layer under its plan (on W's device)."""
+    return find_grid(W, plan.groups.to(W.device), plan.bits.to(W.device), mse=cfg.mse)
+
+
+def bit_statistics(plans: dict[str, ModulePlan], target: float) -> dict:
+    """The results file's ``bits`` section: histogram by width, actual vs target, per layer."""
+    hist: dict[int, dict[str, float]] = {}
+    total_ch = total_w = 0
+    weighted = 0.0
+    per_layer = []
+    for name, plan in plans.items():
+        cb = plan.column_bits()
+        C = cb.numel()
+        for b, count in zip(*torch.unique(cb, return_counts=True)):
+            h = hist.setdefault(int(b), {"channels": 0, "weights": 0})
+            h["channels"] += int(count)
+            h["weights"] += int(count) * plan.rows
+        total_ch += C
+        total_w += C * plan.rows
+        weighted += float(cb.double().sum()) * plan.rows
+        per_layer.append({"name": name, "avg_bits": float(cb.float().mean()), "rows": plan.rows, "cols": C,
+                          "groups": int(plan.bits.numel()), "group_bits": plan.bits.tolist()})
+    for h in hist.values():
+        h["channel_share"] = h["channels"] / max(total_ch, 1)
+        h["weight_share"] = h["weights"] / max(total_w, 1)
+    actual = weighted / max(total_w, 1)
+    return {
+        "target_avg_bits": target,
+        "actual_avg_bits": actual,
+        "within_tolerance": abs(actual - target) <= 0.01 + 1e-9,
+        "histogram": {str(b): hist[b] for b in sorted(hist)},
+        "per_layer": per_layer,
+    }

@@ -1,0 +1,215 @@
+"""The sequential driver: compress a model one decoder layer at a time.
+
+    capture layer 0's inputs for the calibration windows (with every keyword argument)
+    for each decoder layer:
+        for each step (q/k/v → o → gate/up → down):
+            run the layer on all windows up to the step's input, accumulating H = 2/n Σ xxᵀ
+            group channels, choose widths, solve the step's layers as one stacked matrix
+        run the *compressed* layer to produce the next layer's inputs
+
+Only the current layer and the activations live on the accelerator (activations go to the
+CPU with ``offload_activations``). The driver knows the model's layout through
+:mod:`misq.modeling` and the algorithms through their public functions only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from misq import bitplan, modeling
+from misq.algorithms.fused import get_block_fn
+from misq.algorithms.quantizer import QuantGrid
+from misq.algorithms.sparsegpt import HessianAccumulator, column_params, solve
+from misq.config import CompressConfig
+from misq.errors import NumericalError
+
+log = logging.getLogger(__name__)
+
+
+class ProgressSink(Protocol):
+    def update(self, stage: str, layer: int | None = None, sublayer: str | None = None, **extra: Any) -> None: ...
+
+
+class _NoProgress:
+    def update(self, stage: str, layer: int | None = None, sublayer: str | None = None, **extra: Any) -> None:
+        pass
+
+
+@dataclass
+class CompressionOutput:
+    """records: one dict per linear layer (error, sparsity, bits, time); grids: full name ->
+    QuantGrid on the CPU; plans: full name -> ModulePlan."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    grids: dict[str, QuantGrid] = field(default_factory=dict)
+    plans: dict[str, bitplan.ModulePlan] = field(default_factory=dict)
+    seconds: float = 0.0
+    model: nn.Module | None = None
+
+    def layer_state(self, i: int) -> dict[str, Tensor]:
+        """The tensors of decoder layer ``i`` as they are now (for resume files)."""
+        return {f"model.layers.{i}.{k}": v for k, v in modeling.decoder_layers(self.model)[i].state_dict().items()}
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, inputs: modeling.LayerInputs, device: str) -> Tensor:
+    """H [C, C] of the input of ``first`` over all windows; the forward stops right after it."""
+    acc: HessianAccumulator | None = None
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        nonlocal acc
+        x = args[0]
+        if acc is None:
+            acc = HessianAccumulator(x.shape[-1], device)
+        if not torch.isfinite(x).all():
+            raise NumericalError(f"{_m._misq_name}: its calibration inputs hold NaN/Inf")
+        acc.add(x)
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook)
+    try:
+        hidden = inputs.hidden
+        for start in range(0, hidden.shape[0], inputs.batch_size):
+            sl = slice(start, min(start + inputs.batch_size, hidden.shape[0]))
+            try:
+                modeling.call_layer(layer, hidden[sl].to(device), inputs.batch_kwargs(sl.stop - sl.start, device))
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    assert acc is not None, "the step's first linear layer never ran"
+    return acc.free()
+
+
+def _step_weights(linears: dict[str, nn.Linear], step: tuple[str, ...]) -> dict[str, Tensor]:
+    return {name: linears[name].weight.data.float() for name in step}
+
+
+@torch.no_grad()
+def measure_model_plan(model: nn.Module, calib: Tensor, cfg: CompressConfig, device: str) -> dict[str, bitplan.ModulePlan]:
+    """First pass for ``--budget model``: groups and cost tables of every layer on the dense
+    model, then one global allocation. Returns plans by full layer name."""
+    dtype = modeling.compute_dtype_for(model, device)
+    storage = "cpu" if cfg.offload_activations else device
+    inputs = modeling.capture_layer0_inputs(model, calib, device, batch_size=cfg.batch_size, storage=storage, compute_dtype=dtype)
+    plans: dict[str, bitplan.ModulePlan] = {}
+    layers = modeling.decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc="measure layers", unit="layer", leave=False)):
+        with modeling.on_device(layer, device, dtype):
+            linears = modeling.layer_linears(layer)
+            for step in modeling.SEQUENTIAL_STEPS:
+                H = _accumulate_step_hessian(layer, linears[step[0]], inputs, device)
+                for name, plan in bitplan.plan_step(_step_weights(linears, step), H, cfg, with_costs=True).items():
+                    plans[f"model.layers.{i}.{name}"] = plan
+                del H
+            modeling.run_layer(layer, inputs, device, out=inputs.hidden)
+    res = bitplan.allocate_model(plans, cfg)
+    log.info("model budget: %.4f average bits over %d layers (target %.2f)", res.average, len(plans), cfg.target_avg_bits)
+    return plans
+
+
+@torch.no_grad()
+def compress_model(
+    model: nn.Module,
+    calib: Tensor,
+    cfg: CompressConfig,
+    device: str,
+    *,
+    progress: ProgressSink | None = None,
+    plans: dict[str, bitplan.ModulePlan] | None = None,
+    start_layer: int = 0,
+    on_layer_done: Callable[[int, CompressionOutput], None] | None = None,
+    block_fn: Callable | None = None,
+    prior: CompressionOutput | None = None,
+) -> CompressionOutput:
+    """Compress every decoder layer of ``model`` in place with calibration windows ``calib`` [n, seqlen].
+
+    ``plans`` fixes groups and widths (from :func:`measure_model_plan`); without it each layer
+    is planned on its own (``--budget layer``). Layers before ``start_layer`` are taken as
+    already compressed (resume; their records and grids come in ``prior``): they are only run
+    to rebuild the next layer's inputs.
+    """
+    t0 = time.perf_counter()
+    progress = progress or _NoProgress()
+    if block_fn is None:  # the fused Triton block sweep on CUDA; pass sparsegpt.block_loop to force the eager one
+        block_fn = get_block_fn(device)
+    out = prior or CompressionOutput()
+    out.model = model
+    dtype = modeling.compute_dtype_for(model, device)
+    store_dtype = next(model.parameters()).dtype
+    storage = "cpu" if cfg.offload_activations else device
+    progress.update("calibration-inputs")
+    inputs = modeling.capture_layer0_inputs(model, calib, device, batch_size=cfg.batch_size, storage=storage, compute_dtype=dtype)
+    layers = modeling.decoder_layers(model)
+    bar = tqdm(range(len(layers)), desc="compress", unit="layer")
+    for i in bar:
+        layer = layers[i]
+        with modeling.on_device(layer, device, dtype):
+            if i >= start_layer:
+                _compress_layer(i, layer, inputs, cfg, device, plans, out, progress, block_fn, store_dtype)
+            else:
+                progress.update("replay", layer=i + 1)
+            modeling.run_layer(layer, inputs, device, out=inputs.hidden)
+            if not torch.isfinite(inputs.hidden).all():
+                raise NumericalError(f"model.layers.{i}: its outputs hold NaN/Inf after compression")
+        if i >= start_layer and on_layer_done is not None:
+            on_layer_done(i, out)
+        progress.update("compress", layer=i + 1, layer_done=True)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _compress_layer(i: int, layer: nn.Module, inputs: modeling.LayerInputs, cfg: CompressConfig, device: str,
+                    plans: dict[str, bitplan.ModulePlan] | None, out: CompressionOutput, progress: ProgressSink,
+                    block_fn: Callable | None, store_dtype: torch.dtype) -> None:
+    linears = modeling.layer_linears(layer)
+    for name, lin in linears.items():
+        lin._misq_name = f"model.layers.{i}.{name}"
+    for step in modeling.SEQUENTIAL_STEPS:
+        progress.update("compress", layer=i + 1, sublayer="+".join(n.split(".")[-1] for n in step))
+        H = _accumulate_step_hessian(layer, linears[step[0]], inputs, device)
+        weights = _step_weights(linears, step)
+        full = {name: f"model.layers.{i}.{name}" for name in step}
+        if plans is not None:
+            step_plans = {name: plans[full[name]] for name in step}
+        else:
+            step_plans = bitplan.plan_step(weights, H, cfg)
+        grids = {name: bitplan.grid_for(weights[name], step_plans[name], cfg) for name in step}
+        W = torch.cat([weights[name] for name in step])
+        rows = [weights[name].shape[0] for name in step]
+        res = solve(W, H, column_params([grids[n] for n in step]), sparsity=cfg.sparsity, prunen=cfg.prunen,
+                    prunem=cfg.prunem, blocksize=cfg.blocksize, percdamp=cfg.percdamp, row_segments=rows, block_fn=block_fn)
+        del H
+        if res.damp != cfg.percdamp:
+            log.warning("%s: Hessian needed damping %.3g (asked %.3g)", "+".join(full.values()), res.damp, cfg.percdamp)
+        start = 0
+        for k, name in enumerate(step):
+            lin = linears[name]
+            new = res.weight[start : start + rows[k]]
+            # Round through the model's own dtype so the next layer sees what a reload gives.
+            lin.weight.data.copy_(new.to(store_dtype))
+            start += rows[k]
+            plan = step_plans[name]
+            out.grids[full[name]] = _cpu_grid(grids[name])
+            out.plans[full[name]] = plan
+            out.records.append({
+                "name": full[name], "rows": rows[k], "cols": W.shape[1],
+                "rel_error": res.rel_error[k], "sparsity": res.sparsity[k], "avg_bits": plan.avg_bits(),
+                "group_bits": plan.bits.tolist(), "solve_s": res.seconds, "damp": res.damp,
+                "stacked_with": [full[n] for n in step if n != name],
+            })
+            log.info("%s: rel. error %.5f, sparsity %.3f, %.3f bits", full[name], res.rel_error[k], res.sparsity[k], plan.avg_bits())
+
+
+def _cpu_grid(grid: QuantGrid) -> QuantGrid:
+    return QuantGrid(scale=grid.scale.cpu(), zero=grid.zero.cpu(), groups=grid.groups.cpu(), bits=grid.bits.cpu())

@@ -1,0 +1,111 @@
+"""The SparseGPT solver and the per-group quantizer on synthetic layers."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from misq.algorithms.quantizer import find_grid, quantize_with_grid, to_codes, uniform_grid
+from misq.algorithms.sparsegpt import HessianAccumulator, column_params, relative_output_error, solve
+from misq.errors import NumericalError
+
+
+def _layer(rows=48, cols=96, tokens=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5
+    X = torch.randn(tokens, cols, generator=g) @ mix + 0.3 * torch.randn(tokens, cols, generator=g)
+    X[:, :4] *= 8.0  # a few outlier channels, as in real LLMs
+    W = torch.randn(rows, cols, generator=g)
+    acc = HessianAccumulator(cols, "cpu")
+    for chunk in X.reshape(8, -1, cols):
+        acc.add(chunk.unsqueeze(0))
+    return W, acc.free()
+
+
+def test_hessian_is_two_over_n_sum_xxT():
+    X = torch.randn(4, 10, 6, dtype=torch.float64)
+    acc = HessianAccumulator(6, "cpu", dtype=torch.float64)
+    acc.add(X[:3])
+    acc.add(X[3:])
+    flat = X.reshape(-1, 6)
+    torch.testing.assert_close(acc.free(), 2 / 4 * flat.T @ flat)
+
+
+def test_obs_beats_rtn_plus_magnitude():
+    W, H = _layer()
+    grid = uniform_grid(W, 3)
+    res = solve(W, H.clone(), column_params([grid]), sparsity=0.5, blocksize=32)
+    Wm = W.clone()
+    Wm[Wm.abs() <= Wm.abs().flatten().kthvalue(W.numel() // 2).values] = 0
+    rtn = quantize_with_grid(Wm, grid) * (Wm != 0)
+    assert res.rel_error[0] < 0.7 * relative_output_error(W, rtn, H)
+
+
+def test_unstructured_mask_exact_and_pruned_stay_zero():
+    W, H = _layer()
+    res = solve(W, H.clone(), column_params([uniform_grid(W, 4)]), sparsity=0.5, blocksize=32)
+    assert torch.all(res.weight[~res.keep] == 0)
+    # the reference prunes the floor(n*s)+1 lowest of each block: exactly that many per block
+    for start in range(0, W.shape[1], 32):
+        pruned = (~res.keep[:, start : start + 32]).sum().item()
+        assert pruned == int(W.shape[0] * 32 * 0.5) + 1
+    assert abs(res.sparsity[0] - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_pattern_exact(n, m):
+    W, H = _layer()
+    res = solve(W, H.clone(), column_params([uniform_grid(W, 4)]), prunen=n, prunem=m, blocksize=32)
+    kept = res.keep.reshape(W.shape[0], -1, m).sum(dim=2)
+    assert torch.all(kept == m - n)
+    assert torch.all(res.weight[~res.keep] == 0)
+
+
+def test_bits_respected_per_channel_group():
+    W, H = _layer(cols=90)
+    groups = torch.arange(90) % 3
+    bits = torch.tensor([2, 3, 16])
+    grid = find_grid(W, groups, bits)
+    res = solve(W, H.clone(), column_params([grid]), sparsity=0.0, blocksize=32)
+    codes = to_codes(res.weight, grid)
+    for g, b in enumerate(bits.tolist()):
+        cols = groups == g
+        if b == 16:
+            continue  # kept in full precision
+        assert codes[:, cols].max() <= 2**b - 1
+        for r in range(W.shape[0]):  # at most 2**b levels per (row, group), all on the grid
+            assert torch.unique(res.weight[r, cols]).numel() <= 2**b
+        torch.testing.assert_close(quantize_with_grid(res.weight, grid)[:, cols], res.weight[:, cols], rtol=0, atol=1e-6)
+
+
+def test_stacked_solve_equals_separate_solves():
+    Wa, H = _layer(rows=32, seed=1)
+    Wb = torch.randn(16, Wa.shape[1])
+    ga, gb = uniform_grid(Wa, 4), find_grid(Wb, torch.arange(Wa.shape[1]) % 2, torch.tensor([3, 4]))
+    stacked = solve(torch.cat([Wa, Wb]), H.clone(), column_params([ga, gb]), sparsity=0.5, row_segments=[32, 16], blocksize=32)
+    a = solve(Wa, H.clone(), column_params([ga]), sparsity=0.5, blocksize=32)
+    b = solve(Wb, H.clone(), column_params([gb]), sparsity=0.5, blocksize=32)
+    torch.testing.assert_close(stacked.weight, torch.cat([a.weight, b.weight]), rtol=0, atol=1e-5)
+    assert torch.equal(stacked.keep, torch.cat([a.keep, b.keep]))
+    assert stacked.rel_error == pytest.approx([a.rel_error[0], b.rel_error[0]], rel=1e-4)
+
+
+def test_dead_channels_zeroed_and_damping_retried(caplog):
+    W, H = _layer()
+    H[:, 5] = 0
+    H[5, :] = 0  # a channel that never fires
+    res = solve(W, H.clone(), None, sparsity=0.0)
+    assert torch.all(res.weight[:, 5] == 0)
+    bad = -torch.eye(W.shape[1])  # negative definite: needs damping retries, then fails
+    with caplog.at_level(logging.WARNING), pytest.raises(NumericalError, match="positive definite"):
+        solve(W, bad, None)
+    assert "retrying" in caplog.text
+
+
+def test_nan_weight_is_reported():
+    W, H = _layer()
+    W[3, 7] = float("nan")
+    with pytest.raises(NumericalError, match="NaN"):
+        solve(W, H, None)
