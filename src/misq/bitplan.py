@@ -111,7 +111,7 @@ def plan_step(weights: dict[str, Tensor], H: Tensor, cfg: CompressConfig, *, wit
         plan = ModulePlan(name, W.shape[0], g.cpu(), torch.zeros(int(g.max()) + 1, dtype=torch.long), costs)
         if not with_costs:
             res = allocation.allocate([costs], [plan.group_weights()], cfg.bits, cfg.target_avg_bits)
-            plan.bits = res.bits[0].cpu().long()
+            plan.bits = res.widths[0].cpu().long()
             if not res.exact:
                 log.warning("%s: %s", name, res.message)
         plans[name] = plan
@@ -123,7 +123,7 @@ def allocate_model(plans: dict[str, ModulePlan], cfg: CompressConfig) -> allocat
     names = list(plans)
     res = allocation.allocate([plans[n].costs for n in names], [plans[n].group_weights() for n in names],
                               cfg.bits, cfg.target_avg_bits)
-    for name, bits in zip(names, res.bits):
+    for name, bits in zip(names, res.widths):
         plans[name].bits = bits.cpu().long()
     if not res.exact:
         log.warning("model budget: %s", res.message)
