@@ -155,8 +155,9 @@ def _upper_cholesky_of_inverse(H: Tensor) -> Tensor | None:
             return None
         V = M.flip(0, 1)
         del M
-        eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-        return torch.linalg.solve_triangular(V, eye, upper=True)
+        U = torch.empty_like(V)
+        _invert_upper_into(V, U)
+        return U
     L, info = torch.linalg.cholesky_ex(H)
     if info != 0:
         return None
@@ -164,6 +165,25 @@ def _upper_cholesky_of_inverse(H: Tensor) -> Tensor | None:
     del L
     U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
     return U if info == 0 else None
+
+
+def _invert_upper_into(V: Tensor, out: Tensor, leaf: int = 1024) -> None:
+    """out = V⁻¹ for upper-triangular V, by halves: [[A, B], [0, D]]⁻¹ = [[A⁻¹, −A⁻¹·B·D⁻¹], [0, D⁻¹]].
+
+    The off-diagonal blocks are fp32 GEMMs (≈ ⅔ n³ flops, against 2 n³ for a triangular solve
+    with n right-hand sides); the leaves are triangular solves.
+    """
+    n = V.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, device=V.device, dtype=V.dtype)
+        out.copy_(torch.linalg.solve_triangular(V, eye, upper=True))
+        return
+    k = max(128, (n // 2) // 128 * 128)
+    _invert_upper_into(V[:k, :k], out[:k, :k], leaf)
+    _invert_upper_into(V[k:, k:], out[k:, k:], leaf)
+    out[k:, :k].zero_()
+    torch.mm(out[:k, :k] @ V[:k, k:], out[k:, k:], out=out[:k, k:])
+    out[:k, k:].neg_()
 
 
 BlockFn = Callable[..., tuple[Tensor, Tensor]]
@@ -202,9 +222,14 @@ def _unstructured_keep(W1: Tensor, hdiag: Tensor, sparsity: float, segments: lis
     prune everything ≤ threshold.
     """
     sal = W1**2 / hdiag.reshape(1, -1) ** 2
-    keep = torch.ones_like(W1, dtype=torch.bool)
     if sparsity <= 0:
-        return keep
+        return torch.ones_like(W1, dtype=torch.bool)
+    if len(set(segments)) == 1:
+        # Equal segments (q/k/v, gate/up): one batched sort, same thresholds.
+        parts = sal.reshape(len(segments), -1)
+        thresh = torch.sort(parts, dim=1)[0][:, int(parts.shape[1] * sparsity)]
+        return (parts > thresh.unsqueeze(1)).reshape(W1.shape)
+    keep = torch.ones_like(W1, dtype=torch.bool)
     start = 0
     for rows in segments:
         part = sal[start : start + rows]
