@@ -93,7 +93,7 @@ def module_costs(W: Tensor, H: Tensor, groups: Tensor, cfg: CompressConfig, *, r
     costs = allocation.group_costs(W.float(), H, groups, cfg.bits, keep)
     if relative:
         energy = torch.sum((W.float() @ H) * W.float()).clamp_min(1e-30)
-        costs = costs / energy
+        costs = costs / energy.to(costs.device, costs.dtype)
     return costs.cpu()
 
 

@@ -1,0 +1,382 @@
+"""The packed checkpoint: save a compressed model at its real size, load it back bit for bit.
+
+A packed checkpoint is an ordinary Hugging Face folder whose ``config.json`` carries a ``misq``
+section and whose safetensors hold, for every compressed linear layer ``L`` (e.g.
+``model.layers.0.self_attn.q_proj``), the tensors of :class:`misq.packing.PackedLayer`:
+
+    L.codes_w{b}      uint8     surviving codes of the b-bit channels, bit-planes (one per width)
+    L.fp_values       [n16]     surviving weights of the 16-bit channels, in the weight's dtype
+    L.mask            uint8     unstructured: 1 bit per weight          (pattern "unstructured")
+    L.nm_index        uint8     N:M: combination index per M weights    (pattern "N:M")
+    L.scales, L.zeros fp16 [R, K]
+    L.channel_group   uint8 [C] (int16 if K > 256), L.group_bits uint8 [K], L.perm int32 [C]
+
+and every other tensor (embeddings, norms, lm_head, biases) under its own name, as it was.
+Above ``max_shard_bytes`` the weights are split into ``model-0000i-of-0000n.safetensors`` with
+``model.safetensors.index.json``, as transformers does.
+
+Saves are atomic at folder level: everything is written into a hidden sibling folder, fsynced,
+and renamed into place; config.json is written last, so an interrupted save never leaves a
+folder that looks complete. Only safetensors and JSON are read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from misq import __version__
+from misq.algorithms.quantizer import QuantGrid
+from misq.errors import MisqError
+from misq.packing import Pattern, decode_layer, encode_layer, expected_shapes, parse_pattern
+from misq.storage import KINDS, kind_of, stored_tensors
+
+log = logging.getLogger(__name__)
+
+FORMAT = "misq-packed"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+EXPORT_MARKER = "misq_export.json"
+MAX_SHARD_BYTES = 2 * 1024**3
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+              torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+              torch.bool: "BOOL"}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_packed(model: nn.Module, grids: dict[str, QuantGrid], out_dir: str | os.PathLike, *, tokenizer: Any = None,
+                compress_config: Any, pattern: str, extra: dict[str, Any] | None = None,
+                max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, Any]:
+    """Write ``model`` (compressed in place, with ``grids`` by full linear name) as a packed checkpoint.
+
+    ``out_dir`` must be new, empty, or an older misq checkpoint (which is replaced). Returns the
+    sizes: ``files`` {name: bytes}, ``total_bytes``, ``weights_bytes`` (safetensors files) and
+    ``payload_bytes`` by kind (codes, mask, scales_zeros, channel_index, fp16_channels, untouched).
+    """
+    try:
+        pat = parse_pattern(pattern)
+    except ValueError as err:
+        raise MisqError(str(err)) from None
+    out = Path(out_dir)
+    _check_target(out, is_packed_checkpoint)
+    tensors: dict[str, Tensor] = {}
+    payload = dict.fromkeys(KINDS, 0)
+    layers: dict[str, Any] = {}
+    for name, grid in grids.items():
+        try:
+            packed = encode_layer(_linear(model, name).weight, grid, pat)
+        except ValueError as err:
+            raise MisqError(f"cannot pack {name} as {pat}: {err}; save the model compress_model returned, "
+                            "with its grids and the pattern it was pruned to") from None
+        for suffix, t in packed.tensors.items():
+            tensors[f"{name}.{suffix}"] = t
+            payload[kind_of(suffix)] += t.numel() * t.element_size()
+        layers[name] = packed.meta
+    for name, t in stored_tensors(model, {f"{n}.weight" for n in grids}).items():
+        tensors[name] = t.cpu().contiguous()
+        payload["untouched"] += t.numel() * t.element_size()
+    config = model.config.to_dict()
+    if hasattr(compress_config, "to_dict"):
+        compress_config = compress_config.to_dict()
+    dtype = next((m["dtype"] for m in layers.values()), str(next(model.parameters()).dtype).replace("torch.", ""))
+    config["misq"] = {"format": FORMAT, "format_version": FORMAT_VERSION, "misq_version": __version__,
+                      "compress_config": compress_config, "pattern": str(pat), "dtype": dtype,
+                      "layers": layers, "extra": extra or {}}
+    with _staging(out, is_packed_checkpoint) as tmp:
+        _write_shards(tensors, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        text = json.dumps(config, indent=2, sort_keys=True, default=_plain)
+        (tmp / "config.json").write_text(text + "\n")  # last: a folder without it never looks complete
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    sizes = {"files": files, "total_bytes": sum(files.values()),
+             "weights_bytes": sum(v for k, v in files.items() if k.endswith(".safetensors")),
+             "payload_bytes": payload, "payload_total": sum(payload.values())}
+    log.info("saved packed checkpoint %s: %d layers, %.1f MB of weights", out, len(layers), sizes["weights_bytes"] / 1e6)
+    return sizes
+
+
+def _plain(obj: Any) -> Any:
+    """JSON for numpy/torch scalars and paths that callers put in ``extra``."""
+    return obj.item() if hasattr(obj, "item") else str(obj)
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        raise MisqError(f"{name} is not a linear layer of this model: the grids and the model do not belong together")
+    return module
+
+
+def _write_shards(tensors: dict[str, Tensor], folder: Path, max_bytes: int) -> None:
+    """Greedy shards in insertion order; one file when everything fits."""
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    if len(shards) == 1:
+        save_file(shards[0], folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _check_target(target: Path, replaceable: Callable[[Path], bool]) -> None:
+    if target.is_file():
+        raise MisqError(f"{target} is a file: give a folder path for the checkpoint")
+    if target.is_dir() and any(target.iterdir()) and not replaceable(target):
+        raise MisqError(f"{target} exists and is not a misq output: choose a new or empty folder (misq only replaces its own)")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _staging(target: Path, replaceable: Callable[[Path], bool]) -> Iterator[Path]:
+    """Yield a hidden sibling folder to write into; on success fsync it and swap it in for ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                _fsync(p)
+        _fsync(tmp)
+        _check_target(target, replaceable)  # again: it may have changed while we wrote
+        old = None
+        if target.is_dir():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, old / "x")  # moved aside, then dropped once the new one is in place
+        os.rename(tmp, target)
+        _fsync(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise MisqError(f"{path} has no config.json: give a misq packed checkpoint or a Hugging Face model folder")
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, ValueError) as err:
+        raise MisqError(f"{cfg} is not valid JSON ({err}): the checkpoint is damaged, save it again") from None
+
+
+def is_packed_checkpoint(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder whose config.json has a misq section."""
+    try:
+        section = json.loads((Path(path) / "config.json").read_text()).get("misq")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(section, dict) and section.get("format") == FORMAT
+
+
+def _misq_section(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    section = cfg.get("misq")
+    if not isinstance(section, dict) or section.get("format") != FORMAT:
+        raise MisqError(f"{path} is not a misq packed checkpoint (no misq section in config.json): give the folder misq saved")
+    version = section.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise MisqError(f"{path}: config.json has format_version {version!r}: the checkpoint is damaged, save it again")
+    if version > FORMAT_VERSION:
+        raise MisqError(f"{path} was written by a newer misq (format version {version}, this misq reads up to "
+                        f"{FORMAT_VERSION}): upgrade misq")
+    return section
+
+
+class _Weights:
+    """Every tensor of a checkpoint's safetensors files, by name, read lazily."""
+
+    def __init__(self, path: Path):
+        index = path / INDEX_NAME
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError) as err:
+                raise MisqError(f"{index} is damaged ({err}): save the checkpoint again") from None
+        else:
+            files = [WEIGHTS_NAME]
+        self.handles: dict[str, Any] = {}
+        for fname in files:
+            if not (path / fname).is_file():
+                raise MisqError(f"{path / fname} is missing: copy the whole checkpoint folder, or save it again")
+            try:
+                handle = safe_open(path / fname, framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise MisqError(f"{path / fname} is truncated or corrupt ({err}): copy or save the checkpoint again") from None
+            self.handles.update(dict.fromkeys(handle.keys(), handle))
+
+    def check(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None) -> None:
+        if name not in self.handles:
+            raise MisqError(f"tensor {name} is missing from the checkpoint: it is incomplete, save it again")
+        sl = self.handles[name].get_slice(name)
+        if tuple(sl.get_shape()) != tuple(shape) or (dtype is not None and sl.get_dtype() != _ST_DTYPES[dtype]):
+            raise MisqError(f"tensor {name} is {sl.get_dtype()} {sl.get_shape()} but config.json implies "
+                            f"{_ST_DTYPES.get(dtype, 'float')} {list(shape)}: config.json and the weights do not match")
+
+    def get(self, name: str) -> Tensor:
+        return self.handles[name].get_tensor(name)
+
+
+def load_packed(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str = "cpu") -> nn.Module:
+    """Load a packed checkpoint (or a plain Hugging Face folder) as a transformers model in eval mode.
+
+    Compressed layers come back bit for bit as the solver left them (in the dtype they were
+    saved in; ``dtype`` casts everything). Everything is validated before anything is returned.
+    """
+    path = Path(path)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise MisqError(f"dtype {dtype!r} is not supported: use one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    cfg = _read_config(path)
+    if "misq" not in cfg:
+        from transformers import AutoModelForCausalLM
+
+        log.info("%s has no misq section: loading it as a plain Hugging Face model", path)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
+    section = _misq_section(path, cfg)
+    model = _build(path, section, dtype)
+    log.info("loaded packed checkpoint %s (%d compressed layers)", path, len(section["layers"]))
+    return model.to(device).eval()
+
+
+def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    try:
+        pattern = parse_pattern(section["pattern"])
+        layers: dict[str, Any] = section["layers"]
+        saved_dtype = _DTYPES[section["dtype"]]
+    except (KeyError, ValueError, TypeError) as err:
+        raise MisqError(f"{path}/config.json has a damaged misq section ({err!r}): save the checkpoint again") from None
+    weights = _Weights(path)
+    hf_config = AutoConfig.from_pretrained(path)
+    if hasattr(hf_config, "misq"):
+        delattr(hf_config, "misq")  # a later save_pretrained of this model must not look packed
+    with no_init_weights():  # every tensor is about to be replaced: skip the random init
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or saved_dtype)
+    model.tie_weights()  # init_weights, skipped above, is what ties lm_head to the embeddings
+    untouched = stored_tensors(model, {f"{n}.weight" for n in layers})
+    tied = set(model.state_dict()) - set(stored_tensors(model))
+    for name, t in untouched.items():
+        weights.check(name, tuple(t.shape), None)
+    for name, meta in layers.items():
+        _check_layer(weights, _linear(model, name), name, meta, pattern)
+    state: dict[str, Tensor] = {}
+    for name in untouched:
+        t = weights.get(name)
+        state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    for name, meta in layers.items():
+        tensors = {s: weights.get(f"{name}.{s}") for s in expected_shapes(meta, pattern)}
+        try:
+            state[f"{name}.weight"] = decode_layer(tensors, meta, pattern, dtype)
+        except ValueError as err:
+            raise MisqError(f"{name} does not decode ({err}): the checkpoint is damaged, save it again") from None
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise MisqError(f"{path}: tensors do not fit the model ({result.unexpected_keys[:3]}): save the checkpoint again")
+    model.tie_weights()  # assign=True replaced the tied parameter objects: tie lm_head again
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
+def _check_layer(weights: _Weights, module: nn.Linear, name: str, meta: dict[str, Any], pattern: Pattern) -> None:
+    try:
+        rows, cols = int(meta["rows"]), int(meta["cols"])
+        shapes = expected_shapes(meta, pattern)
+    except (KeyError, ValueError, TypeError) as err:
+        raise MisqError(f"config.json misq.layers[{name}] is damaged ({err!r}): save the checkpoint again") from None
+    if tuple(module.weight.shape) != (rows, cols):
+        raise MisqError(f"config.json says {name} is {rows}x{cols} but the model config makes it "
+                        f"{tuple(module.weight.shape)}: config.json and the weights do not match")
+    for suffix, (shape, dt) in shapes.items():
+        weights.check(f"{name}.{suffix}", shape, dt)
+
+
+def load_packed_with_tokenizer(path: str | os.PathLike, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """(model, tokenizer); the tokenizer is None when the folder holds no tokenizer files."""
+    model = load_packed(path, **kwargs)
+    path = Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        log.warning("%s holds no tokenizer files: returning no tokenizer", path)
+        return model, None
+    from transformers import AutoTokenizer
+
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _is_export(path: Path) -> bool:
+    return (path / EXPORT_MARKER).is_file()
+
+
+def export_dense(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float16") -> Path:
+    """Write ``packed_dir`` as a plain Hugging Face checkpoint (safetensors, no misq section).
+
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` then loads it without misq. Tokenizer
+    files are copied. Atomic like :func:`save_packed`; replaces only an earlier export.
+    """
+    packed, out = Path(packed_dir), Path(out_dir)
+    if dtype not in _DTYPES:
+        raise MisqError(f"dtype {dtype!r} is not supported: use one of {', '.join(_DTYPES)}")
+    _misq_section(packed, _read_config(packed))
+    _check_target(out, _is_export)
+    model = load_packed(packed, dtype=_DTYPES[dtype])
+    own = {"config.json", "generation_config.json", INDEX_NAME}
+    with _staging(out, _is_export) as tmp:
+        model.save_pretrained(tmp)
+        for f in packed.iterdir():
+            if f.is_file() and f.name not in own and not f.name.endswith(".safetensors"):
+                shutil.copy2(f, tmp / f.name)
+        marker = {"exported_from": str(packed.resolve()), "misq_version": __version__, "dtype": dtype}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    log.info("exported %s as a dense %s checkpoint to %s", packed, dtype, out)
+    return out

@@ -1,0 +1,156 @@
+"""Honest size accounting of a compressed model (PROTOCOL.md, "Counting bits").
+
+Pure arithmetic on the in-memory model and its grids: no files are written or read. The byte
+counts are those of the packed checkpoint format (:mod:`misq.packing`, :mod:`misq.checkpoint`)
+to the byte, so ``bits_per_param_disk_model × parameters / 8`` is the size of the saved
+weights. What is *not* counted: safetensors headers (~100 bytes per tensor, with the tensor
+names), config.json and the tokenizer files. They are not parameters; on a real model they are
+well under 1% of the folder, on a toy model they can dominate.
+
+The figures, each labelled (never report only the flattering one):
+
+* ``avg_channel_bits``: mean width over the input channels of the quantized layers, each
+  channel weighted by its number of weights (rows); 16 counts as 16. What
+  ``--target_avg_bits`` targets.
+* ``bits_per_stored_weight``: avg_channel_bits + 32 bits (fp16 scale + zero) per (row, group)
+  spread over all the layer's weights. Ignores sparsity: every weight counted as stored.
+* ``bits_per_param_disk_quantized``: everything the packed format stores for the quantized
+  layers (surviving codes at their widths, mask or N:M metadata, scales and zeros, channel
+  group ids / order / widths, 16-bit channel values) over their parameter count. 50%
+  unstructured + 4 bits = 0.5 × 4 + 1 (mask) = 3 bits plus scales, not 2.
+* ``bits_per_param_disk_model``: the same plus every untouched tensor (embeddings, norms,
+  lm_head, biases) at its dtype, over all parameters.
+* ``compression_ratio_*`` = 16 / the matching disk bits.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from misq.algorithms.quantizer import FP_BITS, QuantGrid
+from misq.packing import (
+    Pattern,
+    group_id_dtype,
+    keep_mask,
+    mask_nbytes,
+    nm_nbytes,
+    packed_nbytes,
+    parse_pattern,
+    stored_grid,
+    width_order,
+)
+
+log = logging.getLogger(__name__)
+
+KINDS = ("codes", "mask", "scales_zeros", "channel_index", "fp16_channels", "untouched")
+
+
+def pattern_for(compress_config: Any) -> str:
+    """The pattern string of a CompressConfig (or its ``to_dict()``): dense, unstructured or N:M."""
+    get = compress_config.get if isinstance(compress_config, Mapping) else lambda k, d=None: getattr(compress_config, k, d)
+    n, m = int(get("prunen", 0) or 0), int(get("prunem", 0) or 0)
+    if n and m:
+        return f"{n}:{m}"
+    return "unstructured" if float(get("sparsity", 0.0) or 0.0) > 0 else "dense"
+
+
+def kind_of(suffix: str) -> str:
+    """Which accounting kind a packed tensor suffix (see :class:`misq.packing.PackedLayer`) is."""
+    if suffix.startswith("codes_w"):
+        return "codes"
+    return {"mask": "mask", "nm_index": "mask", "scales": "scales_zeros", "zeros": "scales_zeros",
+            "fp_values": "fp16_channels"}.get(suffix, "channel_index")
+
+
+def stored_tensors(model: nn.Module, skip: set[str] = frozenset()) -> dict[str, Tensor]:
+    """The state-dict tensors a checkpoint stores as they are, by name, minus ``skip``.
+
+    Tied tensors (lm_head = embeddings) appear once, under their first name: the model re-ties
+    them on load, and safetensors refuses shared storage anyway.
+    """
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if name not in skip:
+            out[name] = t.detach()
+    return out
+
+
+def layer_bytes(weight: Tensor, grid: QuantGrid, pattern: str | Pattern) -> dict[str, int]:
+    """Bytes by kind that the packed format stores for one layer with weight [R, C]."""
+    pat = parse_pattern(str(pattern)) if not isinstance(pattern, Pattern) else pattern
+    W = weight.detach().cpu()
+    R, C = W.shape
+    K = grid.n_groups
+    perm, segments = width_order(stored_grid(grid).column_bits())
+    keep = keep_mask(W, pat)[:, perm]
+    out = dict.fromkeys(KINDS[:-1], 0)
+    for b, start, end in segments:
+        n = int(torch.count_nonzero(keep[:, start:end]))  # not keep.sum(0): column sums are slow on CPU
+        if b >= FP_BITS:
+            out["fp16_channels"] += n * W.element_size()
+        else:
+            out["codes"] += packed_nbytes(n, int(b))
+    if pat.kind == "unstructured":
+        out["mask"] = mask_nbytes(R * C)
+    elif pat.kind == "nm":
+        out["mask"] = nm_nbytes(R, C, pat.n, pat.m)
+    out["scales_zeros"] = 2 * R * K * 2  # fp16 scale and zero per (row, group)
+    gid = torch.empty(0, dtype=group_id_dtype(K)).element_size()
+    out["channel_index"] = C * gid + K + C * 4  # group id per channel, width per group, int32 order
+    return out
+
+
+def storage_accounting(model: nn.Module, grids: dict[str, QuantGrid], pattern: str) -> dict[str, Any]:
+    """All the labelled size figures of PROTOCOL.md for ``model`` compressed with ``grids``.
+
+    ``grids`` maps full linear names (``model.layers.0.self_attn.q_proj``) to their grids; the
+    model's weights must already be the compressed ones (pruned to exact zeros). Tokenizer and
+    config files, and safetensors headers, are excluded (see the module docstring).
+    """
+    pat = parse_pattern(pattern)
+    by_kind = dict.fromkeys(KINDS, 0)
+    q_params = weighted_bits = grid_bits = zeros = 0
+    for name, grid in grids.items():
+        W = model.get_submodule(name).weight
+        R, C = W.shape
+        for kind, nbytes in layer_bytes(W, grid, pat).items():
+            by_kind[kind] += nbytes
+        q_params += R * C
+        weighted_bits += R * int(stored_grid(grid).column_bits().sum())
+        grid_bits += 32 * R * grid.n_groups
+        zeros += R * C - int(torch.count_nonzero(W))
+    skip = {f"{name}.weight" for name in grids}
+    by_kind["untouched"] = sum(t.numel() * t.element_size() for t in stored_tensors(model, skip).values())
+    params = sum(p.numel() for p in model.parameters())
+    bytes_q = sum(v for k, v in by_kind.items() if k != "untouched")
+    bytes_model = bytes_q + by_kind["untouched"]
+    disk_q = 8 * bytes_q / q_params if q_params else float("nan")
+    disk_model = 8 * bytes_model / params
+    result = {
+        "sparsity_pattern": str(pat),
+        "sparsity": zeros / q_params if q_params else 0.0,
+        "avg_channel_bits": weighted_bits / q_params if q_params else float("nan"),
+        "bits_per_stored_weight": (weighted_bits + grid_bits) / q_params if q_params else float("nan"),
+        "bits_per_param_disk_quantized": disk_q,
+        "bits_per_param_disk_model": disk_model,
+        "compression_ratio_quantized": 16 / disk_q if q_params else float("nan"),
+        "compression_ratio_model": 16 / disk_model,
+        "bytes_quantized": bytes_q,
+        "bytes_model": bytes_model,
+        "bytes_fp16_model": 2 * params,
+        "bytes_by_kind": by_kind,
+        "parameters": params,
+        "quantized_parameters": q_params,
+        "excluded": "safetensors headers, config.json, tokenizer files (not parameters)",
+    }
+    log.info("storage: %.3f avg channel bits, %.3f bits/param on disk (quantized layers), %.3f (whole model)",
+             result["avg_channel_bits"], disk_q, disk_model)
+    return result

@@ -1,0 +1,143 @@
+"""Bit packing, masks, N:M metadata and whole-layer encoding round trips (misq.packing)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from misq.algorithms.quantizer import QuantGrid, find_grid, quantize_with_grid
+from misq.packing import (
+    decode_layer,
+    decode_nm,
+    encode_layer,
+    encode_nm,
+    mask_nbytes,
+    nm_index_bits,
+    nm_keep_mask,
+    nm_nbytes,
+    pack_bits,
+    pack_mask,
+    packed_nbytes,
+    parse_pattern,
+    unpack_bits,
+    unpack_mask,
+)
+
+FAST = settings(max_examples=50, deadline=None)
+
+
+@FAST
+@given(bits=st.integers(1, 16), n=st.integers(0, 5000), seed=st.integers(0, 2**31 - 1))
+def test_pack_bits_round_trip(bits: int, n: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 2**bits, (n,), generator=gen)
+    packed = pack_bits(values, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(n, bits)
+    assert torch.equal(unpack_bits(packed, bits, n), values.to(torch.int32))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_bits_extremes_and_size(bits: int) -> None:
+    n = 8 * 1000 + 3  # not a multiple of 8: the padding must not leak into the values
+    values = torch.tensor([0, 2**bits - 1] * (n // 2) + [2**bits - 1])
+    packed = pack_bits(values, bits)
+    assert packed.numel() == bits * math.ceil(n / 8)  # exactly `bits` bits per value, up to padding
+    assert torch.equal(unpack_bits(packed, bits, n), values.int())
+
+
+def test_pack_bits_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        pack_bits(torch.tensor([4]), 2)
+    with pytest.raises(ValueError):
+        pack_bits(torch.tensor([-1]), 4)
+    with pytest.raises(ValueError):
+        unpack_bits(torch.zeros(3, dtype=torch.uint8), 4, 100)
+
+
+@FAST
+@given(rows=st.integers(1, 40), cols=st.integers(1, 70), p=st.floats(0, 1), seed=st.integers(0, 2**31 - 1))
+def test_mask_round_trip(rows: int, cols: int, p: float, seed: int) -> None:
+    mask = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)) < p
+    packed = pack_mask(mask)
+    assert packed.numel() == mask_nbytes(rows * cols)
+    assert torch.equal(unpack_mask(packed, (rows, cols)), mask)
+
+
+@pytest.mark.parametrize("n,m,bits", [(2, 4, 3), (4, 8, 7), (1, 4, 2)])
+def test_nm_round_trip(n: int, m: int, bits: int) -> None:
+    rows, cols = 33, 8 * m
+    keep = nm_keep_mask(torch.randn(rows, cols), n, m)
+    assert torch.equal(keep.reshape(rows, -1, m).sum(-1), torch.full((rows, cols // m), n))
+    packed = encode_nm(keep, n, m)
+    assert nm_index_bits(n, m) == bits
+    assert packed.numel() == nm_nbytes(rows, cols, n, m) == bits * math.ceil(rows * cols // m / 8)
+    assert torch.equal(decode_nm(packed, n, m, (rows, cols)), keep)
+
+
+def test_nm_cost_and_order() -> None:
+    # 2:4 costs 3 bits per 4 weights = 0.75 bit per weight, as PROTOCOL.md counts it.
+    assert nm_nbytes(1000, 4000, 2, 4) * 8 / (1000 * 4000) == 0.75
+    # Combinations are numbered lexicographically: {0,1} is 0, {2,3} is the last (5).
+    keep = torch.tensor([[1, 1, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert unpack_bits(encode_nm(keep, 2, 4), 3, 2).tolist() == [0, 5]
+    with pytest.raises(ValueError, match="not 2:4"):
+        encode_nm(torch.tensor([[1, 1, 1, 0]], dtype=torch.bool), 2, 4)
+
+
+def test_nm_keep_mask_ties_by_index() -> None:
+    w = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0, -3.0, 1.0, 1.0]])
+    assert nm_keep_mask(w, 2, 4).tolist() == [[True, True, False, False, True, True, False, False]]
+
+
+def test_parse_pattern() -> None:
+    assert str(parse_pattern("2:4")) == "2:4" and parse_pattern("Unstructured").kind == "unstructured"
+    for bad in ("4:2", "2:2", "half", "0:4"):
+        with pytest.raises(ValueError):
+            parse_pattern(bad)
+
+
+def _layer(rows: int, cols: int, widths: list[int], pattern: str, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, QuantGrid]:
+    """A weight pruned to ``pattern`` and quantized on a grid with one group per width."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=gen)
+    p = parse_pattern(pattern)
+    if p.kind == "unstructured":
+        W[torch.rand(rows, cols, generator=gen) < 0.5] = 0
+    elif p.kind == "nm":
+        W = torch.where(nm_keep_mask(W, p.n, p.m), W, 0.0)
+    groups = torch.randint(0, len(widths), (cols,), generator=gen)
+    grid = find_grid(W, groups, torch.tensor(widths))
+    return quantize_with_grid(W, grid).to(dtype), grid
+
+
+@FAST
+@given(
+    rows=st.integers(1, 24),
+    blocks=st.integers(1, 12),
+    widths=st.lists(st.sampled_from([2, 3, 4, 6, 8, 16]), min_size=1, max_size=5),
+    pattern=st.sampled_from(["dense", "unstructured", "2:4", "1:4"]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_layer_round_trip_bit_exact(rows: int, blocks: int, widths: list[int], pattern: str, dtype: torch.dtype, seed: int) -> None:
+    W, grid = _layer(rows, 4 * blocks, widths, pattern, dtype, seed)
+    packed = encode_layer(W, grid, pattern)
+    out = decode_layer(packed.tensors, packed.meta, pattern)
+    assert out.dtype == dtype and torch.equal(out, W)
+    # Only survivors are stored: pruned weights cost nothing but the mask.
+    assert sum(packed.meta["survivors"].values()) == (int((W != 0).sum()) if pattern == "unstructured" else
+                                                      W.numel() * (parse_pattern(pattern).n / 4 if ":" in pattern else 1))
+
+
+def test_encode_rejects_weights_off_grid() -> None:
+    W, grid = _layer(8, 16, [4], "dense", torch.float32, 0)
+    W[0, 0] += 1e-3
+    with pytest.raises(ValueError, match="not on their grid"):
+        encode_layer(W, grid, "dense")
+    W, grid = _layer(8, 16, [4], "dense", torch.float32, 0)
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        encode_layer(W, grid, "2:4")
