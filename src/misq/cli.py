@@ -37,6 +37,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     _flag(p, "data-dir", default=None, help="folder with wikitext2/ptb/c4 files (default: $MISQ_DATA_DIR, else HF datasets)")
     _flag(p, "seqlen", type=int, default=None, help="window length (default min(2048, model max positions))")
     _flag(p, "cache-dir", default=None, help="tokenized-text cache (default $MISQ_CACHE_DIR or ~/.cache/misq)")
+    _flag(p, "c4-cut", default="protocol", choices=["protocol", "none"],
+          help="c4 eval: cut to 256 x seqlen tokens (protocol) or keep all 1100 documents (none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "sparsity", type=float, default=0.5, help="unstructured sparsity in [0, 1) (default 0.5)")
     _flag(p, "prunen", type=int, default=0, help="N of an N:M pattern (with --prunem)")
     _flag(p, "prunem", type=int, default=0, help="M of an N:M pattern")
-    _flag(p, "grouping", default=None, choices=["mi", "hessian", "uniform"], help="channel grouping (default mi)")
+    _flag(p, "grouping", default=None, choices=["mi", "hessian", "uniform"], help="channel grouping (default hessian; see BENCHMARKS.md)")
     _flag(p, "use-mi-grouping", type=int, choices=[0, 1], default=None, help="prototype flag: 1 = --grouping mi, 0 = uniform --wbits")
     _flag(p, "wbits", type=int, default=4, help="uniform width when not mixing precisions (16 = no quantization)")
     _flag(p, "n-groups", type=int, default=10, help="channel groups per layer (default 10)")
@@ -103,7 +105,7 @@ def _configs(args: argparse.Namespace):
 
     model = ModelConfig(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                         layerwise=None if args.layerwise is None else bool(args.layerwise))
-    return model, DataConfig(data_dir=args.data_dir, seqlen=args.seqlen, cache_dir=args.cache_dir)
+    return model, DataConfig(data_dir=args.data_dir, seqlen=args.seqlen, cache_dir=args.cache_dir, c4_cut=args.c4_cut == "protocol")
 
 
 def _compress_config(args: argparse.Namespace):
@@ -123,7 +125,7 @@ def _compress_config(args: argparse.Namespace):
     check_dataset_name(dataset)
     return CompressConfig(
         dataset=dataset, nsamples=args.nsamples, seed=args.seed, sparsity=args.sparsity, prunen=args.prunen,
-        prunem=args.prunem, grouping=grouping or "mi", wbits=args.wbits, n_groups=args.n_groups,
+        prunem=args.prunem, grouping=grouping or "hessian", wbits=args.wbits, n_groups=args.n_groups,
         target_avg_bits=args.target_avg_bits, bits=args.bits, budget=args.budget, blocksize=args.blocksize,
         percdamp=args.percdamp, mse=args.mse, mi_estimator=args.mi_estimator,
         offload_activations=args.offload_activations, batch_size=args.batch_size,

@@ -81,6 +81,7 @@ class DataConfig:
     data_dir: str | None = None  # else $MISQ_DATA_DIR, else Hugging Face datasets
     seqlen: int | None = None  # None: min(2048, model max positions)
     cache_dir: str | None = None  # tokenized-text cache; None: $MISQ_CACHE_DIR or ~/.cache/misq
+    c4_cut: bool = True  # PROTOCOL.md: c4 eval cut to 256 x seqlen tokens; False keeps all 1100 documents
 
     def __post_init__(self) -> None:
         if self.seqlen is not None and self.seqlen < 2:
@@ -97,7 +98,7 @@ class CompressConfig:
     sparsity: float = 0.5  # unstructured; ignored when prunen/prunem set
     prunen: int = 0
     prunem: int = 0
-    grouping: str = "mi"  # mi | hessian | uniform
+    grouping: str = "hessian"  # mi | hessian | uniform (hessian: as good as mi on llama-9m, see BENCHMARKS.md)
     wbits: int = 4  # uniform width (grouping == "uniform")
     n_groups: int = 10
     target_avg_bits: float = 4.0

@@ -279,24 +279,26 @@ def _cached(label: str, key: dict[str, Any], cache_dir: str | os.PathLike | None
 
 
 def eval_tokens(name: str, tokenizer: Any, seqlen: int, data_dir: str | os.PathLike | None = None,
-                cache_dir: str | os.PathLike | None = None) -> torch.LongTensor:
+                cache_dir: str | os.PathLike | None = None, c4_cut: bool = True) -> torch.LongTensor:
     """The evaluation text tokenized once, ``[1, N]``; the caller cuts it into N // seqlen segments.
 
     wikitext2: test rows joined by "\\n\\n"; ptb: test sentences joined by " "; c4: the first 1100
-    validation documents joined by " ", cut to 256 x seqlen tokens; a user file: its whole text.
+    validation documents joined by " ", cut to 256 x seqlen tokens (``c4_cut=False`` keeps all of
+    them: the figures in shared/models/README.md were measured that way); a user file: its whole text.
     """
     src = _locate(name, EVAL_SPLIT.get(name, "file"), data_dir)
     is_c4 = src.dataset == "c4"
+    cut = is_c4 and c4_cut
 
     def compute() -> torch.Tensor:
         limit = C4_EVAL_DOCUMENTS if is_c4 else None
         rows = _read_file_rows(src, limit) if src.path is not None else _read_hub_rows(src, limit)
         logger.info("tokenizing %s %s (%d rows)", src.dataset, src.split, len(rows))
         ids = encode(tokenizer, EVAL_JOIN.get(src.dataset, "").join(rows))
-        return ids[: C4_EVAL_SEGMENTS * seqlen] if is_c4 else ids
+        return ids[: C4_EVAL_SEGMENTS * seqlen] if cut else ids
 
     key = {"kind": "eval", "tokenizer": tokenizer_fingerprint(tokenizer), "dataset": src.dataset,
-           "split": src.split, "source": src.identity(), "seqlen": seqlen if is_c4 else None}
+           "split": src.split, "source": src.identity(), "seqlen": seqlen if cut else None}
     return _cached(f"{src.dataset}-{src.split}", key, cache_dir, compute).unsqueeze(0)
 
 

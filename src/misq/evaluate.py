@@ -111,13 +111,14 @@ def _nll_layerwise(model: nn.Module, segs: Tensor, device: str, batch_size: int,
 def evaluate_datasets(
     model: nn.Module, tokenizer: Any, datasets: tuple[str, ...], seqlen: int, device: str, *,
     data_dir: str | None = None, cache_dir: str | None = None, layerwise: bool | None = None, batch_size: int = 1,
+    c4_cut: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """PPL on each dataset; the result maps dataset -> :func:`perplexity`'s dict + its source."""
     from misq import data
 
     results = {}
     for name in datasets:
-        tokens = data.eval_tokens(name, tokenizer, seqlen, data_dir=data_dir, cache_dir=cache_dir)
+        tokens = data.eval_tokens(name, tokenizer, seqlen, data_dir=data_dir, cache_dir=cache_dir, c4_cut=c4_cut)
         res = perplexity(model, tokens, seqlen, device, layerwise=layerwise, batch_size=batch_size, desc=f"eval {name}")
         res["source"] = data.describe_source(name, data_dir)
         log.info("%s: PPL %.3f over %d segments of %d tokens (%.1fs)", name, res["ppl"], res["segments"], seqlen, res["seconds"])

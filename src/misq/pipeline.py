@@ -26,13 +26,13 @@ from misq.errors import MisqError
 log = logging.getLogger(__name__)
 
 
-def protocol_record(seqlen: int) -> dict[str, Any]:
+def protocol_record(seqlen: int, c4_cut: bool = True) -> dict[str, Any]:
     """What every results file says about how its perplexities were measured."""
     return {
         "name": "gptq-sparsegpt",
         "seqlen": seqlen,
         "c4_documents": 1100,
-        "c4_max_tokens": 256 * seqlen,
+        "c4_max_tokens": 256 * seqlen if c4_cut else None,
         "unk_as_text": True,
         "segments": "tokens // seqlen, no overlap, remainder dropped",
         "ppl": "exp(sum(mean CE of shifted logits * seqlen) / (segments * seqlen))",
@@ -88,14 +88,15 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     data_dir = data.resolve_data_dir(data_cfg.data_dir)
     model, tokenizer, seqlen, device = _load(model_cfg, data_cfg)
     evals = evaluate.evaluate_datasets(model, tokenizer, eval_cfg.datasets, seqlen, device, data_dir=data_dir,
-                                       cache_dir=data_cfg.cache_dir, layerwise=model_cfg.layerwise, batch_size=eval_cfg.batch_size)
+                                       cache_dir=data_cfg.cache_dir, layerwise=model_cfg.layerwise, batch_size=eval_cfg.batch_size,
+                                       c4_cut=data_cfg.c4_cut)
     results = {
         "misq_version": misq.__version__,
         "kind": "compressed" if misq_checkpoint(model_cfg.model) else "baseline",
         "created": _now(),
         "model": modeling.model_summary(model) | {"name_or_path": model_cfg.model},
         "device": device,
-        "protocol": protocol_record(seqlen),
+        "protocol": protocol_record(seqlen, data_cfg.c4_cut),
         "ppl": {name: r["ppl"] for name, r in evals.items()},
         "eval": evals,
         "timing": {"eval_s": {name: r["seconds"] for name, r in evals.items()}},
@@ -155,12 +156,13 @@ def run_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressConf
                                              start_layer=start_layer, on_layer_done=state.layer_done, prior=output)
             compress_s = time.perf_counter() - t0 + state.previous_seconds
             results = _compressed_results(model, model_cfg, cfg, output, seqlen, compress_s, device)
+            results["protocol"] = protocol_record(seqlen, data_cfg.c4_cut)
             if eval_cfg:
                 for name in eval_cfg.datasets:
                     progress.update(f"eval:{name}")
                     res = evaluate.evaluate_datasets(model, tokenizer, (name,), seqlen, device, data_dir=data_dir,
                                                      cache_dir=data_cfg.cache_dir, layerwise=model_cfg.layerwise,
-                                                     batch_size=eval_cfg.batch_size)[name]
+                                                     batch_size=eval_cfg.batch_size, c4_cut=data_cfg.c4_cut)[name]
                     results["eval"][name] = res
                     results["ppl"][name] = res["ppl"]
                     results["timing"]["eval_s"][name] = res["seconds"]
