@@ -102,9 +102,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         "timing": {"eval_s": {name: r["seconds"] for name, r in evals.items()}},
     }
     if results["kind"] == "compressed":
-        from misq.checkpoint import packed_metadata
-
-        meta = packed_metadata(model_cfg.model)
+        meta = json.loads((Path(model_cfg.model).expanduser() / "config.json").read_text())["misq"]
         results["config"] = meta.get("compress_config", {})
     if out:
         atomic_write_json(out, results)
