@@ -169,7 +169,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         out = compare(args.baseline, args.results, args.out)
         print(f"report: {args.out}/report.md, {args.out}/report.html; verdict: {out.get('verdict', {}).get('status', '?') if isinstance(out.get('verdict'), dict) else out.get('verdict')}")
     elif args.command == "status":
-        from misq.rundir import follow_status, format_status, read_status
+        from misq.status import follow_status, format_status, read_status
 
         if args.follow:
             follow_status(args.run_dir, stale_after_s=args.stale_after)
