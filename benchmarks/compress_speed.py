@@ -31,7 +31,6 @@ import platform
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 import torch
@@ -64,20 +63,8 @@ def reset_peak() -> None:
 
 
 def import_misq():
-    """misq's driver; stubs misq.algorithms.allocation if a sibling change has not landed yet
-    (uniform grouping never calls it)."""
-    try:
-        from misq import compress
-    except ImportError as err:
-        if "allocation" not in str(err):
-            raise
-        import misq.algorithms
+    from misq import compress
 
-        stub = types.ModuleType("misq.algorithms.allocation")
-        sys.modules["misq.algorithms.allocation"] = stub
-        misq.algorithms.allocation = stub
-        NOTES.append("misq.algorithms.allocation was missing: stubbed (unused with grouping=uniform)")
-        from misq import compress
     return compress
 
 
@@ -172,7 +159,7 @@ class Timers:
         self.patches.clear()
 
 
-def run_compress(args, model, calib, *, straight: bool, fine: bool, compress, proposed: bool = False):
+def run_compress(args, model, calib, *, straight: bool, fine: bool, compress):
     """compress_model over every layer of ``model``; returns per-layer times, peaks and breakdowns."""
     from misq import modeling
     from misq.algorithms import sparsegpt
@@ -220,9 +207,6 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, compress, pr
         timers.wrap(sparsegpt, "_unstructured_keep", "solve: masks")
     if fine:
         timers.wrap_cm(modeling, "on_device", "layer to GPU", "layer back to CPU")
-    if proposed:
-        timers.patch(modeling, "on_device", proposed_on_device(modeling.on_device))
-        timers.patch(compress.bitplan, "find_grid", proposed_find_grid(compress.bitplan.find_grid))
     modeling.capture_layer0_inputs = timed_capture
     if straight:
         block_fn = sparsegpt.block_loop
@@ -275,72 +259,6 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, compress, pr
         "breakdown": breakdown,
         "records": records,
     }
-
-
-# --------------------------------------------------------------------------- proposals
-# Changes to files outside the speed work (modeling.py, quantizer.py), measured here by
-# patching them in, so that their owners can weigh them; the default runs never use them.
-
-
-def proposed_on_device(orig):
-    """modeling.on_device that moves parameters back into their *existing* host tensors
-    (copy_) instead of allocating new ones: no fresh host pages to fault in every layer."""
-    import itertools
-
-    @contextlib.contextmanager
-    def on_device(module, device, dtype=None):
-        p = next(module.parameters())
-        if p.device.type != "cpu" or torch.device(device).type != "cuda" or (dtype is not None and dtype != p.dtype):
-            with orig(module, device, dtype):
-                yield module
-            return
-        homes = []
-        for t in itertools.chain(module.parameters(), module.buffers()):
-            homes.append((t, t.data))
-            t.data = t.data.to(device)
-        try:
-            yield module
-        finally:
-            for t, host in homes:
-                host.copy_(t.data)
-                t.data = host
-
-    return on_device
-
-
-def proposed_find_grid(orig):
-    """quantizer.find_grid with the per-(row, group) min/max as plain reductions over each
-    group's columns instead of a scatter_reduce (atomics on K addresses per row); same result."""
-    from misq.algorithms import quantizer as qz
-
-    def find_grid(W, groups, bits, *, mse=False, **kw):
-        if mse:
-            return orig(W, groups, bits, mse=mse, **kw)
-        W = W.to(torch.float32)
-        R, C = W.shape
-        groups = groups.to(device=W.device, dtype=torch.long)
-        bits = bits.to(device=W.device, dtype=torch.long)
-        K = int(bits.numel())
-        if groups.numel() != C:
-            return orig(W, groups, bits, mse=mse, **kw)
-        if K == 1:
-            xmin, xmax = W.amin(1, keepdim=True), W.amax(1, keepdim=True)
-        else:
-            order = torch.argsort(groups, stable=True)
-            counts = torch.bincount(groups, minlength=K).tolist()
-            Ws = W[:, order]
-            xmin = torch.full((R, K), float("inf"), device=W.device)
-            xmax = torch.full((R, K), float("-inf"), device=W.device)
-            start = 0
-            for k, n in enumerate(counts):
-                if n:
-                    xmin[:, k] = Ws[:, start : start + n].amin(1)
-                    xmax[:, k] = Ws[:, start : start + n].amax(1)
-                start += n
-        scale, zero = qz._minmax(xmin, xmax, qz.maxq_of(bits).unsqueeze(0))
-        return qz.QuantGrid(scale=scale, zero=zero, groups=groups, bits=bits)
-
-    return find_grid
 
 
 # --------------------------------------------------------------------------- micro-benchmarks
@@ -479,27 +397,20 @@ def micro(args) -> dict:
     res["rel_error"] = rel
     del W0, W, Hw
 
-    # Uniform 4-bit grid of the stacked gate/up weight: find_grid as is vs the proposal.
+    # Grids of the stacked gate/up weight: uniform 4-bit, and 10 groups of mixed widths.
     from misq.algorithms import quantizer as qz
 
     Wg = torch.randn(2 * args.ffn, args.hidden, device=dev, generator=g) * 0.02
     groups = torch.zeros(args.hidden, dtype=torch.long, device=dev)
     bits = torch.tensor([4], device=dev)
-    fast = proposed_find_grid(qz.find_grid)
     grid = {"find_grid_ms": 1e3 * bench(lambda: qz.find_grid(Wg, groups, bits), reps=3)}
-    grid["proposed_ms"] = 1e3 * bench(lambda: fast(Wg, groups, bits), reps=3)
-    a, b = qz.find_grid(Wg, groups, bits), fast(Wg, groups, bits)
-    grid["same"] = bool(torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero))
-    groups5 = torch.randint(0, 10, (args.hidden,), device=dev, generator=g)
-    bits5 = torch.tensor([2, 3, 4, 6, 8, 4, 3, 16, 2, 4], device=dev)
-    grid["K=10,find_grid_ms"] = 1e3 * bench(lambda: qz.find_grid(Wg, groups5, bits5), reps=3)
-    grid["K=10,proposed_ms"] = 1e3 * bench(lambda: fast(Wg, groups5, bits5), reps=3)
-    a, b = qz.find_grid(Wg, groups5, bits5), fast(Wg, groups5, bits5)
-    grid["K=10,same"] = bool(torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero))
+    groups10 = torch.randint(0, 10, (args.hidden,), device=dev, generator=g)
+    bits10 = torch.tensor([2, 3, 4, 6, 8, 4, 3, 16, 2, 4], device=dev)
+    grid["K=10,find_grid_ms"] = 1e3 * bench(lambda: qz.find_grid(Wg, groups10, bits10), reps=3)
     res["find_grid"] = grid
     del Wg
 
-    # Moving one decoder layer to the GPU and back: modeling.on_device vs the proposal.
+    # Moving one decoder layer to the GPU and back (modeling.on_device).
     if cuda():
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -512,7 +423,7 @@ def micro(args) -> dict:
             layer = LlamaDecoderLayer(lcfg, 0)
         layer = layer.half().cpu()
         moves = {"layer_gib": sum(p.numel() * p.element_size() for p in layer.parameters()) / GIB}
-        for name, cm in (("on_device", modeling.on_device), ("proposed", proposed_on_device(modeling.on_device))):
+        for name, cm in (("on_device", modeling.on_device),):
             ins, outs = [], []
             for _ in range(4):
                 t = now()
@@ -592,8 +503,6 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--hinv", choices=("inverse", "reverse"), default=None, help="override sparsegpt.HINV_METHOD")
     ap.add_argument("--no-micro", action="store_true")
-    ap.add_argument("--proposed", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time the fused path with the proposed on_device/find_grid changes patched in")
     ap.add_argument("--sweep-configs", default="4,4;8,4;8,2;16,4;4,2", help="rows,warps;... for the block-sweep micro-benchmark")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test, CPU too)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for compress_speed.json")
@@ -645,12 +554,6 @@ def main() -> int:
         del model
         return r
 
-    def proposed_run():
-        model = build_model(args, args.layers, seed=0)
-        r = run_compress(args, model, calib, straight=False, fine=False, compress=compress, proposed=True)
-        del model
-        return r
-
     def straight_run():
         model = build_model(args, max(args.layers, args.straight_layers), seed=0, keep=args.straight_layers)
         r = run_compress(args, model, calib, straight=True, fine=False, compress=compress)
@@ -662,9 +565,6 @@ def main() -> int:
     if args.profile_layers:
         section("profile", profile_run)
         print("profile:", json.dumps(result["profile"].get("breakdown", result["profile"]), indent=1, default=str), flush=True)
-    if args.proposed:
-        section("proposed", proposed_run)
-        print("proposed:", json.dumps({k: result["proposed"].get(k) for k in ("layer_s", "layer_peak_gib", "breakdown")}, indent=1, default=str), flush=True)
     if args.straight_layers:
         section("straight", straight_run)
         print("straight:", json.dumps(result["straight"], indent=1, default=str), flush=True)
@@ -677,10 +577,6 @@ def main() -> int:
         summary["fused_s_per_layer"] = mean(steady)
         summary["fused_first_layer_s"] = f["layer_s"][0]
         summary["fused_peak_gib"] = max(f["layer_peak_gib"] + [f.get("capture_peak_gib") or 0])
-    pr = result.get("proposed", {})
-    if "layer_s" in pr:
-        summary["proposed_s_per_layer"] = mean(pr["layer_s"][1:] or pr["layer_s"])
-        summary["proposed_peak_gib"] = max(pr["layer_peak_gib"] + [pr.get("capture_peak_gib") or 0])
     if "layer_s" in s:
         summary["straight_s_per_layer"] = mean(s["layer_s"])
         summary["straight_peak_gib"] = max(s["layer_peak_gib"] + [s.get("capture_peak_gib") or 0])
@@ -701,8 +597,6 @@ def main() -> int:
     rows = [("path", "s/layer", "first layer s", "peak GiB")]
     if "fused_s_per_layer" in summary:
         rows.append(("fused (default)", f"{summary['fused_s_per_layer']:.3f}", f"{summary['fused_first_layer_s']:.3f}", f"{summary['fused_peak_gib']:.2f}"))
-    if "proposed_s_per_layer" in summary:
-        rows.append(("fused + proposals", f"{summary['proposed_s_per_layer']:.3f}", "-", f"{summary['proposed_peak_gib']:.2f}"))
     if "straight_s_per_layer" in summary:
         rows.append(("straightforward", f"{summary['straight_s_per_layer']:.3f}", "-", f"{summary['straight_peak_gib']:.2f}"))
     rows.append(("SparseGPT reference", "15.9", "-", "8.6"))
