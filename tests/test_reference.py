@@ -30,7 +30,7 @@ def test_dense_perplexity_matches_reference(llama9m_dir, shared_data_dir, tmp_pa
         assert res["ppl"][name] == pytest.approx(ref, rel=0.005), name
 
 
-@pytest.mark.parametrize("sparsity,reference", [(0.5, SPARSEGPT_50_4BIT)], ids=["sparsegpt50-4bit"])
+@pytest.mark.parametrize("sparsity,reference", [(0.5, SPARSEGPT_50_4BIT), (0.0, GPTQ_4BIT)], ids=["sparsegpt50-4bit", "gptq-4bit"])
 def test_uniform_parity_with_reference(llama9m_dir, shared_data_dir, tmp_path, sparsity, reference):
     # wikitext2 only, to keep CI on 2 CPU cores inside its budget; the three-dataset table
     # (measured on an H200) is in BENCHMARKS.md.

@@ -115,6 +115,17 @@ def test_progress_context_manager_records_failure(tmp_path):
     assert "error: RuntimeError: CUDA out of memory" in format_status(status)
 
 
+def test_ctrl_c_is_recorded_as_interrupted_not_failed(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with Progress(tmp_path, total_layers=4) as p:
+            p.update("compress", layer=3)
+            raise KeyboardInterrupt
+    status = read_status(tmp_path)
+    assert status["state"] == "interrupted" and status["layer"] == 3
+    text = format_status(status)
+    assert "INTERRUPTED" in text and "--resume" in text and "FAILED" not in text
+
+
 def test_status_finished_run_with_log(tmp_path):
     run = RunDir(tmp_path)
     run.log_path.write_text("".join(f"line {i}\n" for i in range(30)))

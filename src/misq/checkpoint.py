@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from misq import __version__
 from misq.algorithms.quantizer import QuantGrid
 from misq.errors import MisqError
+from misq.modeling import LayerSource, layer_index, layer_weights
 from misq.packing import Pattern, decode_layer, encode_layer, expected_shapes, parse_pattern
 from misq.storage import KINDS, kind_of, stored_tensors
 
@@ -61,12 +62,16 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 def save_packed(model: nn.Module, grids: dict[str, QuantGrid], out_dir: str | os.PathLike, *, tokenizer: Any = None,
                 compress_config: Any, pattern: str, extra: dict[str, Any] | None = None,
-                max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, Any]:
+                max_shard_bytes: int = MAX_SHARD_BYTES, source: LayerSource | None = None) -> dict[str, Any]:
     """Write ``model`` (compressed in place, with ``grids`` by full linear name) as a packed checkpoint.
 
     ``out_dir`` must be new, empty, or an older misq checkpoint (which is replaced). Returns the
     sizes: ``files`` {name: bytes}, ``total_bytes``, ``weights_bytes`` (safetensors files) and
     ``payload_bytes`` by kind (codes, mask, scales_zeros, channel_index, fp16_channels, untouched).
+
+    Decoder layers are packed and written one at a time, and a shard goes to disk as soon as it
+    is full: with a ``source`` (a streamed model, :mod:`misq.streaming`) each layer's weights are
+    read just for its turn, so host memory holds one layer and one shard, never the model.
     """
     try:
         pat = parse_pattern(pattern)
@@ -74,31 +79,23 @@ def save_packed(model: nn.Module, grids: dict[str, QuantGrid], out_dir: str | os
         raise MisqError(str(err)) from None
     out = Path(out_dir)
     _check_target(out, is_packed_checkpoint)
-    tensors: dict[str, Tensor] = {}
+    for name in grids:
+        _linear(model, name)  # a name that is not a linear of this model fails before anything is written
     payload = dict.fromkeys(KINDS, 0)
     layers: dict[str, Any] = {}
-    for name, grid in grids.items():
-        try:
-            packed = encode_layer(_linear(model, name).weight, grid, pat)
-        except ValueError as err:
-            raise MisqError(f"cannot pack {name} as {pat}: {err}; save the model compress_model returned, "
-                            "with its grids and the pattern it was pruned to") from None
-        for suffix, t in packed.tensors.items():
-            tensors[f"{name}.{suffix}"] = t
-            payload[kind_of(suffix)] += t.numel() * t.element_size()
-        layers[name] = packed.meta
-    for name, t in stored_tensors(model, {f"{n}.weight" for n in grids}).items():
-        tensors[name] = t.cpu().contiguous()
-        payload["untouched"] += t.numel() * t.element_size()
     config = model.config.to_dict()
     if hasattr(compress_config, "to_dict"):
         compress_config = compress_config.to_dict()
-    dtype = next((m["dtype"] for m in layers.values()), str(next(model.parameters()).dtype).replace("torch.", ""))
-    config["misq"] = {"format": FORMAT, "format_version": FORMAT_VERSION, "misq_version": __version__,
-                      "compress_config": compress_config, "pattern": str(pat), "dtype": dtype,
-                      "layers": layers, "extra": extra or {}}
     with _staging(out, is_packed_checkpoint) as tmp:
-        _write_shards(tensors, tmp, max_shard_bytes)
+        writer = _ShardWriter(tmp, max_shard_bytes)
+        for name, t, kind in _stored(model, grids, pat, layers, source):
+            writer.add(name, t)
+            payload[kind] += t.numel() * t.element_size()
+        writer.finish()
+        dtype = next((m["dtype"] for m in layers.values()), str(next(model.parameters()).dtype).replace("torch.", ""))
+        config["misq"] = {"format": FORMAT, "format_version": FORMAT_VERSION, "misq_version": __version__,
+                          "compress_config": compress_config, "pattern": str(pat), "dtype": dtype,
+                          "layers": layers, "extra": extra or {}}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -111,6 +108,35 @@ def save_packed(model: nn.Module, grids: dict[str, QuantGrid], out_dir: str | os
              "payload_bytes": payload, "payload_total": sum(payload.values())}
     log.info("saved packed checkpoint %s: %d layers, %.1f MB of weights", out, len(layers), sizes["weights_bytes"] / 1e6)
     return sizes
+
+
+def _stored(model: nn.Module, grids: dict[str, QuantGrid], pat: Pattern, metas: dict[str, Any],
+            source: LayerSource | None) -> Iterator[tuple[str, Tensor, str]]:
+    """(name, tensor, payload kind) of everything the checkpoint stores, decoder layer by decoder
+    layer (packed linears, then the layer's other tensors), then what lies outside the layers.
+    Fills ``metas`` with each packed layer's metadata."""
+    untouched = list(stored_tensors(model, {f"{n}.weight" for n in grids}))  # names only: a streamed layer's tensors change on load
+    groups: dict[int | None, tuple[list[str], list[str]]] = {}
+    for name in grids:
+        groups.setdefault(layer_index(name), ([], []))[0].append(name)
+    for name in untouched:
+        groups.setdefault(layer_index(name), ([], []))[1].append(name)
+    order = sorted(i for i in groups if i is not None) + ([None] if None in groups else [])
+    for i in order:
+        packed_names, plain_names = groups[i]
+        with layer_weights(source if i is not None else None, i):
+            for name in packed_names:
+                try:
+                    packed = encode_layer(_linear(model, name).weight, grids[name], pat)
+                except ValueError as err:
+                    raise MisqError(f"cannot pack {name} as {pat}: {err}; save the model compress_model returned, "
+                                    "with its grids and the pattern it was pruned to") from None
+                metas[name] = packed.meta
+                for suffix, t in packed.tensors.items():
+                    yield f"{name}.{suffix}", t, kind_of(suffix)
+            state = model.state_dict(keep_vars=True) if plain_names else {}
+            for name in plain_names:
+                yield name, state[name].detach().cpu().contiguous(), "untouched"
 
 
 def _plain(obj: Any) -> Any:
@@ -128,28 +154,44 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return module
 
 
-def _write_shards(tensors: dict[str, Tensor], folder: Path, max_bytes: int) -> None:
-    """Greedy shards in insertion order; one file when everything fits."""
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
+class _ShardWriter:
+    """Writes tensors to shards of at most ``max_bytes`` (a larger tensor gets one of its own) as
+    they come, then names the shards as transformers does: one ``model.safetensors``, or
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, Tensor] = {}
+        self.pending_bytes = self.total_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, t: Tensor) -> None:
         n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += n
-    if len(shards) == 1:
-        save_file(shards[0], folder / WEIGHTS_NAME, metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / fname, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if self.pending and self.pending_bytes + n > self.max_bytes:
+            self._flush()
+        self.pending[name] = t
+        self.pending_bytes += n
+        self.total_bytes += n
+
+    def _flush(self) -> None:
+        path = self.folder / f".shard-{len(self.shards) + 1:05d}.safetensors"  # renamed once the count is known
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        if len(self.shards) == 1:
+            self.shards[0][0].rename(self.folder / WEIGHTS_NAME)
+            return
+        weight_map = {}
+        for i, (path, names) in enumerate(self.shards, 1):
+            fname = f"model-{i:05d}-of-{len(self.shards):05d}.safetensors"
+            path.rename(self.folder / fname)
+            weight_map.update(dict.fromkeys(names, fname))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _check_target(target: Path, replaceable: Callable[[Path], bool]) -> None:

@@ -9,7 +9,9 @@
 
 Only the current layer and the activations live on the accelerator (activations go to the
 CPU with ``offload_activations``). The driver knows the model's layout through
-:mod:`misq.modeling` and the algorithms through their public functions only.
+:mod:`misq.modeling` and the algorithms through their public functions only. Under torchrun
+each rank runs its share of the windows, the Hessians are all-reduced and a step's layers are
+solved by different ranks (:mod:`misq.distributed`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from misq.algorithms.fused import get_block_fn
 from misq.algorithms.quantizer import QuantGrid
 from misq.algorithms.sparsegpt import HessianAccumulator, column_params, solve
 from misq.config import CompressConfig
+from misq.distributed import LOCAL, Dist
 from misq.errors import NumericalError
 
 log = logging.getLogger(__name__)
@@ -62,8 +65,10 @@ class _StopForward(Exception):
     pass
 
 
-def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, inputs: modeling.LayerInputs, device: str) -> Tensor:
-    """H [C, C] of the input of ``first`` over all windows; the forward stops right after it."""
+def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, inputs: modeling.LayerInputs, device: str,
+                             dist: Dist = LOCAL) -> Tensor:
+    """H [C, C] of the input of ``first`` over all windows; the forward stops right after it.
+    Under torchrun ``inputs`` holds this rank's windows and H is all-reduced over the ranks."""
     acc: HessianAccumulator | None = None
 
     def hook(_m: nn.Module, args: tuple) -> None:
@@ -72,7 +77,9 @@ def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, inputs: modelin
         if acc is None:
             acc = HessianAccumulator(x.shape[-1], device)
         if not torch.isfinite(x).all():
-            raise NumericalError(f"{_m._misq_name}: its calibration inputs hold NaN/Inf")
+            raise NumericalError(f"{getattr(_m, '_misq_name', 'a linear layer')}: its calibration inputs hold NaN/Inf "
+                                 "(the model already overflows before it): check the checkpoint's weights, or load it "
+                                 "with --dtype bfloat16 or float32 if float16 overflows")
         acc.add(x)
         raise _StopForward
 
@@ -88,7 +95,7 @@ def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, inputs: modelin
     finally:
         handle.remove()
     assert acc is not None, "the step's first linear layer never ran"
-    return acc.free()
+    return dist.reduce_hessian(acc.free(), acc.nsamples)
 
 
 def _step_weights(linears: dict[str, nn.Linear], step: tuple[str, ...]) -> dict[str, Tensor]:
@@ -96,26 +103,35 @@ def _step_weights(linears: dict[str, nn.Linear], step: tuple[str, ...]) -> dict[
 
 
 @torch.no_grad()
-def measure_model_plan(model: nn.Module, calib: Tensor, cfg: CompressConfig, device: str) -> dict[str, bitplan.ModulePlan]:
+def measure_model_plan(model: nn.Module, calib: Tensor, cfg: CompressConfig, device: str,
+                       dist: Dist = LOCAL, *, layer_source: modeling.LayerSource | None = None) -> dict[str, bitplan.ModulePlan]:
     """First pass for ``--budget model``: groups and cost tables of every layer on the dense
-    model, then one global allocation. Returns plans by full layer name."""
+    model, then one global allocation. Returns plans by full layer name (the same on every rank)."""
     dtype = modeling.compute_dtype_for(model, device)
     storage = "cpu" if cfg.offload_activations else device
-    inputs = modeling.capture_layer0_inputs(model, calib, device, batch_size=cfg.batch_size, storage=storage, compute_dtype=dtype)
+    inputs = modeling.capture_layer0_inputs(model, dist.shard_windows(calib), device, batch_size=cfg.batch_size,
+                                            storage=storage, compute_dtype=dtype)
     plans: dict[str, bitplan.ModulePlan] = {}
     layers = modeling.decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="measure layers", unit="layer", leave=False)):
-        with modeling.on_device(layer, device, dtype):
+        with modeling.layer_weights(layer_source, i), modeling.on_device(layer, device, dtype):
             linears = modeling.layer_linears(layer)
-            for step in modeling.SEQUENTIAL_STEPS:
-                H = _accumulate_step_hessian(layer, linears[step[0]], inputs, device)
-                for name, plan in bitplan.plan_step(_step_weights(linears, step), H, cfg, with_costs=True).items():
-                    plans[f"model.layers.{i}.{name}"] = plan
+            for name, lin in linears.items():  # named in NaN/Inf reports
+                lin._misq_name = f"model.layers.{i}.{name}"
+            for j, step in enumerate(modeling.SEQUENTIAL_STEPS):
+                H = _accumulate_step_hessian(layer, linears[step[0]], inputs, device, dist)
+                owners = _step_owners(step, linears, i * len(modeling.SEQUENTIAL_STEPS) + j, dist)
+                mine = tuple(n for n in step if owners[n] == dist.rank)
+                part = bitplan.plan_step(_step_weights(linears, mine), H, cfg, with_costs=True) if mine else {}
+                part = dist.gather_dicts(part)
+                for name in step:
+                    plans[f"model.layers.{i}.{name}"] = part[name]
                 del H
             modeling.run_layer(layer, inputs, device, out=inputs.hidden)
-    res = bitplan.allocate_model(plans, cfg)
-    log.info("model budget: %.4f average bits over %d layers (target %.2f)", res.average, len(plans), cfg.target_avg_bits)
-    return plans
+    if dist.is_main:
+        res = bitplan.allocate_model(plans, cfg)
+        log.info("model budget: %.4f average bits over %d layers (target %.2f)", res.average, len(plans), cfg.target_avg_bits)
+    return dist.broadcast_object(plans)  # rank 0's allocation, so that no rank can disagree
 
 
 @torch.no_grad()
@@ -131,13 +147,18 @@ def compress_model(
     on_layer_done: Callable[[int, CompressionOutput], None] | None = None,
     block_fn: Callable | None = None,
     prior: CompressionOutput | None = None,
+    dist: Dist | None = None,
+    layer_source: modeling.LayerSource | None = None,
 ) -> CompressionOutput:
     """Compress every decoder layer of ``model`` in place with calibration windows ``calib`` [n, seqlen].
 
     ``plans`` fixes groups and widths (from :func:`measure_model_plan`); without it each layer
     is planned on its own (``--budget layer``). Layers before ``start_layer`` are taken as
     already compressed (resume; their records and grids come in ``prior``): they are only run
-    to rebuild the next layer's inputs.
+    to rebuild the next layer's inputs. Under torchrun (``dist`` from :func:`misq.distributed.from_env`)
+    each rank passes the same ``calib`` and runs its share of it; all ranks end with the same model.
+    With a ``layer_source`` (streaming) each layer gets its weights just before its turn and loses
+    them after ``on_layer_done``, the sink that must persist it.
     """
     t0 = time.perf_counter()
     progress = progress or _NoProgress()
@@ -148,67 +169,102 @@ def compress_model(
     dtype = modeling.compute_dtype_for(model, device)
     store_dtype = next(model.parameters()).dtype
     storage = "cpu" if cfg.offload_activations else device
+    dist = dist or LOCAL
     progress.update("calibration-inputs")
-    inputs = modeling.capture_layer0_inputs(model, calib, device, batch_size=cfg.batch_size, storage=storage, compute_dtype=dtype)
+    inputs = modeling.capture_layer0_inputs(model, dist.shard_windows(calib), device, batch_size=cfg.batch_size, storage=storage, compute_dtype=dtype)
     layers = modeling.decoder_layers(model)
     bar = tqdm(range(len(layers)), desc="compress", unit="layer")
     for i in bar:
         layer = layers[i]
-        with modeling.on_device(layer, device, dtype):
-            if i >= start_layer:
-                _compress_layer(i, layer, inputs, cfg, device, plans, out, progress, block_fn, store_dtype)
-            else:
-                progress.update("replay", layer=i + 1)
-            modeling.run_layer(layer, inputs, device, out=inputs.hidden)
-            if not torch.isfinite(inputs.hidden).all():
-                raise NumericalError(f"model.layers.{i}: its outputs hold NaN/Inf after compression")
-        if i >= start_layer and on_layer_done is not None:
-            on_layer_done(i, out)
+        with modeling.layer_weights(layer_source, i):
+            with modeling.on_device(layer, device, dtype):
+                if i >= start_layer:
+                    _compress_layer(i, layer, inputs, cfg, device, plans, out, progress, block_fn, store_dtype, dist=dist)
+                else:
+                    progress.update("replay", layer=i + 1)
+                modeling.run_layer(layer, inputs, device, out=inputs.hidden)
+                if not torch.isfinite(inputs.hidden).all():
+                    raise NumericalError(f"model.layers.{i}: its outputs hold NaN/Inf after compression")
+            if i >= start_layer and on_layer_done is not None:
+                on_layer_done(i, out)  # before the weights are released: the sink reads them
         progress.update("compress", layer=i + 1, layer_done=True)
     out.seconds = time.perf_counter() - t0
     return out
 
 
+def _step_owners(step: tuple[str, ...], linears: dict[str, nn.Linear], turn: int, dist: Dist) -> dict[str, int]:
+    """The rank that solves each layer of ``step`` (rank 0 for all of them without torchrun)."""
+    return dict(zip(step, dist.assign([linears[n].out_features for n in step], turn)))
+
+
 def _compress_layer(i: int, layer: nn.Module, inputs: modeling.LayerInputs, cfg: CompressConfig, device: str,
                     plans: dict[str, bitplan.ModulePlan] | None, out: CompressionOutput, progress: ProgressSink,
-                    block_fn: Callable | None, store_dtype: torch.dtype) -> None:
+                    block_fn: Callable | None, store_dtype: torch.dtype, dist: Dist = LOCAL) -> None:
     linears = modeling.layer_linears(layer)
     for name, lin in linears.items():
         lin._misq_name = f"model.layers.{i}.{name}"
-    for step in modeling.SEQUENTIAL_STEPS:
+    for j, step in enumerate(modeling.SEQUENTIAL_STEPS):
         progress.update("compress", layer=i + 1, sublayer="+".join(n.split(".")[-1] for n in step))
-        H = _accumulate_step_hessian(layer, linears[step[0]], inputs, device)
-        weights = _step_weights(linears, step)
-        full = {name: f"model.layers.{i}.{name}" for name in step}
-        if plans is not None:
-            step_plans = {name: plans[full[name]] for name in step}
-        else:
-            step_plans = bitplan.plan_step(weights, H, cfg)
-        grids = {name: bitplan.grid_for(weights[name], step_plans[name], cfg) for name in step}
-        W = torch.cat([weights[name] for name in step])
-        rows = [weights[name].shape[0] for name in step]
-        res = solve(W, H, column_params([grids[n] for n in step]), sparsity=cfg.sparsity, prunen=cfg.prunen,
-                    prunem=cfg.prunem, blocksize=cfg.blocksize, percdamp=cfg.percdamp, row_segments=rows, block_fn=block_fn)
+        H = _accumulate_step_hessian(layer, linears[step[0]], inputs, device, dist)
+        owners = _step_owners(step, linears, i * len(modeling.SEQUENTIAL_STEPS) + j, dist)
+        mine = tuple(n for n in step if owners[n] == dist.rank)
+        solved = _solve_layers(i, mine, linears, H, cfg, plans, block_fn, store_dtype) if mine else {}
         del H
-        if res.damp != cfg.percdamp:
-            log.warning("%s: Hessian needed damping %.3g (asked %.3g)", "+".join(full.values()), res.damp, cfg.percdamp)
-        start = 0
-        for k, name in enumerate(step):
-            lin = linears[name]
-            new = res.weight[start : start + rows[k]]
-            # Round through the model's own dtype so the next layer sees what a reload gives.
-            lin.weight.data.copy_(new.to(store_dtype))
-            start += rows[k]
-            plan = step_plans[name]
-            out.grids[full[name]] = _cpu_grid(grids[name])
-            out.plans[full[name]] = plan
-            out.records.append({
-                "name": full[name], "rows": rows[k], "cols": W.shape[1],
-                "rel_error": res.rel_error[k], "sparsity": res.sparsity[k], "avg_bits": plan.avg_bits(),
-                "group_bits": plan.bits.tolist(), "solve_s": res.seconds, "damp": res.damp,
-                "stacked_with": [full[n] for n in step if n != name],
-            })
-            log.info("%s: rel. error %.5f, sparsity %.3f, %.3f bits", full[name], res.rel_error[k], res.sparsity[k], plan.avg_bits())
+        # Under torchrun: each owner's weights to every rank, every owner's grids/plans/records to all.
+        solved = dist.share_solved({n: linears[n].weight.data for n in step}, owners, solved)
+        for name in step:
+            full = f"model.layers.{i}.{name}"
+            out.grids[full], out.plans[full], record = solved[name]
+            out.records.append(record)
+            log.info("%s: rel. error %.5f, sparsity %.3f, %.3f bits", full, record["rel_error"], record["sparsity"], record["avg_bits"])
+
+
+def _solve_layers(i: int, names: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor, cfg: CompressConfig,
+                  plans: dict[str, bitplan.ModulePlan] | None, block_fn: Callable | None,
+                  store_dtype: torch.dtype) -> dict[str, tuple[QuantGrid, bitplan.ModulePlan, dict[str, Any]]]:
+    """Plan, grid and solve layers ``names`` of one step of layer ``i`` as one stacked matrix
+    against their shared H [C, C] (consumed), and write their weights back.
+
+    Returns name -> (grid on the CPU, plan, record). Rows are independent and unstructured
+    masks are chosen per layer, so solving any subset of a step gives those layers exactly
+    what the whole step's stacked solve gives them.
+    """
+    weights = _step_weights(linears, names)
+    full = {name: f"model.layers.{i}.{name}" for name in names}
+    if plans is not None:
+        step_plans = {name: plans[full[name]] for name in names}
+    else:
+        step_plans = bitplan.plan_step(weights, H, cfg)
+    grids = {name: bitplan.grid_for(weights[name], step_plans[name], cfg) for name in names}
+    W = torch.cat([weights[name] for name in names])
+    rows = [weights[name].shape[0] for name in names]
+    try:
+        res = solve(W, H, column_params([grids[n] for n in names]), sparsity=cfg.sparsity, prunen=cfg.prunen,
+                    prunem=cfg.prunem, blocksize=cfg.blocksize, percdamp=cfg.percdamp, row_segments=rows, block_fn=block_fn)
+    except NumericalError as err:  # the solver does not know which layers it solved
+        raise NumericalError(f"{'+'.join(full.values())}: {err}") from None
+    if res.damp != cfg.percdamp:
+        log.warning("%s: Hessian needed damping %.3g (asked %.3g)", "+".join(full.values()), res.damp, cfg.percdamp)
+    solved = {}
+    start = 0
+    for k, name in enumerate(names):
+        lin = linears[name]
+        # Round through the model's own dtype so the next layer sees what a reload gives.
+        new = res.weight[start : start + rows[k]].to(store_dtype)
+        if not torch.isfinite(new).all():  # never write a broken layer into the model (or a checkpoint)
+            raise NumericalError(f"{full[name]}: the solved weights hold NaN/Inf in {str(store_dtype).replace('torch.', '')}: "
+                                 "check the checkpoint's weights, or load it with --dtype bfloat16 or float32")
+        lin.weight.data.copy_(new)
+        start += rows[k]
+        plan = step_plans[name]
+        record = {
+            "name": full[name], "rows": rows[k], "cols": W.shape[1],
+            "rel_error": res.rel_error[k], "sparsity": res.sparsity[k], "avg_bits": plan.avg_bits(),
+            "group_bits": plan.bits.tolist(), "solve_s": res.seconds, "damp": res.damp,
+            "stacked_with": [full[n] for n in names if n != name],
+        }
+        solved[name] = (_cpu_grid(grids[name]), plan, record)
+    return solved
 
 
 def _cpu_grid(grid: QuantGrid) -> QuantGrid:

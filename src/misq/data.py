@@ -96,6 +96,24 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return path
 
 
+def check_local_sources(wanted: list[tuple[str, str | None]], data_dir: str | os.PathLike | None) -> None:
+    """With a data directory given, each (name, split) in ``wanted`` (split None: evaluation's)
+    must have its file there: refused up front, not a hub download hours into a run."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return
+    for name, split in wanted:
+        if name not in DATASETS:
+            check_dataset_name(name)
+            continue
+        src = _locate(name, split or EVAL_SPLIT[name], root)
+        if src.path is None:
+            looked, dirs = src.searched
+            raise MisqError(f"the data directory {root} has no {name} {src.split} text: looked for {', '.join(looked)} "
+                            f"in {', '.join(dirs)}; put the file there, or drop --data-dir (unset MISQ_DATA_DIR) "
+                            "to fetch it with Hugging Face datasets")
+
+
 def _locate(name: str, split: str, data_dir: str | os.PathLike | None) -> _Source:
     """Find the file for ``name``/``split``; without one, describe the Hugging Face source."""
     if name not in DATASETS:
@@ -396,6 +414,7 @@ __all__ = [
     "DATASETS",
     "calibration_windows",
     "check_dataset_name",
+    "check_local_sources",
     "describe_source",
     "encode",
     "eval_tokens",

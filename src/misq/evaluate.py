@@ -6,8 +6,11 @@ remainder is dropped), and each segment is scored alone:
     loss_s = mean cross-entropy of the shifted logits      nll_s = loss_s * seqlen
     PPL = exp(Σ_s nll_s / (segments * seqlen))
 
-Two execution paths give the same numbers: the whole model on the device, or layer by layer
-(one decoder layer on the accelerator at a time) for models larger than the device.
+The execution paths give the same numbers: the whole model on the device; layer by layer
+(one decoder layer on the accelerator at a time) for models larger than the device, with the
+layers' weights in host memory or read one at a time from disk (a ``source``, see
+:mod:`misq.streaming`); or a model that transformers spread over several GPUs
+(``device_map="auto"``), run as it is placed.
 """
 
 from __future__ import annotations
@@ -55,19 +58,32 @@ def fits_on_device(model: nn.Module, device: str) -> bool:
 @torch.no_grad()
 def perplexity(
     model: nn.Module, tokens: Tensor, seqlen: int, device: str, *, layerwise: bool | None = None,
-    batch_size: int = 1, desc: str = "eval",
+    batch_size: int = 1, desc: str = "eval", source: modeling.LayerSource | None = None,
 ) -> dict[str, Any]:
-    """Score ``tokens`` [1, N]; returns {ppl, tokens, segments, seqlen, seconds, path}."""
+    """Score ``tokens`` [1, N]; returns {ppl, tokens, segments, seqlen, seconds, path}.
+
+    With a ``source`` the decoder layers hold no weights of their own: the layerwise path reads
+    each one in turn. A model with an ``hf_device_map`` over several devices runs where it is.
+    """
     t0 = time.perf_counter()
     segs = segments_of(tokens, seqlen)
     if segs.shape[0] == 0:
         from misq.errors import MisqError
 
         raise MisqError(f"{desc}: the text has {tokens.numel()} tokens, fewer than one window of {seqlen}: use a smaller --seqlen")
-    if layerwise is None:
-        layerwise = not fits_on_device(model, device)
-    run = _nll_layerwise if layerwise else _nll_whole
-    nlls = run(model, segs, device, batch_size, desc)
+    if is_dispatched(model):
+        path = "device-map"
+        nlls = _nll_dispatched(model, segs, batch_size, desc)
+    else:
+        if source is not None:
+            layerwise = True  # a streamed model never holds all its layers at once
+        elif layerwise is None:
+            layerwise = not fits_on_device(model, device)
+        path = ("streamed" if source is not None else "layerwise") if layerwise else "whole-model"
+        if layerwise:
+            nlls = _nll_layerwise(model, segs, device, batch_size, desc, source)
+        else:
+            nlls = _nll_whole(model, segs, device, batch_size, desc)
     if not torch.isfinite(nlls).all():
         log.warning("%s: non-finite loss in %d segment(s)", desc, int((~torch.isfinite(nlls)).sum()))
     ppl = math.exp(float(nlls.double().sum()) / (segs.shape[0] * seqlen))
@@ -77,7 +93,7 @@ def perplexity(
         "segments": int(segs.shape[0]),
         "seqlen": int(seqlen),
         "seconds": time.perf_counter() - t0,
-        "path": "layerwise" if layerwise else "whole-model",
+        "path": path,
     }
 
 
@@ -92,12 +108,30 @@ def _nll_whole(model: nn.Module, segs: Tensor, device: str, batch_size: int, des
     return torch.cat(out)
 
 
-def _nll_layerwise(model: nn.Module, segs: Tensor, device: str, batch_size: int, desc: str) -> Tensor:
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether transformers placed ``model`` over several devices (``device_map``)."""
+    return len(set(getattr(model, "hf_device_map", None) or {"": None}.values())) > 1
+
+
+def _nll_dispatched(model: nn.Module, segs: Tensor, batch_size: int, desc: str) -> Tensor:
+    """The whole model as ``device_map`` placed it: hooks move activations between devices."""
+    first = model.get_input_embeddings().weight.device
+    out = []
+    for start in tqdm(range(0, segs.shape[0], batch_size), desc=desc, unit="batch", leave=False):
+        batch = segs[start : start + batch_size]
+        logits = model(input_ids=batch.to(first), use_cache=False).logits
+        out.append(segment_nll(logits, batch).cpu())
+    return torch.cat(out)
+
+
+def _nll_layerwise(model: nn.Module, segs: Tensor, device: str, batch_size: int, desc: str,
+                   source: modeling.LayerSource | None = None) -> Tensor:
     dtype = modeling.compute_dtype_for(model, device)
     inputs = modeling.capture_layer0_inputs(model, segs, device, batch_size=batch_size, compute_dtype=dtype)
-    for layer in tqdm(modeling.decoder_layers(model), desc=f"{desc} (layers)", unit="layer", leave=False):
-        with modeling.on_device(layer, device, dtype):
-            modeling.run_layer(layer, inputs, device, out=inputs.hidden)
+    layers = modeling.decoder_layers(model)
+    for i in tqdm(range(len(layers)), desc=f"{desc} (layers)", unit="layer", leave=False):
+        with modeling.layer_weights(source, i), modeling.on_device(layers[i], device, dtype):
+            modeling.run_layer(layers[i], inputs, device, out=inputs.hidden)
     inner = model.model
     out = []
     with modeling.on_device(inner.norm, device, dtype), modeling.on_device(model.lm_head, device, dtype):
@@ -111,15 +145,17 @@ def _nll_layerwise(model: nn.Module, segs: Tensor, device: str, batch_size: int,
 def evaluate_datasets(
     model: nn.Module, tokenizer: Any, datasets: tuple[str, ...], seqlen: int, device: str, *,
     data_dir: str | None = None, cache_dir: str | None = None, layerwise: bool | None = None, batch_size: int = 1,
-    c4_cut: bool = True,
+    c4_cut: bool = True, source: modeling.LayerSource | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """PPL on each dataset; the result maps dataset -> :func:`perplexity`'s dict + its source."""
+    """PPL on each dataset; the result maps dataset -> :func:`perplexity`'s dict + its source.
+    ``source``: where a streamed model's layers come from (see :func:`perplexity`)."""
     from misq import data
 
     results = {}
     for name in datasets:
         tokens = data.eval_tokens(name, tokenizer, seqlen, data_dir=data_dir, cache_dir=cache_dir, c4_cut=c4_cut)
-        res = perplexity(model, tokens, seqlen, device, layerwise=layerwise, batch_size=batch_size, desc=f"eval {name}")
+        res = perplexity(model, tokens, seqlen, device, layerwise=layerwise, batch_size=batch_size, desc=f"eval {name}",
+                         source=source)
         res["source"] = data.describe_source(name, data_dir)
         log.info("%s: PPL %.3f over %d segments of %d tokens (%.1fs)", name, res["ppl"], res["segments"], seqlen, res["seconds"])
         results[name] = res

@@ -18,7 +18,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -39,33 +39,76 @@ LINEAR_NAMES = tuple(n for step in SEQUENTIAL_STEPS for n in step)
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+try:  # what transformers 5 raises for a config.json whose values contradict each other
+    from huggingface_hub.errors import StrictDataclassError as _ConfigValidationError
+except ImportError:  # pragma: no cover - older huggingface_hub: such configs raise ValueError
+    _ConfigValidationError = ValueError
+
+
 def _looks_local(path: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything else (``./x``, ``/x``, ``a/b/c``) is a path."""
     return os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
 
 
-def load_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
-    """Load a causal LM and its tokenizer from a local folder, the HF cache or the hub.
+def read_model_config(cfg: ModelConfig) -> Any:
+    """The checkpoint's Hugging Face config, checked to be a causal LM misq knows; reads no weights.
 
-    The weights stay on the CPU in ``cfg.dtype``; callers move layers as they need them.
+    This is the cheap half of :func:`load_model`, so that a run can refuse a bad model before it
+    loads gigabytes of weights or creates its run folder.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     path = os.path.expanduser(cfg.model)
     if _looks_local(cfg.model) and not os.path.isdir(path):
         raise MisqError(f"model path {cfg.model!r} does not exist: give a local checkpoint folder or a hub id such as meta-llama/Llama-2-7b-hf")
     try:
+        # trust_remote_code stays off unless the user passed --trust-remote-code: a checkpoint's
+        # own Python code would run with the user's rights.
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise MisqError(f"cannot read a model config from {cfg.model!r} ({_first_line(err)}): give a Hugging Face causal-LM folder or hub id") from None
+    except (OSError, ValueError, _ConfigValidationError) as err:
+        cause = f"; {_first_line(err.__cause__)}" if err.__cause__ is not None else ""
+        raise MisqError(f"cannot read a model config from {cfg.model!r} ({_first_line(err).rstrip(':')}{cause}): "
+                        "give a Hugging Face causal-LM folder (with a valid config.json) or hub id") from None
     check_architecture(hf_config)
+    return hf_config
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The checkpoint's tokenizer (no weights are read)."""
+    from transformers import AutoTokenizer
+
+    path = os.path.expanduser(cfg.model)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise MisqError(f"cannot load a tokenizer from {cfg.model!r} ({_first_line(err)}): "
+                        "the checkpoint folder needs its tokenizer files (tokenizer.json or tokenizer.model)") from None
+
+
+def load_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a local folder, the HF cache or the hub.
+
+    The weights stay on the CPU in ``cfg.dtype``; callers move layers as they need them. With
+    ``cfg.device_map`` transformers places them instead (evaluation over several GPUs).
+    """
+    from transformers import AutoModelForCausalLM
+
+    read_model_config(cfg)
+    placement: dict[str, Any] = {}
+    if getattr(cfg, "device_map", None) is not None:  # eval over several GPUs: transformers places the layers
+        from transformers.utils import is_accelerate_available
+
+        if not is_accelerate_available():
+            raise MisqError("--device-map needs the accelerate package: pip install accelerate "
+                            "(or evaluate on one GPU layer by layer with --layerwise 1)")
+        placement["device_map"] = cfg.device_map
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=TORCH_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, low_cpu_mem_usage=True
+        os.path.expanduser(cfg.model), dtype=TORCH_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+        low_cpu_mem_usage=True, **placement,
     )
     model.eval()
     model.config.use_cache = False
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    return model, tokenizer
+    return model, load_tokenizer(cfg)
 
 
 def _first_line(err: BaseException) -> str:
@@ -73,18 +116,50 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+KNOWN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+
 def check_architecture(hf_config: Any) -> None:
     """Refuse models whose decoder layers misq does not know, before loading any weights."""
-    archs = getattr(hf_config, "architectures", None) or []
-    if not any(a.endswith("ForCausalLM") for a in archs) and getattr(hf_config, "is_encoder_decoder", False):
-        raise MisqError(f"{archs or hf_config.model_type} is not a causal LM: misq compresses decoder-only LLaMA-family models")
-    known = {"llama", "mistral", "qwen2", "qwen3", "gemma"}
-    model_type = getattr(hf_config, "model_type", "?")
-    if model_type not in known:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    model_type = getattr(hf_config, "model_type", None) or "?"
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    # A checkpoint names the head it was saved with; BertForMaskedLM or LlamaModel is not a causal LM
+    # even though its model type could be built as one.
+    causal = any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) if archs \
+        else model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(hf_config, "is_encoder_decoder", False)
+    if not causal:
+        raise MisqError(f"{', '.join(archs) or model_type} is not a causal language model: "
+                        "give a decoder-only LLaMA-family checkpoint (e.g. LlamaForCausalLM)")
+    if model_type not in KNOWN_MODEL_TYPES:
         raise MisqError(
-            f"architecture {model_type!r} is not supported: misq knows LLaMA-family decoders (llama, mistral, qwen2, qwen3, gemma) "
+            f"architecture {model_type!r} is not supported: misq knows LLaMA-family decoders ({', '.join(KNOWN_MODEL_TYPES)}) "
             "with q/k/v/o and gate/up/down projections"
         )
+
+
+def linear_input_channels(hf_config: Any) -> dict[str, int]:
+    """Input channels of each compressible linear of a decoder layer, from the config alone."""
+    hidden = int(hf_config.hidden_size)
+    heads = int(hf_config.num_attention_heads)
+    head_dim = int(getattr(hf_config, "head_dim", None) or hidden // heads)
+    cols = {name: hidden for name in LINEAR_NAMES}
+    cols["self_attn.o_proj"] = heads * head_dim
+    cols["mlp.down_proj"] = int(hf_config.intermediate_size)
+    return cols
+
+
+def check_nm_pattern(hf_config: Any, prunen: int, prunem: int) -> None:
+    """N:M pruning cuts every row into runs of M input channels: M must divide all of them."""
+    cols = linear_input_channels(hf_config)
+    bad = sorted({c for c in cols.values() if c % prunem})
+    if bad:
+        fits = [m for m in (4, 8, 16, 2) if m > prunen and all(c % m == 0 for c in cols.values())]
+        hint = f"e.g. --prunen {prunen} --prunem {fits[0]}" if fits else "or use unstructured --sparsity"
+        raise MisqError(f"N:M pattern {prunen}:{prunem} does not fit this model: its layers have {', '.join(map(str, bad))} "
+                        f"input channels, not a multiple of M={prunem}; choose an M that divides them, {hint}")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -111,13 +186,16 @@ def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: _get(layer, name) for name in LINEAR_NAMES}
 
 
-def default_seqlen(model: nn.Module) -> int:
-    """The protocol's window: min(2048, the model's max positions)."""
-    return min(2048, int(getattr(model.config, "max_position_embeddings", 2048) or 2048))
+def default_seqlen(model: nn.Module | Any) -> int:
+    """The protocol's window: min(2048, the model's max positions); takes a model or its HF config."""
+    config = getattr(model, "config", model)
+    return min(2048, int(getattr(config, "max_position_embeddings", 2048) or 2048))
 
 
-def check_seqlen(model: nn.Module, seqlen: int) -> None:
-    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+def check_seqlen(model: nn.Module | Any, seqlen: int) -> None:
+    """Refuse windows longer than the model's position table (a model or its HF config)."""
+    config = getattr(model, "config", model)
+    limit = int(getattr(config, "max_position_embeddings", 0) or 0)
     if limit and seqlen > limit:
         raise MisqError(f"--seqlen {seqlen} is larger than the model supports ({limit} positions): use --seqlen {limit} or less")
 
@@ -281,6 +359,38 @@ def on_device(module: nn.Module, device: torch.device | str, dtype: torch.dtype 
         for t, host in homes:
             host.copy_(t.data)
             t.data = host
+
+
+class LayerSource(Protocol):
+    """Gives decoder layer ``i`` its weights only while a caller needs them (``misq.streaming``).
+
+    A model that holds all its weights in memory needs no source: callers take ``None``.
+    """
+
+    def load(self, i: int) -> None: ...
+
+    def release(self, i: int) -> None: ...
+
+
+@contextmanager
+def layer_weights(source: LayerSource | None, i: int) -> Iterator[None]:
+    """Decoder layer ``i`` has real weights inside the block; a no-op without a source."""
+    if source is None:
+        yield
+        return
+    source.load(i)
+    try:
+        yield
+    finally:
+        source.release(i)
+
+
+def layer_index(name: str) -> int | None:
+    """3 for ``model.layers.3.mlp.up_proj``; None for a name outside the decoder layers."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2])
+    return None
 
 
 def compute_dtype_for(model: nn.Module, device: torch.device | str) -> torch.dtype:

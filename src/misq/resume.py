@@ -1,20 +1,24 @@
 """Resuming an interrupted compression run.
 
-After each decoder layer the run directory gets, atomically and in this order:
+A fresh run records its configuration in ``RUN_DIR/resume/state.json`` before any work. After
+each decoder layer the run directory gets, atomically and in this order:
 
     RUN_DIR/resume/layer_007.safetensors   the compressed layer's tensors + its grids
     RUN_DIR/resume/state.json              layers done, per-layer records, elapsed time
 
-``state.json`` is written last, so it never names a layer whose file is incomplete. On
-``--resume`` the finished layers are loaded back into the model and the calibration data is
-run through them to rebuild the next layer's inputs; on the CPU this reproduces the
-uninterrupted run bit for bit. The folder is removed once the run has finished.
+``state.json`` is written last, so it never names a layer whose file is incomplete, whatever
+moment the process is killed at. On ``--resume`` the configuration must match the recorded one,
+the finished layers are loaded back into the model and the calibration data is run through
+them to rebuild the next layer's inputs; on the CPU this reproduces the uninterrupted run bit
+for bit. The folder is removed once the run has finished. Only safetensors and JSON are read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -30,42 +34,117 @@ from misq.errors import MisqError
 
 log = logging.getLogger(__name__)
 
-# Fields that change the compressed weights: a resume must match them exactly.
+FORMAT = 1
+_GRID_FIELDS = ("scale", "zero", "groups", "bits")
+# Fields that change the compressed weights: a resume must match them exactly (None: the whole section).
 _DETERMINING = (("model", "model"), ("model", "dtype"), ("data", "seqlen"), ("compress", None))
+# Where activations are kept changes no number: a run that ran out of GPU memory may resume with
+# --offload-activations.
+_FREE = {"compress.offload_activations"}
+# How a differing field is named to the user: its command-line flag.
+_FLAG_NAMES = {"model.model": "the model", "model.dtype": "--dtype", "data.seqlen": "--seqlen", "compress.dataset": "the dataset"}
+
+
+def calibration_digest(calib: torch.Tensor) -> str:
+    """A hash of the calibration windows: a resumed run must draw exactly the same ones."""
+    t = calib.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file written beside ``path``, flushed to disk, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename must not reach the disk before the data does
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``--sparsity 0.5 -> 0.6`` for every determining field that differs."""
+    out = []
+    for section, key in _DETERMINING:
+        a, b = old.get(section) or {}, new.get(section) or {}
+        keys = [key] if key is not None else sorted(set(a) | set(b))
+        for k in keys:
+            if a.get(k) != b.get(k) and f"{section}.{k}" not in _FREE:
+                name = _FLAG_NAMES.get(f"{section}.{k}", f"--{k.replace('_', '-')}")
+                out.append(f"{name} {a.get(k)!r} -> {b.get(k)!r}")
+    return out
 
 
 class ResumeState:
-    def __init__(self, run_path: Path, resolved: dict[str, Any]):
+    """The resume folder of one run directory: written after every layer, read by ``--resume``."""
+
+    def __init__(self, run_path: str | os.PathLike, resolved: dict[str, Any]):
         self.dir = Path(run_path) / "resume"
+        # Through JSON, so that comparing with a stored state compares like with like.
         self.resolved = json.loads(json.dumps(resolved, default=str))
         self.previous_seconds = 0.0
         self._started = time.perf_counter()
         self._state: dict[str, Any] | None = None
+        self._calib: str | None = None
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    def layer_path(self, i: int) -> Path:
+        """The file of finished layer ``i``: its parameters under their full names, plus its grids."""
+        return self.dir / f"layer_{i:03d}.safetensors"
 
     # -- starting -------------------------------------------------------------------------
     def start_fresh(self) -> None:
+        """Discard any earlier run's state in this folder and record this run's configuration."""
+        try:
+            old = self._read_state() if self.state_path.is_file() else None
+        except MisqError:  # unreadable: nothing worth keeping, and it is about to go anyway
+            old = None
+        if old and old.get("done_layers"):
+            log.warning("starting over: discarding %d finished layer(s) of the interrupted run in %s "
+                        "(pass --resume to continue it instead)", old["done_layers"], self.dir.parent)
         if self.dir.exists():
             shutil.rmtree(self.dir)
         stale = self.dir.parent / "results.json"
         if stale.exists():
             stale.unlink()  # a results file from an older run in this folder would mislead
+        self._write_state(done_layers=0, records=[])
 
     def check_resumable(self) -> None:
-        path = self.dir / "state.json"
-        if not path.is_file():
-            raise MisqError(f"nothing to resume in {self.dir.parent}: no interrupted run was recorded there (drop --resume to start one)")
-        state = json.loads(path.read_text())
-        for section, key in _DETERMINING:
-            old = state["config"].get(section, {})
-            new = self.resolved.get(section, {})
-            if key is not None:
-                old, new = old.get(key), new.get(key)
-            if old != new:
-                what = f"{section}.{key}" if key else section
-                raise MisqError(f"cannot resume: {what} differs from the interrupted run's ({old} vs {new}); "
-                                "rerun with the same options, or drop --resume to start over")
+        """Refuse ``--resume`` when nothing was recorded or the configuration differs."""
+        run = self.dir.parent
+        if not self.state_path.is_file():
+            if (run / "results.json").is_file():
+                raise MisqError(f"the run in {run} has already finished (its results.json is there): "
+                                "drop --resume to run it again")
+            raise MisqError(f"nothing to resume in {run}: no interrupted run was recorded there (drop --resume to start one)")
+        state = self._read_state()
+        diffs = _differences(state.get("config") or {}, self.resolved)
+        if diffs:
+            raise MisqError(f"cannot resume the run in {run} with a different configuration ({'; '.join(diffs)}): "
+                            "rerun with the interrupted run's options, or drop --resume to start over")
         self._state = state
         self.previous_seconds = float(state.get("elapsed_s", 0.0))
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+            if state.get("format") != FORMAT or not isinstance(state.get("done_layers"), int):
+                raise ValueError(f"format {state.get('format')!r}")
+            return state
+        except (OSError, ValueError, AttributeError) as err:
+            raise MisqError(f"the resume state {self.state_path} is unreadable ({err}): delete {self.dir} "
+                            "and drop --resume to start over") from None
+
+    def _write_state(self, done_layers: int, records: list[dict[str, Any]]) -> None:
+        state = {"format": FORMAT, "config": self.resolved, "done_layers": done_layers, "records": records,
+                 "calibration": self._calib, "elapsed_s": self.previous_seconds + time.perf_counter() - self._started}
+        atomic_write_json(self.state_path, state)
 
     # -- per layer ------------------------------------------------------------------------
     def layer_done(self, i: int, output: Any) -> None:
@@ -75,52 +154,83 @@ class ResumeState:
         tensors = {k: v.detach().cpu().contiguous() for k, v in output.layer_state(i).items()}
         for name, grid in output.grids.items():
             if name.startswith(prefix):
-                tensors.update({f"{name}.grid.{f}": getattr(grid, f).contiguous() for f in ("scale", "zero", "groups", "bits")})
-        tmp = self.dir / f".layer_{i:03d}.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(self.dir / f"layer_{i:03d}.safetensors")
-        state = {"config": self.resolved, "done_layers": i + 1, "records": output.records,
-                 "elapsed_s": self.previous_seconds + time.perf_counter() - self._started}
-        atomic_write_json(self.dir / "state.json", state)
+                tensors.update({f"{name}.grid.{f}": getattr(grid, f).contiguous() for f in _GRID_FIELDS})
+        _save_tensors(tensors, self.layer_path(i))
+        self._write_state(done_layers=i + 1, records=output.records)
 
-    def restore(self, model: torch.nn.Module) -> tuple[int, Any]:
-        """Load the finished layers into ``model``; returns (first layer to do, prior output)."""
-        from misq.bitplan import ModulePlan
+    def check_calibration(self, calib: torch.Tensor) -> None:
+        """Record the run's calibration windows; on resume they must be the interrupted run's
+        (else the dataset file or the tokenizer changed, and the finished layers saw other data)."""
+        digest = calibration_digest(calib)
+        recorded = self._state.get("calibration") if self._state is not None else None
+        if recorded is not None and digest != recorded:
+            raise MisqError(f"cannot resume the run in {self.dir.parent}: the calibration windows differ from the "
+                            "interrupted run's (the dataset file or the tokenizer changed); drop --resume to start over")
+        self._calib = digest
+
+    def restore(self, model: torch.nn.Module, calib: torch.Tensor | None = None, *,
+                load_weights: bool = True) -> tuple[int, Any]:
+        """Load the finished layers into ``model``; returns (first layer to do, prior output).
+
+        ``calib`` (the run's calibration windows) is recorded by a fresh run and, on resume,
+        must be what the interrupted run drew: otherwise the data file or tokenizer changed.
+        ``load_weights=False`` restores grids, plans and records only (a streamed model reads
+        the layers from :meth:`layer_path` itself).
+        """
         from misq.compress import CompressionOutput
 
         prior = CompressionOutput()
+        if calib is not None:
+            self.check_calibration(calib)
         if self._state is None:
             return 0, prior
         done = int(self._state["done_layers"])
         layers = modeling.decoder_layers(model)
+        if done > len(layers):
+            raise MisqError(f"the resume state in {self.dir} has {done} layers but the model has {len(layers)}: "
+                            "drop --resume to start over")
         plans = self.load_plans() or {}
         for i in range(done):
-            tensors = load_file(str(self.dir / f"layer_{i:03d}.safetensors"))
-            params = {k[len(f"model.layers.{i}."):]: v for k, v in tensors.items() if ".grid." not in k}
-            missing, unexpected = layers[i].load_state_dict(params, strict=False)
-            if unexpected:
-                raise MisqError(f"resume data for layer {i} does not fit this model: delete {self.dir} and start over")
-            for name in sorted({k.split(".grid.")[0] for k in tensors if ".grid." in k}):
-                g = QuantGrid(**{f: tensors[f"{name}.grid.{f}"] for f in ("scale", "zero", "groups", "bits")})
-                prior.grids[name] = g
-                prior.plans[name] = plans.get(name) or ModulePlan(name, g.scale.shape[0], g.groups, g.bits)
+            self._restore_layer(i, layers[i] if load_weights else None, plans, prior)
         prior.records = list(self._state["records"])
         log.info("resuming after %d finished layer(s)", done)
         return done, prior
 
+    def _restore_layer(self, i: int, layer: torch.nn.Module | None, plans: dict[str, Any], prior: Any) -> None:
+        from misq.bitplan import ModulePlan
+
+        path = self.layer_path(i)
+        prefix = f"model.layers.{i}."
+        try:
+            tensors = load_file(str(path))
+            if layer is not None:
+                params = {k[len(prefix):]: v for k, v in tensors.items() if ".grid." not in k}
+                layer.load_state_dict(params, strict=True)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise MisqError(f"the resume data {path} does not fit this model ({str(err).splitlines()[0]}): "
+                            f"delete {self.dir} and drop --resume to start over") from None
+        # In the driver's order (q, k, v, o, gate, up, down): results list layers in this order.
+        for short in modeling.LINEAR_NAMES:
+            name = prefix + short
+            if f"{name}.grid.scale" not in tensors:
+                continue
+            g = QuantGrid(**{f: tensors[f"{name}.grid.{f}"] for f in _GRID_FIELDS})
+            prior.grids[name] = g
+            prior.plans[name] = plans.get(name) or ModulePlan(name, g.scale.shape[0], g.groups, g.bits)
+
     # -- model-scope plans ----------------------------------------------------------------
     def save_plans(self, plans: dict[str, Any]) -> None:
+        """Record ``--budget model``'s plans, so that a resume skips the measuring pass."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for name, p in plans.items():
             tensors[f"{name}.groups"] = p.groups.contiguous()
             tensors[f"{name}.bits"] = p.bits.contiguous()
             tensors[f"{name}.rows"] = torch.tensor([p.rows])
-        tmp = self.dir / ".plans.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(self.dir / "plans.safetensors")
+        _save_tensors(tensors, self.dir / "plans.safetensors")
 
     def load_plans(self) -> dict[str, Any] | None:
+        """The plans of the run being resumed, or None (a fresh run, or none were recorded)."""
         from misq.bitplan import ModulePlan
 
         path = self.dir / "plans.safetensors"
@@ -131,5 +241,6 @@ class ResumeState:
         return {n: ModulePlan(n, int(t[f"{n}.rows"][0]), t[f"{n}.groups"], t[f"{n}.bits"]) for n in names}
 
     def finished(self) -> None:
+        """The run completed: its resume folder is no longer needed."""
         if self.dir.exists():
             shutil.rmtree(self.dir)

@@ -33,7 +33,7 @@ PROGRESS_FILE = "progress.json"
 RESULTS_FILE = "results.json"
 
 #: States that end a run; ``follow_status`` stops on these and on "stale".
-FINAL_STATES = ("finished", "failed", "stale")
+FINAL_STATES = ("finished", "failed", "interrupted", "stale")
 
 
 def iso_utc(t: float) -> str:
@@ -155,8 +155,8 @@ class Progress:
 
     ``update`` may be called as often as convenient: writes are throttled to one per
     ``min_interval_s`` except when the stage changes, and ``finish`` always writes. Used as a
-    context manager it records "failed" (with the error) when the block raises and
-    "finished" otherwise.
+    context manager it records "interrupted" on Ctrl-C, "failed" (with the error) when the
+    block raises anything else, and "finished" otherwise.
     """
 
     def __init__(
@@ -193,6 +193,9 @@ class Progress:
         if self.finished_status is None:
             if exc is None:
                 self.finish("finished")
+            elif isinstance(exc, KeyboardInterrupt):
+                # Ctrl-C keeps the resume state: the run can continue, it did not fail.
+                self.finish("interrupted", error="interrupted (Ctrl-C); continue with the same command plus --resume")
             else:
                 self.finish("failed", error=f"{exc_type.__name__}: {exc}")
         return False
@@ -216,9 +219,9 @@ class Progress:
         return True
 
     def finish(self, status: str = "finished", error: str | None = None) -> None:
-        """Mark the run "finished" or "failed" (with a one-line error); always written."""
-        if status not in ("finished", "failed"):
-            raise ValueError(f"finish status must be 'finished' or 'failed', not {status!r}")
+        """Mark the run "finished", "failed" or "interrupted" (with a one-line error); always written."""
+        if status not in FINAL_STATES or status == "stale":
+            raise ValueError(f"finish status must be 'finished', 'failed' or 'interrupted', not {status!r}")
         now = self._clock()
         self.finished_status = status
         if status == "finished":

@@ -51,7 +51,7 @@ def read_status(
     now: float | None = None,
     log_tail: int = 100,
 ) -> dict[str, Any]:
-    """Read ``progress.json`` and classify the run as running, finished, failed or stale.
+    """Read ``progress.json`` and classify the run as running, finished, failed, interrupted or stale.
 
     Returns the progress fields plus ``run_dir``, ``state``, ``stale_reason``, ``age_s``
     (seconds since the last update), ``log_tail`` (last lines of compress.log) and
@@ -118,6 +118,8 @@ def format_status(status: dict[str, Any], log_lines: int = 10) -> str:
         lines.append(f"  stale: {status.get('stale_reason')}; the run has probably died (see the log below)")
     if state == "failed" and status.get("error"):
         lines.append(f"  error: {status['error']}")
+    if state == "interrupted":
+        lines.append("  interrupted: finished layers are kept; rerun the same command with --resume to continue")
     stage = status.get("stage") or "—"
     where = f"  stage: {stage}"
     if status.get("layer") is not None:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from misq.algorithms.quantizer import FP_BITS, QuantGrid
+from misq.modeling import LayerSource, layer_index, layer_weights
 from misq.packing import (
     Pattern,
     group_id_dtype,
@@ -108,25 +109,33 @@ def layer_bytes(weight: Tensor, grid: QuantGrid, pattern: str | Pattern) -> dict
     return out
 
 
-def storage_accounting(model: nn.Module, grids: dict[str, QuantGrid], pattern: str) -> dict[str, Any]:
+def storage_accounting(model: nn.Module, grids: dict[str, QuantGrid], pattern: str,
+                       source: LayerSource | None = None) -> dict[str, Any]:
     """All the labelled size figures of PROTOCOL.md for ``model`` compressed with ``grids``.
 
     ``grids`` maps full linear names (``model.layers.0.self_attn.q_proj``) to their grids; the
     model's weights must already be the compressed ones (pruned to exact zeros). Tokenizer and
-    config files, and safetensors headers, are excluded (see the module docstring).
+    config files, and safetensors headers, are excluded (see the module docstring). With a
+    ``source`` (a streamed model) each decoder layer's weights are read in turn.
     """
     pat = parse_pattern(pattern)
     by_kind = dict.fromkeys(KINDS, 0)
     q_params = weighted_bits = grid_bits = zeros = 0
-    for name, grid in grids.items():
-        W = model.get_submodule(name).weight
-        R, C = W.shape
-        for kind, nbytes in layer_bytes(W, grid, pat).items():
-            by_kind[kind] += nbytes
-        q_params += R * C
-        weighted_bits += R * int(stored_grid(grid).column_bits().sum())
-        grid_bits += 32 * R * grid.n_groups
-        zeros += R * C - int(torch.count_nonzero(W))
+    by_layer: dict[int | None, list[str]] = {}
+    for name in grids:
+        by_layer.setdefault(layer_index(name), []).append(name)
+    for i, names in by_layer.items():
+        with layer_weights(source if i is not None else None, i):
+            for name in names:
+                grid = grids[name]
+                W = model.get_submodule(name).weight
+                R, C = W.shape
+                for kind, nbytes in layer_bytes(W, grid, pat).items():
+                    by_kind[kind] += nbytes
+                q_params += R * C
+                weighted_bits += R * int(stored_grid(grid).column_bits().sum())
+                grid_bits += 32 * R * grid.n_groups
+                zeros += R * C - int(torch.count_nonzero(W))
     skip = {f"{name}.weight" for name in grids}
     by_kind["untouched"] = sum(t.numel() * t.element_size() for t in stored_tensors(model, skip).values())
     params = sum(p.numel() for p in model.parameters())

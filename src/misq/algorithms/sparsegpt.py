@@ -135,7 +135,8 @@ def damped_inverse_cholesky(H: Tensor, percdamp: float, max_tries: int = 6) -> t
             return U, damp
         log.warning("Hessian not positive definite with damping %.3g; retrying with %.3g", damp, damp * 10)
         damp *= 10
-    raise NumericalError(f"the Hessian is not positive definite even with damping {damp / 10:.3g} of its mean diagonal")
+    raise NumericalError(f"the Hessian is not positive definite even with damping {damp / 10:.3g} of its mean diagonal "
+                         f"after {max_tries} tries: use more calibration windows (--nsamples) or a larger --percdamp")
 
 
 # How U = chol(H⁻¹) (upper) is computed. "reverse": H = V Vᵀ with V upper (the Cholesky factor of

@@ -1,0 +1,386 @@
+"""Streaming weights: a model whose decoder layers are read from disk one at a time.
+
+misq never needs a whole model in host memory. :class:`StreamedModel` builds the model from
+its config with every parameter on the ``meta`` device (no storage), reads the parts that are
+not decoder layers (embeddings, final norm, lm_head; tied embeddings re-tied) into host memory,
+and gives decoder layer ``i`` real weights only while a caller needs it
+(:meth:`StreamedModel.load` / :meth:`StreamedModel.release`, the
+:class:`misq.modeling.LayerSource` protocol). Buffers (rotary ``inv_freq``) are computed at
+construction on the CPU, as an ordinary model computes them: they are not stored.
+
+Reads go through ``safetensors.safe_open`` (memory-mapped) but each read opens and closes the
+file and copies the tensors out: a mapping kept open would leave every page it ever touched
+counted in the process's resident memory, so that after one pass over a 13B model the RSS
+would show 26 GB of page cache.
+
+After a layer is compressed, the run writes it to ``RUN_DIR/resume/layer_NNN.safetensors``
+(:mod:`misq.resume`) and :meth:`StreamedModel.use_file` points layer ``i`` at that file: the
+evaluation, size accounting and packed save that follow read compressed layers from there.
+
+Host memory of a streamed compression: embeddings + lm_head + one layer (twice, briefly, while
+it is copied) + what the calibration needs; a 13B fp16 model needs ~2 GB of weights, not 26.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import resource
+import struct
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from misq import modeling
+from misq.config import ModelConfig
+from misq.errors import MisqError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+LAYER_PREFIX = "model.layers."  # where decoder layers sit in a LLaMA-family state dict
+# --stream auto streams when the weights (at the run's dtype) exceed this share of the host
+# memory available now: loading needs the weights plus room for the calibration and the OS.
+AUTO_STREAM_FRACTION = 0.5
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                  "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 * 1024**2
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one stored tensor lives and what it is (from the safetensors header)."""
+
+    file: Path
+    dtype: str  # safetensors spelling: F16, BF16, F32, ...
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file declares, by name, without mapping or reading the data."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > _MAX_HEADER:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as err:
+        raise MisqError(f"{path} is not a readable safetensors file ({err}): copy or download the checkpoint again") from None
+    header.pop("__metadata__", None)
+    return {name: TensorInfo(path, meta["dtype"], tuple(meta["shape"])) for name, meta in header.items()}
+
+
+class SafetensorsFiles:
+    """The tensors of one checkpoint (one file, or shards named by an index), read on demand."""
+
+    def __init__(self, files: Iterable[Path]):
+        self.tensors: dict[str, TensorInfo] = {}
+        for path in files:
+            if not path.is_file():
+                raise MisqError(f"{path} is missing: the checkpoint is incomplete, copy or download it again")
+            self.tensors.update(read_header(path))
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> SafetensorsFiles:
+        index = folder / INDEX_NAME
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as err:
+                raise MisqError(f"{index} is damaged ({err!r}): copy or download the checkpoint again") from None
+            return cls(folder / s for s in shards)
+        return cls([folder / WEIGHTS_NAME])
+
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of the floating-point tensors once cast to ``dtype`` (the others as stored)."""
+        size = torch.empty(0, dtype=dtype).element_size()
+        return sum(t.numel * (size if t.dtype.startswith(("F", "BF")) else _ELEMENT_BYTES.get(t.dtype, 1))
+                   for t in self.tensors.values())
+
+    def read(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Copies of the tensors ``names`` in host memory; floating ones cast to ``dtype``.
+
+        Each file is opened and closed here, so no mapping outlives the call (see the module
+        docstring); the tensors returned own their memory.
+        """
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.tensors:
+                raise MisqError(f"tensor {name} is missing from the checkpoint: it is incomplete or not a "
+                                "transformers LLaMA-family layout; drop --stream to let transformers load it")
+            by_file.setdefault(self.tensors[name].file, []).append(name)
+        out: dict[str, Tensor] = {}
+        for path, file_names in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                for name in file_names:
+                    t = f.get_tensor(name)
+                    cast = dtype is not None and t.is_floating_point() and t.dtype != dtype
+                    out[name] = t.to(dtype) if cast else t.clone()  # either way: off the mapping
+        return out
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
+
+
+def resolve_checkpoint(model: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """A local folder, or a hub id's snapshot folder in the HF cache (offline lookup); None if neither."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if modeling._looks_local(model):
+        raise MisqError(f"model path {model!r} does not exist: give a local checkpoint folder or a hub id such as meta-llama/Llama-2-7b-hf")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True, cache_dir=cache_dir))
+    except (OSError, ValueError, ImportError) as err:  # not cached (LocalEntryNotFoundError), bad id, no hub lib
+        log.debug("%s is not in the local HF cache: %s", model, err)
+        return None
+
+
+def has_safetensors(folder: Path) -> bool:
+    return (folder / WEIGHTS_NAME).is_file() or (folder / INDEX_NAME).is_file()
+
+
+def available_host_bytes() -> int | None:
+    """Memory this process can still take: MemAvailable, capped by a cgroup v2 limit; None if unknown."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            room = int(limit) - used
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def stream_folder(cfg: ModelConfig, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """Decide ``--stream``: the checkpoint folder to stream from, or None to load in memory.
+
+    ``on`` streams or fails with the reason; ``auto`` streams a safetensors checkpoint whose
+    weights exceed :data:`AUTO_STREAM_FRACTION` of the available host memory; ``off`` never.
+    """
+    if cfg.stream == "off" or cfg.device_map is not None:
+        return None
+    explicit = cfg.stream == "on"
+    from misq import distributed
+
+    if distributed.launched():  # every rank would read every layer; the ranks share no layer store
+        if explicit:
+            raise MisqError("--stream runs in one process: drop --stream when launching with torchrun")
+        return None
+    folder = resolve_checkpoint(cfg.model, cache_dir)
+    if folder is None:
+        if explicit:
+            raise MisqError(f"{cfg.model!r} is not a local folder and not in the local Hugging Face cache: "
+                            f"download it first (huggingface-cli download {cfg.model}) or drop --stream")
+        return None
+    if "misq" in _config_json(folder):
+        if explicit:
+            raise MisqError(f"{folder} is a misq packed checkpoint: it loads whole (it is small); drop --stream")
+        return None
+    if not has_safetensors(folder):
+        if explicit:
+            found = ", ".join(sorted(p.name for p in folder.glob("*.bin"))) or "no weight files"
+            raise MisqError(f"{folder} has no safetensors weights ({found}): --stream reads safetensors only; "
+                            "convert the checkpoint (load it and save_pretrained it) or drop --stream")
+        return None
+    if explicit:
+        return folder
+    need = SafetensorsFiles.of_folder(folder).weight_bytes(modeling.TORCH_DTYPES[cfg.dtype])
+    avail = available_host_bytes()
+    if avail is None or need <= AUTO_STREAM_FRACTION * avail:
+        return None
+    log.info("streaming the weights: %.1f GiB of weights, %.1f GiB of host memory available (--stream auto)",
+             need / 1024**3, avail / 1024**3)
+    return folder
+
+
+def _config_json(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ----------------------------------------------------------------------------- the streamed model
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside lands on ``meta``; buffers (rotary tables) stay real.
+
+    Modules create their parameters with ``torch.empty`` on the host first; untouched pages
+    cost no memory, and the tensor is dropped right after for its meta twin.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and not p.is_meta:
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    path, _, leaf = dotted.rpartition(".")
+    return (root.get_submodule(path) if path else root), leaf
+
+
+def _set_parameter(root: nn.Module, dotted: str, value: Tensor, requires_grad: bool) -> None:
+    module, leaf = _owner(root, dotted)
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=requires_grad)
+
+
+def _return_freed_memory_to_os() -> None:
+    """Make glibc serve every allocation above 1 MiB with its own mapping, unmapped when freed.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) each time such a block is freed,
+    so that the next layer's tensors come from the heap, whose freed space it keeps: streaming a
+    model whose tensors are under 32 MiB grew the RSS by about a layer per pass (measured here:
+    +200 MB per pass over 12 layers of 100 MB; flat with the fixed threshold).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD; setting it stops the dynamic raise
+    except (OSError, AttributeError):  # not glibc (musl): nothing to tune
+        pass
+
+
+def is_materialized(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` has real storage."""
+    return any(not p.is_meta for p in module.parameters())
+
+
+class StreamedModel:
+    """A transformers causal LM built on ``meta`` whose decoder layers are read on demand.
+
+    ``model`` has real embeddings, final norm, lm_head and buffers on the CPU in ``dtype``;
+    each decoder layer is ``meta`` except between :meth:`load` and :meth:`release`.
+    """
+
+    def __init__(self, folder: Path, dtype: torch.dtype, *, trust_remote_code: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        self.folder, self.dtype = folder, dtype
+        self.files = SafetensorsFiles.of_folder(folder)
+        _return_freed_memory_to_os()
+        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        modeling.check_architecture(hf_config)
+        with _parameters_on_meta(), no_init_weights():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.config._name_or_path = str(folder)
+        model.config.use_cache = False
+        self.model = model.eval()
+        self.layers = modeling.decoder_layers(model)
+        self._layer_files: dict[int, SafetensorsFiles] = {}
+        self._materialize_outside_layers()
+        model._misq_streamed = self  # so that whoever holds the model can find its layers (source_of)
+        log.info("streaming %s: %d decoder layers read one at a time", folder, len(self.layers))
+
+    def _materialize_outside_layers(self) -> None:
+        """Read every parameter that is not in a decoder layer; tied ones are read once."""
+        tied = getattr(self.model.config, "tie_word_embeddings", False)
+        if tied:
+            self.model.tie_weights()  # from_config without init leaves lm_head untied: tie it so it is not read
+        seen: set[int] = set()
+        names = []
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if name.startswith(LAYER_PREFIX) or id(p) in seen:
+                continue
+            seen.add(id(p))
+            names.append((name, p.requires_grad))
+        tensors = self.files.read([n for n, _ in names], self.dtype)
+        for name, requires_grad in names:
+            _set_parameter(self.model, name, tensors[name], requires_grad)
+        if tied:
+            self.model.tie_weights()  # the new embedding Parameter replaced the tied one: tie lm_head again
+        left = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(LAYER_PREFIX)]
+        if left:
+            raise MisqError(f"{self.folder}: {', '.join(left)} could not be read for streaming: drop --stream")
+
+    # -- the LayerSource protocol ----------------------------------------------------------
+    def load(self, i: int) -> None:
+        """Give decoder layer ``i`` its weights (from its compressed file once there is one)."""
+        layer, prefix = self.layers[i], f"{LAYER_PREFIX}{i}."
+        params = [(n, p) for n, p in layer.named_parameters()]
+        tensors = (self._layer_files.get(i) or self.files).read([prefix + n for n, _ in params], self.dtype)
+        for name, p in params:
+            t = tensors[prefix + name]
+            if t.shape != p.shape:
+                raise MisqError(f"{prefix + name} is {list(t.shape)} in the checkpoint but the config makes it "
+                                f"{list(p.shape)}: config.json and the weights do not match")
+            _set_parameter(layer, name, t, p.requires_grad)
+
+    def release(self, i: int) -> None:
+        """Drop decoder layer ``i``'s weights (back to ``meta``)."""
+        layer = self.layers[i]
+        for name, p in list(layer.named_parameters()):
+            _set_parameter(layer, name, torch.empty_like(p, device="meta"), p.requires_grad)
+
+    def use_file(self, i: int, path: Path) -> None:
+        """From now on, layer ``i`` is read from ``path`` (a compressed layer's safetensors file)."""
+        self._layer_files[i] = SafetensorsFiles([Path(path)])
+
+
+def source_of(model: nn.Module) -> StreamedModel | None:
+    """The :class:`StreamedModel` behind ``model``, or None for a model that holds its weights."""
+    return getattr(model, "_misq_streamed", None)
+
+
+def open_streamed(folder: Path, cfg: ModelConfig) -> tuple[StreamedModel, Any]:
+    """(streamed model, tokenizer) for a safetensors checkpoint folder (``cfg.model`` resolved)."""
+    streamed = StreamedModel(folder, modeling.TORCH_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    return streamed, modeling.load_tokenizer(replace(cfg, model=str(folder)))
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def peak_memory(device: str | None = None) -> dict[str, Any]:
+    """Peak host RSS of this process since it started and peak GPU memory since the last reset (GiB)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+    out: dict[str, Any] = {"peak_rss_gib": rss_bytes / 1024**3, "peak_gpu_gib": None, "peak_gpu_reserved_gib": None}
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        dev = torch.device(device)
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / 1024**3
+        out["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 1024**3
+    return out
+
+
+def reset_peak_gpu(device: str) -> None:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
