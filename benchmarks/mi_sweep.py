@@ -11,10 +11,8 @@ in the same process. Usage (GPU recommended; ~10 s per configuration for llama-9
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
-from pathlib import Path
 
 from misq import pipeline
 from misq.atomic import atomic_write_json
