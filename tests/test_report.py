@@ -189,6 +189,22 @@ def test_verdict_fails_on_retention_with_exact_threshold():
     assert v["status"] == "FAIL" and "retention on c4 >= 95%" in v["summary"]
 
 
+def test_verdict_judges_a_users_own_text_when_no_standard_dataset_was_evaluated():
+    # misq demo (and any user with only their own text): judge that text, not missing wikitext2/c4.
+    base = dict(BASELINE, ppl={"heldout.txt": 3.0}, eval={}, timing={})
+    ok = make_run(ppl={"heldout.txt": 3.1})
+    comparison = build_comparison((Path("base.json"), base), [(Path("run.json"), ok)])
+    assert comparison["rules"]["verdict_datasets"] == ["heldout.txt"]
+    v = comparison["runs"][0]["verdict"]
+    assert v["status"] == "PASS" and [r["id"] for r in v["rules"]] == ["budget", "retention_heldout.txt"]
+    bad = make_run(ppl={"heldout.txt": 4.0})  # 75% retention
+    assert analyse(bad, baseline=base)["verdict"]["status"] == "FAIL"
+    # With wikitext2 in the baseline the standard pair is judged, and a missing c4 stays INCOMPLETE.
+    only_wikitext2 = make_run()
+    only_wikitext2["ppl"] = {"wikitext2": 105.0}
+    assert analyse(only_wikitext2)["verdict"]["status"] == "INCOMPLETE"
+
+
 def test_verdict_incomplete_and_uniform():
     run = make_run()
     run["ppl"] = {"wikitext2": 105.0}

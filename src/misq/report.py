@@ -23,7 +23,7 @@ from typing import Any
 import misq
 from misq.atomic import atomic_write_json, atomic_write_text
 from misq.errors import MisqError
-from misq.report_advice import BUDGET_TOLERANCE, VERDICT_DATASETS, suggestions, verdict
+from misq.report_advice import BUDGET_TOLERANCE, VERDICT_DATASETS, suggestions, verdict, verdict_datasets
 from misq.rundir import RESULTS_FILE, iso_utc
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def build_comparison(
     if base.get("kind") not in (None, "baseline"):
         warnings.append(f"the baseline file {base_path} has kind {base.get('kind')!r}, not 'baseline': retention is measured against it anyway")
     threshold_pct = round(100 * retention_threshold, 2)  # one rounding, shared by text and rules
-    analysed = [_analyse_run(p, r, base, threshold_pct) for p, r in runs]
+    judged = verdict_datasets(_datasets(base))
+    analysed = [_analyse_run(p, r, base, threshold_pct, judged) for p, r in runs]
     _dedupe_labels(analysed, [p for p, _ in runs])
     primary, reason = _pick_primary(analysed)
     return {
@@ -105,10 +106,10 @@ def build_comparison(
         "rules": {
             "retention_threshold_pct": threshold_pct,
             "budget_tolerance_bits": BUDGET_TOLERANCE,
-            "verdict_datasets": list(VERDICT_DATASETS),
+            "verdict_datasets": list(judged),
             "text": [
                 f"budget met: |actual - target average bits| <= {BUDGET_TOLERANCE} (not applicable to uniform precision)",
-                *(f"retention on {ds} >= {threshold_pct:g}% (retention = baseline PPL / compressed PPL)" for ds in VERDICT_DATASETS),
+                *(f"retention on {ds} >= {threshold_pct:g}% (retention = baseline PPL / compressed PPL)" for ds in judged),
                 "PASS when every applicable rule holds; FAIL when any fails; INCOMPLETE when none fails but a number is missing or not comparable",
             ],
         },
@@ -181,7 +182,8 @@ def _eval_seconds(res: dict[str, Any]) -> dict[str, float | None]:
 # --------------------------------------------------------------------------- one run
 
 
-def _analyse_run(path: Path, res: dict[str, Any], base: dict[str, Any], threshold_pct: float) -> dict[str, Any]:
+def _analyse_run(path: Path, res: dict[str, Any], base: dict[str, Any], threshold_pct: float,
+                 judged: tuple[str, ...] = VERDICT_DATASETS) -> dict[str, Any]:
     warnings: list[str] = []
     if res.get("kind") == "baseline":
         warnings.append(f"{path} is a baseline file, not a compressed run")
@@ -206,7 +208,7 @@ def _analyse_run(path: Path, res: dict[str, Any], base: dict[str, Any], threshol
         "layers": layers,
         "warnings": warnings,
     }
-    run["verdict"] = verdict(run, threshold_pct)
+    run["verdict"] = verdict(run, threshold_pct, judged)
     run["suggestions"] = suggestions(run)
     return run
 

@@ -18,8 +18,17 @@ def _rule(rule_id: str, text: str, value: float | None, status: str, note: str =
     return {"id": rule_id, "rule": text, "value": value, "status": status, "note": note}
 
 
-def verdict(run: dict[str, Any], threshold_pct: float) -> dict[str, Any]:
-    """PASS / FAIL / INCOMPLETE by the rules in the comparison's ``rules.text``."""
+def verdict_datasets(evaluated: list[str]) -> tuple[str, ...]:
+    """The datasets whose retention the verdict judges: wikitext2 and c4 when the baseline has
+    either; otherwise (a user's own text, as in ``misq demo``) every dataset it evaluated."""
+    if not evaluated or any(ds in evaluated for ds in VERDICT_DATASETS):
+        return VERDICT_DATASETS
+    return tuple(evaluated)
+
+
+def verdict(run: dict[str, Any], threshold_pct: float, datasets: tuple[str, ...] = VERDICT_DATASETS) -> dict[str, Any]:
+    """PASS / FAIL / INCOMPLETE by the rules in the comparison's ``rules.text`` (retention judged
+    on ``datasets``, see :func:`verdict_datasets`)."""
     comp, cfg = run["compression"], run["config"]
     text = f"|actual - target average bits| <= {BUDGET_TOLERANCE}"
     gap = comp["budget_gap_bits"]
@@ -30,7 +39,7 @@ def verdict(run: dict[str, Any], threshold_pct: float) -> dict[str, Any]:
     else:
         status = "pass" if abs(gap) <= BUDGET_TOLERANCE + 1e-9 else "fail"
         rules = [_rule("budget", text, gap, status, f"actual {comp['actual_avg_bits']:.4f} vs target {comp['target_avg_bits']:g}")]
-    for ds in VERDICT_DATASETS:
+    for ds in datasets:
         entry = run["perplexity"].get(ds) or {}
         value, text = entry.get("retention_pct"), f"retention on {ds} >= {threshold_pct:g}%"
         if value is None:

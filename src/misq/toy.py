@@ -96,7 +96,7 @@ def train(model, tokenizer, text: str, *, steps: int, seqlen: int = 128, batch: 
         opt.step()
         sched.step()
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def write_text_dataset(root: Path, text: str, name: str = "toy") -> Path:
