@@ -45,25 +45,12 @@ if int(os.environ.get("RANK", "0") or 0):  # a worker other than rank 0: no prog
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+from timing import cuda, now  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # misq from this checkout, installed or not
 GIB = 1024**3
 log = logging.getLogger("compress_distributed")
-
-
-def cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def sync() -> None:
-    if cuda():
-        torch.cuda.synchronize()
-
-
-def now() -> float:
-    sync()
-    return time.perf_counter()
 
 
 # --------------------------------------------------------------------------- worker (one rank)
@@ -270,30 +257,17 @@ def agreement(ref_dir: Path, dir_k: Path, rec_ref: list, rec_k: list) -> dict:
 def train_toy(folder: Path, steps: int) -> None:
     """misq.toy's tiny LLaMA (made bigger: 4 layers, hidden 128) trained on its synthetic corpus,
     on the GPU when there is one (seconds; the host would take minutes), saved to ``folder``."""
-    from misq.toy import build_model, build_tokenizer, synthetic_corpus
+    from misq.toy import build_model, build_tokenizer, synthetic_corpus, train
 
     text = synthetic_corpus(4000, seed=0)
     tokenizer = build_tokenizer(text)
     model = build_model(len(tokenizer), hidden=128, layers=4, heads=4, kv_heads=2, ffn=256, max_positions=256, seed=0)
-    dev = "cuda" if cuda() else "cpu"
-    model.to(dev).train()
-    ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
-    gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    for _ in range(steps):
-        starts = torch.randint(0, len(ids) - 129, (16,), generator=gen)
-        x = torch.stack([ids[s : s + 128] for s in starts]).to(dev)
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    log.info("toy model: %d steps, last loss %.3f", steps, float(loss.detach()))
+    model.to("cuda" if cuda() else "cpu")
+    loss = train(model, tokenizer, text, steps=steps, seed=0)
+    log.info("toy model: %d steps, last loss %.3f", steps, loss)
     model.to("cpu").eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    del model, opt
+    del model
     if cuda():
         torch.cuda.empty_cache()
 

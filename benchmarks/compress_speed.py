@@ -34,23 +34,10 @@ import traceback
 from pathlib import Path
 
 import torch
+from timing import cuda, now, sync  # benchmarks/ is on sys.path when a script runs
 
 GIB = 1024**3
 NOTES: list[str] = []
-
-
-def cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def sync() -> None:
-    if cuda():
-        torch.cuda.synchronize()
-
-
-def now() -> float:
-    sync()
-    return time.perf_counter()
 
 
 def peak_gib() -> float:

@@ -88,7 +88,7 @@ def train(model, tokenizer, text: str, *, steps: int, seqlen: int = 128, batch: 
     loss = torch.tensor(float("nan"))
     for _ in tqdm(range(steps), desc="train toy model", disable=not progress):
         starts = torch.randint(0, len(ids) - seqlen - 1, (batch,), generator=gen)
-        x = torch.stack([ids[s : s + seqlen] for s in starts])
+        x = torch.stack([ids[s : s + seqlen] for s in starts]).to(model.device)  # the GPU when the caller put it there
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
