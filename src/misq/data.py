@@ -235,7 +235,9 @@ def encode(tokenizer: Any, text: str) -> torch.LongTensor:
     a LLaMA tokenizer puts one BOS at the start) plus ``split_special_tokens=True``: PTB's
     literal ``<unk>`` must not become the unknown token (PROTOCOL.md).
     """
-    ids = tokenizer(text, split_special_tokens=True)["input_ids"]
+    # verbose=False: a whole test split is meant to be longer than model_max_length (it is cut
+    # into windows afterwards), so transformers' "sequence length is longer" warning is noise.
+    ids = tokenizer(text, split_special_tokens=True, verbose=False)["input_ids"]
     _check_specials_split(tokenizer, text)
     return torch.tensor(ids, dtype=torch.long)
 
