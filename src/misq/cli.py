@@ -223,6 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # peak on the 13B shape). Growable segments keep the footprint near the real peak. Must be
     # set before the first CUDA allocation; a user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if not sys.stderr.isatty():
+        # Redirected to a log file, a bar redrawn ten times a second fills it with carriage-return
+        # lines; redraw every 30 s instead (misq status reads progress.json for the live view).
+        # tqdm reads TQDM_* once, when first imported, which has not happened yet here.
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     try:
         return run(argv)
     except MisqError as err:
