@@ -24,19 +24,21 @@ def check_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressCo
                    data_dir: str | os.PathLike | None, resume_state: Any = None) -> int:
     """Raise :class:`MisqError` for anything that would make ``misq compress`` fail later.
 
-    Cheapest first: data files, then the model config, then the tokenizer and the calibration
+    Cheapest first: the model config, then the data files, then the tokenizer and the calibration
     text (tokenized once; the token cache makes the run's own pass free). A run being resumed
     (``resume_state``, a :class:`misq.resume.ResumeState`) must draw the interrupted run's
     calibration windows. Returns the seqlen.
     """
-    wanted: list[tuple[str, str | None]] = [(cfg.dataset, "train")]
-    wanted += [(name, None) for name in (eval_cfg.datasets if eval_cfg else ())]
-    data.check_local_sources(wanted, data_dir)
     hf_config = modeling.read_model_config(model_cfg)
     seqlen = data_cfg.seqlen or modeling.default_seqlen(hf_config)
     modeling.check_seqlen(hf_config, seqlen)
     if cfg.structured:
         modeling.check_nm_pattern(hf_config, cfg.prunen, cfg.prunem)
+    # After the config checks: locating the data logs notes (a c4 sample in place of the shard),
+    # which should not precede an error about the model.
+    wanted: list[tuple[str, str | None]] = [(cfg.dataset, "train")]
+    wanted += [(name, None) for name in (eval_cfg.datasets if eval_cfg else ())]
+    data.check_local_sources(wanted, data_dir)
     tokenizer = modeling.load_tokenizer(model_cfg)
     calib = data.calibration_windows(cfg.dataset, tokenizer, cfg.nsamples, seqlen, seed=cfg.seed, data_dir=data_dir,
                                      cache_dir=data_cfg.cache_dir)
