@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from misq import __version__
+from misq.atomic import fsync_path
 from misq.algorithms.quantizer import QuantGrid
 from misq.errors import MisqError
 from misq.modeling import LayerSource, layer_index, layer_weights
@@ -201,14 +202,6 @@ def _check_target(target: Path, replaceable: Callable[[Path], bool]) -> None:
         raise MisqError(f"{target} exists and is not a misq output: choose a new or empty folder (misq only replaces its own)")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _staging(target: Path, replaceable: Callable[[Path], bool]) -> Iterator[Path]:
     """Yield a hidden sibling folder to write into; on success fsync it and swap it in for ``target``."""
@@ -218,15 +211,15 @@ def _staging(target: Path, replaceable: Callable[[Path], bool]) -> Iterator[Path
         yield tmp
         for p in tmp.rglob("*"):
             if p.is_file():
-                _fsync(p)
-        _fsync(tmp)
+                fsync_path(p)
+        fsync_path(tmp)
         _check_target(target, replaceable)  # again: it may have changed while we wrote
         old = None
         if target.is_dir():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, old / "x")  # moved aside, then dropped once the new one is in place
         os.rename(tmp, target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -247,13 +240,20 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise MisqError(f"{cfg} is not valid JSON ({err}): the checkpoint is damaged, save it again") from None
 
 
-def is_packed_checkpoint(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a folder whose config.json has a misq section."""
+def misq_section_of(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``misq`` section of the folder's config.json (what misq wrote when it saved), or None
+    when there is no readable config or no such section."""
     try:
-        section = json.loads((Path(path) / "config.json").read_text()).get("misq")
+        section = json.loads((Path(path).expanduser() / "config.json").read_text()).get("misq")
     except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(section, dict) and section.get("format") == FORMAT
+        return None
+    return section if isinstance(section, dict) else None
+
+
+def is_packed_checkpoint(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder whose config.json has a misq section of this format."""
+    section = misq_section_of(path)
+    return section is not None and section.get("format") == FORMAT
 
 
 def _misq_section(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ computed elsewhere; this module decides what goes in and writes it atomically.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -21,6 +20,7 @@ import torch
 import misq
 from misq import data, evaluate, modeling, streaming
 from misq.atomic import atomic_write_json
+from misq.checkpoint import misq_section_of
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
 from misq.errors import MisqError
 
@@ -71,7 +71,7 @@ def _load(model_cfg: ModelConfig, data_cfg: DataConfig) -> tuple[Any, Any, int, 
     if folder is not None:
         streamed, tokenizer = streaming.open_streamed(folder, model_cfg)
         model = streamed.model
-    elif misq_checkpoint(model_cfg.model):
+    elif misq_section_of(model_cfg.model) is not None:
         from misq.checkpoint import load_packed_with_tokenizer
 
         if model_cfg.device_map is not None:
@@ -85,17 +85,6 @@ def _load(model_cfg: ModelConfig, data_cfg: DataConfig) -> tuple[Any, Any, int, 
     return model, tokenizer, seqlen, device
 
 
-def misq_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a misq packed checkpoint (its config.json has a ``misq`` section)."""
-    config = Path(path).expanduser() / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return "misq" in json.loads(config.read_text())
-    except (OSError, ValueError):
-        return False
-
-
 def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig, out: str | None) -> dict[str, Any]:
     """``misq eval``: perplexity of a model (a baseline, or a packed misq checkpoint)."""
     if out:
@@ -103,6 +92,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     data_dir = data.resolve_data_dir(data_cfg.data_dir)
     data.check_local_sources([(name, None) for name in eval_cfg.datasets], data_dir)  # before loading weights
     model, tokenizer, seqlen, device = _load(model_cfg, data_cfg)
+    packed = misq_section_of(model_cfg.model)
     streaming.reset_peak_gpu(device)
     source = streaming.source_of(model)
     evals = evaluate.evaluate_datasets(model, tokenizer, eval_cfg.datasets, seqlen, device, data_dir=data_dir,
@@ -110,7 +100,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
                                        c4_cut=data_cfg.c4_cut, source=source)
     results = {
         "misq_version": misq.__version__,
-        "kind": "compressed" if misq_checkpoint(model_cfg.model) else "baseline",
+        "kind": "compressed" if packed is not None else "baseline",
         "created": _now(),
         "model": modeling.model_summary(model) | {"name_or_path": model_cfg.model},
         "device": device,
@@ -122,9 +112,8 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     }
     if evaluate.is_dispatched(model):
         results["device_map"] = sorted({str(d) for d in model.hf_device_map.values()})
-    if results["kind"] == "compressed":
-        meta = json.loads((Path(model_cfg.model).expanduser() / "config.json").read_text())["misq"]
-        results["config"] = meta.get("compress_config", {})
+    if packed is not None:
+        results["config"] = packed.get("compress_config", {})
     if out:
         atomic_write_json(out, results)
     return results

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from misq import modeling
 from misq.algorithms.quantizer import QuantGrid
-from misq.atomic import atomic_write_json
+from misq.atomic import atomic_write_json, fsync_path
 from misq.errors import MisqError
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors file written beside ``path``, flushed to disk, then renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp))
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename must not reach the disk before the data does
-    finally:
-        os.close(fd)
+    fsync_path(tmp)  # the rename must not reach the disk before the data does
     tmp.replace(path)
 
 

@@ -40,6 +40,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from misq import modeling
+from misq.checkpoint import misq_section_of
 from misq.config import ModelConfig
 from misq.errors import MisqError
 
@@ -199,7 +200,7 @@ def stream_folder(cfg: ModelConfig, cache_dir: str | os.PathLike | None = None) 
             raise MisqError(f"{cfg.model!r} is not a local folder and not in the local Hugging Face cache: "
                             f"download it first (huggingface-cli download {cfg.model}) or drop --stream")
         return None
-    if "misq" in _config_json(folder):
+    if misq_section_of(folder) is not None:
         if explicit:
             raise MisqError(f"{folder} is a misq packed checkpoint: it loads whole (it is small); drop --stream")
         return None
@@ -218,13 +219,6 @@ def stream_folder(cfg: ModelConfig, cache_dir: str | os.PathLike | None = None) 
     log.info("streaming the weights: %.1f GiB of weights, %.1f GiB of host memory available (--stream auto)",
              need / 1024**3, avail / 1024**3)
     return folder
-
-
-def _config_json(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 # ----------------------------------------------------------------------------- the streamed model
