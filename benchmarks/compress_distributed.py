@@ -18,7 +18,7 @@ a 4-GPU machine (misq need not be installed; the launcher sets PYTHONPATH=src fo
 2. **Agreement** with K = 1: every compressed weight of every K is compared with K = 1's
    (fraction bitwise equal, largest difference), and the layers' relative errors.
 3. **PPL** (``--ppl-check``, on by default): a small LLaMA is trained on a synthetic corpus
-   (misq.toy), then ``torchrun -m misq compress ... --eval`` runs for every K, as a user would
+   (misq.demo.toy), then ``torchrun -m misq compress ... --eval`` runs for every K, as a user would
    run it (NCCL, fused kernels, the CLI's rank-0-only outputs); the PPLs and bit plans are
    compared with K = 1's (the issue asks for PPL within 0.1%).
 
@@ -83,8 +83,9 @@ def worker(args) -> None:
     from misq import distributed
 
     dist = distributed.from_env("cuda" if cuda() else "cpu")  # pins this rank's GPU before any CUDA work
-    from misq import compress, modeling
+    from misq.compress import driver
     from misq.config import CompressConfig
+    from misq.models import execution
 
     device = dist.device or ("cuda" if cuda() else "cpu")
     model = build_model(args, dist)
@@ -127,7 +128,7 @@ def worker(args) -> None:
             torch.cuda.reset_peak_memory_stats()
         marks["last"] = now()
 
-    capture = modeling.capture_layer0_inputs
+    capture = execution.capture_layer0_inputs
 
     def capture_then_mark(*a, **k):  # layer 0's time starts after the capture
         out = capture(*a, **k)
@@ -135,13 +136,13 @@ def worker(args) -> None:
         marks["last"] = now()
         return out
 
-    modeling.capture_layer0_inputs = capture_then_mark
+    execution.capture_layer0_inputs = capture_then_mark
     if cuda():
         torch.cuda.reset_peak_memory_stats()
     t0 = now()
-    out = compress.compress_model(model, calib, cfg, device, on_layer_done=on_layer_done, dist=dist)
+    out = driver.compress_model(model, calib, cfg, device, on_layer_done=on_layer_done, dist=dist)
     total = now() - t0
-    modeling.capture_layer0_inputs = capture
+    execution.capture_layer0_inputs = capture
     for owner, attr, fn in reversed(patches):
         setattr(owner, attr, fn)
     mine = {"rank": dist.rank, "device": device, "per_layer": per_layer, "capture_s": marks.get("capture_s"),
@@ -255,9 +256,9 @@ def agreement(ref_dir: Path, dir_k: Path, rec_ref: list, rec_k: list) -> dict:
 
 
 def train_toy(folder: Path, steps: int) -> None:
-    """misq.toy's tiny LLaMA (made bigger: 4 layers, hidden 128) trained on its synthetic corpus,
+    """misq.demo.toy's tiny LLaMA (made bigger: 4 layers, hidden 128) trained on its synthetic corpus,
     on the GPU when there is one (seconds; the host would take minutes), saved to ``folder``."""
-    from misq.toy import build_model, build_tokenizer, synthetic_corpus, train
+    from misq.demo.toy import build_model, build_tokenizer, synthetic_corpus, train
 
     text = synthetic_corpus(4000, seed=0)
     tokenizer = build_tokenizer(text)
@@ -274,7 +275,7 @@ def train_toy(folder: Path, steps: int) -> None:
 
 def ppl_runs(args, ks: list[int], scratch: Path, out: Path) -> dict:
     """``torchrun -m misq compress --eval`` on a trained toy model for every K; PPL and plans vs K=1."""
-    from misq.toy import synthetic_corpus
+    from misq.demo.toy import synthetic_corpus
 
     t = time.perf_counter()
     toy = scratch / "toy"

@@ -50,7 +50,7 @@ def reset_peak() -> None:
 
 
 def import_misq():
-    from misq import compress
+    from misq.compress import driver
 
     return compress
 
@@ -148,9 +148,9 @@ class Timers:
 
 def run_compress(args, model, calib, *, straight: bool, fine: bool, compress):
     """compress_model over every layer of ``model``; returns per-layer times, peaks and breakdowns."""
-    from misq import modeling
     from misq.algorithms import sparsegpt
     from misq.config import CompressConfig
+    from misq.models import execution
 
     cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, nsamples=calib.shape[0],
                          batch_size=1 if straight else args.batch_size)
@@ -160,7 +160,7 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, compress):
     layer_s: list[float] = []
     layer_peak: list[float] = []
 
-    capture = modeling.capture_layer0_inputs
+    capture = execution.capture_layer0_inputs
 
     def timed_capture(*a, **k):
         out = capture(*a, **k)
@@ -183,8 +183,8 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, compress):
     # the Hessian hook checks its input), so they barely perturb the run.
     timers.wrap(compress, "_accumulate_step_hessian", "forward+hessian")
     timers.wrap(compress, "solve", "solve")
-    timers.wrap(compress.bitplan, "plan_step", "plan+grid")
-    timers.wrap(compress.bitplan, "grid_for", "plan+grid")
+    timers.wrap(driver.bitplan, "plan_step", "plan+grid")
+    timers.wrap(driver.bitplan, "grid_for", "plan+grid")
     timers.wrap(compress, "column_params", "plan+grid")
     timers.wrap(modeling, "run_layer", "final forward")
     if fine:  # these add synchronisations inside the loops
@@ -194,7 +194,7 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, compress):
         timers.wrap(sparsegpt, "_unstructured_keep", "solve: masks")
     if fine:
         timers.wrap_cm(modeling, "on_device", "layer to GPU", "layer back to CPU")
-    modeling.capture_layer0_inputs = timed_capture
+    execution.capture_layer0_inputs = timed_capture
     if straight:
         block_fn = sparsegpt.block_loop
     else:
@@ -215,10 +215,10 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, compress):
     reset_peak()
     try:
         marks["start"] = now()
-        out = compress.compress_model(model, calib, cfg, device, on_layer_done=on_layer_done, block_fn=block_fn)
+        out = driver.compress_model(model, calib, cfg, device, on_layer_done=on_layer_done, block_fn=block_fn)
         total = now() - marks["start"]
     finally:
-        modeling.capture_layer0_inputs = capture
+        execution.capture_layer0_inputs = capture
         timers.restore()
     breakdown = {}
     for i, d in timers.by_layer.items():
@@ -397,12 +397,12 @@ def micro(args) -> dict:
     res["find_grid"] = grid
     del Wg
 
-    # Moving one decoder layer to the GPU and back (modeling.on_device).
+    # Moving one decoder layer to the GPU and back (execution.on_device).
     if cuda():
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        from misq import modeling
+        __MODELING__
 
         lcfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_attention_heads=args.heads,
                            num_key_value_heads=args.heads, vocab_size=args.vocab)
@@ -410,7 +410,7 @@ def micro(args) -> dict:
             layer = LlamaDecoderLayer(lcfg, 0)
         layer = layer.half().cpu()
         moves = {"layer_gib": sum(p.numel() * p.element_size() for p in layer.parameters()) / GIB}
-        for name, cm in (("on_device", modeling.on_device),):
+        for name, cm in (("on_device", execution.on_device),):
             ins, outs = [], []
             for _ in range(4):
                 t = now()

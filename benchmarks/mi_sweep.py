@@ -14,9 +14,9 @@ import argparse
 import logging
 import time
 
-from misq import pipeline
 from misq.atomic import atomic_write_json
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
+from misq.jobs import compress as jobs
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     rows = []
     for i, cfg in enumerate(configs):
         t0 = time.perf_counter()
-        res = pipeline.run_compress(model_cfg, data_cfg, cfg, eval_cfg, f"{args.work}/run{i}")
+        res = jobs.run_compress(model_cfg, data_cfg, cfg, eval_cfg, f"{args.work}/run{i}")
         label = (f"uniform {cfg.wbits}b" if cfg.grouping == "uniform"
                  else f"{cfg.grouping} K={cfg.n_groups} {cfg.budget} {cfg.target_avg_bits}b")
         row = {"label": label, "config": cfg.to_dict(), "ppl": res["ppl"], "avg_bits": res["bits"]["actual_avg_bits"],

@@ -18,9 +18,9 @@ import json
 import logging
 import time
 
-from misq import pipeline
 from misq.atomic import atomic_write_json
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
+from misq.jobs import compress as jobs
 
 DATASETS = ("wikitext2", "ptb", "c4")
 # shared/models/README.md, measured with the public reference code on one H200 (fp16).
@@ -64,7 +64,7 @@ def main() -> None:
         kw = ROWS[name]
         cfg = CompressConfig(grouping="uniform", nsamples=128, dataset="c4", **kw)
         t0 = time.perf_counter()
-        res = pipeline.run_compress(model_cfg, data_cfg, cfg, EvalConfig(datasets=DATASETS), f"{args.work}/run{i}")
+        res = jobs.run_compress(model_cfg, data_cfg, cfg, EvalConfig(datasets=DATASETS), f"{args.work}/run{i}")
         ref = REFERENCE.get(name.split(" ")[0])
         row = {"name": name, "config": cfg.to_dict(), "ppl": res["ppl"], "reference": dict(zip(DATASETS, ref)) if ref else None,
                "compress_s": res["timing"]["compress_s"], "wall_s": time.perf_counter() - t0}

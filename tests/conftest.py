@@ -40,7 +40,7 @@ def llama9m_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny untrained GQA LLaMA + BPE tokenizer saved in HF layout (built once per session)."""
-    from misq.toy import make_tiny_checkpoint
+    from misq.demo.toy import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", steps=0)
 
@@ -48,7 +48,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_corpus_file(tmp_path_factory) -> Path:
     """A synthetic text file usable as a calibration / evaluation dataset."""
-    from misq.toy import synthetic_corpus
+    from misq.demo.toy import synthetic_corpus
 
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(synthetic_corpus(3000, seed=1))

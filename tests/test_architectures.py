@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from misq import pipeline
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
+from misq.jobs import compress as jobs
 
 FAMILY = {
     "mistral": ("MistralConfig", "MistralForCausalLM"),
@@ -20,7 +20,7 @@ FAMILY = {
 
 @pytest.fixture(scope="module")
 def tokenizer_and_text():
-    from misq.toy import build_tokenizer, synthetic_corpus
+    from misq.demo.toy import build_tokenizer, synthetic_corpus
 
     text = synthetic_corpus(2000, seed=0)
     return build_tokenizer(text), text
@@ -49,11 +49,11 @@ def test_family_member_compresses_and_reloads(model_type, tokenizer_and_text, ti
     data = DataConfig(seqlen=64, cache_dir=str(tmp_path / "cache"))
     evals = EvalConfig(datasets=(str(eval_file),))
     cfg = CompressConfig(dataset=str(tiny_corpus_file), nsamples=4, sparsity=0.5, n_groups=4, target_avg_bits=3.5)
-    res = pipeline.run_compress(ModelConfig(str(folder), device="cpu", dtype="float32"), data, cfg, evals,
+    res = jobs.run_compress(ModelConfig(str(folder), device="cpu", dtype="float32"), data, cfg, evals,
                                 str(tmp_path / "run"), save_dir=str(tmp_path / "packed"))
     assert res["model"]["architecture"] == model_name
     assert abs(res["bits"]["actual_avg_bits"] - 3.5) <= 0.01
     assert res["sparsity"]["actual"] == pytest.approx(0.5, abs=0.01)
-    reloaded = pipeline.run_eval(ModelConfig(str(tmp_path / "packed"), device="cpu"), data, evals, None)
+    reloaded = jobs.run_eval(ModelConfig(str(tmp_path / "packed"), device="cpu"), data, evals, None)
     name = str(eval_file)
     assert reloaded["ppl"][name] == pytest.approx(res["ppl"][name], rel=1e-5)

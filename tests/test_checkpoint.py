@@ -12,14 +12,20 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import misq
-from misq import checkpoint
 from misq.algorithms.quantizer import find_grid, quantize_with_grid
-from misq.checkpoint import export_dense, is_packed_checkpoint, load_packed, load_packed_with_tokenizer, save_packed
+from misq.checkpoint.accounting import pattern_for, storage_accounting
+from misq.checkpoint.packed import (
+    export_dense,
+    is_packed_checkpoint,
+    load_packed,
+    load_packed_with_tokenizer,
+    save_packed,
+)
+from misq.checkpoint import packed
+from misq.checkpoint.packing import nm_keep_mask, parse_pattern
 from misq.config import CompressConfig
 from misq.errors import MisqError
-from misq.modeling import LINEAR_NAMES
-from misq.packing import nm_keep_mask, parse_pattern
-from misq.storage import pattern_for, storage_accounting
+from misq.models.layout import LINEAR_NAMES
 
 
 def _load_fp16(path: Path):
@@ -29,7 +35,7 @@ def _load_fp16(path: Path):
 def _compress(model, cfg: CompressConfig) -> dict:
     """The real pipeline on random calibration ids [8, 64] (direct grids while it is being edited)."""
     try:
-        from misq.compress import compress_model
+        from misq.compress.driver import compress_model
     except ImportError:
         return _direct(model, [cfg.wbits], pattern_for(cfg))
 
@@ -110,7 +116,7 @@ def test_nm_2_4_real_compression(tiny_checkpoint: Path, tmp_path: Path) -> None:
 
 
 def test_dense_pattern_and_shards_and_tied_embeddings(tmp_path: Path) -> None:
-    from misq.toy import build_model
+    from misq.demo.toy import build_model
 
     build_model(512, tie=True).save_pretrained(tmp_path / "src")
     model = _load_fp16(tmp_path / "src")
@@ -217,7 +223,7 @@ def test_refuses_to_overwrite_a_foreign_folder(packed, tiny_checkpoint: Path, tm
 
 def test_interrupted_save_leaves_nothing_complete(packed, tmp_path: Path, monkeypatch) -> None:
     _, model = packed
-    real_save = checkpoint.save_file
+    real_save = packed.save_file
 
     def crash(tensors, path, metadata=None):
         real_save(tensors, path, metadata=metadata)

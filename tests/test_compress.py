@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from misq import pipeline
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
+from misq.jobs import compress as jobs
 
 
 @pytest.mark.parametrize("grouping,budget,target", [("hessian", "layer", 3.5), ("mi", "model", 3.0)])
@@ -17,7 +17,7 @@ def test_mixed_precision_meets_target(tiny_checkpoint, tiny_corpus_file, tmp_pat
     eval_file.write_text("\n".join(tiny_corpus_file.read_text().splitlines()[:400]))
     cfg = CompressConfig(dataset=str(tiny_corpus_file), nsamples=8, grouping=grouping, budget=budget, n_groups=4,
                          target_avg_bits=target, sparsity=0.5)
-    res = pipeline.run_compress(ModelConfig(str(tiny_checkpoint), device="cpu"), DataConfig(seqlen=64, cache_dir=str(tmp_path / "c")),
+    res = jobs.run_compress(ModelConfig(str(tiny_checkpoint), device="cpu"), DataConfig(seqlen=64, cache_dir=str(tmp_path / "c")),
                                 cfg, EvalConfig(datasets=(str(eval_file),)), str(tmp_path / "run"), save_dir=str(tmp_path / "packed"))
     assert abs(res["bits"]["actual_avg_bits"] - target) <= 0.01
     assert res["sparsity"]["actual"] == pytest.approx(0.5, abs=0.02)
@@ -25,7 +25,7 @@ def test_mixed_precision_meets_target(tiny_checkpoint, tiny_corpus_file, tmp_pat
     assert on_disk["bits"]["actual_avg_bits"] == res["bits"]["actual_avg_bits"]
     for key in ("ppl", "timing", "storage", "layers", "protocol", "config"):
         assert key in on_disk
-    reloaded = pipeline.run_eval(ModelConfig(str(tmp_path / "packed"), device="cpu"), DataConfig(seqlen=64, cache_dir=str(tmp_path / "c")),
+    reloaded = jobs.run_eval(ModelConfig(str(tmp_path / "packed"), device="cpu"), DataConfig(seqlen=64, cache_dir=str(tmp_path / "c")),
                                  EvalConfig(datasets=(str(eval_file),)), None)
     name = str(eval_file)
     assert reloaded["ppl"][name] == pytest.approx(res["ppl"][name], rel=1e-4)

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from misq import data
+from misq.demo.toy import build_tokenizer, synthetic_corpus
 from misq.errors import MisqError
-from misq.toy import build_tokenizer, synthetic_corpus
+from misq.protocol import data
 
 UNK = 0
 

@@ -24,7 +24,7 @@ def command(model: Path, corpus: Path, root: Path, name: str, seed: str = "0") -
 
 
 def test_same_command_same_results(tiny_checkpoint, tiny_corpus_file, tmp_path):
-    from misq.toy import synthetic_corpus
+    from misq.demo.toy import synthetic_corpus
 
     evaltext = tmp_path / "eval.txt"
     evaltext.write_text(synthetic_corpus(60, seed=9))

@@ -22,10 +22,12 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from misq import compress, distributed, modeling
+from misq import distributed
 from misq.algorithms.sparsegpt import HessianAccumulator
+from misq.compress import driver
 from misq.config import CompressConfig
 from misq.errors import MisqError
+from misq.models import layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,13 +86,13 @@ def _step_linears(seed: int = 0) -> tuple[dict[str, nn.Linear], torch.Tensor]:
                                 dict(grouping="uniform", wbits=3, prunen=2, prunem=4)])
 def test_solving_a_step_in_subsets_equals_the_stacked_solve(kw):
     cfg = CompressConfig(blocksize=32, **kw)
-    step = modeling.SEQUENTIAL_STEPS[0]
+    step = layout.SEQUENTIAL_STEPS[0]
     whole, H = _step_linears()
-    ref = compress._solve_layers(0, step, whole, H.clone(), cfg, None, None, torch.float32)
+    ref = driver._solve_layers(0, step, whole, H.clone(), cfg, None, None, torch.float32)
     parts, _ = _step_linears()
     got = {}
     for subset in (("self_attn.q_proj", "self_attn.v_proj"), ("self_attn.k_proj",)):  # two ranks' shares
-        got |= compress._solve_layers(0, subset, parts, H.clone(), cfg, None, None, torch.float32)
+        got |= driver._solve_layers(0, subset, parts, H.clone(), cfg, None, None, torch.float32)
     for name in step:
         assert torch.equal(whole[name].weight, parts[name].weight), name
         (g_ref, p_ref, r_ref), (g, p, r) = ref[name], got[name]
@@ -165,9 +167,9 @@ def _linear_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_torchrun_two_processes_match_one(tiny_checkpoint, tmp_path):
-    from misq import pipeline
     from misq.config import DataConfig, EvalConfig, ModelConfig
-    from misq.toy import synthetic_corpus
+    from misq.demo.toy import synthetic_corpus
+    from misq.jobs import compress as jobs
 
     calib = tmp_path / "calib.txt"
     calib.write_text(synthetic_corpus(2000, seed=1))
@@ -177,7 +179,7 @@ def test_torchrun_two_processes_match_one(tiny_checkpoint, tmp_path):
     # broadcast); batches of 4 over 8 windows keep each rank's forwards the one-process ones.
     flags = dict(nsamples=8, batch_size=4, grouping="hessian", budget="model", n_groups=4, target_avg_bits=3.5, sparsity=0.5)
     cache = str(tmp_path / "cache")
-    one = pipeline.run_compress(ModelConfig(str(tiny_checkpoint), device="cpu"), DataConfig(seqlen=64, cache_dir=cache),
+    one = jobs.run_compress(ModelConfig(str(tiny_checkpoint), device="cpu"), DataConfig(seqlen=64, cache_dir=cache),
                                 CompressConfig(dataset=str(calib), **flags), EvalConfig(datasets=(str(heldout),)),
                                 str(tmp_path / "run1"), save_dir=str(tmp_path / "packed1"))
 

@@ -15,25 +15,31 @@ import copy
 
 import torch
 
-from misq import bitplan, compress, modeling
-from misq.algorithms.sparsegpt import HessianAccumulator, block_loop, column_params, solve
+from misq.algorithms.sparsegpt import (
+    HessianAccumulator,
+    block_loop,
+    column_params,
+    solve,
+)
+from misq.compress import bitplan, driver
 from misq.config import CompressConfig
-from misq.toy import build_model
+from misq.demo.toy import build_model
+from misq.models import execution, layout
 
 
 @torch.no_grad()
 def straightforward(model: torch.nn.Module, calib: torch.Tensor, cfg: CompressConfig) -> None:
-    inputs = modeling.capture_layer0_inputs(model, calib, "cpu", batch_size=1)
+    inputs = execution.capture_layer0_inputs(model, calib, "cpu", batch_size=1)
     n = calib.shape[0]
-    for layer in modeling.decoder_layers(model):
-        linears = modeling.layer_linears(layer)
-        for step in modeling.SEQUENTIAL_STEPS:
+    for layer in layout.decoder_layers(model):
+        linears = layout.layer_linears(layer)
+        for step in layout.SEQUENTIAL_STEPS:
             for name in step:
                 lin = linears[name]
                 acc = HessianAccumulator(lin.in_features, "cpu")
                 handle = lin.register_forward_pre_hook(lambda _m, args: acc.add(args[0]))
                 for j in range(n):
-                    modeling.call_layer(layer, inputs.hidden[j : j + 1], inputs.batch_kwargs(1, "cpu"))
+                    execution.call_layer(layer, inputs.hidden[j : j + 1], inputs.batch_kwargs(1, "cpu"))
                 handle.remove()
                 H = acc.free()
                 W = lin.weight.data.float()
@@ -42,7 +48,7 @@ def straightforward(model: torch.nn.Module, calib: torch.Tensor, cfg: CompressCo
                 res = solve(W, H, column_params([grid]), sparsity=cfg.sparsity, blocksize=cfg.blocksize,
                             percdamp=cfg.percdamp, block_fn=block_loop)
                 lin.weight.data.copy_(res.weight)
-        modeling.run_layer(layer, inputs, "cpu", out=inputs.hidden)
+        execution.run_layer(layer, inputs, "cpu", out=inputs.hidden)
 
 
 def _setup():
@@ -54,7 +60,7 @@ def _setup():
 def _both(model, calib, batch_size):
     cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, nsamples=16, batch_size=batch_size, blocksize=32)
     fast, plain = copy.deepcopy(model), copy.deepcopy(model)
-    compress.compress_model(fast, calib, cfg, "cpu")
+    driver.compress_model(fast, calib, cfg, "cpu")
     straightforward(plain, calib, cfg)
     return fast, plain
 

@@ -51,7 +51,7 @@ def test_nan_in_activations_names_the_layer(capsys, tmp_path, tiny_checkpoint, t
 
 @pytest.mark.parametrize("bad", [float("nan"), 1e6])  # 1e6 is finite in float32 but not in the model's float16
 def test_non_finite_solved_layer_is_not_written(capsys, tmp_path, tiny_checkpoint, tiny_corpus_file, monkeypatch, bad):
-    from misq import compress as driver
+    from misq.compress import driver
 
     real_solve, calls = driver.solve, []
 

@@ -1,4 +1,4 @@
-"""Bit packing, masks, N:M metadata and whole-layer encoding round trips (misq.packing)."""
+"""Bit packing, masks, N:M metadata and whole-layer encoding round trips (misq.checkpoint.packing)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from misq.algorithms.quantizer import QuantGrid, find_grid, quantize_with_grid
-from misq.packing import (
+from misq.checkpoint.packing import (
     decode_layer,
     decode_nm,
     encode_layer,

@@ -8,11 +8,10 @@ path must handle it: load, compress at a budget, evaluate, save packed, reload.
 from __future__ import annotations
 
 import pytest
-
-from misq import pipeline
-from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
-
 from conftest import shared_root
+
+from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
+from misq.jobs import compress as jobs
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +35,11 @@ def test_stories260k_compresses_evaluates_and_reloads(stories_dir, stories_text,
     model = ModelConfig(str(stories_dir), device="cpu", dtype="float32")
     data = DataConfig(seqlen=128, cache_dir=str(tmp_path / "cache"))
     evals = EvalConfig(datasets=(str(stories_text),))
-    base = pipeline.run_eval(model, data, evals, None)
+    base = jobs.run_eval(model, data, evals, None)
     # 25% sparsity: a 260K-parameter model loses 5x perplexity at 50% even unquantized (31.3 vs 6.03),
     # while 4.0 mixed bits alone cost 8% (6.52); see BENCHMARKS.md.
     cfg = CompressConfig(dataset=str(stories_text), nsamples=4, sparsity=0.25, n_groups=4, target_avg_bits=4.0)
-    res = pipeline.run_compress(model, data, cfg, evals, str(tmp_path / "run"), save_dir=str(tmp_path / "packed"))
+    res = jobs.run_compress(model, data, cfg, evals, str(tmp_path / "run"), save_dir=str(tmp_path / "packed"))
 
     summary = res["model"]
     assert (summary["heads"], summary["kv_heads"], summary["tied_embeddings"], summary["dtype"]) == (8, 4, True, "float32")
@@ -49,5 +48,5 @@ def test_stories260k_compresses_evaluates_and_reloads(stories_dir, stories_text,
     name = str(stories_text)
     # Degrades gracefully: worse than the dense model, but not broken.
     assert base["ppl"][name] < res["ppl"][name] < 1.5 * base["ppl"][name]
-    reloaded = pipeline.run_eval(ModelConfig(str(tmp_path / "packed"), device="cpu"), data, evals, None)
+    reloaded = jobs.run_eval(ModelConfig(str(tmp_path / "packed"), device="cpu"), data, evals, None)
     assert reloaded["ppl"][name] == pytest.approx(res["ppl"][name], rel=1e-5)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from misq import pipeline
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
+from misq.jobs import compress as jobs
 
 DENSE = {"wikitext2": 111.12, "ptb": 260.51, "c4": 146.21}
 SPARSEGPT_50_4BIT = {"wikitext2": 127.10, "ptb": 272.52, "c4": 156.52}
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def test_dense_perplexity_matches_reference(llama9m_dir, shared_data_dir, tmp_path):
     # The reference's c4 figure keeps all 1100 documents (146.209 with no cut, measured on an
     # H200; PROTOCOL.md's 256 x seqlen cut gives 147.058), so compare it without the cut.
-    res = pipeline.run_eval(ModelConfig(str(llama9m_dir), device="cpu"),
+    res = jobs.run_eval(ModelConfig(str(llama9m_dir), device="cpu"),
                             DataConfig(data_dir=str(shared_data_dir), cache_dir=str(tmp_path), c4_cut=False),
                             EvalConfig(batch_size=4), str(tmp_path / "baseline.json"))
     assert res["protocol"]["seqlen"] == 1024 and res["protocol"]["c4_max_tokens"] is None
@@ -35,7 +35,7 @@ def test_uniform_parity_with_reference(llama9m_dir, shared_data_dir, tmp_path, s
     # wikitext2 only, to keep CI on 2 CPU cores inside its budget; the three-dataset table
     # (measured on an H200) is in BENCHMARKS.md.
     cfg = CompressConfig(dataset="c4", nsamples=128, seed=0, sparsity=sparsity, grouping="uniform", wbits=4, batch_size=16)
-    res = pipeline.run_compress(ModelConfig(str(llama9m_dir), device="cpu"), DataConfig(data_dir=str(shared_data_dir), cache_dir=str(tmp_path)),
+    res = jobs.run_compress(ModelConfig(str(llama9m_dir), device="cpu"), DataConfig(data_dir=str(shared_data_dir), cache_dir=str(tmp_path)),
                                 cfg, EvalConfig(datasets=("wikitext2",), batch_size=4), str(tmp_path / "run"))
     reference = {"wikitext2": reference["wikitext2"]}
     for name, ref in reference.items():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from misq.errors import MisqError
-from misq.report import build_comparison, compare, load_results
-from misq.report_html import render_markdown
+from misq.report.compare import build_comparison, compare, load_results
+from misq.report.html import render_markdown
 
 BASELINE = {
     "misq_version": "0.1.0", "kind": "baseline", "created": "2026-11-21T17:00:00Z",
@@ -57,7 +57,7 @@ def make_run(**changes) -> dict:
 @pytest.fixture
 def no_plots(monkeypatch):
     """Skip drawing where a test is about numbers or files, not pictures (plots cost ~1 s)."""
-    monkeypatch.setattr("misq.report_plots.make_plots", lambda comparison: {})
+    monkeypatch.setattr("misq.report.plots.make_plots", lambda comparison: {})
 
 
 def analyse(run: dict, baseline: dict = BASELINE, threshold: float = 0.9) -> dict:

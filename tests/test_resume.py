@@ -43,7 +43,7 @@ def _no_leftover_process():
 @pytest.fixture(scope="module")
 def deep_checkpoint(tmp_path_factory) -> Path:
     """The tiny LLaMA with enough layers to stop one in the middle of the run."""
-    from misq.toy import make_tiny_checkpoint
+    from misq.demo.toy import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("deep") / "model", layers=LAYERS)
 
@@ -188,7 +188,7 @@ def tiny_args(model: Path, calib: Path, root: Path, *extra: str) -> list[str]:
 @pytest.fixture
 def interrupt_after_layer0(monkeypatch):
     """Ctrl-C right after layer 0 has been recorded (once)."""
-    from misq.resume import ResumeState
+    from misq.runs.resume import ResumeState
 
     original = ResumeState.layer_done
     fired = []
@@ -212,7 +212,7 @@ def one_error_line(capsys) -> str:
 
 def test_resume_refuses_a_different_configuration(tiny_checkpoint, tmp_path, interrupt_after_layer0, capsys):
     corpus = tmp_path / "calib.txt"
-    from misq.toy import synthetic_corpus
+    from misq.demo.toy import synthetic_corpus
 
     corpus.write_text(synthetic_corpus(400, seed=4))
     args = tiny_args(tiny_checkpoint, corpus, tmp_path)

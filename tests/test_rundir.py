@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from misq.errors import MisqError
-from misq.rundir import Progress, RunDir
-from misq.status import follow_status, format_status, read_status
+from misq.runs.rundir import Progress, RunDir
+from misq.runs.status import follow_status, format_status, read_status
 
 
 class FakeClock:

@@ -66,9 +66,9 @@ def test_trust_remote_code_follows_the_flag(recorded, tiny_checkpoint, tiny_corp
 
 def test_library_default_is_off(recorded, tiny_checkpoint):
     """A library caller who never mentions it gets it off too (not only the command line)."""
-    from misq import modeling
     from misq.config import ModelConfig
+    from misq.models import loading
 
     assert ModelConfig(str(tiny_checkpoint)).trust_remote_code is False
-    modeling.load_model(ModelConfig(str(tiny_checkpoint), device="cpu"))
+    loading.load_model(ModelConfig(str(tiny_checkpoint), device="cpu"))
     assert recorded and all(trust is False for _, trust in recorded), recorded

@@ -7,8 +7,18 @@ import logging
 import pytest
 import torch
 
-from misq.algorithms.quantizer import find_grid, quantize_with_grid, to_codes, uniform_grid
-from misq.algorithms.sparsegpt import HessianAccumulator, column_params, relative_output_error, solve
+from misq.algorithms.quantizer import (
+    find_grid,
+    quantize_with_grid,
+    to_codes,
+    uniform_grid,
+)
+from misq.algorithms.sparsegpt import (
+    HessianAccumulator,
+    column_params,
+    relative_output_error,
+    solve,
+)
 from misq.errors import NumericalError
 
 

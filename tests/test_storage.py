@@ -1,4 +1,4 @@
-"""Size accounting (misq.storage) against PROTOCOL.md and against the real packed bytes."""
+"""Size accounting (misq.checkpoint.accounting) against PROTOCOL.md and against the real packed bytes."""
 
 from __future__ import annotations
 
@@ -8,12 +8,23 @@ import pytest
 import torch
 from torch import nn
 
-from misq.algorithms.quantizer import QuantGrid, find_grid, from_codes, maxq_of, quantize_with_grid
-from misq.checkpoint import save_packed
+from misq.algorithms.quantizer import (
+    QuantGrid,
+    find_grid,
+    from_codes,
+    maxq_of,
+    quantize_with_grid,
+)
+from misq.checkpoint.accounting import (
+    kind_of,
+    layer_bytes,
+    pattern_for,
+    storage_accounting,
+)
+from misq.checkpoint.packed import save_packed
+from misq.checkpoint.packing import encode_layer
 from misq.config import CompressConfig
-from misq.modeling import LINEAR_NAMES
-from misq.packing import encode_layer
-from misq.storage import kind_of, layer_bytes, pattern_for, storage_accounting
+from misq.models.layout import LINEAR_NAMES
 
 
 def _one_layer_model(W: torch.Tensor) -> nn.Module:
@@ -91,7 +102,7 @@ def test_13b_layer_size_matches_packed_bytes(one_thread) -> None:
 
 def _compressed_llama(hidden: int, ffn: int, vocab: int) -> tuple[nn.Module, dict[str, QuantGrid]]:
     """A small LlamaForCausalLM, 50% pruned and quantized to widths {2, 4, 16} by direct grids."""
-    from misq.toy import build_model
+    from misq.demo.toy import build_model
 
     model = build_model(vocab, hidden=hidden, ffn=ffn, layers=2, heads=8, kv_heads=4).half()
     gen = torch.Generator().manual_seed(1)

@@ -11,12 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from misq import cli, evaluate, pipeline, streaming
-from misq.checkpoint import load_packed
+from misq import cli
+from misq.checkpoint.packed import load_packed
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
+from misq.demo.toy import synthetic_corpus
 from misq.errors import MisqError
-from misq.streaming import StreamedModel, is_materialized
-from misq.toy import synthetic_corpus
+from misq.jobs import compress as jobs
+from misq.models import streaming
+from misq.models.streaming import StreamedModel, is_materialized
+from misq.protocol import perplexity
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -39,7 +42,7 @@ def sharded(tmp_path_factory, tiny_checkpoint) -> Path:
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory, tiny_checkpoint) -> Path:
-    from misq.toy import build_model
+    from misq.demo.toy import build_model
 
     out = tmp_path_factory.mktemp("tied")
     build_model(512, tie=True, seed=3).save_pretrained(out)
@@ -78,7 +81,7 @@ def test_streamed_compress_equals_in_memory(sharded, texts, tmp_path, monkeypatc
     monkeypatch.setattr(StreamedModel, "load", spy)
     runs = {}
     for mode in ("off", "on"):  # layerwise in memory too: the same evaluation arithmetic, so equality is exact
-        runs[mode] = pipeline.run_compress(ModelConfig(str(sharded), device="cpu", stream=mode, layerwise=True), _data(tmp_path),
+        runs[mode] = jobs.run_compress(ModelConfig(str(sharded), device="cpu", stream=mode, layerwise=True), _data(tmp_path),
                                            cfg, evals, str(tmp_path / f"run-{mode}"), save_dir=str(tmp_path / f"packed-{mode}"))
     whole, streamed = runs["off"], runs["on"]
     assert streamed["ppl"] == whole["ppl"]
@@ -99,12 +102,12 @@ def test_streamed_compress_equals_in_memory(sharded, texts, tmp_path, monkeypatc
 
 
 def test_streamed_run_resumes_from_its_layer_files(sharded, texts, tmp_path, monkeypatch):
-    from misq.resume import ResumeState
+    from misq.runs.resume import ResumeState
 
     cfg = CompressConfig(dataset=str(texts[0]), nsamples=8, n_groups=4, target_avg_bits=3.5)
     model_cfg = ModelConfig(str(sharded), device="cpu", stream="on")
     evals = EvalConfig(datasets=(str(texts[1]),), batch_size=8)
-    straight = pipeline.run_compress(model_cfg, _data(tmp_path), cfg, evals, str(tmp_path / "a"), save_dir=str(tmp_path / "pa"))
+    straight = jobs.run_compress(model_cfg, _data(tmp_path), cfg, evals, str(tmp_path / "a"), save_dir=str(tmp_path / "pa"))
     layer_done = ResumeState.layer_done
 
     def crash_after_layer_0(self, i, output):
@@ -114,9 +117,9 @@ def test_streamed_run_resumes_from_its_layer_files(sharded, texts, tmp_path, mon
 
     monkeypatch.setattr(ResumeState, "layer_done", crash_after_layer_0)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run_compress(model_cfg, _data(tmp_path), cfg, evals, str(tmp_path / "b"), save_dir=str(tmp_path / "pb"))
+        jobs.run_compress(model_cfg, _data(tmp_path), cfg, evals, str(tmp_path / "b"), save_dir=str(tmp_path / "pb"))
     monkeypatch.setattr(ResumeState, "layer_done", layer_done)
-    resumed = pipeline.run_compress(model_cfg, _data(tmp_path), cfg, evals, str(tmp_path / "b"), save_dir=str(tmp_path / "pb"),
+    resumed = jobs.run_compress(model_cfg, _data(tmp_path), cfg, evals, str(tmp_path / "b"), save_dir=str(tmp_path / "pb"),
                                     resume=True)
     assert resumed["ppl"] == straight["ppl"]
     assert _without_times(resumed["layers"]) == _without_times(straight["layers"])
@@ -128,7 +131,7 @@ def test_streamed_eval_equals_in_memory(sharded, texts, tmp_path):
     evals = EvalConfig(datasets=(str(texts[1]),), batch_size=8)
     ppl = {}
     for mode, layerwise in (("on", None), ("off", True), ("off", False)):
-        res = pipeline.run_eval(ModelConfig(str(sharded), device="cpu", stream=mode, layerwise=layerwise), _data(tmp_path), evals, None)
+        res = jobs.run_eval(ModelConfig(str(sharded), device="cpu", stream=mode, layerwise=layerwise), _data(tmp_path), evals, None)
         ppl[(mode, layerwise)] = res["ppl"][str(texts[1])]
         assert res["memory"]["streamed"] is (mode == "on")
     assert ppl[("on", None)] == ppl[("off", True)]
@@ -140,7 +143,7 @@ def test_tied_embeddings(tied, texts, tmp_path):
     model = streamed.model
     assert model.lm_head.weight is model.model.embed_tokens.weight and not model.lm_head.weight.is_meta
     evals = EvalConfig(datasets=(str(texts[1]),), batch_size=8)
-    ppl = [pipeline.run_eval(ModelConfig(str(tied), device="cpu", stream=mode, layerwise=True), _data(tmp_path), evals, None)["ppl"]
+    ppl = [jobs.run_eval(ModelConfig(str(tied), device="cpu", stream=mode, layerwise=True), _data(tmp_path), evals, None)["ppl"]
            for mode in ("on", "off")]
     assert ppl[0] == ppl[1]
 
@@ -202,9 +205,9 @@ def test_packed_checkpoint_is_not_streamed(tmp_path):
 def test_device_map_path_scores_like_the_whole_model(tiny_checkpoint, texts):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
     tokens = torch.randint(0, 500, (1, 64 * 6), generator=torch.Generator().manual_seed(0))
-    whole = evaluate.perplexity(model, tokens, 64, "cpu", layerwise=False, batch_size=4)
+    whole = perplexity.perplexity(model, tokens, 64, "cpu", layerwise=False, batch_size=4)
     model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "lm_head": 0}  # as if spread over two devices
-    spread = evaluate.perplexity(model, tokens, 64, "cpu", batch_size=4)
+    spread = perplexity.perplexity(model, tokens, 64, "cpu", batch_size=4)
     assert spread["path"] == "device-map" and whole["path"] == "whole-model"
     assert spread["ppl"] == pytest.approx(whole["ppl"], rel=1e-6)
 

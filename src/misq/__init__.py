@@ -9,6 +9,6 @@ __all__ = ["__version__", "load"]
 
 def load(path: str, **kwargs):
     """Load a misq packed checkpoint (or any HF causal LM folder) as a transformers model."""
-    from misq.checkpoint import load_packed
+    from misq.checkpoint.packed import load_packed
 
     return load_packed(path, **kwargs)

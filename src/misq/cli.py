@@ -138,7 +138,7 @@ def _compress_config(args: argparse.Namespace):
             raise MisqError(f"--use_mi_grouping {args.use_mi_grouping} contradicts --grouping {grouping}: give one of them")
         grouping = grouping or implied
     dataset = args.dataset or args.dataset_pos or "c4"
-    from misq.data import check_dataset_name
+    from misq.protocol.data import check_dataset_name
 
     check_dataset_name(dataset)
     return CompressConfig(
@@ -176,12 +176,12 @@ def run(argv: Sequence[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if distributed.launched() and args.command != "compress":
         raise MisqError(f"only `misq compress` runs on several processes; run `misq {args.command}` without torchrun")
-    from misq import pipeline
     from misq.config import EvalConfig
+    from misq.jobs import compress as jobs
 
     if args.command == "eval":
         model, data = _configs(args)
-        results = pipeline.run_eval(model, data, EvalConfig(datasets=args.datasets, batch_size=args.batch_size), args.out)
+        results = jobs.run_eval(model, data, EvalConfig(datasets=args.datasets, batch_size=args.batch_size), args.out)
         print(_summary(results))
         if args.out:
             print(f"results: {args.out}")
@@ -189,29 +189,29 @@ def run(argv: Sequence[str] | None = None) -> int:
         model, data = _configs(args)
         cfg = _compress_config(args)
         eval_cfg = EvalConfig(datasets=args.eval) if args.eval else None
-        results = pipeline.run_compress(model, data, cfg, eval_cfg, args.out, save_dir=args.save, resume=args.resume)
+        results = jobs.run_compress(model, data, cfg, eval_cfg, args.out, save_dir=args.save, resume=args.resume)
         if rank == 0:  # under torchrun the other ranks have nothing to report
             print(_summary(results))
             print(f"run folder: {args.out}" + (f"\npacked checkpoint: {args.save}" if args.save else ""))
     elif args.command == "compare":
-        from misq.report import compare
+        from misq.report.compare import compare
 
         out = compare(args.baseline, args.results, args.out)
         print(f"report: {args.out}/report.md, {args.out}/report.html; verdict: {out.get('verdict', {}).get('status', '?') if isinstance(out.get('verdict'), dict) else out.get('verdict')}")
     elif args.command == "status":
-        from misq.status import follow_status, format_status, read_status
+        from misq.runs.status import follow_status, format_status, read_status
 
         if args.follow:
             follow_status(args.run_dir, stale_after_s=args.stale_after)
         else:
             print(format_status(read_status(args.run_dir, stale_after_s=args.stale_after)))
     elif args.command == "export":
-        from misq.checkpoint import export_dense
+        from misq.checkpoint.packed import export_dense
 
         export_dense(args.packed_dir, args.dense, dtype=args.dtype)
         print(f"dense checkpoint: {args.dense}")
     elif args.command == "demo":
-        from misq.demo import run_demo
+        from misq.demo.run import run_demo
 
         print(run_demo(args.out, train_seconds=args.train_seconds))
     return 0

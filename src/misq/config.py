@@ -11,13 +11,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from misq.dtypes import DTYPE_NAMES
 from misq.errors import MisqError
 
 DATASETS = ("wikitext2", "ptb", "c4")
 DEFAULT_BITS = (2, 3, 4, 6, 8)
 GROUPINGS = ("mi", "hessian", "uniform")
 BUDGETS = ("layer", "model")
-DTYPES = ("float16", "bfloat16", "float32")
 STREAM_MODES = ("auto", "on", "off")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -45,7 +45,9 @@ def parse_datasets(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     items = list(text) if isinstance(text, (list, tuple)) else [t.strip() for t in str(text).split(",") if t.strip()]
     if not items:
         raise MisqError("no dataset given: use e.g. --datasets wikitext2,ptb,c4")
-    from misq.data import check_dataset_name  # local import: data imports config
+    from misq.protocol.data import (
+        check_dataset_name,  # local import: data imports config
+    )
 
     for name in items:
         check_dataset_name(name)
@@ -62,13 +64,13 @@ class ModelConfig:
     trust_remote_code: bool = False
     layerwise: bool | None = None  # None: layer by layer only when the model does not fit
     # Read decoder layers from the safetensors files one at a time instead of loading the model:
-    # on | off | auto (when the weights exceed half the available host memory; misq.streaming).
+    # on | off | auto (when the weights exceed half the available host memory; misq.models.streaming).
     stream: str = "auto"
     device_map: str | None = None  # eval only: transformers' device_map ("auto": spread over the GPUs)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise MisqError(f"--dtype {self.dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise MisqError(f"--dtype {self.dtype!r} is not supported: use one of {', '.join(DTYPE_NAMES)}")
         if self.stream not in STREAM_MODES:
             raise MisqError(f"stream mode {self.stream!r} is unknown: use one of {', '.join(STREAM_MODES)}")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:

@@ -235,7 +235,7 @@ def _check_budget(bits: Sequence[int], target: float, tol: float) -> np.ndarray:
 def _milp(obj: np.ndarray, a: np.ndarray, lo: float, hi: float, time_limit: float):
     """HiGHS: binary x [G, B], one width per group, ``lo <= sum a x <= hi``; minimise ``obj . x``."""
     from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import csr_array, kron, eye
+    from scipy.sparse import csr_array, eye, kron
 
     G, B = a.shape
     one_each = kron(eye(G, format="csr"), np.ones((1, B)), format="csr")  # [G, G*B]

@@ -13,9 +13,10 @@ import logging
 import os
 from typing import Any
 
-from misq import data, modeling
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
 from misq.errors import MisqError
+from misq.models import layout, loading
+from misq.protocol import data
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +27,20 @@ def check_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressCo
 
     Cheapest first: the model config, then the data files, then the tokenizer and the calibration
     text (tokenized once; the token cache makes the run's own pass free). A run being resumed
-    (``resume_state``, a :class:`misq.resume.ResumeState`) must draw the interrupted run's
+    (``resume_state``, a :class:`misq.runs.resume.ResumeState`) must draw the interrupted run's
     calibration windows. Returns the seqlen.
     """
-    hf_config = modeling.read_model_config(model_cfg)
-    seqlen = data_cfg.seqlen or modeling.default_seqlen(hf_config)
-    modeling.check_seqlen(hf_config, seqlen)
+    hf_config = loading.read_model_config(model_cfg)
+    seqlen = data_cfg.seqlen or layout.default_seqlen(hf_config)
+    layout.check_seqlen(hf_config, seqlen)
     if cfg.structured:
-        modeling.check_nm_pattern(hf_config, cfg.prunen, cfg.prunem)
+        layout.check_nm_pattern(hf_config, cfg.prunen, cfg.prunem)
     # After the config checks: locating the data logs notes (a c4 sample in place of the shard),
     # which should not precede an error about the model.
     wanted: list[tuple[str, str | None]] = [(cfg.dataset, "train")]
     wanted += [(name, None) for name in (eval_cfg.datasets if eval_cfg else ())]
     data.check_local_sources(wanted, data_dir)
-    tokenizer = modeling.load_tokenizer(model_cfg)
+    tokenizer = loading.load_tokenizer(model_cfg)
     calib = data.calibration_windows(cfg.dataset, tokenizer, cfg.nsamples, seqlen, seed=cfg.seed, data_dir=data_dir,
                                      cache_dir=data_cfg.cache_dir)
     if resume_state is not None:

@@ -2,7 +2,7 @@
 
 A packed checkpoint is an ordinary Hugging Face folder whose ``config.json`` carries a ``misq``
 section and whose safetensors hold, for every compressed linear layer ``L`` (e.g.
-``model.layers.0.self_attn.q_proj``), the tensors of :class:`misq.packing.PackedLayer`:
+``model.layers.0.self_attn.q_proj``), the tensors of :class:`misq.checkpoint.packing.PackedLayer`:
 
     L.codes_w{b}      uint8     surviving codes of the b-bit channels, bit-planes (one per width)
     L.fp_values       [n16]     surviving weights of the 16-bit channels, in the weight's dtype
@@ -39,23 +39,20 @@ from torch import Tensor, nn
 from misq import __version__
 from misq.atomic import fsync_path
 from misq.algorithms.quantizer import QuantGrid
+from misq.dtypes import DTYPE_NAMES, torch_dtype
 from misq.errors import MisqError
-from misq.modeling import LayerSource, layer_index, layer_weights
-from misq.packing import Pattern, decode_layer, encode_layer, expected_shapes, parse_pattern
-from misq.storage import KINDS, kind_of, stored_tensors
+from misq.models.safetensors_files import INDEX_NAME, SAFETENSORS_CODES, WEIGHTS_NAME
+from misq.models.execution import LayerSource, layer_weights
+from misq.models.layout import layer_index
+from misq.checkpoint.packing import Pattern, decode_layer, encode_layer, expected_shapes, parse_pattern
+from misq.checkpoint.accounting import KINDS, kind_of, stored_tensors
 
 log = logging.getLogger(__name__)
 
 FORMAT = "misq-packed"
 FORMAT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 EXPORT_MARKER = "misq_export.json"
 MAX_SHARD_BYTES = 2 * 1024**3
-_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-              torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-              torch.bool: "BOOL"}
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # ----------------------------------------------------------------------------- save
@@ -71,7 +68,7 @@ def save_packed(model: nn.Module, grids: dict[str, QuantGrid], out_dir: str | os
     ``payload_bytes`` by kind (codes, mask, scales_zeros, channel_index, fp16_channels, untouched).
 
     Decoder layers are packed and written one at a time, and a shard goes to disk as soon as it
-    is full: with a ``source`` (a streamed model, :mod:`misq.streaming`) each layer's weights are
+    is full: with a ``source`` (a streamed model, :mod:`misq.models.streaming`) each layer's weights are
     read just for its turn, so host memory holds one layer and one shard, never the model.
     """
     try:
@@ -295,9 +292,9 @@ class _Weights:
         if name not in self.handles:
             raise MisqError(f"tensor {name} is missing from the checkpoint: it is incomplete, save it again")
         sl = self.handles[name].get_slice(name)
-        if tuple(sl.get_shape()) != tuple(shape) or (dtype is not None and sl.get_dtype() != _ST_DTYPES[dtype]):
+        if tuple(sl.get_shape()) != tuple(shape) or (dtype is not None and sl.get_dtype() != SAFETENSORS_CODES[dtype]):
             raise MisqError(f"tensor {name} is {sl.get_dtype()} {sl.get_shape()} but config.json implies "
-                            f"{_ST_DTYPES.get(dtype, 'float')} {list(shape)}: config.json and the weights do not match")
+                            f"{SAFETENSORS_CODES.get(dtype, 'float')} {list(shape)}: config.json and the weights do not match")
 
     def get(self, name: str) -> Tensor:
         return self.handles[name].get_tensor(name)
@@ -311,9 +308,9 @@ def load_packed(path: str | os.PathLike, *, dtype: torch.dtype | str | None = No
     """
     path = Path(path)
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise MisqError(f"dtype {dtype!r} is not supported: use one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
+        if dtype not in DTYPE_NAMES:
+            raise MisqError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPE_NAMES)}")
+        dtype = torch_dtype(dtype)
     cfg = _read_config(path)
     if "misq" not in cfg:
         from transformers import AutoModelForCausalLM
@@ -333,7 +330,7 @@ def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn
     try:
         pattern = parse_pattern(section["pattern"])
         layers: dict[str, Any] = section["layers"]
-        saved_dtype = _DTYPES[section["dtype"]]
+        saved_dtype = torch_dtype(section["dtype"])
     except (KeyError, ValueError, TypeError) as err:
         raise MisqError(f"{path}/config.json has a damaged misq section ({err!r}): save the checkpoint again") from None
     weights = _Weights(path)
@@ -407,11 +404,11 @@ def export_dense(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, dtyp
     files are copied. Atomic like :func:`save_packed`; replaces only an earlier export.
     """
     packed, out = Path(packed_dir), Path(out_dir)
-    if dtype not in _DTYPES:
-        raise MisqError(f"dtype {dtype!r} is not supported: use one of {', '.join(_DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise MisqError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPE_NAMES)}")
     _misq_section(packed, _read_config(packed))
     _check_target(out, _is_export)
-    model = load_packed(packed, dtype=_DTYPES[dtype])
+    model = load_packed(packed, dtype=torch_dtype(dtype))
     own = {"config.json", "generation_config.json", INDEX_NAME}
     with _staging(out, _is_export) as tmp:
         model.save_pretrained(tmp)

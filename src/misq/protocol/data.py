@@ -197,7 +197,9 @@ def _read_hub_rows(src: _Source, limit: int | None) -> list[str]:
     logger.info("%s %s: no local file, trying Hugging Face datasets %s (needs network or its cache)",
                 src.dataset, src.split, src.hub["path"])
     try:
-        from datasets import load_dataset  # optional dependency, imported only when needed
+        from datasets import (
+            load_dataset,  # optional dependency, imported only when needed
+        )
 
         ds = load_dataset(**src.hub)
         if limit is not None:

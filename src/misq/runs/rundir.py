@@ -1,6 +1,6 @@
 """A run directory and the progress of the run inside it.
 
-``misq compress --run-dir DIR`` keeps everything about one run in one folder::
+``misq compress --out DIR`` keeps everything about one run in one folder::
 
     DIR/config.json     what was asked for (written once, at the start)
     DIR/compress.log    the "misq" logger's records
@@ -10,7 +10,7 @@
 :class:`Progress` rewrites ``progress.json`` so that another process (``misq status DIR``) can
 say how far a long compression has got, how long it still needs, and whether it has died:
 a run that stopped updating the file, or whose process is gone, is reported as *stale*
-(reading it is :mod:`misq.status`).
+(reading it is :mod:`misq.runs.status`).
 """
 
 from __future__ import annotations

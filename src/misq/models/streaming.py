@@ -5,7 +5,7 @@ its config with every parameter on the ``meta`` device (no storage), reads the p
 not decoder layers (embeddings, final norm, lm_head; tied embeddings re-tied) into host memory,
 and gives decoder layer ``i`` real weights only while a caller needs it
 (:meth:`StreamedModel.load` / :meth:`StreamedModel.release`, the
-:class:`misq.modeling.LayerSource` protocol). Buffers (rotary ``inv_freq``) are computed at
+:class:`misq.execution.LayerSource` protocol). Buffers (rotary ``inv_freq``) are computed at
 construction on the CPU, as an ordinary model computes them: they are not stored.
 
 Reads go through ``safetensors.safe_open`` (memory-mapped) but each read opens and closes the
@@ -14,7 +14,7 @@ counted in the process's resident memory, so that after one pass over a 13B mode
 would show 26 GB of page cache.
 
 After a layer is compressed, the run writes it to ``RUN_DIR/resume/layer_NNN.safetensors``
-(:mod:`misq.resume`) and :meth:`StreamedModel.use_file` points layer ``i`` at that file: the
+(:mod:`misq.runs.resume`) and :meth:`StreamedModel.use_file` points layer ``i`` at that file: the
 evaluation, size accounting and packed save that follow read compressed layers from there.
 
 Host memory of a streamed compression: embeddings + lm_head + one layer (twice, briefly, while
@@ -24,116 +24,31 @@ it is copied) + what the calibration needs; a 13B fp16 model needs ~2 GB of weig
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import resource
-import struct
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
-from misq import modeling
-from misq.checkpoint import misq_section_of
+from misq.checkpoint.packed import misq_section_of
 from misq.config import ModelConfig
+from misq.dtypes import torch_dtype
 from misq.errors import MisqError
+from misq.models import layout, loading
+from misq.models.layout import LAYER_PREFIX, layer_prefix
+from misq.models.safetensors_files import INDEX_NAME, WEIGHTS_NAME, SafetensorsFiles
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-LAYER_PREFIX = "model.layers."  # where decoder layers sit in a LLaMA-family state dict
 # --stream auto streams when the weights (at the run's dtype) exceed this share of the host
 # memory available now: loading needs the weights plus room for the calibration and the OS.
 AUTO_STREAM_FRACTION = 0.5
-_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                  "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_MAX_HEADER = 100 * 1024**2
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one stored tensor lives and what it is (from the safetensors header)."""
-
-    file: Path
-    dtype: str  # safetensors spelling: F16, BF16, F32, ...
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """The tensors a safetensors file declares, by name, without mapping or reading the data."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > _MAX_HEADER:
-                raise ValueError(f"header of {n} bytes")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as err:
-        raise MisqError(f"{path} is not a readable safetensors file ({err}): copy or download the checkpoint again") from None
-    header.pop("__metadata__", None)
-    return {name: TensorInfo(path, meta["dtype"], tuple(meta["shape"])) for name, meta in header.items()}
-
-
-class SafetensorsFiles:
-    """The tensors of one checkpoint (one file, or shards named by an index), read on demand."""
-
-    def __init__(self, files: Iterable[Path]):
-        self.tensors: dict[str, TensorInfo] = {}
-        for path in files:
-            if not path.is_file():
-                raise MisqError(f"{path} is missing: the checkpoint is incomplete, copy or download it again")
-            self.tensors.update(read_header(path))
-
-    @classmethod
-    def of_folder(cls, folder: Path) -> SafetensorsFiles:
-        index = folder / INDEX_NAME
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, AttributeError) as err:
-                raise MisqError(f"{index} is damaged ({err!r}): copy or download the checkpoint again") from None
-            return cls(folder / s for s in shards)
-        return cls([folder / WEIGHTS_NAME])
-
-    def weight_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes of the floating-point tensors once cast to ``dtype`` (the others as stored)."""
-        size = torch.empty(0, dtype=dtype).element_size()
-        return sum(t.numel * (size if t.dtype.startswith(("F", "BF")) else _ELEMENT_BYTES.get(t.dtype, 1))
-                   for t in self.tensors.values())
-
-    def read(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """Copies of the tensors ``names`` in host memory; floating ones cast to ``dtype``.
-
-        Each file is opened and closed here, so no mapping outlives the call (see the module
-        docstring); the tensors returned own their memory.
-        """
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            if name not in self.tensors:
-                raise MisqError(f"tensor {name} is missing from the checkpoint: it is incomplete or not a "
-                                "transformers LLaMA-family layout; drop --stream to let transformers load it")
-            by_file.setdefault(self.tensors[name].file, []).append(name)
-        out: dict[str, Tensor] = {}
-        for path, file_names in by_file.items():
-            with safe_open(path, framework="pt") as f:
-                for name in file_names:
-                    t = f.get_tensor(name)
-                    cast = dtype is not None and t.is_floating_point() and t.dtype != dtype
-                    out[name] = t.to(dtype) if cast else t.clone()  # either way: off the mapping
-        return out
 
 
 # ----------------------------------------------------------------------------- finding checkpoints
@@ -144,7 +59,7 @@ def resolve_checkpoint(model: str, cache_dir: str | os.PathLike | None = None) -
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    if modeling._looks_local(model):
+    if loading._looks_local(model):
         raise MisqError(f"model path {model!r} does not exist: give a local checkpoint folder or a hub id such as meta-llama/Llama-2-7b-hf")
     try:
         from huggingface_hub import snapshot_download
@@ -212,7 +127,7 @@ def stream_folder(cfg: ModelConfig, cache_dir: str | os.PathLike | None = None) 
         return None
     if explicit:
         return folder
-    need = SafetensorsFiles.of_folder(folder).weight_bytes(modeling.TORCH_DTYPES[cfg.dtype])
+    need = SafetensorsFiles.of_folder(folder).weight_bytes(torch_dtype(cfg.dtype))
     avail = available_host_bytes()
     if avail is None or need <= AUTO_STREAM_FRACTION * avail:
         return None
@@ -292,13 +207,13 @@ class StreamedModel:
         self.files = SafetensorsFiles.of_folder(folder)
         _return_freed_memory_to_os()
         hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        modeling.check_architecture(hf_config)
+        layout.check_architecture(hf_config)
         with _parameters_on_meta(), no_init_weights():
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
         model.config._name_or_path = str(folder)
         model.config.use_cache = False
         self.model = model.eval()
-        self.layers = modeling.decoder_layers(model)
+        self.layers = layout.decoder_layers(model)
         self._layer_files: dict[int, SafetensorsFiles] = {}
         self._materialize_outside_layers()
         model._misq_streamed = self  # so that whoever holds the model can find its layers (source_of)
@@ -328,7 +243,7 @@ class StreamedModel:
     # -- the LayerSource protocol ----------------------------------------------------------
     def load(self, i: int) -> None:
         """Give decoder layer ``i`` its weights (from its compressed file once there is one)."""
-        layer, prefix = self.layers[i], f"{LAYER_PREFIX}{i}."
+        layer, prefix = self.layers[i], layer_prefix(i)
         params = [(n, p) for n, p in layer.named_parameters()]
         tensors = (self._layer_files.get(i) or self.files).read([prefix + n for n, _ in params], self.dtype)
         for name, p in params:
@@ -356,8 +271,8 @@ def source_of(model: nn.Module) -> StreamedModel | None:
 
 def open_streamed(folder: Path, cfg: ModelConfig) -> tuple[StreamedModel, Any]:
     """(streamed model, tokenizer) for a safetensors checkpoint folder (``cfg.model`` resolved)."""
-    streamed = StreamedModel(folder, modeling.TORCH_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
-    return streamed, modeling.load_tokenizer(replace(cfg, model=str(folder)))
+    streamed = StreamedModel(folder, torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code)
+    return streamed, loading.load_tokenizer(replace(cfg, model=str(folder)))
 
 
 # ----------------------------------------------------------------------------- measuring

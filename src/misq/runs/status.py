@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from misq.errors import MisqError
-from misq.rundir import FINAL_STATES, LOG_FILE, PROGRESS_FILE, RunDir, format_bytes, format_duration
+from misq.runs.rundir import (
+    FINAL_STATES,
+    LOG_FILE,
+    PROGRESS_FILE,
+    RunDir,
+    format_bytes,
+    format_duration,
+)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -59,9 +66,9 @@ def read_status(
     """
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir, create=False)
     if not rd.path.is_dir():
-        raise MisqError(f"no misq run in {rd.path}: the directory does not exist (pass the --run-dir given to misq compress)")
+        raise MisqError(f"no misq run in {rd.path}: the directory does not exist (pass the --out folder given to misq compress)")
     if not rd.progress_path.is_file():
-        raise MisqError(f"no misq run in {rd.path}: {PROGRESS_FILE} not found (pass the --run-dir given to misq compress)")
+        raise MisqError(f"no misq run in {rd.path}: {PROGRESS_FILE} not found (pass the --out folder given to misq compress)")
     try:
         progress = json.loads(rd.progress_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from misq import toy
+from misq.demo import toy
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ def _train_for(model, tokenizer, text: str, seconds: float, seqlen: int) -> tupl
 
 
 def run_demo(out: str | Path, *, train_seconds: float = 60.0) -> str:
-    from misq import pipeline
     from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
-    from misq.report import compare
+    from misq.jobs import compress as jobs
+    from misq.report.compare import compare
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,14 +60,14 @@ def run_demo(out: str | Path, *, train_seconds: float = 60.0) -> str:
 
     # 2. baseline
     baseline = out / "baseline_results.json"
-    pipeline.run_eval(model_cfg, data_cfg, eval_cfg, str(baseline))
+    jobs.run_eval(model_cfg, data_cfg, eval_cfg, str(baseline))
 
     # 3-4. compress, evaluate, save, reload
     cfg = CompressConfig(dataset=str(calib_file), nsamples=64, sparsity=0.5, grouping="mi", n_groups=4,
                          target_avg_bits=4.0, batch_size=16)
     run_dir, packed = out / "run", out / "packed"
-    results = pipeline.run_compress(model_cfg, data_cfg, cfg, eval_cfg, str(run_dir), save_dir=str(packed))
-    reloaded = pipeline.run_eval(ModelConfig(str(packed), device="cpu"), data_cfg, eval_cfg, str(out / "reloaded_results.json"))
+    results = jobs.run_compress(model_cfg, data_cfg, cfg, eval_cfg, str(run_dir), save_dir=str(packed))
+    reloaded = jobs.run_eval(ModelConfig(str(packed), device="cpu"), data_cfg, eval_cfg, str(out / "reloaded_results.json"))
     name = str(eval_file)
     drift = abs(reloaded["ppl"][name] / results["ppl"][name] - 1)
     if drift > 1e-4:

@@ -12,7 +12,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
-from misq.rundir import format_bytes, format_duration
+from misq.runs.rundir import format_bytes, format_duration
 
 DASH = "—"
 
@@ -72,7 +72,7 @@ def _or_dash(x: Any) -> str:
 
 def build_sections(c: dict[str, Any], plots: dict[str, bytes] | None = None) -> tuple[str, list[Block], list[Section]]:
     """Title, introductory blocks and the numbered sections of the report."""
-    from misq.report_plots import CAPTIONS
+    from misq.report.plots import CAPTIONS
 
     plots = plots or {}
     run = c["runs"][c["primary"]]

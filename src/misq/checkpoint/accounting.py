@@ -1,7 +1,7 @@
 """Honest size accounting of a compressed model (PROTOCOL.md, "Counting bits").
 
 Pure arithmetic on the in-memory model and its grids: no files are written or read. The byte
-counts are those of the packed checkpoint format (:mod:`misq.packing`, :mod:`misq.checkpoint`)
+counts are those of the packed checkpoint format (:mod:`misq.checkpoint.packing`, :mod:`misq.checkpoint`)
 to the byte, so ``bits_per_param_disk_model × parameters / 8`` is the size of the saved
 weights. What is *not* counted: safetensors headers (~100 bytes per tensor, with the tensor
 names), config.json and the tokenizer files. They are not parameters; on a real model they are
@@ -32,8 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from misq.algorithms.quantizer import FP_BITS, QuantGrid
-from misq.modeling import LayerSource, layer_index, layer_weights
-from misq.packing import (
+from misq.checkpoint.packing import (
     Pattern,
     group_id_dtype,
     keep_mask,
@@ -44,6 +43,8 @@ from misq.packing import (
     stored_grid,
     width_order,
 )
+from misq.models.execution import LayerSource, layer_weights
+from misq.models.layout import layer_index
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def pattern_for(compress_config: Any) -> str:
 
 
 def kind_of(suffix: str) -> str:
-    """Which accounting kind a packed tensor suffix (see :class:`misq.packing.PackedLayer`) is."""
+    """Which accounting kind a packed tensor suffix (see :class:`misq.checkpoint.packing.PackedLayer`) is."""
     if suffix.startswith("codes_w"):
         return "codes"
     return {"mask": "mask", "nm_index": "mask", "scales": "scales_zeros", "zeros": "scales_zeros",

@@ -9,7 +9,7 @@ remainder is dropped), and each segment is scored alone:
 The execution paths give the same numbers: the whole model on the device; layer by layer
 (one decoder layer on the accelerator at a time) for models larger than the device, with the
 layers' weights in host memory or read one at a time from disk (a ``source``, see
-:mod:`misq.streaming`); or a model that transformers spread over several GPUs
+:mod:`misq.models.streaming`); or a model that transformers spread over several GPUs
 (``device_map="auto"``), run as it is placed.
 """
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from misq import modeling
+from misq.models import execution, layout
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def fits_on_device(model: nn.Module, device: str) -> bool:
 @torch.no_grad()
 def perplexity(
     model: nn.Module, tokens: Tensor, seqlen: int, device: str, *, layerwise: bool | None = None,
-    batch_size: int = 1, desc: str = "eval", source: modeling.LayerSource | None = None,
+    batch_size: int = 1, desc: str = "eval", source: execution.LayerSource | None = None,
 ) -> dict[str, Any]:
     """Score ``tokens`` [1, N]; returns {ppl, tokens, segments, seqlen, seconds, path}.
 
@@ -98,9 +98,9 @@ def perplexity(
 
 
 def _nll_whole(model: nn.Module, segs: Tensor, device: str, batch_size: int, desc: str) -> Tensor:
-    dtype = modeling.compute_dtype_for(model, device)
+    dtype = execution.compute_dtype_for(model, device)
     out = []
-    with modeling.on_device(model, device, dtype):
+    with execution.on_device(model, device, dtype):
         for start in tqdm(range(0, segs.shape[0], batch_size), desc=desc, unit="batch", leave=False):
             batch = segs[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
@@ -125,16 +125,16 @@ def _nll_dispatched(model: nn.Module, segs: Tensor, batch_size: int, desc: str) 
 
 
 def _nll_layerwise(model: nn.Module, segs: Tensor, device: str, batch_size: int, desc: str,
-                   source: modeling.LayerSource | None = None) -> Tensor:
-    dtype = modeling.compute_dtype_for(model, device)
-    inputs = modeling.capture_layer0_inputs(model, segs, device, batch_size=batch_size, compute_dtype=dtype)
-    layers = modeling.decoder_layers(model)
+                   source: execution.LayerSource | None = None) -> Tensor:
+    dtype = execution.compute_dtype_for(model, device)
+    inputs = execution.capture_layer0_inputs(model, segs, device, batch_size=batch_size, compute_dtype=dtype)
+    layers = layout.decoder_layers(model)
     for i in tqdm(range(len(layers)), desc=f"{desc} (layers)", unit="layer", leave=False):
-        with modeling.layer_weights(source, i), modeling.on_device(layers[i], device, dtype):
-            modeling.run_layer(layers[i], inputs, device, out=inputs.hidden)
+        with execution.layer_weights(source, i), execution.on_device(layers[i], device, dtype):
+            execution.run_layer(layers[i], inputs, device, out=inputs.hidden)
     inner = model.model
     out = []
-    with modeling.on_device(inner.norm, device, dtype), modeling.on_device(model.lm_head, device, dtype):
+    with execution.on_device(inner.norm, device, dtype), execution.on_device(model.lm_head, device, dtype):
         for start in range(0, segs.shape[0], batch_size):
             h = inner.norm(inputs.hidden[start : start + batch_size].to(device))
             logits = model.lm_head(h)
@@ -145,11 +145,11 @@ def _nll_layerwise(model: nn.Module, segs: Tensor, device: str, batch_size: int,
 def evaluate_datasets(
     model: nn.Module, tokenizer: Any, datasets: tuple[str, ...], seqlen: int, device: str, *,
     data_dir: str | None = None, cache_dir: str | None = None, layerwise: bool | None = None, batch_size: int = 1,
-    c4_cut: bool = True, source: modeling.LayerSource | None = None,
+    c4_cut: bool = True, source: execution.LayerSource | None = None,
 ) -> dict[str, dict[str, Any]]:
     """PPL on each dataset; the result maps dataset -> :func:`perplexity`'s dict + its source.
     ``source``: where a streamed model's layers come from (see :func:`perplexity`)."""
-    from misq import data
+    from misq.protocol import data
 
     results = {}
     for name in datasets:

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from misq import modeling
 from misq.algorithms.quantizer import QuantGrid
 from misq.atomic import atomic_write_json, fsync_path
 from misq.errors import MisqError
+from misq.models import layout
+from misq.models.layout import layer_prefix
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class ResumeState:
     def layer_done(self, i: int, output: Any) -> None:
         """Persist layer ``i`` (already compressed in ``output``'s model) and the run state."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        prefix = f"model.layers.{i}."
+        prefix = layer_prefix(i)
         tensors = {k: v.detach().cpu().contiguous() for k, v in output.layer_state(i).items()}
         for name, grid in output.grids.items():
             if name.startswith(prefix):
@@ -173,7 +174,7 @@ class ResumeState:
         ``load_weights=False`` restores grids, plans and records only (a streamed model reads
         the layers from :meth:`layer_path` itself).
         """
-        from misq.compress import CompressionOutput
+        from misq.compress.driver import CompressionOutput
 
         prior = CompressionOutput()
         if calib is not None:
@@ -181,7 +182,7 @@ class ResumeState:
         if self._state is None:
             return 0, prior
         done = int(self._state["done_layers"])
-        layers = modeling.decoder_layers(model)
+        layers = layout.decoder_layers(model)
         if done > len(layers):
             raise MisqError(f"the resume state in {self.dir} has {done} layers but the model has {len(layers)}: "
                             "drop --resume to start over")
@@ -193,10 +194,10 @@ class ResumeState:
         return done, prior
 
     def _restore_layer(self, i: int, layer: torch.nn.Module | None, plans: dict[str, Any], prior: Any) -> None:
-        from misq.bitplan import ModulePlan
+        from misq.compress.bitplan import ModulePlan
 
         path = self.layer_path(i)
-        prefix = f"model.layers.{i}."
+        prefix = layer_prefix(i)
         try:
             tensors = load_file(str(path))
             if layer is not None:
@@ -206,7 +207,7 @@ class ResumeState:
             raise MisqError(f"the resume data {path} does not fit this model ({str(err).splitlines()[0]}): "
                             f"delete {self.dir} and drop --resume to start over") from None
         # In the driver's order (q, k, v, o, gate, up, down): results list layers in this order.
-        for short in modeling.LINEAR_NAMES:
+        for short in layout.LINEAR_NAMES:
             name = prefix + short
             if f"{name}.grid.scale" not in tensors:
                 continue
@@ -227,7 +228,7 @@ class ResumeState:
 
     def load_plans(self) -> dict[str, Any] | None:
         """The plans of the run being resumed, or None (a fresh run, or none were recorded)."""
-        from misq.bitplan import ModulePlan
+        from misq.compress.bitplan import ModulePlan
 
         path = self.dir / "plans.safetensors"
         if self._state is None or not path.is_file():

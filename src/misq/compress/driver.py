@@ -25,13 +25,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from misq import bitplan, modeling
 from misq.algorithms.fused import get_block_fn
 from misq.algorithms.quantizer import QuantGrid
 from misq.algorithms.sparsegpt import HessianAccumulator, column_params, solve
+from misq.compress import bitplan
 from misq.config import CompressConfig
 from misq.distributed import LOCAL, Dist
 from misq.errors import NumericalError
+from misq.models import execution, layout
+from misq.models.layout import layer_prefix, linear_name
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +60,14 @@ class CompressionOutput:
 
     def layer_state(self, i: int) -> dict[str, Tensor]:
         """The tensors of decoder layer ``i`` as they are now (for resume files)."""
-        return {f"model.layers.{i}.{k}": v for k, v in modeling.decoder_layers(self.model)[i].state_dict().items()}
+        return {layer_prefix(i) + k: v for k, v in layout.decoder_layers(self.model)[i].state_dict().items()}
 
 
 class _StopForward(Exception):
     pass
 
 
-def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, inputs: modeling.LayerInputs, device: str,
+def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, inputs: execution.LayerInputs, device: str,
                              dist: Dist = LOCAL) -> Tensor:
     """H [C, C] of the input of ``first`` over all windows; the forward stops right after it.
     Under torchrun ``inputs`` holds this rank's windows and H is all-reduced over the ranks."""
@@ -89,7 +91,7 @@ def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, inputs: modelin
         for start in range(0, hidden.shape[0], inputs.batch_size):
             sl = slice(start, min(start + inputs.batch_size, hidden.shape[0]))
             try:
-                modeling.call_layer(layer, hidden[sl].to(device), inputs.batch_kwargs(sl.stop - sl.start, device))
+                execution.call_layer(layer, hidden[sl].to(device), inputs.batch_kwargs(sl.stop - sl.start, device))
             except _StopForward:
                 pass
     finally:
@@ -104,30 +106,30 @@ def _step_weights(linears: dict[str, nn.Linear], step: tuple[str, ...]) -> dict[
 
 @torch.no_grad()
 def measure_model_plan(model: nn.Module, calib: Tensor, cfg: CompressConfig, device: str,
-                       dist: Dist = LOCAL, *, layer_source: modeling.LayerSource | None = None) -> dict[str, bitplan.ModulePlan]:
+                       dist: Dist = LOCAL, *, layer_source: execution.LayerSource | None = None) -> dict[str, bitplan.ModulePlan]:
     """First pass for ``--budget model``: groups and cost tables of every layer on the dense
     model, then one global allocation. Returns plans by full layer name (the same on every rank)."""
-    dtype = modeling.compute_dtype_for(model, device)
+    dtype = execution.compute_dtype_for(model, device)
     storage = "cpu" if cfg.offload_activations else device
-    inputs = modeling.capture_layer0_inputs(model, dist.shard_windows(calib), device, batch_size=cfg.batch_size,
+    inputs = execution.capture_layer0_inputs(model, dist.shard_windows(calib), device, batch_size=cfg.batch_size,
                                             storage=storage, compute_dtype=dtype)
     plans: dict[str, bitplan.ModulePlan] = {}
-    layers = modeling.decoder_layers(model)
+    layers = layout.decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="measure layers", unit="layer", leave=False)):
-        with modeling.layer_weights(layer_source, i), modeling.on_device(layer, device, dtype):
-            linears = modeling.layer_linears(layer)
+        with execution.layer_weights(layer_source, i), execution.on_device(layer, device, dtype):
+            linears = layout.layer_linears(layer)
             for name, lin in linears.items():  # named in NaN/Inf reports
-                lin._misq_name = f"model.layers.{i}.{name}"
-            for j, step in enumerate(modeling.SEQUENTIAL_STEPS):
+                lin._misq_name = linear_name(i, name)
+            for j, step in enumerate(layout.SEQUENTIAL_STEPS):
                 H = _accumulate_step_hessian(layer, linears[step[0]], inputs, device, dist)
-                owners = _step_owners(step, linears, i * len(modeling.SEQUENTIAL_STEPS) + j, dist)
+                owners = _step_owners(step, linears, i * len(layout.SEQUENTIAL_STEPS) + j, dist)
                 mine = tuple(n for n in step if owners[n] == dist.rank)
                 part = bitplan.plan_step(_step_weights(linears, mine), H, cfg, with_costs=True) if mine else {}
                 part = dist.gather_dicts(part)
                 for name in step:
-                    plans[f"model.layers.{i}.{name}"] = part[name]
+                    plans[linear_name(i, name)] = part[name]
                 del H
-            modeling.run_layer(layer, inputs, device, out=inputs.hidden)
+            execution.run_layer(layer, inputs, device, out=inputs.hidden)
     if dist.is_main:
         res = bitplan.allocate_model(plans, cfg)
         log.info("model budget: %.4f average bits over %d layers (target %.2f)", res.average, len(plans), cfg.target_avg_bits)
@@ -148,7 +150,7 @@ def compress_model(
     block_fn: Callable | None = None,
     prior: CompressionOutput | None = None,
     dist: Dist | None = None,
-    layer_source: modeling.LayerSource | None = None,
+    layer_source: execution.LayerSource | None = None,
 ) -> CompressionOutput:
     """Compress every decoder layer of ``model`` in place with calibration windows ``calib`` [n, seqlen].
 
@@ -166,23 +168,23 @@ def compress_model(
         block_fn = get_block_fn(device)
     out = prior or CompressionOutput()
     out.model = model
-    dtype = modeling.compute_dtype_for(model, device)
+    dtype = execution.compute_dtype_for(model, device)
     store_dtype = next(model.parameters()).dtype
     storage = "cpu" if cfg.offload_activations else device
     dist = dist or LOCAL
     progress.update("calibration-inputs")
-    inputs = modeling.capture_layer0_inputs(model, dist.shard_windows(calib), device, batch_size=cfg.batch_size, storage=storage, compute_dtype=dtype)
-    layers = modeling.decoder_layers(model)
+    inputs = execution.capture_layer0_inputs(model, dist.shard_windows(calib), device, batch_size=cfg.batch_size, storage=storage, compute_dtype=dtype)
+    layers = layout.decoder_layers(model)
     bar = tqdm(range(len(layers)), desc="compress", unit="layer")
     for i in bar:
         layer = layers[i]
-        with modeling.layer_weights(layer_source, i):
-            with modeling.on_device(layer, device, dtype):
+        with execution.layer_weights(layer_source, i):
+            with execution.on_device(layer, device, dtype):
                 if i >= start_layer:
                     _compress_layer(i, layer, inputs, cfg, device, plans, out, progress, block_fn, store_dtype, dist=dist)
                 else:
                     progress.update("replay", layer=i + 1)
-                modeling.run_layer(layer, inputs, device, out=inputs.hidden)
+                execution.run_layer(layer, inputs, device, out=inputs.hidden)
                 if not torch.isfinite(inputs.hidden).all():
                     raise NumericalError(f"model.layers.{i}: its outputs hold NaN/Inf after compression")
             if i >= start_layer and on_layer_done is not None:
@@ -197,23 +199,23 @@ def _step_owners(step: tuple[str, ...], linears: dict[str, nn.Linear], turn: int
     return dict(zip(step, dist.assign([linears[n].out_features for n in step], turn)))
 
 
-def _compress_layer(i: int, layer: nn.Module, inputs: modeling.LayerInputs, cfg: CompressConfig, device: str,
+def _compress_layer(i: int, layer: nn.Module, inputs: execution.LayerInputs, cfg: CompressConfig, device: str,
                     plans: dict[str, bitplan.ModulePlan] | None, out: CompressionOutput, progress: ProgressSink,
                     block_fn: Callable | None, store_dtype: torch.dtype, dist: Dist = LOCAL) -> None:
-    linears = modeling.layer_linears(layer)
+    linears = layout.layer_linears(layer)
     for name, lin in linears.items():
-        lin._misq_name = f"model.layers.{i}.{name}"
-    for j, step in enumerate(modeling.SEQUENTIAL_STEPS):
+        lin._misq_name = linear_name(i, name)
+    for j, step in enumerate(layout.SEQUENTIAL_STEPS):
         progress.update("compress", layer=i + 1, sublayer="+".join(n.split(".")[-1] for n in step))
         H = _accumulate_step_hessian(layer, linears[step[0]], inputs, device, dist)
-        owners = _step_owners(step, linears, i * len(modeling.SEQUENTIAL_STEPS) + j, dist)
+        owners = _step_owners(step, linears, i * len(layout.SEQUENTIAL_STEPS) + j, dist)
         mine = tuple(n for n in step if owners[n] == dist.rank)
         solved = _solve_layers(i, mine, linears, H, cfg, plans, block_fn, store_dtype) if mine else {}
         del H
         # Under torchrun: each owner's weights to every rank, every owner's grids/plans/records to all.
         solved = dist.share_solved({n: linears[n].weight.data for n in step}, owners, solved)
         for name in step:
-            full = f"model.layers.{i}.{name}"
+            full = linear_name(i, name)
             out.grids[full], out.plans[full], record = solved[name]
             out.records.append(record)
             log.info("%s: rel. error %.5f, sparsity %.3f, %.3f bits", full, record["rel_error"], record["sparsity"], record["avg_bits"])
@@ -230,7 +232,7 @@ def _solve_layers(i: int, names: tuple[str, ...], linears: dict[str, nn.Linear],
     what the whole step's stacked solve gives them.
     """
     weights = _step_weights(linears, names)
-    full = {name: f"model.layers.{i}.{name}" for name in names}
+    full = {name: linear_name(i, name) for name in names}
     if plans is not None:
         step_plans = {name: plans[full[name]] for name in names}
     else:

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 import misq
-from misq import data, evaluate, modeling, streaming
 from misq.atomic import atomic_write_json
-from misq.checkpoint import misq_section_of
+from misq.checkpoint.packed import misq_section_of
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
 from misq.errors import MisqError
+from misq.models import layout, loading, streaming
+from misq.protocol import data, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +73,16 @@ def _load(model_cfg: ModelConfig, data_cfg: DataConfig) -> tuple[Any, Any, int, 
         streamed, tokenizer = streaming.open_streamed(folder, model_cfg)
         model = streamed.model
     elif misq_section_of(model_cfg.model) is not None:
-        from misq.checkpoint import load_packed_with_tokenizer
+        from misq.checkpoint.packed import load_packed_with_tokenizer
 
         if model_cfg.device_map is not None:
             raise MisqError("--device-map loads plain Hugging Face checkpoints; a packed checkpoint is small: "
                             "evaluate it on one GPU (--layerwise 1 if it does not fit)")
         model, tokenizer = load_packed_with_tokenizer(model_cfg.model)
     else:
-        model, tokenizer = modeling.load_model(model_cfg)
-    seqlen = data_cfg.seqlen or modeling.default_seqlen(model)
-    modeling.check_seqlen(model, seqlen)
+        model, tokenizer = loading.load_model(model_cfg)
+    seqlen = data_cfg.seqlen or layout.default_seqlen(model)
+    layout.check_seqlen(model, seqlen)
     return model, tokenizer, seqlen, device
 
 
@@ -95,14 +96,14 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     packed = misq_section_of(model_cfg.model)
     streaming.reset_peak_gpu(device)
     source = streaming.source_of(model)
-    evals = evaluate.evaluate_datasets(model, tokenizer, eval_cfg.datasets, seqlen, device, data_dir=data_dir,
+    evals = perplexity.evaluate_datasets(model, tokenizer, eval_cfg.datasets, seqlen, device, data_dir=data_dir,
                                        cache_dir=data_cfg.cache_dir, layerwise=model_cfg.layerwise, batch_size=eval_cfg.batch_size,
                                        c4_cut=data_cfg.c4_cut, source=source)
     results = {
         "misq_version": misq.__version__,
         "kind": "compressed" if packed is not None else "baseline",
         "created": _now(),
-        "model": modeling.model_summary(model) | {"name_or_path": model_cfg.model},
+        "model": layout.model_summary(model) | {"name_or_path": model_cfg.model},
         "device": device,
         "protocol": protocol_record(seqlen, data_cfg.c4_cut),
         "ppl": {name: r["ppl"] for name, r in evals.items()},
@@ -110,7 +111,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
         "timing": {"eval_s": {name: r["seconds"] for name, r in evals.items()}},
         "memory": streaming.peak_memory(device) | {"streamed": source is not None},
     }
-    if evaluate.is_dispatched(model):
+    if perplexity.is_dispatched(model):
         results["device_map"] = sorted({str(d) for d in model.hf_device_map.values()})
     if packed is not None:
         results["config"] = packed.get("compress_config", {})
@@ -137,9 +138,10 @@ def run_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressConf
 
     # Before anything touches CUDA: pins this rank's GPU, so that no rank opens a context on another's.
     dist = distributed.from_env(model_cfg.resolved_device())
-    from misq import bitplan, compress, preflight
-    from misq.resume import ResumeState
-    from misq.rundir import Progress, RunDir
+    from misq.compress import bitplan, driver
+    from misq.jobs import preflight
+    from misq.runs.resume import ResumeState
+    from misq.runs.rundir import Progress, RunDir
 
     resolved = {"model": vars(model_cfg), "data": vars(data_cfg), "compress": cfg.to_dict(),
                 "eval": {"datasets": list(eval_cfg.datasets)} if eval_cfg else None, "save": save_dir}
@@ -164,7 +166,7 @@ def run_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressConf
         device = dist.device or device
         streaming.reset_peak_gpu(device)
         source = streaming.source_of(model)  # streamed: layers are read, compressed, written and dropped one by one
-        n_layers = len(modeling.decoder_layers(model))
+        n_layers = len(layout.decoder_layers(model))
         with Progress(run, n_layers) as progress:
             progress.update("calibration-data")
             calib = data.calibration_windows(cfg.dataset, tokenizer, cfg.nsamples, seqlen, seed=cfg.seed,
@@ -175,14 +177,14 @@ def run_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressConf
             plans = dist.broadcast_object(state.load_plans())
             if plans is None and cfg.mixed_precision and cfg.budget == "model":
                 progress.update("measure")
-                plans = compress.measure_model_plan(model, calib, cfg, device, dist=dist, layer_source=source)
+                plans = driver.measure_model_plan(model, calib, cfg, device, dist=dist, layer_source=source)
                 state.save_plans(plans)
             start_layer, output = state.restore(model, calib, load_weights=source is None)
             if source is not None:
                 for i in range(start_layer):
                     source.use_file(i, state.layer_path(i))
             dist.broadcast_object(start_layer)
-            output = compress.compress_model(model, calib, cfg, device, progress=progress, plans=plans,
+            output = driver.compress_model(model, calib, cfg, device, progress=progress, plans=plans,
                                              start_layer=start_layer, on_layer_done=_layer_sink(state, source),
                                              prior=output, dist=dist, layer_source=source)
             processes = dist.describe() if dist.active else None
@@ -195,7 +197,7 @@ def run_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressConf
             if eval_cfg:
                 for name in eval_cfg.datasets:
                     progress.update(f"eval:{name}")
-                    res = evaluate.evaluate_datasets(model, tokenizer, (name,), seqlen, device, data_dir=data_dir,
+                    res = perplexity.evaluate_datasets(model, tokenizer, (name,), seqlen, device, data_dir=data_dir,
                                                      cache_dir=data_cfg.cache_dir, layerwise=model_cfg.layerwise,
                                                      batch_size=eval_cfg.batch_size, c4_cut=data_cfg.c4_cut,
                                                      source=source)[name]
@@ -203,7 +205,7 @@ def run_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressConf
                     results["ppl"][name] = res["ppl"]
                     results["timing"]["eval_s"][name] = res["seconds"]
             if save_dir:
-                from misq.checkpoint import save_packed
+                from misq.checkpoint.packed import save_packed
 
                 progress.update("save")
                 sizes = save_packed(model, output.grids, save_dir, tokenizer=tokenizer, compress_config=cfg.to_dict(),
@@ -250,15 +252,15 @@ def _compress_follower(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: Compre
     nothing else. It loads the model, takes the calibration windows (and any saved plans) from
     rank 0, compresses its share, and writes no file; on ``--resume`` it reads rank 0's resume
     folder (single host: the run folder is shared)."""
-    from misq import compress
-    from misq.resume import ResumeState
+    from misq.compress import driver
+    from misq.runs.resume import ResumeState
 
     model, _tokenizer, _seqlen, _device = _load_in_turn(model_cfg, data_cfg, dist)
     source = streaming.source_of(model)
     calib = dist.broadcast_object(None)
     plans = dist.broadcast_object(None)
     if plans is None and cfg.mixed_precision and cfg.budget == "model":
-        plans = compress.measure_model_plan(model, calib, cfg, dist.device, dist=dist, layer_source=source)
+        plans = driver.measure_model_plan(model, calib, cfg, dist.device, dist=dist, layer_source=source)
     start_layer, prior = 0, None
     expected = dist.broadcast_object(None)
     if expected:  # --resume with finished layers: replay them from rank 0's files (reads only)
@@ -271,7 +273,7 @@ def _compress_follower(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: Compre
         if start_layer != expected:
             raise MisqError(f"rank {dist.rank} found {start_layer} finished layers in {out_dir}, rank 0 found {expected}: "
                             "rerun with --resume")
-    compress.compress_model(model, calib, cfg, dist.device, plans=plans, start_layer=start_layer, prior=prior, dist=dist,
+    driver.compress_model(model, calib, cfg, dist.device, plans=plans, start_layer=start_layer, prior=prior, dist=dist,
                             layer_source=source)
     rank = dist.rank
     dist.close()
@@ -280,7 +282,7 @@ def _compress_follower(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: Compre
 
 def _compressed_results(model: Any, model_cfg: ModelConfig, cfg: CompressConfig, output: Any, seqlen: int,
                         compress_s: float, device: str, source: Any = None) -> dict[str, Any]:
-    from misq.storage import storage_accounting
+    from misq.checkpoint.accounting import storage_accounting
 
     records = output.records
     total = sum(r["rows"] * r["cols"] for r in records)
@@ -289,7 +291,7 @@ def _compressed_results(model: Any, model_cfg: ModelConfig, cfg: CompressConfig,
         "misq_version": misq.__version__,
         "kind": "compressed",
         "created": _now(),
-        "model": modeling.model_summary(model) | {"name_or_path": model_cfg.model},
+        "model": layout.model_summary(model) | {"name_or_path": model_cfg.model},
         "device": device,
         "cuda": torch.cuda.get_device_name(0) if str(device).startswith("cuda") else None,
         "protocol": protocol_record(seqlen),

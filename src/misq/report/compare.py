@@ -2,7 +2,7 @@
 
 :func:`compare` loads the results files, builds one comparison dict (what
 ``comparison_results.json`` holds) and renders ``report.md`` and ``report.html`` from that
-dict alone (see :mod:`misq.report_html`), so every number in a report is a number in the JSON.
+dict alone (see :mod:`misq.report.html`), so every number in a report is a number in the JSON.
 
 Derived percentages (retention, change, budget gap) are rounded here, once, to the precision
 the reports print; the verdict rules test those same rounded numbers, so a report never shows
@@ -23,8 +23,14 @@ from typing import Any
 import misq
 from misq.atomic import atomic_write_json, atomic_write_text
 from misq.errors import MisqError
-from misq.report_advice import BUDGET_TOLERANCE, VERDICT_DATASETS, suggestions, verdict, verdict_datasets
-from misq.rundir import RESULTS_FILE, iso_utc
+from misq.report.advice import (
+    BUDGET_TOLERANCE,
+    VERDICT_DATASETS,
+    suggestions,
+    verdict,
+    verdict_datasets,
+)
+from misq.runs.rundir import RESULTS_FILE, iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +77,8 @@ def compare(
     comparison = build_comparison(baseline, runs, retention_threshold=retention_threshold)
 
     # Imported here: the renderers pull in matplotlib, which analysis alone does not need.
-    from misq.report_html import render_html, render_markdown
-    from misq.report_plots import make_plots
+    from misq.report.html import render_html, render_markdown
+    from misq.report.plots import make_plots
 
     out = Path(out_dir)
     plots = make_plots(comparison)

@@ -1,0 +1,99 @@
+"""Loading a checkpoint's config, tokenizer and weights (local folder, HF cache or hub).
+
+The cheap checks (:func:`read_model_config`) come apart from the weights so that a run can
+refuse a bad model before it reads gigabytes or creates its run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from torch import nn
+
+from misq.config import ModelConfig
+from misq.dtypes import torch_dtype
+from misq.errors import MisqError
+from misq.models.layout import check_architecture
+
+log = logging.getLogger(__name__)
+
+
+try:  # what transformers 5 raises for a config.json whose values contradict each other
+    from huggingface_hub.errors import StrictDataclassError as _ConfigValidationError
+except ImportError:  # pragma: no cover - older huggingface_hub: such configs raise ValueError
+    _ConfigValidationError = ValueError
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else (``./x``, ``/x``, ``a/b/c``) is a path."""
+    return os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def read_model_config(cfg: ModelConfig) -> Any:
+    """The checkpoint's Hugging Face config, checked to be a causal LM misq knows; reads no weights.
+
+    This is the cheap half of :func:`load_model`, so that a run can refuse a bad model before it
+    loads gigabytes of weights or creates its run folder.
+    """
+    from transformers import AutoConfig
+
+    path = os.path.expanduser(cfg.model)
+    if _looks_local(cfg.model) and not os.path.isdir(path):
+        raise MisqError(f"model path {cfg.model!r} does not exist: give a local checkpoint folder or a hub id such as meta-llama/Llama-2-7b-hf")
+    try:
+        # trust_remote_code stays off unless the user passed --trust-remote-code: a checkpoint's
+        # own Python code would run with the user's rights.
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, _ConfigValidationError) as err:
+        cause = f"; {_first_line(err.__cause__)}" if err.__cause__ is not None else ""
+        raise MisqError(f"cannot read a model config from {cfg.model!r} ({_first_line(err).rstrip(':')}{cause}): "
+                        "give a Hugging Face causal-LM folder (with a valid config.json) or hub id") from None
+    check_architecture(hf_config)
+    return hf_config
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The checkpoint's tokenizer (no weights are read)."""
+    from transformers import AutoTokenizer
+
+    path = os.path.expanduser(cfg.model)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise MisqError(f"cannot load a tokenizer from {cfg.model!r} ({_first_line(err)}): "
+                        "the checkpoint folder needs its tokenizer files (tokenizer.json or tokenizer.model)") from None
+
+
+def load_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a local folder, the HF cache or the hub.
+
+    The weights stay on the CPU in ``cfg.dtype``; callers move layers as they need them. With
+    ``cfg.device_map`` transformers places them instead (evaluation over several GPUs).
+    """
+    from transformers import AutoModelForCausalLM
+
+    read_model_config(cfg)
+    placement: dict[str, Any] = {}
+    if getattr(cfg, "device_map", None) is not None:  # eval over several GPUs: transformers places the layers
+        from transformers.utils import is_accelerate_available
+
+        if not is_accelerate_available():
+            raise MisqError("--device-map needs the accelerate package: pip install accelerate "
+                            "(or evaluate on one GPU layer by layer with --layerwise 1)")
+        placement["device_map"] = cfg.device_map
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.expanduser(cfg.model), dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
+        low_cpu_mem_usage=True, **placement,
+    )
+    model.eval()
+    model.config.use_cache = False
+    return model, load_tokenizer(cfg)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
