@@ -79,7 +79,7 @@ def test_nm_round_trip(n: int, m: int, bits: int) -> None:
 
 
 def test_nm_cost_and_order() -> None:
-    # 2:4 costs 3 bits per 4 weights = 0.75 bit per weight, as PROTOCOL.md counts it.
+    # 2:4 costs 3 bits per 4 weights = 0.75 bit per weight, as docs/bit-accounting.md counts it.
     assert nm_nbytes(1000, 4000, 2, 4) * 8 / (1000 * 4000) == 0.75
     # Combinations are numbered lexicographically: {0,1} is 0, {2,3} is the last (5).
     keep = torch.tensor([[1, 1, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)

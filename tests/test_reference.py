@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def test_dense_perplexity_matches_reference(llama9m_dir, shared_data_dir, tmp_path):
     # The reference's c4 figure keeps all 1100 documents (146.209 with no cut, measured on an
-    # H200; PROTOCOL.md's 256 x seqlen cut gives 147.058), so compare it without the cut.
+    # H200; the protocol's 256 x seqlen cut (docs/protocol.md) gives 147.058), so compare it without the cut.
     res = jobs.run_eval(ModelConfig(str(llama9m_dir), device="cpu"),
                             DataConfig(data_dir=str(shared_data_dir), cache_dir=str(tmp_path), c4_cut=False),
                             EvalConfig(batch_size=4), str(tmp_path / "baseline.json"))

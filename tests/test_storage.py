@@ -1,4 +1,4 @@
-"""Size accounting (misq.checkpoint.accounting) against PROTOCOL.md and against the real packed bytes."""
+"""Size accounting (misq.checkpoint.accounting) against docs/bit-accounting.md and against the real packed bytes."""
 
 from __future__ import annotations
 

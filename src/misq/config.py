@@ -22,6 +22,16 @@ STREAM_MODES = ("auto", "on", "off")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
+def sparsity_pattern(sparsity: float, prunen: int = 0, prunem: int = 0) -> str:
+    """The one name of a run's sparsity pattern: ``"N:M"``, ``"unstructured"`` or ``"dense"`` (no pruning).
+
+    Results files, checkpoints, size accounting and reports all label a run with this.
+    """
+    if prunen and prunem:
+        return f"{prunen}:{prunem}"
+    return "unstructured" if sparsity > 0 else "dense"
+
+
 def parse_bits(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
     """Parse ``"2,3,4,6,8"`` into a sorted tuple of distinct widths in 2..16."""
     if isinstance(text, (list, tuple)):
@@ -92,12 +102,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where text comes from and how it is cut (see PROTOCOL.md)."""
+    """Where text comes from and how it is cut (docs/protocol.md)."""
 
     data_dir: str | None = None  # else $MISQ_DATA_DIR, else Hugging Face datasets
     seqlen: int | None = None  # None: min(2048, model max positions)
     cache_dir: str | None = None  # tokenized-text cache; None: $MISQ_CACHE_DIR or ~/.cache/misq
-    c4_cut: bool = True  # PROTOCOL.md: c4 eval cut to 256 x seqlen tokens; False keeps all 1100 documents
+    c4_cut: bool = True  # docs/protocol.md: c4 eval cut to 256 x seqlen tokens; False keeps all 1100 documents
 
     def __post_init__(self) -> None:
         if self.seqlen is not None and self.seqlen < 2:
@@ -169,6 +179,11 @@ class CompressConfig:
     @property
     def structured(self) -> bool:
         return bool(self.prunen and self.prunem)
+
+    @property
+    def pattern(self) -> str:
+        """``"N:M"``, ``"unstructured"`` or ``"dense"``: see :func:`sparsity_pattern`."""
+        return sparsity_pattern(self.sparsity, self.prunen, self.prunem)
 
     @property
     def mixed_precision(self) -> bool:

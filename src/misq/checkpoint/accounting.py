@@ -1,4 +1,4 @@
-"""Honest size accounting of a compressed model (PROTOCOL.md, "Counting bits").
+"""Honest size accounting of a compressed model (docs/bit-accounting.md).
 
 Pure arithmetic on the in-memory model and its grids: no files are written or read. The byte
 counts are those of the packed checkpoint format (:mod:`misq.checkpoint.packing`, :mod:`misq.checkpoint`)
@@ -112,7 +112,7 @@ def layer_bytes(weight: Tensor, grid: QuantGrid, pattern: str | Pattern) -> dict
 
 def storage_accounting(model: nn.Module, grids: dict[str, QuantGrid], pattern: str,
                        source: LayerSource | None = None) -> dict[str, Any]:
-    """All the labelled size figures of PROTOCOL.md for ``model`` compressed with ``grids``.
+    """All the labelled size figures of docs/bit-accounting.md for ``model`` compressed with ``grids``.
 
     ``grids`` maps full linear names (``model.layers.0.self_attn.q_proj``) to their grids; the
     model's weights must already be the compressed ones (pruned to exact zeros). Tokenizer and

@@ -38,7 +38,7 @@ def protocol_record(seqlen: int, c4_cut: bool = True) -> dict[str, Any]:
         "unk_as_text": True,
         "segments": "tokens // seqlen, no overlap, remainder dropped",
         "ppl": "exp(sum(mean CE of shifted logits * seqlen) / (segments * seqlen))",
-        "reference": "PROTOCOL.md (the protocol of the GPTQ/SparseGPT papers' tables)",
+        "reference": "docs/protocol.md (the protocol of the GPTQ/SparseGPT papers' tables)",
     }
 
 

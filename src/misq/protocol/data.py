@@ -1,4 +1,4 @@
-"""Evaluation and calibration text, tokenized exactly as GPTQ/SparseGPT do (see PROTOCOL.md).
+"""Evaluation and calibration text, tokenized exactly as GPTQ/SparseGPT do (docs/protocol.md).
 
 Text comes from standard file names in a data directory (``--data-dir`` or ``$MISQ_DATA_DIR``),
 else from Hugging Face ``datasets`` (optional; needs network or a warm HF cache). The rows of a
@@ -235,7 +235,7 @@ def encode(tokenizer: Any, text: str) -> torch.LongTensor:
 
     Same call as the reference code (special tokens added as the tokenizer does by default, so
     a LLaMA tokenizer puts one BOS at the start) plus ``split_special_tokens=True``: PTB's
-    literal ``<unk>`` must not become the unknown token (PROTOCOL.md).
+    literal ``<unk>`` must not become the unknown token (docs/protocol.md).
     """
     # verbose=False: a whole test split is meant to be longer than model_max_length (it is cut
     # into windows afterwards), so transformers' "sequence length is longer" warning is noise.

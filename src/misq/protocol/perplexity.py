@@ -1,4 +1,4 @@
-"""Perplexity by the GPTQ/SparseGPT protocol (PROTOCOL.md).
+"""Perplexity by the GPTQ/SparseGPT protocol (docs/protocol.md).
 
 The test text is tokenized once, cut into ``tokens // seqlen`` non-overlapping segments (the
 remainder is dropped), and each segment is scored alone:
