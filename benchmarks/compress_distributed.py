@@ -44,8 +44,8 @@ from pathlib import Path
 if int(os.environ.get("RANK", "0") or 0):  # a worker other than rank 0: no progress bars (read when torch imports tqdm)
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
-from timing import cuda, now  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+import torch
+from timing import cuda, now
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # misq from this checkout, installed or not
@@ -110,15 +110,15 @@ def worker(args) -> None:
         setattr(owner, attr, wrapper)
 
     # Each sits where the driver synchronises anyway (or waits on the other ranks).
-    timed(compress, "_accumulate_step_hessian", "forwards + hessian (incl. all-reduce)")
+    timed(driver, "_accumulate_step_hessian", "forwards + hessian (incl. all-reduce)")
     timed(dist, "reduce_hessian", "hessian all-reduce")
-    timed(compress, "solve", "solves (own layers)")
+    timed(driver, "solve", "solves (own layers)")
     timed(dist, "share_solved", "waiting for owners + broadcast")
-    timed(modeling, "run_layer", "final forward")
-    timed(modeling, "capture_layer0_inputs", "capture")
+    timed(execution, "run_layer", "final forward")
+    timed(execution, "capture_layer0_inputs", "capture")
     marks = {"last": now()}
 
-    def on_layer_done(i, _out):
+    def on_layer_done(i, _layer_state, _out):
         t = now()
         row = {"layer_s": t - marks["last"], "peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda() else float("nan")}
         row.update({k: round(v, 4) for k, v in phases.items()})
@@ -220,7 +220,7 @@ def speed_runs(args, ks: list[int], scratch: Path, out: Path) -> dict:
         }
         log.info("K=%d: %.3f s/layer (layers %s)", k, runs[k]["s_per_layer"], [round(x, 3) for x in runs[k]["layer_s"]])
     base = runs.get(ks[0], {}).get("s_per_layer") if ks and ks[0] == 1 else None
-    for k, r in runs.items():
+    for r in runs.values():
         if base and "s_per_layer" in r:
             r["speedup_vs_k1"] = base / r["s_per_layer"]
     if 1 in runs and "records" in runs[1]:
@@ -239,7 +239,7 @@ def agreement(ref_dir: Path, dir_k: Path, rec_ref: list, rec_k: list) -> dict:
     layers: dict[str, dict] = {}
     equal = total = 0
     with safe_open(str(ref_dir / "weights.safetensors"), "pt") as a, safe_open(str(dir_k / "weights.safetensors"), "pt") as b:
-        for name in a.keys():
+        for name in a.keys():  # noqa: SIM118 (safe_open is not a dict)
             x, y = a.get_tensor(name).float(), b.get_tensor(name).float()
             layer = name.split(".")[2]
             d = layers.setdefault(layer, {"weights": 0, "bitwise_equal": 0, "mask_differs": 0, "max_abs_diff": 0.0})

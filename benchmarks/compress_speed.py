@@ -2,7 +2,7 @@
 """Per-layer compression speed of misq on a LLaMA-13B-shaped model (issue 3).
 
 Builds a LlamaForCausalLM with LLaMA-13B's shapes (hidden 5120, FFN 13824, 40 heads, vocab 32000)
-and a few randomly initialised decoder layers, in fp16, and times ``misq.compress.compress_model``
+and a few randomly initialised decoder layers, in fp16, and times ``misq.compress.driver.compress_model``
 at 128 x 2048 random calibration tokens, 50% unstructured sparsity + 4-bit uniform quantization:
 
   fused     the default driver path (fused Triton block sweep, batched forwards), all layers;
@@ -52,7 +52,7 @@ def reset_peak() -> None:
 def import_misq():
     from misq.compress import driver
 
-    return compress
+    return driver
 
 
 # --------------------------------------------------------------------------- model
@@ -146,7 +146,7 @@ class Timers:
         self.patches.clear()
 
 
-def run_compress(args, model, calib, *, straight: bool, fine: bool, compress):
+def run_compress(args, model, calib, *, straight: bool, fine: bool, driver):
     """compress_model over every layer of ``model``; returns per-layer times, peaks and breakdowns."""
     from misq.algorithms import sparsegpt
     from misq.config import CompressConfig
@@ -171,7 +171,7 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, compress):
         reset_peak()
         return out
 
-    def on_layer_done(i, _out):
+    def on_layer_done(i, _layer_state, _out):
         t = now()
         layer_s.append(t - marks["last"])
         marks["last"] = t
@@ -181,19 +181,19 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, compress):
 
     # Coarse timers: each sits where the driver synchronises anyway (solve checks its result,
     # the Hessian hook checks its input), so they barely perturb the run.
-    timers.wrap(compress, "_accumulate_step_hessian", "forward+hessian")
-    timers.wrap(compress, "solve", "solve")
+    timers.wrap(driver, "_accumulate_step_hessian", "forward+hessian")
+    timers.wrap(driver, "solve", "solve")
     timers.wrap(driver.bitplan, "plan_step", "plan+grid")
     timers.wrap(driver.bitplan, "grid_for", "plan+grid")
-    timers.wrap(compress, "column_params", "plan+grid")
-    timers.wrap(modeling, "run_layer", "final forward")
+    timers.wrap(driver, "column_params", "plan+grid")
+    timers.wrap(execution, "run_layer", "final forward")
     if fine:  # these add synchronisations inside the loops
         timers.wrap(sparsegpt.HessianAccumulator, "add", "hessian GEMM")
         timers.wrap(sparsegpt, "damped_inverse_cholesky", "solve: inverse Cholesky")
         timers.wrap(sparsegpt, "_segment_rel_errors", "solve: rel. error")
         timers.wrap(sparsegpt, "_unstructured_keep", "solve: masks")
     if fine:
-        timers.wrap_cm(modeling, "on_device", "layer to GPU", "layer back to CPU")
+        timers.wrap_cm(execution, "on_device", "layer to GPU", "layer back to CPU")
     execution.capture_layer0_inputs = timed_capture
     if straight:
         block_fn = sparsegpt.block_loop
@@ -215,7 +215,8 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, compress):
     reset_peak()
     try:
         marks["start"] = now()
-        out = driver.compress_model(model, calib, cfg, device, on_layer_done=on_layer_done, block_fn=block_fn)
+        out = driver.compress_model(model, calib, cfg, device, on_layer_done=on_layer_done, block_fn=block_fn,
+                                    solver=sparsegpt.SolverOptions(hinv_method=args.hinv))
         total = now() - marks["start"]
     finally:
         execution.capture_layer0_inputs = capture
@@ -299,18 +300,17 @@ def micro(args) -> dict:
         row = {"eager_ms": 1e3 * bench(lambda: sparsegpt.block_loop(W1.clone(), Hinv1, keep1.clone(), scale, zero, maxq), reps=3)}
         if fused.get_block_fn(dev) is not None:
             for conf in args.sweep_configs:
-                os.environ["MISQ_FUSED_CONFIG"] = conf
+                launch = tuple(int(x) for x in conf.split(","))  # (rows per program, warps)
                 try:
                     Wf, Kf = W1.clone(), keep1.clone()
-                    Qf, Ef = fused.fused_block_loop(Wf, Hinv1, Kf, scale, zero, maxq)
+                    Qf, Ef = fused.fused_block_loop(Wf, Hinv1, Kf, scale, zero, maxq, launch=launch)
                     sync()
-                    row[f"fused[{conf}]_ms"] = 1e3 * bench(lambda: fused.fused_block_loop(W1.clone(), Hinv1, keep1, scale, zero, maxq), reps=10)
+                    row[f"fused[{conf}]_ms"] = 1e3 * bench(
+                        lambda: fused.fused_block_loop(W1.clone(), Hinv1, keep1, scale, zero, maxq, launch=launch), reps=10)
                     row[f"fused[{conf}]_Q_mismatch"] = int((Qf != Qr).sum())
                     row[f"fused[{conf}]_Err_maxdiff"] = float((Ef - Er).abs().max())
                 except Exception as err:  # a config that does not compile (registers) is skipped
                     row[f"fused[{conf}]_error"] = repr(err)[:200]
-                finally:
-                    os.environ.pop("MISQ_FUSED_CONFIG", None)
             # N:M 2:4 with the default config
             Kn = torch.ones_like(keep1)
             Wr2, Kr2 = W1.clone(), Kn.clone()
@@ -329,11 +329,12 @@ def micro(args) -> dict:
         F = args.ffn
         x = torch.randn(n, F, device=dev, generator=g).half()
         Hf = torch.zeros(F, F, device=dev)
-        hess = {"tokens": n, "columns": F, "addmm_out_dtype": sparsegpt._HAS_ADDMM_OUT_DTYPE, "mm_out_dtype": sparsegpt._HAS_OUT_DTYPE}
+        hess = {"tokens": n, "columns": F, "addmm_out_dtype": sparsegpt.addmm_out_dtype_supported(),
+                "mm_out_dtype": sparsegpt.mm_out_dtype_supported()}
         hess["fp16_mm_fp16_out_ms"] = 1e3 * bench(lambda: torch.mm(x.t(), x))
-        if sparsegpt._HAS_OUT_DTYPE:
+        if sparsegpt.mm_out_dtype_supported():
             hess["mm_out_fp32_plus_add_ms"] = 1e3 * bench(lambda: (Hf.mul_(0.5), Hf.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=1e-3)))
-        if sparsegpt._HAS_ADDMM_OUT_DTYPE:
+        if sparsegpt.addmm_out_dtype_supported():
             hess["addmm_out_fp32_inplace_ms"] = 1e3 * bench(lambda: torch.addmm(Hf, x.t(), x, out_dtype=torch.float32, beta=0.5, alpha=1e-3, out=Hf))
         xs = x[: n // 4].float()
         hess["fp32_upcast_addmm_quarter_ms"] = 1e3 * bench(lambda: Hf.addmm_(xs.t(), xs, alpha=1e-3), reps=3)
@@ -349,10 +350,8 @@ def micro(args) -> dict:
         del Xw
         Us = {}
         for method in ("inverse", "reverse"):
-            sparsegpt.HINV_METHOD = method
-            inv[f"C={Cw},{method}_ms"] = 1e3 * bench(lambda: sparsegpt.damped_inverse_cholesky(Hw.clone(), 0.01), reps=3)
-            Us[method] = sparsegpt.damped_inverse_cholesky(Hw.clone(), 0.01)[0]
-        sparsegpt.HINV_METHOD = args.hinv
+            inv[f"C={Cw},{method}_ms"] = 1e3 * bench(lambda: sparsegpt.damped_inverse_cholesky(Hw.clone(), 0.01, method=method), reps=3)
+            Us[method] = sparsegpt.damped_inverse_cholesky(Hw.clone(), 0.01, method=method)[0]
         inv[f"C={Cw},reverse_vs_inverse_reldiff"] = float((Us["reverse"] - Us["inverse"]).norm() / Us["inverse"].norm())
         del Hw, Us
     res["inverse_cholesky"] = inv
@@ -402,7 +401,7 @@ def micro(args) -> dict:
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        __MODELING__
+        from misq.models import execution
 
         lcfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_attention_heads=args.heads,
                            num_key_value_heads=args.heads, vocab_size=args.vocab)
@@ -465,9 +464,8 @@ def env_info() -> dict:
         info["gpu"] = p.name
         info["gpu_mem_gib"] = round(p.total_memory / GIB, 1)
         info["sms"] = p.multi_processor_count
-    info["mm_out_dtype"] = sparsegpt._HAS_OUT_DTYPE
-    info["addmm_out_dtype"] = sparsegpt._HAS_ADDMM_OUT_DTYPE
-    info["hinv_method"] = sparsegpt.HINV_METHOD
+    info["mm_out_dtype"] = sparsegpt.mm_out_dtype_supported()
+    info["addmm_out_dtype"] = sparsegpt.addmm_out_dtype_supported()
     info["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     return info
 
@@ -488,7 +486,8 @@ def main() -> int:
     ap.add_argument("--ffn", type=int, default=13824)
     ap.add_argument("--heads", type=int, default=40)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--hinv", choices=("inverse", "reverse"), default=None, help="override sparsegpt.HINV_METHOD")
+    ap.add_argument("--hinv", choices=("inverse", "reverse"), default=None,
+                    help="SolverOptions.hinv_method of the compress runs (default: the solver's)")
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--sweep-configs", default="4,4;8,4;8,2;16,4;4,2", help="rows,warps;... for the block-sweep micro-benchmark")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test, CPU too)")
@@ -501,9 +500,7 @@ def main() -> int:
     compress = import_misq()
     from misq.algorithms import sparsegpt
 
-    if args.hinv:
-        sparsegpt.HINV_METHOD = args.hinv
-    args.hinv = sparsegpt.HINV_METHOD
+    args.hinv = args.hinv or sparsegpt.DEFAULT_OPTIONS.hinv_method
     result: dict = {"args": {k: v for k, v in vars(args).items()}, "env": env_info(), "notes": NOTES}
     print("env:", json.dumps(result["env"]), flush=True)
     out_dir = Path(args.out)
@@ -531,19 +528,19 @@ def main() -> int:
 
     def fused_run():
         model = build_model(args, args.layers, seed=0)
-        r = run_compress(args, model, calib, straight=False, fine=False, compress=compress)
+        r = run_compress(args, model, calib, straight=False, fine=False, driver=compress)
         del model
         return r
 
     def profile_run():
         model = build_model(args, args.profile_layers, seed=1)
-        r = run_compress(args, model, calib, straight=False, fine=True, compress=compress)
+        r = run_compress(args, model, calib, straight=False, fine=True, driver=compress)
         del model
         return r
 
     def straight_run():
         model = build_model(args, max(args.layers, args.straight_layers), seed=0, keep=args.straight_layers)
-        r = run_compress(args, model, calib, straight=True, fine=False, compress=compress)
+        r = run_compress(args, model, calib, straight=True, fine=False, driver=compress)
         del model
         return r
 

@@ -14,9 +14,9 @@ import argparse
 import logging
 import time
 
+from misq import jobs
 from misq.atomic import atomic_write_json
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
-from misq.jobs import compress as jobs
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ import json
 import logging
 import time
 
+from misq import jobs
 from misq.atomic import atomic_write_json
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
-from misq.jobs import compress as jobs
 
 DATASETS = ("wikitext2", "ptb", "c4")
 # shared/models/README.md, measured with the public reference code on one H200 (fp16).

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from misq import jobs
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
-from misq.jobs import compress as jobs
 
 FAMILY = {
     "mistral": ("MistralConfig", "MistralForCausalLM"),

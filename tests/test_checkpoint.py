@@ -13,7 +13,10 @@ from transformers import AutoModelForCausalLM
 
 import misq
 from misq.algorithms.quantizer import find_grid, quantize_with_grid
-from misq.checkpoint.accounting import pattern_for, storage_accounting
+from misq.checkpoint import (
+    packed as packed_module,  # not `packed`: that is the fixture below
+)
+from misq.checkpoint.accounting import storage_accounting
 from misq.checkpoint.packed import (
     export_dense,
     is_packed_checkpoint,
@@ -21,7 +24,6 @@ from misq.checkpoint.packed import (
     load_packed_with_tokenizer,
     save_packed,
 )
-from misq.checkpoint import packed
 from misq.checkpoint.packing import nm_keep_mask, parse_pattern
 from misq.config import CompressConfig
 from misq.errors import MisqError
@@ -37,7 +39,7 @@ def _compress(model, cfg: CompressConfig) -> dict:
     try:
         from misq.compress.driver import compress_model
     except ImportError:
-        return _direct(model, [cfg.wbits], pattern_for(cfg))
+        return _direct(model, [cfg.wbits], cfg.pattern)
 
     calib = torch.randint(0, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
     return compress_model(model, calib, cfg, "cpu").grids
@@ -79,7 +81,7 @@ def packed(tiny_checkpoint: Path, tmp_path_factory) -> tuple[Path, torch.nn.Modu
     grids = _compress(model, cfg)
     out = tmp_path_factory.mktemp("packed") / "ckpt"
     sizes = save_packed(model, grids, out, tokenizer=AutoTokenizer.from_pretrained(tiny_checkpoint),
-                        compress_config=cfg, pattern=pattern_for(cfg), extra={"note": "test"})
+                        compress_config=cfg, pattern=cfg.pattern, extra={"note": "test"})
     assert sizes["payload_bytes"] == storage_accounting(model, grids, "unstructured")["bytes_by_kind"]
     return out, model
 
@@ -207,7 +209,7 @@ def test_config_survivors_do_not_match_tensors(broken: Path) -> None:
 
 
 def test_refuses_to_overwrite_a_foreign_folder(packed, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    out, model = packed
+    _, model = packed
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -223,28 +225,28 @@ def test_refuses_to_overwrite_a_foreign_folder(packed, tiny_checkpoint: Path, tm
 
 def test_interrupted_save_leaves_nothing_complete(packed, tmp_path: Path, monkeypatch) -> None:
     _, model = packed
-    real_save = packed.save_file
+    real_save = packed_module.save_file
 
     def crash(tensors, path, metadata=None):
         real_save(tensors, path, metadata=metadata)
         assert not is_packed_checkpoint(Path(path).parent)  # config.json comes last
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr(packed_module, "save_file", crash)
     target = tmp_path / "new"
     with pytest.raises(KeyboardInterrupt):
         save_packed(model, {}, target, compress_config={}, pattern="dense")
     assert list(tmp_path.iterdir()) == []  # no target, no leftover staging folder
 
     # Replacing an existing checkpoint: a failed save keeps the old one whole.
-    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    monkeypatch.setattr(packed_module, "save_file", real_save)
     save_packed(model, {}, target, compress_config={"v": 1}, pattern="dense")
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr(packed_module, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_packed(model, {}, target, compress_config={"v": 2}, pattern="dense")
     assert [p.name for p in tmp_path.iterdir()] == ["new"]
     assert json.loads((target / "config.json").read_text())["misq"]["compress_config"] == {"v": 1}
-    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    monkeypatch.setattr(packed_module, "save_file", real_save)
     save_packed(model, {}, target, compress_config={"v": 3}, pattern="dense")  # replaces a misq checkpoint
     assert json.loads((target / "config.json").read_text())["misq"]["compress_config"] == {"v": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["new"]

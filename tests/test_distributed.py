@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -42,7 +43,7 @@ def test_shards_partition_the_windows(n, world):
         return
     shards = [distributed.Dist(rank=r, world_size=world).shard(n) for r in range(world)]
     assert shards[0].start == 0 and shards[-1].stop == n
-    assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
+    assert all(a.stop == b.start for a, b in itertools.pairwise(shards))
     sizes = [s.stop - s.start for s in shards]
     assert max(sizes) - min(sizes) <= 1 and sorted(sizes, reverse=True) == sizes
 
@@ -167,9 +168,9 @@ def _linear_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_torchrun_two_processes_match_one(tiny_checkpoint, tmp_path):
+    from misq import jobs
     from misq.config import DataConfig, EvalConfig, ModelConfig
     from misq.demo.toy import synthetic_corpus
-    from misq.jobs import compress as jobs
 
     calib = tmp_path / "calib.txt"
     calib.write_text(synthetic_corpus(2000, seed=1))

@@ -37,7 +37,7 @@ def straightforward(model: torch.nn.Module, calib: torch.Tensor, cfg: CompressCo
             for name in step:
                 lin = linears[name]
                 acc = HessianAccumulator(lin.in_features, "cpu")
-                handle = lin.register_forward_pre_hook(lambda _m, args: acc.add(args[0]))
+                handle = lin.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0]))
                 for j in range(n):
                     execution.call_layer(layer, inputs.hidden[j : j + 1], inputs.batch_kwargs(1, "cpu"))
                 handle.remove()

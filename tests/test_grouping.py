@@ -201,7 +201,7 @@ def test_mi_grouping_accepts_precomputed_mi():
 def test_mi_groups_ordered_by_sensitivity_and_separate_hot_channels():
     # Two MI blocks; within each, a few channels are 100x more sensitive. Sensitivity must
     # split them off, and ids must ascend with mean sensitivity.
-    H, block = _planted_blocks(80, 2, seed=4)
+    H, _ = _planted_blocks(80, 2, seed=4)
     scale = torch.ones(80)
     hot = torch.arange(80) % 10 == 0
     scale[hot] = 10.0  # H_jj x 100

@@ -71,7 +71,7 @@ def test_non_finite_solved_layer_is_not_written(capsys, tmp_path, tiny_checkpoin
 def test_indefinite_hessian_names_the_layers(capsys, tmp_path, tiny_checkpoint, tiny_corpus_file, monkeypatch):
     from misq.algorithms import sparsegpt
 
-    monkeypatch.setattr(sparsegpt, "_upper_cholesky_of_inverse", lambda H: None)  # no damping ever helps
+    monkeypatch.setattr(sparsegpt, "_upper_cholesky_of_inverse", lambda H, method: None)  # no damping ever helps
     line = stopped(capsys, tmp_path, compress(tiny_checkpoint, tiny_corpus_file, tmp_path), layers_done=0)
     names = "+".join(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
     assert f"{names}: the Hessian is not positive definite" in line

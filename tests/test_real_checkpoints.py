@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from conftest import shared_root
 
+from misq import jobs
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
-from misq.jobs import compress as jobs
 
 
 @pytest.fixture(scope="module")

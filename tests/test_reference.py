@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from misq import jobs
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
-from misq.jobs import compress as jobs
 
 DENSE = {"wikitext2": 111.12, "ptb": 260.51, "c4": 146.21}
 SPARSEGPT_50_4BIT = {"wikitext2": 127.10, "ptb": 272.52, "c4": 156.52}

@@ -77,7 +77,9 @@ def md_tables(text: str) -> list[list[dict[str, str]]]:
     i = 0
     while i < len(lines):
         if lines[i].startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
-            split = lambda line: [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]  # noqa: E731
+            def split(line):
+                return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
             headers, rows, i = split(lines[i]), [], i + 2
             while i < len(lines) and lines[i].startswith("|"):
                 rows.append(dict(zip(headers, split(lines[i]))))
@@ -371,7 +373,24 @@ def test_labels_for_fractional_targets_nm_patterns_and_same_folders():
     c = build_comparison((Path("base.json"), BASELINE), runs)
     assert [r["label"] for r in c["runs"]] == ["mi K=10 3.25b layer +50%", "mi K=10 4.0b layer +2:4 (run) #2", "mi K=10 4.0b layer +2:4 (run) #3"]
     c["primary"] = 1
-    assert "| Sparsity & pattern | none | 50.0% 2:4, actual 50.0% |" in render_markdown(c)
+    assert "| Sparsity & pattern | none (dense) | 50.0% 2:4, actual 50.0% |" in render_markdown(c)
+
+
+def test_a_run_without_pruning_is_named_by_its_quantization_alone():
+    """Sparsity 0 is no pattern: no "+dense" in the label, and the cell says "none (dense)", not "0.0% dense"."""
+    run = make_run(config={"sparsity": 0.0}, sparsity={"target": 0.0, "actual": 0.0, "pattern": "dense"})
+    uniform = make_run(config={"sparsity": 0.0, "grouping": "uniform"}, sparsity={"target": 0.0, "actual": 0.0, "pattern": "dense"})
+    c = build_comparison((Path("base.json"), BASELINE), [(Path("mixed.json"), run), (Path("gptq.json"), uniform)])
+    assert [r["label"] for r in c["runs"]] == ["mi K=10 4.0b layer", "uniform 4b"]
+    assert all(r["config"]["pattern"] == "dense" and r["config"]["sparsity"] == "none (dense)" for r in c["runs"])
+    md = render_markdown(c)
+    assert "| Sparsity & pattern | none (dense) | none (dense) |" in md
+    assert "dense" not in " ".join(row["Run"] for row in table_with(md, "Run"))
+    assert [row["Sparsity"] for row in table_with(md, "Run")] == ["none (dense)", "none (dense)"]
+    # A file older than the "pattern" field gets the same words from its config.
+    old = make_run(config={"sparsity": 0.0})
+    del old["sparsity"]
+    assert analyse(old)["label"] == "mi K=10 4.0b layer" and analyse(old)["config"]["sparsity"] == "none (dense)"
 
 
 def test_run_directory_is_accepted(tmp_path):

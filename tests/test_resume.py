@@ -193,8 +193,8 @@ def interrupt_after_layer0(monkeypatch):
     original = ResumeState.layer_done
     fired = []
 
-    def layer_done(self, i, output):
-        original(self, i, output)
+    def layer_done(self, i, layer_state, output):
+        original(self, i, layer_state, output)
         if i == 0 and not fired:
             fired.append(i)
             raise KeyboardInterrupt

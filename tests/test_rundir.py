@@ -104,10 +104,9 @@ def test_progress_eta_from_mean_layer_time(tmp_path):
 
 
 def test_progress_context_manager_records_failure(tmp_path):
-    with pytest.raises(RuntimeError):
-        with Progress(tmp_path, total_layers=2) as p:
-            p.update("compress", layer=1)
-            raise RuntimeError("CUDA out of memory")
+    with pytest.raises(RuntimeError), Progress(tmp_path, total_layers=2) as p:
+        p.update("compress", layer=1)
+        raise RuntimeError("CUDA out of memory")
     data = _progress_json(RunDir(tmp_path))
     assert data["status"] == "failed" and "CUDA out of memory" in data["error"] and data["stage"] == "compress"
     status = read_status(tmp_path)
@@ -116,10 +115,9 @@ def test_progress_context_manager_records_failure(tmp_path):
 
 
 def test_ctrl_c_is_recorded_as_interrupted_not_failed(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        with Progress(tmp_path, total_layers=4) as p:
-            p.update("compress", layer=3)
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), Progress(tmp_path, total_layers=4) as p:
+        p.update("compress", layer=3)
+        raise KeyboardInterrupt
     status = read_status(tmp_path)
     assert status["state"] == "interrupted" and status["layer"] == 3
     text = format_status(status)

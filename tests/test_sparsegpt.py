@@ -15,6 +15,7 @@ from misq.algorithms.quantizer import (
 )
 from misq.algorithms.sparsegpt import (
     HessianAccumulator,
+    SolverOptions,
     column_params,
     relative_output_error,
     solve,
@@ -119,3 +120,26 @@ def test_nan_weight_is_reported():
     W[3, 7] = float("nan")
     with pytest.raises(NumericalError, match="NaN"):
         solve(W, H, None)
+
+
+def test_solver_options_change_how_not_what():
+    """Both inverse-Cholesky methods and both error paths give the same solve (up to fp32 rounding)."""
+    W, H = _layer()
+    kw = {"sparsity": 0.5, "blocksize": 32}
+    ref = solve(W, H.clone(), column_params([uniform_grid(W, 4)]), **kw)
+    alt = solve(W, H.clone(), column_params([uniform_grid(W, 4)]), options=SolverOptions("inverse", fast_rel_error=False), **kw)
+    torch.testing.assert_close(alt.weight, ref.weight, rtol=0, atol=1e-4)
+    assert alt.rel_error == pytest.approx(ref.rel_error, rel=1e-3)
+    with pytest.raises(ValueError, match="method"):
+        solve(W, H.clone(), None, options=SolverOptions("cholesky"))  # type: ignore[arg-type]
+
+
+def test_import_probes_nothing():
+    """The out_dtype probes run at first use, not at import (importing must not touch CUDA)."""
+    import subprocess
+    import sys
+
+    code = ("import misq.algorithms.sparsegpt as s; "
+            "assert s.mm_out_dtype_supported.cache_info().currsize == 0; "
+            "assert s.addmm_out_dtype_supported.cache_info().currsize == 0")
+    subprocess.run([sys.executable, "-c", code], check=True)

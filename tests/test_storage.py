@@ -35,9 +35,12 @@ def _one_layer_model(W: torch.Tensor) -> nn.Module:
 
 
 def test_pattern_for() -> None:
-    assert pattern_for(CompressConfig(sparsity=0.5)) == "unstructured"
-    assert pattern_for(CompressConfig(sparsity=0.0)) == "dense"
-    assert pattern_for(CompressConfig(prunen=2, prunem=4).to_dict()) == "2:4"
+    # The dict form (results files, packed checkpoints) reads the same as the live config.
+    for cfg in (CompressConfig(sparsity=0.5), CompressConfig(sparsity=0.0), CompressConfig(prunen=2, prunem=4)):
+        assert pattern_for(cfg.to_dict()) == cfg.pattern
+    assert [c.pattern for c in (CompressConfig(sparsity=0.5), CompressConfig(sparsity=0.0))] == ["unstructured", "dense"]
+    assert CompressConfig(prunen=2, prunem=4).pattern == "2:4"
+    assert pattern_for({"sparsity": None, "prunen": None}) == "dense"  # older files: null fields
 
 
 def test_protocol_worked_example() -> None:

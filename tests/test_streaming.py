@@ -11,12 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from misq import cli
+from misq import cli, jobs
 from misq.checkpoint.packed import load_packed
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
 from misq.demo.toy import synthetic_corpus
 from misq.errors import MisqError
-from misq.jobs import compress as jobs
 from misq.models import streaming
 from misq.models.streaming import StreamedModel, is_materialized
 from misq.protocol import perplexity
@@ -110,8 +109,8 @@ def test_streamed_run_resumes_from_its_layer_files(sharded, texts, tmp_path, mon
     straight = jobs.run_compress(model_cfg, _data(tmp_path), cfg, evals, str(tmp_path / "a"), save_dir=str(tmp_path / "pa"))
     layer_done = ResumeState.layer_done
 
-    def crash_after_layer_0(self, i, output):
-        layer_done(self, i, output)
+    def crash_after_layer_0(self, i, layer_state, output):
+        layer_done(self, i, layer_state, output)
         if i == 0:
             raise KeyboardInterrupt
 

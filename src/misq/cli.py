@@ -1,22 +1,28 @@
 """The ``misq`` command line: a thin layer over the typed configs in :mod:`misq.config`.
 
-Every subcommand parses flags into config objects and calls one library function. The
-prototype's flag spellings (``--nsamples``, ``--target_avg_bits``, ``--use_mi_grouping`` …) are
-accepted next to the dashed ones. A :class:`~misq.errors.MisqError` becomes one line on stderr
+Every subcommand parses flags into config objects and calls one library function. Flags for
+config fields are built from the fields' metadata (:func:`misq.config.option`): default, choices
+and help are written once, in :mod:`misq.config`. The prototype's flag spellings (``--nsamples``,
+``--target_avg_bits``, ``--use_mi_grouping`` …) are accepted next to the dashed ones. A :class:`~misq.errors.MisqError` becomes one line on stderr
 and exit status 2; Ctrl-C exits 130 (a compression run keeps its state for ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
-from typing import Sequence
+import typing
+from collections.abc import Sequence
+from dataclasses import MISSING
+from typing import Any, TypeVar
 
 from misq.errors import MisqError
 
 log = logging.getLogger("misq")
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,70 +33,131 @@ class _Parser(argparse.ArgumentParser):
         raise MisqError(f"{message} (see {self.prog} --help)")
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """Add ``--a-b`` with ``--a_b`` as an alias (the prototype's spelling)."""
+def _names(name: str, aliases: Sequence[str] = ()) -> list[str]:
+    """``--a-b`` plus ``--a_b`` (the prototype's spelling) plus any further aliases."""
     names = [f"--{name}"]
     if "-" in name:
         names.append(f"--{name.replace('-', '_')}")
-    parser.add_argument(*names, **kwargs)
+    return names + [f"--{a}" for a in aliases if f"--{a}" not in names]
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="local checkpoint folder, HF hub id, or a misq packed checkpoint")
-    _flag(p, "dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="weight dtype (default float16)")
-    _flag(p, "device", default=None, help="cuda, cuda:1 or cpu (default: cuda if present)")
-    _flag(p, "layerwise", type=int, choices=[0, 1], default=None,
-          help="1: run one decoder layer at a time on the device (default: only when the model does not fit)")
-    _flag(p, "trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
-    _flag(p, "data-dir", default=None, help="folder with wikitext2/ptb/c4 files (default: $MISQ_DATA_DIR, else HF datasets)")
-    _flag(p, "seqlen", type=int, default=None, help="window length (default min(2048, model max positions))")
-    _flag(p, "cache-dir", default=None, help="tokenized-text cache (default $MISQ_CACHE_DIR or ~/.cache/misq)")
-    _flag(p, "c4-cut", default="protocol", choices=["protocol", "none"],
-          help="c4 eval: cut to 256 x seqlen tokens (protocol) or keep all 1100 documents (none)")
-    stream = p.add_mutually_exclusive_group()
-    stream.add_argument("--stream", dest="stream", action="store_const", const="on", default="auto",
-                        help="read decoder layers from the safetensors files one at a time, never the whole model "
-                             "(default: only when the weights exceed half the free host memory)")
-    stream.add_argument("--no-stream", "--no_stream", dest="stream", action="store_const", const="off",
-                        help="load the whole model into host memory")
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """A flag that is no config field (``--out``, ``--resume`` …), with its ``_`` alias."""
+    parser.add_argument(*_names(name), **kwargs)
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> tuple[Any, bool]:
+    """The field's type without ``| None``, and whether None is allowed."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return hint, False
+
+
+def _shown(value: Any) -> str:
+    """A default as the user would type it: ``2,3,4,6,8`` rather than ``(2, 3, 4, 6, 8)``."""
+    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, command: str,
+                    only: Sequence[str] | None = None) -> None:
+    """Add a flag for each field of the config dataclass ``cls`` declared with
+    :func:`misq.config.option` (all of them, or those named in ``only``).
+
+    The flag's dest is the field name, so :func:`cfg_from_args` finds it back. Type: int, float
+    and str as annotated; ``bool`` is a switch (``--mse``); ``bool | None`` takes 0 or 1
+    (``--layerwise 0``); a tuple is a comma-separated string for the config's own parser.
+    """
+    group: Any = parser  # a few borrowed flags (``only``) join the command's own options
+    if only is None:  # a whole config: one section of --help, titled by the class docstring
+        doc = (cls.__doc__ or "").strip().splitlines()
+        group = parser.add_argument_group(f"{cls.__name__.replace('Config', '').lower()} options",
+                                          doc[0] if doc else None)
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        if "help" not in md or (only is not None and f.name not in only):
+            continue  # not exposed (or not wanted by this command)
+        if "commands" in md and command not in md["commands"]:
+            continue
+        help_text = md["help"].replace("%", "%%")  # argparse %-formats help strings
+        if f.default is MISSING:  # no default: a positional argument, listed with the others
+            parser.add_argument(f.name, help=help_text)
+            continue
+        if "switch" in md:
+            exclusive = group.add_mutually_exclusive_group()
+            for name, (const, switch_help) in md["switch"].items():
+                exclusive.add_argument(*_names(name), dest=f.name, action="store_const", const=const,
+                                       default=f.default, help=switch_help.replace("%", "%%"))
+            continue
+        base, _optional = _field_type(cls, f)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None if md.get("given") else f.default}
+        shown = f.default
+        if "values" in md:  # CLI words for the field's values; cfg_from_args maps them back
+            shown = next(word for word, value in md["values"].items() if value == f.default)
+            kwargs.update(choices=tuple(md["values"]), default=None if md.get("given") else shown)
+        elif base is bool and f.default is False:
+            kwargs["action"] = "store_true"
+            shown = None  # a switch is off by default; nothing to show
+        elif base is bool:
+            kwargs.update(type=int, choices=(0, 1))
+        elif typing.get_origin(base) is tuple:
+            kwargs["type"] = str
+        else:
+            kwargs["type"] = base
+            if "choices" in md:
+                kwargs["choices"] = md["choices"]
+        if shown is not None:
+            help_text += f" (default: {_shown(shown)})"
+        group.add_argument(*_names(md.get("flag", f.name.replace("_", "-")), md.get("aliases", ())),
+                           help=help_text, **kwargs)
+
+
+def cfg_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
+    """Build the config ``cls`` from the parsed flags that :func:`add_config_args` added.
+
+    ``overrides`` replace flags where the CLI translates (``--use_mi_grouping``). A None from
+    the CLI never replaces a non-None field default: it means "not given".
+    """
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in overrides:
+            value = overrides[f.name]
+        elif hasattr(args, f.name) and "help" in f.metadata:
+            value = getattr(args, f.name)
+        else:
+            continue
+        if value is None and f.default is not None:
+            continue
+        if value is not None and "values" in f.metadata:
+            value = f.metadata["values"][value]
+        elif isinstance(value, int) and _field_type(cls, f)[0] is bool:
+            value = bool(value)  # --layerwise 0|1
+        kwargs[f.name] = value
+    return cls(**kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``misq`` parser; config flags come from :mod:`misq.config`'s field metadata."""
+    from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
+
     parser = _Parser(prog="misq", description="One-shot SparseGPT pruning + MI-grouped mixed-precision quantization of LLaMA-family models, with protocol-exact perplexity and honest reports.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("eval", help="perplexity of a model by the GPTQ/SparseGPT protocol")
-    _model_args(p)
-    _flag(p, "datasets", default="wikitext2,ptb,c4", help="comma-separated: wikitext2,ptb,c4 or text-file paths")
+    for cls in (ModelConfig, DataConfig, EvalConfig):
+        add_config_args(p, cls, "eval")
     _flag(p, "out", default=None, help="write results JSON here (e.g. baseline_results.json)")
-    _flag(p, "batch-size", type=int, default=1, help="segments per forward pass")
-    _flag(p, "device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
-          help="spread the model over all visible GPUs with transformers' device_map (needs accelerate)")
 
     p = sub.add_parser("compress", help="SparseGPT pruning + mixed-precision quantization, layer by layer")
-    _model_args(p)
-    p.add_argument("dataset_pos", nargs="?", metavar="DATASET", default=None, help="calibration data: c4 (default), wikitext2, ptb or a text file")
-    _flag(p, "dataset", default=None, help="same as the positional DATASET")
-    _flag(p, "nsamples", type=int, default=128, help="calibration windows (default 128)")
-    _flag(p, "seed", type=int, default=0)
-    _flag(p, "sparsity", type=float, default=0.5, help="unstructured sparsity in [0, 1) (default 0.5)")
-    _flag(p, "prunen", type=int, default=0, help="N of an N:M pattern (with --prunem)")
-    _flag(p, "prunem", type=int, default=0, help="M of an N:M pattern")
-    _flag(p, "grouping", default=None, choices=["mi", "hessian", "uniform"], help="channel grouping (default hessian; see BENCHMARKS.md)")
+    for cls in (ModelConfig, DataConfig, CompressConfig):
+        add_config_args(p, cls, "compress")
+    dataset = next(f for f in dataclasses.fields(CompressConfig) if f.name == "dataset")
+    p.add_argument("dataset_pos", nargs="?", metavar="DATASET", default=None,
+                   help=f"{dataset.metadata['help']}; same as --dataset (default: {dataset.default})")
     _flag(p, "use-mi-grouping", type=int, choices=[0, 1], default=None, help="prototype flag: 1 = --grouping mi, 0 = uniform --wbits")
-    _flag(p, "wbits", type=int, default=4, help="uniform width when not mixing precisions (16 = no quantization)")
-    _flag(p, "n-groups", type=int, default=10, help="channel groups per layer (default 10)")
-    _flag(p, "target-avg-bits", type=float, default=4.0, help="average bits per weight to meet (default 4.0)")
-    _flag(p, "bits", default="2,3,4,6,8", help="candidate widths (default 2,3,4,6,8)")
-    _flag(p, "budget", default="layer", choices=["layer", "model"], help="meet the target per layer or over the model")
-    _flag(p, "blocksize", type=int, default=128)
-    _flag(p, "percdamp", type=float, default=0.01)
-    _flag(p, "mse", action="store_true", help="MSE search of each grid's clipping range")
-    _flag(p, "mi-estimator", default="gaussian", choices=["gaussian", "binned"])
-    _flag(p, "offload-activations", action="store_true", help="keep calibration activations on the CPU")
-    _flag(p, "batch-size", type=int, default=1,
-          help="calibration windows per forward pass (default 1, the reference's scheme; 8 is ~7%% faster on a GPU)")
     _flag(p, "eval", default=None, help="evaluate after compressing, e.g. --eval wikitext2,ptb,c4")
     _flag(p, "out", default="misq-run", help="run folder (config, log, progress, results)")
     _flag(p, "save", default=None, help="write a packed checkpoint to this folder")
@@ -109,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a packed checkpoint as a plain fp16 HF checkpoint")
     p.add_argument("packed_dir")
     _flag(p, "dense", required=True, help="output folder for the dense checkpoint")
-    _flag(p, "dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    add_config_args(p, ModelConfig, "export", only=("dtype",))
 
     p = sub.add_parser("demo", help="train a tiny LLaMA locally and run the whole pipeline on it (no downloads)")
     _flag(p, "out", default="misq-demo", help="folder for everything the demo writes")
@@ -118,15 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configs(args: argparse.Namespace):
+    """The model and data configs of ``eval`` and ``compress``."""
     from misq.config import DataConfig, ModelConfig
 
-    model = ModelConfig(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                        layerwise=None if args.layerwise is None else bool(args.layerwise), stream=args.stream,
-                        device_map=getattr(args, "device_map", None))
-    return model, DataConfig(data_dir=args.data_dir, seqlen=args.seqlen, cache_dir=args.cache_dir, c4_cut=args.c4_cut == "protocol")
+    return cfg_from_args(ModelConfig, args), cfg_from_args(DataConfig, args)
 
 
 def _compress_config(args: argparse.Namespace):
+    """The compression config, with the CLI's own translations: the positional DATASET next to
+    ``--dataset``, and the prototype's ``--use_mi_grouping 0|1`` next to ``--grouping``."""
     from misq.config import CompressConfig
 
     if args.dataset and args.dataset_pos and args.dataset != args.dataset_pos:
@@ -137,17 +204,14 @@ def _compress_config(args: argparse.Namespace):
         if grouping and grouping != implied and not (args.use_mi_grouping and grouping != "uniform"):
             raise MisqError(f"--use_mi_grouping {args.use_mi_grouping} contradicts --grouping {grouping}: give one of them")
         grouping = grouping or implied
-    dataset = args.dataset or args.dataset_pos or "c4"
-    from misq.protocol.data import check_dataset_name
+    dataset = args.dataset or args.dataset_pos
+    if dataset:
+        from misq.protocol.data import (
+            check_dataset_name,  # imports torch: only when a dataset is named
+        )
 
-    check_dataset_name(dataset)
-    return CompressConfig(
-        dataset=dataset, nsamples=args.nsamples, seed=args.seed, sparsity=args.sparsity, prunen=args.prunen,
-        prunem=args.prunem, grouping=grouping or "hessian", wbits=args.wbits, n_groups=args.n_groups,
-        target_avg_bits=args.target_avg_bits, bits=args.bits, budget=args.budget, blocksize=args.blocksize,
-        percdamp=args.percdamp, mse=args.mse, mi_estimator=args.mi_estimator,
-        offload_activations=args.offload_activations, batch_size=args.batch_size,
-    )
+        check_dataset_name(dataset)
+    return cfg_from_args(CompressConfig, args, dataset=dataset, grouping=grouping)
 
 
 def _summary(results: dict) -> str:
@@ -176,12 +240,12 @@ def run(argv: Sequence[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if distributed.launched() and args.command != "compress":
         raise MisqError(f"only `misq compress` runs on several processes; run `misq {args.command}` without torchrun")
+    from misq import jobs
     from misq.config import EvalConfig
-    from misq.jobs import compress as jobs
 
     if args.command == "eval":
         model, data = _configs(args)
-        results = jobs.run_eval(model, data, EvalConfig(datasets=args.datasets, batch_size=args.batch_size), args.out)
+        results = jobs.run_eval(model, data, cfg_from_args(EvalConfig, args), args.out)
         print(_summary(results))
         if args.out:
             print(f"results: {args.out}")

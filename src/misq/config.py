@@ -2,24 +2,70 @@
 
 Every config validates itself in ``__post_init__`` and raises :class:`MisqError` with one line
 that says what is wrong and how to fix it.
+
+Each field the command line exposes is declared with :func:`option`: its default, help text and
+choices live here once, and :mod:`misq.cli` builds its flags from them, so ``--help``, the
+defaults and the validation cannot drift apart. This module must not import torch at import
+time (the CLI's ``--help`` stays fast); torch is imported where a device is resolved.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from misq.dtypes import DTYPE_NAMES
 from misq.errors import MisqError
 
+# The one definition of each set of choices: validation below and the CLI's choices both use it.
+# DATASETS is also defined in misq.protocol.data, which imports torch at import time, so it
+# cannot be imported from there; that module should import this one instead.
 DATASETS = ("wikitext2", "ptb", "c4")
 DEFAULT_BITS = (2, 3, 4, 6, 8)
 GROUPINGS = ("mi", "hessian", "uniform")
 BUDGETS = ("layer", "model")
 STREAM_MODES = ("auto", "on", "off")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+MI_ESTIMATORS = ("gaussian", "binned")
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",  # the argparse word; misq.cli reads it
+    *,
+    choices: tuple[Any, ...] | None = None,
+    flag: str | None = None,
+    aliases: tuple[str, ...] = (),
+    values: Mapping[str, Any] | None = None,
+    switch: Mapping[str, tuple[Any, str]] | None = None,
+    commands: tuple[str, ...] | None = None,
+    given: bool = False,
+) -> Any:
+    """A dataclass field that the command line exposes; :mod:`misq.cli` reads the metadata.
+
+    ``help``: the flag's help; "(default: X)" is appended from ``default`` (a None default is
+    described by the help itself). ``choices``: the allowed values. ``flag``: the dashed name
+    (default: the field name with ``-``; the ``_`` spelling is always an alias). ``aliases``:
+    more spellings. ``values``: CLI word -> field value (``--c4-cut none`` -> False).
+    ``switch``: flag -> (value, help), a group of exclusive flags instead of one option
+    (``--stream``/``--no-stream``). ``commands``: only these subcommands get the flag.
+    ``given``: the parser's default is None so the CLI can tell a flag given from one left at
+    its default (needed where another flag implies this one); the field's default still applies.
+    A field without a default becomes a positional argument.
+    """
+    meta: dict[str, Any] = {"help": help}
+    for key, value in (("choices", choices), ("flag", flag), ("values", values), ("switch", switch),
+                       ("commands", commands)):
+        if value is not None:
+            meta[key] = value
+    if aliases:
+        meta["aliases"] = aliases
+    if given:
+        meta["given"] = True
+    return field(default=default, metadata=meta)
 
 
 def sparsity_pattern(sparsity: float, prunen: int = 0, prunem: int = 0) -> str:
@@ -68,15 +114,23 @@ def parse_datasets(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 class ModelConfig:
     """Which checkpoint to load and where to run it."""
 
-    model: str
-    dtype: str = "float16"
-    device: str | None = None  # None: cuda if available, else cpu
-    trust_remote_code: bool = False
-    layerwise: bool | None = None  # None: layer by layer only when the model does not fit
+    model: str = option(help="local checkpoint folder, HF hub id, or a misq packed checkpoint")
+    dtype: str = option("float16", "weight dtype", choices=DTYPE_NAMES)
+    device: str | None = option(None, "cuda, cuda:1 or cpu (default: cuda if present)")
+    trust_remote_code: bool = option(False, "allow model code from the checkpoint (off by default)")
+    layerwise: bool | None = option(
+        None, "1: run one decoder layer at a time on the device (default: only when the model does not fit)")
     # Read decoder layers from the safetensors files one at a time instead of loading the model:
     # on | off | auto (when the weights exceed half the available host memory; misq.models.streaming).
-    stream: str = "auto"
-    device_map: str | None = None  # eval only: transformers' device_map ("auto": spread over the GPUs)
+    stream: str = option("auto", "how the weights are read", choices=STREAM_MODES, switch={
+        "stream": ("on", ("read decoder layers from the safetensors files one at a time, never the whole model "
+                          "(default: only when the weights exceed half the free host memory)")),
+        "no-stream": ("off", "load the whole model into host memory"),
+    })
+    # Only eval spreads a model over GPUs: compression runs layer by layer on one device.
+    device_map: str | None = option(
+        None, "spread the model over all visible GPUs with transformers' device_map (needs accelerate)",
+        choices=DEVICE_MAPS, commands=("eval",))
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
@@ -91,7 +145,8 @@ class ModelConfig:
             raise MisqError("--stream and --device-map exclude each other: stream on one GPU, or spread the model over several")
 
     def resolved_device(self) -> str:
-        import torch
+        """``device``, else cuda when a GPU is visible, else cpu."""
+        import torch  # here, not at import time: the config and the CLI's --help stay light
 
         if self.device:
             if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -104,10 +159,12 @@ class ModelConfig:
 class DataConfig:
     """Where text comes from and how it is cut (docs/protocol.md)."""
 
-    data_dir: str | None = None  # else $MISQ_DATA_DIR, else Hugging Face datasets
-    seqlen: int | None = None  # None: min(2048, model max positions)
-    cache_dir: str | None = None  # tokenized-text cache; None: $MISQ_CACHE_DIR or ~/.cache/misq
-    c4_cut: bool = True  # docs/protocol.md: c4 eval cut to 256 x seqlen tokens; False keeps all 1100 documents
+    data_dir: str | None = option(None, "folder with wikitext2/ptb/c4 files (default: $MISQ_DATA_DIR, else HF datasets)")
+    seqlen: int | None = option(None, "window length (default: min(2048, model max positions))")
+    cache_dir: str | None = option(None, "tokenized-text cache (default: $MISQ_CACHE_DIR or ~/.cache/misq)")
+    # docs/protocol.md: c4 eval cut to 256 x seqlen tokens; False keeps all 1100 documents.
+    c4_cut: bool = option(True, "c4 eval: cut to 256 x seqlen tokens (protocol) or keep all 1100 documents (none)",
+                          values={"protocol": True, "none": False})
 
     def __post_init__(self) -> None:
         if self.seqlen is not None and self.seqlen < 2:
@@ -118,26 +175,41 @@ class DataConfig:
 class CompressConfig:
     """Everything that decides the compressed weights. Two equal configs give equal weights."""
 
-    dataset: str = "c4"  # calibration source: c4, wikitext2, ptb or a text file
-    nsamples: int = 128
-    seed: int = 0
-    sparsity: float = 0.5  # unstructured; ignored when prunen/prunem set
-    prunen: int = 0
-    prunem: int = 0
-    grouping: str = "hessian"  # mi | hessian | uniform (hessian: as good as mi on llama-9m, see BENCHMARKS.md)
-    wbits: int = 4  # uniform width (grouping == "uniform")
-    n_groups: int = 10
-    target_avg_bits: float = 4.0
-    bits: tuple[int, ...] = DEFAULT_BITS
-    budget: str = "layer"  # layer | model
-    blocksize: int = 128
-    percdamp: float = 0.01
-    mse: bool = False  # grid search for the clipping range instead of plain min-max
-    mi_estimator: str = "gaussian"  # gaussian | binned
-    offload_activations: bool = False
-    # Calibration windows per forward pass. 1 is the reference's own scheme: same rounding, so
-    # parity with the public SparseGPT/GPTQ figures holds (BENCHMARKS.md); 8 is 7% faster on 13B.
-    batch_size: int = 1
+    # given=True: the CLI also takes the dataset as a positional argument and must see a conflict.
+    dataset: str = option("c4", "calibration data: c4, wikitext2, ptb or a text file", given=True)
+    nsamples: int = option(128, "calibration windows")
+    seed: int = option(0, "seed of the calibration sample")
+    sparsity: float = option(0.5, "unstructured sparsity in [0, 1); ignored with --prunen/--prunem")
+    prunen: int = option(0, "N of an N:M pattern (with --prunem)")
+    prunem: int = option(0, "M of an N:M pattern")
+    # given=True: --use_mi_grouping implies a grouping and must see a contradicting --grouping.
+    # hessian: as good as mi on llama-9m, see BENCHMARKS.md.
+    grouping: str = option("hessian", "channel grouping (see BENCHMARKS.md)", choices=GROUPINGS, given=True)
+    wbits: int = option(4, "uniform width when not mixing precisions (16 = no quantization)")
+    n_groups: int = option(10, "channel groups per layer")
+    target_avg_bits: float = option(4.0, "average channel bits to meet (codes only; the prototype's budget)")
+    # The honest budget: bits per parameter of the quantized layers as the packed file holds them
+    # (codes, mask or N:M metadata, scales, zeros, column order); replaces --target_avg_bits.
+    target_size: float | None = option(None, "honest size to meet, in bits per parameter of the quantized layers "
+                                             "(everything the packed file stores for them); chooses the widths")
+    bits: tuple[int, ...] = option(DEFAULT_BITS, "candidate widths, comma-separated")
+    budget: str = option("layer", "meet the target per layer or over the model", choices=BUDGETS)
+    # GPTQ's group-wise grids: within each channel group, a scale and zero per `groupsize`
+    # consecutive columns of the solve order, found when the solver reaches the group's first
+    # column (on the weights already updated for the earlier columns' errors, as GPTQ does).
+    groupsize: int = option(0, "columns per scale group in the solve order (GPTQ's groupsize, e.g. 128; "
+                               "0: one grid per row and channel group)")
+    act_order: bool = option(False, "solve columns in descending Hessian-diagonal order (GPTQ's act-order); "
+                                    "the packed file then stores one column permutation per layer")
+    blocksize: int = option(128, "columns pruned and quantized together")
+    percdamp: float = option(0.01, "Hessian dampening, a fraction of its mean diagonal")
+    mse: bool = option(False, "MSE search of each grid's clipping range (instead of plain min-max)")
+    mi_estimator: str = option("gaussian", "mutual-information estimator of --grouping mi", choices=MI_ESTIMATORS)
+    offload_activations: bool = option(False, "keep calibration activations on the CPU")
+    # 1 is the reference's own scheme: same rounding, so parity with the public SparseGPT/GPTQ
+    # figures holds (BENCHMARKS.md); 8 is 7% faster on 13B.
+    batch_size: int = option(1, "calibration windows per forward pass (1: the reference's scheme; "
+                                "8 is ~7% faster on a GPU)")
 
     def __post_init__(self) -> None:
         self.bits = parse_bits(self.bits)
@@ -145,15 +217,14 @@ class CompressConfig:
             raise MisqError(f"--nsamples {self.nsamples} must be at least 1 (the protocol uses 128)")
         if not 0.0 <= self.sparsity < 1.0:
             raise MisqError(f"--sparsity {self.sparsity} is outside [0, 1): use e.g. 0.5 for 50% (or 0 for none)")
-        if self.prunen or self.prunem:
-            if self.prunen < 1 or self.prunem < 2 or self.prunen >= self.prunem:
-                raise MisqError(
-                    f"N:M pattern {self.prunen}:{self.prunem} is invalid: N must be at least 1 and smaller than M, e.g. --prunen 2 --prunem 4"
-                )
+        if (self.prunen or self.prunem) and (self.prunen < 1 or self.prunem < 2 or self.prunen >= self.prunem):
+            raise MisqError(
+                f"N:M pattern {self.prunen}:{self.prunem} is invalid: N must be at least 1 and smaller than M, e.g. --prunen 2 --prunem 4"
+            )
         if self.grouping not in GROUPINGS:
             raise MisqError(f"--grouping {self.grouping!r} is unknown: use one of {', '.join(GROUPINGS)}")
         if self.budget not in BUDGETS:
-            raise MisqError(f"--budget {self.budget!r} is unknown: use layer or model")
+            raise MisqError(f"--budget {self.budget!r} is unknown: use one of {', '.join(BUDGETS)}")
         if not 2 <= self.wbits <= 16:
             raise MisqError(f"--wbits {self.wbits} is outside 2..16: use e.g. --wbits 4 (16 keeps fp16)")
         if self.grouping != "uniform":
@@ -165,14 +236,28 @@ class CompressConfig:
                     f"--target_avg_bits {self.target_avg_bits} is outside the widths in --bits ({lo}..{hi}): "
                     f"choose a target between {lo} and {hi}, or widen --bits"
                 )
+        if self.target_size is not None:
+            if self.grouping == "uniform":
+                raise MisqError("--target-size chooses a width per channel group: use --grouping hessian or mi "
+                                "(or drop --target-size and give --wbits)")
+            if not 0.5 <= self.target_size <= 16 or math.isnan(self.target_size):
+                raise MisqError(f"--target-size {self.target_size} is outside 0.5..16 bits per parameter: "
+                                "use e.g. --target-size 3.2")
+        if self.groupsize < 0:
+            raise MisqError(f"--groupsize {self.groupsize} must be 0 (one grid per row) or a column count such as 128")
+        if self.structured and (self.act_order or self.groupsize):
+            # N:M hardware formats group the *original* columns, so the solve order must stay natural,
+            # and scale groups would cut across the M-column runs.
+            raise MisqError("--act-order and --groupsize are not supported with N:M pruning: drop them, "
+                            "or prune unstructured (--sparsity)")
         if self.blocksize < 1:
             raise MisqError(f"--blocksize {self.blocksize} must be positive (128 is standard)")
         if self.prunem and self.blocksize % self.prunem:
             raise MisqError(f"--blocksize {self.blocksize} must be a multiple of --prunem {self.prunem}")
         if not 0.0 < self.percdamp < 1.0:
             raise MisqError(f"--percdamp {self.percdamp} must be in (0, 1); 0.01 is standard")
-        if self.mi_estimator not in ("gaussian", "binned"):
-            raise MisqError(f"--mi-estimator {self.mi_estimator!r} is unknown: use gaussian or binned")
+        if self.mi_estimator not in MI_ESTIMATORS:
+            raise MisqError(f"--mi-estimator {self.mi_estimator!r} is unknown: use one of {', '.join(MI_ESTIMATORS)}")
         if self.batch_size < 1:
             raise MisqError(f"--batch-size {self.batch_size} must be at least 1")
 
@@ -197,8 +282,10 @@ class CompressConfig:
 
 @dataclass
 class EvalConfig:
-    datasets: tuple[str, ...] = DATASETS
-    batch_size: int = 1  # segments per forward pass
+    """What perplexity is measured on."""
+
+    datasets: tuple[str, ...] = option(DATASETS, "comma-separated: wikitext2,ptb,c4 or text-file paths")
+    batch_size: int = option(1, "segments per forward pass")
 
     def __post_init__(self) -> None:
         self.datasets = parse_datasets(self.datasets)
@@ -214,14 +301,21 @@ def resolved(*configs: Any) -> dict[str, Any]:
 
 
 __all__ = [
+    "BUDGETS",
+    "DATASETS",
+    "DEFAULT_BITS",
+    "DEVICE_MAPS",
+    "GROUPINGS",
+    "MI_ESTIMATORS",
+    "STREAM_MODES",
     "CompressConfig",
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
-    "DATASETS",
-    "DEFAULT_BITS",
+    "field",
+    "option",
     "parse_bits",
     "parse_datasets",
     "resolved",
-    "field",
+    "sparsity_pattern",
 ]

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -141,6 +141,7 @@ def allocate(
     solver: str = "auto",
     time_limit: float = 30.0,
     max_milp_vars: int = 20_000,
+    option_bits: Sequence[Tensor] | Tensor | None = None,
 ) -> AllocationResult:
     """Choose one width per group, minimising total cost with the average width on target.
 
@@ -155,10 +156,14 @@ def allocate(
         solver: ``"auto"``, ``"milp"`` or ``"lagrangian"``.
         time_limit: seconds for each HiGHS solve.
         max_milp_vars: above this many binaries ``"auto"`` uses the Lagrangian solver.
+        option_bits: ``[K_l, B]`` per layer: what one weight of group k costs at width b, in
+            honest bits (codes, mask, scales, zeros, order: :func:`misq.algorithms.column_layout.segment_bits`
+            over the group's weights). The budget then caps the weight-averaged *cost*, not the
+            width: ``target`` is the honest size. None: the width itself (``--target_avg_bits``).
     """
     cost_list = [costs] if isinstance(costs, Tensor) else list(costs)
     weight_list = [weights] if isinstance(weights, Tensor) else list(weights)
-    bits_arr = _check_budget(bits, target, tol)
+    bits_arr = _check_budget(bits, target, tol, sized=option_bits is not None)
     if solver not in ("auto", "milp", "lagrangian"):
         raise ValueError(f"solver must be auto, milp or lagrangian, got {solver!r}")
     if len(cost_list) != len(weight_list):
@@ -180,10 +185,17 @@ def allocate(
     # and scale to 1, so HiGHS's absolute tolerances mean the same for every layer.
     c = c_orig - c_orig.min(axis=1, keepdims=True)
     c = c / max(float(c.max()), 1e-300)
-    a = (w / w.sum())[:, None] * bits_arr[None, :]  # [G, B]: contribution to the average
+    if option_bits is None:
+        per_weight = np.broadcast_to(bits_arr[None, :], (G, B))
+    else:
+        opt_list = [option_bits] if isinstance(option_bits, Tensor) else list(option_bits)
+        per_weight = torch.cat([x.detach().double().cpu() for x in opt_list]).numpy()
+        if per_weight.shape != (G, B) or not np.isfinite(per_weight).all():
+            raise ValueError(f"option_bits must be finite [K, {B}] per layer, like costs")
+    a = (w / w.sum())[:, None] * per_weight  # [G, B]: contribution to the average
 
     rows = np.arange(G)
-    use_milp = solver == "milp" or (solver == "auto" and G * B <= max_milp_vars)
+    use_milp = solver == "milp" or (solver == "auto" and max_milp_vars >= G * B)
     # The Lagrangian answer costs milliseconds: always computed, it is the fallback and it
     # guards against a MILP stopped by its time limit with a worse incumbent.
     choice = _lagrangian(c, a, target, tol)
@@ -212,20 +224,25 @@ def allocate(
     else:
         message = (
             f"target {target} bits is not reachable within {tol} with {G} group(s) and widths {tuple(int(b) for b in bits_arr)}: "
-            f"using the nearest reachable average {avg:.4f}; use more groups (--n_groups) or --budget model for a finer budget"
+            f"using the nearest reachable {'size' if option_bits is not None else 'average'} {avg:.4f}; "
+            "use more groups (--n_groups), other --bits or --budget model for a finer budget"
         )
     log.debug("allocation (%s): %s; cost %.6g", used, message, total)
     return AllocationResult(widths, avg, total, exact, message, used, layer_avg)
 
 
-def _check_budget(bits: Sequence[int], target: float, tol: float) -> np.ndarray:
+def _check_budget(bits: Sequence[int], target: float, tol: float, *, sized: bool = False) -> np.ndarray:
     if len(bits) == 0:
         raise MisqError("--bits is empty: give a comma-separated list of widths, e.g. --bits 2,3,4,6,8")
     arr = np.asarray([int(b) for b in bits], dtype=np.float64)
     if len(set(arr.tolist())) != len(arr):
         raise MisqError(f"--bits {tuple(int(b) for b in bits)} repeats a width: list each width once")
     lo, hi = float(arr.min()), float(arr.max())
-    if math.isnan(float(target)) or not lo <= float(target) <= hi:
+    if math.isnan(float(target)) or not float(target) > 0:
+        raise MisqError(f"budget {target} must be a positive number of bits")
+    # An honest-size budget may lie outside the widths (overhead); the nearest feasible size is
+    # taken then, and the result says so.
+    if not sized and not lo <= float(target) <= hi:
         raise MisqError(f"--target_avg_bits {target} is outside the widths in --bits ({lo:g}..{hi:g}): choose a target between {lo:g} and {hi:g}, or widen --bits")
     if not tol >= 0:
         raise MisqError(f"budget tolerance {tol} must be non-negative, e.g. 0.01")

@@ -15,14 +15,15 @@ The arithmetic is the eager path's, operation by operation, in fp32: IEEE divisi
 multiply-add (``enable_fp_fusion=False``), so the results are normally bit-identical to
 :func:`block_loop`; N:M masks are chosen in-kernel, ties broken towards the lower column.
 
-:func:`get_block_fn` returns :func:`fused_block_loop` when Triton and CUDA are there (set
-``MISQ_FUSED=0`` to force the eager loop); the driver passes it to ``solve(block_fn=...)``.
+:func:`get_block_fn` returns :func:`fused_block_loop` when Triton and CUDA are there (and
+``enabled``: the driver passes ``SolverOptions.fused``); the driver passes it to
+``solve(block_fn=...)``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ try:  # Triton is optional: CPU-only installs have none.
     import triton.language as tl
 
     HAVE_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
+except Exception:
     triton = None
     tl = None
     HAVE_TRITON = False
@@ -106,7 +107,7 @@ if HAVE_TRITON:
         mq_n = tl.load(MQ + rows * s_mr, mask=rmask, other=1.0)
         kc_n = tl.load(K + rows * s_kr, mask=rmask, other=0).to(tl.int32)
         h_n = tl.load(Hinv + cols * s_hc, mask=cmask, other=0.0)
-        for i in range(0, B):
+        for i in range(B):
             sc, zc, mq, kc_l, h = sc_n, zc_n, mq_n, kc_n, h_n
             d = tl.sum(tl.where(cols == i, h, 0.0), axis=0) + zero_r
             nxt = i + 1
@@ -150,22 +151,21 @@ if HAVE_TRITON:
             tl.store(K + rows[:, None] * s_kr + cols[None, :] * s_kc, keep_t.to(tl.uint8), mask=m2)
 
 
-def _launch_config(B: int) -> tuple[int, int, int]:
+def _launch_config(B: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(padded block width, rows per program, warps) for a block of B columns."""
     block_b = max(16, triton.next_power_of_2(B))
-    rows, warps = _CONFIGS[block_b]
-    env = os.environ.get("MISQ_FUSED_CONFIG")  # "rows,warps": for tuning only
-    if env:
-        rows, warps = (int(x) for x in env.split(","))
+    rows, warps = launch or _CONFIGS[block_b]
     return block_b, rows, warps
 
 
 def fused_block_loop(W1: Tensor, Hinv1: Tensor, keep1: Tensor, scale1: Tensor, zero1: Tensor, maxq1: Tensor,
-                     prunen: int = 0, prunem: int = 0) -> tuple[Tensor, Tensor]:
+                     prunen: int = 0, prunem: int = 0, *, launch: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Drop-in for :func:`~misq.algorithms.sparsegpt.block_loop`, one Triton launch per block.
 
-    Same arguments, same in-place effects (W1 ends in the sweep's final state; keep1 gets the
-    N:M masks) and the same (Q1, Err1). Falls back to ``block_loop`` off CUDA, without Triton,
-    or for blocks wider than 256 columns.
+    Same arguments, same in-place effects (W1 [R, B] ends in the sweep's final state; keep1
+    [R, B] gets the N:M masks) and the same (Q1, Err1), each [R, B]. Falls back to
+    ``block_loop`` off CUDA, without Triton, or for blocks wider than 256 columns.
+    ``launch`` = (rows per program, warps) overrides the tuned table (for benchmarks only).
     """
     from misq.algorithms.sparsegpt import block_loop
 
@@ -181,7 +181,7 @@ def fused_block_loop(W1: Tensor, Hinv1: Tensor, keep1: Tensor, scale1: Tensor, z
     Q1 = torch.empty((R, B), device=W1.device, dtype=torch.float32)
     Err1 = torch.empty((R, B), device=W1.device, dtype=torch.float32)
     nm = bool(prunen and prunem)
-    block_b, block_r, warps = _launch_config(B)
+    block_b, block_r, warps = _launch_config(B, launch)
     grid = (triton.cdiv(R, block_r),)
     _block_kernel[grid](
         W1, W1.stride(0), W1.stride(1),
@@ -199,10 +199,10 @@ def fused_block_loop(W1: Tensor, Hinv1: Tensor, keep1: Tensor, scale1: Tensor, z
     return Q1, Err1
 
 
-def get_block_fn(device: torch.device | str) -> Callable[..., tuple[Tensor, Tensor]] | None:
-    """The fused block sweep for ``device`` when it can run there (CUDA + Triton), else None
-    (``solve`` then uses the eager :func:`block_loop`). ``MISQ_FUSED=0`` turns it off."""
-    if os.environ.get("MISQ_FUSED", "1").strip().lower() in ("0", "false", "no", "off"):
+def get_block_fn(device: torch.device | str, *, enabled: bool = True) -> Callable[..., tuple[Tensor, Tensor]] | None:
+    """The fused block sweep for ``device`` when it can run there (CUDA + Triton) and is
+    ``enabled``, else None (``solve`` then uses the eager :func:`block_loop`)."""
+    if not enabled:
         return None
     if not HAVE_TRITON or torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return None

@@ -141,7 +141,7 @@ def binned_mi(
     if X.dim() != 2:
         raise ValueError(f"X must be [n_tokens, C], got {tuple(X.shape)}")
     n, C = X.shape
-    if C > max_channels:
+    if max_channels < C:
         raise MisqError(
             f"binned MI on {C} channels needs {C}^2 x {bins}^2 histogram cells (limit {max_channels} channels): "
             "use --mi-estimator gaussian for layers this wide"

@@ -31,12 +31,16 @@ class QuantGrid:
     scale, zero: [R, K] float32 (scale fp16-representable, zero integral)
     groups:      [C] int64, the group of each input channel (column)
     bits:        [K] int64, the width of each group
+    order:       [C] int64 or None, the order the solver took the columns in (act-order, width
+                 segments); each group is a run of consecutive columns in it. None: the
+                 natural order (the packed format then orders columns by group itself).
     """
 
     scale: Tensor
     zero: Tensor
     groups: Tensor
     bits: Tensor
+    order: Tensor | None = None
 
     @property
     def n_groups(self) -> int:
@@ -87,7 +91,9 @@ def _minmax(xmin: Tensor, xmax: Tensor, maxq: Tensor) -> tuple[Tensor, Tensor]:
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
     finite_maxq = torch.where(torch.isinf(maxq), torch.full_like(maxq, 2.0**FP_BITS - 1), maxq)
     scale = _fp16_exact((xmax - xmin) / finite_maxq)
-    zero = torch.round(-xmin / scale)
+    # In [0, maxq] already unless the scale underflowed fp16 (weights below ~1e-7): the clamp
+    # keeps every zero storable at the code width (the packed format stores it so).
+    zero = torch.minimum(torch.round(-xmin / scale), finite_maxq)
     return scale, zero
 
 

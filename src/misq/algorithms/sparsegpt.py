@@ -16,20 +16,43 @@ gate, up) are solved as one stacked matrix, with the unstructured mask still cho
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from misq.algorithms.quantizer import QuantGrid, quantize
+from misq.algorithms.quantizer import FP_BITS, QuantGrid, find_grid, quantize
 from misq.errors import NumericalError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """How the solver computes; every choice gives the same result up to fp32 rounding.
+
+    hinv_method:    U = chol(H⁻¹) by "reverse" (H = V Vᵀ, V upper, the Cholesky factor of H in
+                    reversed order, so U = V⁻¹) or "inverse" (chol, cholesky_inverse, chol: the
+                    reference's sequence, ~2.5× slower).
+    fast_rel_error: on CUDA, reported errors from 3×TF32 tensor-core products (fp32-accurate,
+                    several times faster); False: plain fp32 GEMMs.
+    fused:          for the driver: take the Triton block sweep where it runs
+                    (:func:`misq.algorithms.fused.get_block_fn`); ``solve`` takes ``block_fn``.
+    """
+
+    hinv_method: Literal["reverse", "inverse"] = "reverse"
+    fast_rel_error: bool = True
+    fused: bool = True
+
+
+DEFAULT_OPTIONS = SolverOptions()
 
 
 class HessianAccumulator:
@@ -50,10 +73,10 @@ class HessianAccumulator:
         beta = self.nsamples / (self.nsamples + n)
         self.nsamples += n
         scale = math.sqrt(2.0 / self.nsamples)
-        if _HAS_OUT_DTYPE and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.H.dtype == torch.float32:
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.H.dtype == torch.float32 and mm_out_dtype_supported():
             # Tensor-core product with fp32 accumulation *and* fp32 output: the products of
             # fp16 inputs are exact in fp32, so this matches upcasting first, several times faster.
-            if _HAS_ADDMM_OUT_DTYPE:
+            if addmm_out_dtype_supported():
                 # One GEMM, H = beta·H + alpha·xᵀx in its epilogue: no [C, C] temporary, no extra passes.
                 torch.addmm(self.H, x.t(), x, out_dtype=torch.float32, beta=beta, alpha=scale * scale, out=self.H)
             else:
@@ -69,19 +92,24 @@ class HessianAccumulator:
         return H
 
 
-def _probe_out_dtype() -> bool:
+# The probes run at first use, not at import: importing must not touch (or initialize) CUDA,
+# and under torchrun the probe then runs on the rank's own device, after set_device.
+@functools.cache
+def mm_out_dtype_supported() -> bool:
+    """Does ``torch.mm(a, b, out_dtype=float32)`` on fp16 CUDA inputs give an fp32 result?"""
     try:
         if not torch.cuda.is_available():
             return False
         a = torch.ones(2, 2, device="cuda", dtype=torch.float16)
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except Exception:  # older torch: no out_dtype overload
+    except Exception:
         return False
 
 
-def _probe_addmm_out_dtype() -> bool:
+@functools.cache
+def addmm_out_dtype_supported() -> bool:
     """Does ``torch.addmm(H, a, b, out_dtype=float32, out=H)`` work (in place, right values)?"""
-    if not _HAS_OUT_DTYPE:
+    if not mm_out_dtype_supported():
         return False
     try:
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -90,12 +118,9 @@ def _probe_addmm_out_dtype() -> bool:
         ref = 0.75 * H + 0.125 * (a.float().t() @ a.float())
         out = torch.addmm(H, a.t(), a, out_dtype=torch.float32, beta=0.75, alpha=0.125, out=H)
         return out.data_ptr() == H.data_ptr() and bool(torch.allclose(H, ref, rtol=1e-5, atol=1e-5))
-    except Exception:  # older torch: no out_dtype overload of addmm
+    except Exception:
         return False
 
-
-_HAS_OUT_DTYPE = _probe_out_dtype()
-_HAS_ADDMM_OUT_DTYPE = _probe_addmm_out_dtype()
 
 
 @dataclass
@@ -115,22 +140,26 @@ class SolveResult:
     damp: float
     seconds: float
     sparsity: list[float] = field(default_factory=list)
+    group_scale: Tensor | None = None  # [R, K] grids of the solve's grid_groups, in their order
+    group_zero: Tensor | None = None
 
 
-def damped_inverse_cholesky(H: Tensor, percdamp: float, max_tries: int = 6) -> tuple[Tensor, float]:
+def damped_inverse_cholesky(H: Tensor, percdamp: float, max_tries: int = 6, *,
+                            method: Literal["reverse", "inverse"] = DEFAULT_OPTIONS.hinv_method) -> tuple[Tensor, float]:
     """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, raising λ ×10 until H is PD.
 
-    H: [C, C], modified in place. Returns (U [C, C] upper triangular, λ used).
+    H: [C, C], modified in place. ``method``: see :attr:`SolverOptions.hinv_method`.
+    Returns (U [C, C] upper triangular, λ used).
     """
     diag = torch.arange(H.shape[0], device=H.device)
     mean_diag = torch.mean(torch.diag(H))
     if not torch.isfinite(mean_diag):
         raise NumericalError("the Hessian holds NaN/Inf: the layer's calibration inputs are not finite")
     damp, added = percdamp, 0.0
-    for attempt in range(max_tries):
+    for _attempt in range(max_tries):
         H[diag, diag] += damp * mean_diag - added
         added = damp * mean_diag
-        U = _upper_cholesky_of_inverse(H)
+        U = _upper_cholesky_of_inverse(H, method)
         if U is not None:
             return U, damp
         log.warning("Hessian not positive definite with damping %.3g; retrying with %.3g", damp, damp * 10)
@@ -139,16 +168,15 @@ def damped_inverse_cholesky(H: Tensor, percdamp: float, max_tries: int = 6) -> t
                          f"after {max_tries} tries: use more calibration windows (--nsamples) or a larger --percdamp")
 
 
-# How U = chol(H⁻¹) (upper) is computed. "reverse": H = V Vᵀ with V upper (the Cholesky factor of
-# H in reversed order), so H⁻¹ = V⁻ᵀ V⁻¹ and U = V⁻¹: one factorization and one triangular
-# solve. "inverse": chol(H), cholesky_inverse, chol again (the reference's sequence). Both give
-# the same unique factor up to fp32 rounding.
-HINV_METHOD = "reverse"
+def _upper_cholesky_of_inverse(H: Tensor, method: Literal["reverse", "inverse"]) -> Tensor | None:
+    """Upper U [C, C] with Uᵀ U = H⁻¹ for H [C, C], or None when H is not positive definite.
 
-
-def _upper_cholesky_of_inverse(H: Tensor) -> Tensor | None:
-    """Upper U with Uᵀ U = H⁻¹, or None when H is not positive definite."""
-    if HINV_METHOD == "reverse":
+    "reverse": H = V Vᵀ with V upper, so H⁻¹ = V⁻ᵀ V⁻¹ and U = V⁻¹. "inverse": chol(H),
+    cholesky_inverse, chol again. Both give the same unique factor up to fp32 rounding.
+    """
+    if method not in ("reverse", "inverse"):
+        raise ValueError(f"unknown inverse-Cholesky method {method!r}")
+    if method == "reverse":
         Hr = H.flip(0, 1)
         M, info = torch.linalg.cholesky_ex(Hr)
         del Hr
@@ -262,13 +290,25 @@ def solve(
     percdamp: float = 0.01,
     row_segments: list[int] | None = None,
     block_fn: BlockFn | None = None,
+    options: SolverOptions = DEFAULT_OPTIONS,
+    order: Tensor | None = None,
+    grid_groups: Sequence[tuple[int, int, int]] | None = None,
+    grid_mse: bool = False,
 ) -> SolveResult:
     """Prune and quantize W [R, C] against H [C, C] (H is consumed: modified in place).
 
     ``qparams`` = (scale, zero, maxq), each [R, C] (see :func:`column_params`); None means no
     quantization. ``row_segments`` lists the row counts of stacked
     layers (default: one segment of R rows). ``block_fn`` replaces :func:`block_loop` with a
-    fused kernel of the same signature (e.g. on CUDA).
+    fused kernel of the same signature (e.g. on CUDA). ``options``: how to compute (not what).
+
+    ``order`` [C]: solve the columns in this order (GPTQ's act-order, or misq's width segments;
+    :mod:`misq.algorithms.column_layout`); the result is in the original order again.
+    ``grid_groups``: (start, end, bits) in solve positions, each a scale group whose grid is
+    found when the solver reaches its first column, from the weights as they are then (after
+    the earlier columns' error updates; pruned weights of the block excluded), as GPTQ does
+    with ``groupsize``. Their grids come back in ``group_scale``/``group_zero``; those columns'
+    ``qparams`` are ignored. Blocks are cut at every group start.
     """
     t0 = time.perf_counter()
     R, C = W.shape
@@ -282,46 +322,82 @@ def solve(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv, damp = damped_inverse_cholesky(H, percdamp)
-    del H
-
     if qparams is not None:
         scale, zero, maxq = (t.to(device=W.device, dtype=torch.float32) for t in qparams)
     else:
         scale = torch.ones_like(W)
         zero = torch.zeros_like(W)
         maxq = torch.full_like(W, float("inf"))
+    if order is not None:  # solve in this order: permute everything once, undo at the end
+        order = order.to(W.device)
+        W, scale, zero, maxq = W[:, order], scale[:, order], zero[:, order], maxq[:, order]
+        H = H[order][:, order]
+    Hinv, damp = damped_inverse_cholesky(H, percdamp, method=options.hinv_method)
+    del H
+
+    group_at = {s: (e, b) for s, e, b in (grid_groups or ())}
+    starts = sorted(set(range(0, C, blocksize)) | set(group_at))
+    group_scale: list[Tensor] = []
+    group_zero: list[Tensor] = []
     keep = torch.ones_like(W, dtype=torch.bool)
     run_block = block_fn or block_loop
-    for i1 in range(0, C, blocksize):
-        i2 = min(i1 + blocksize, C)
+    for i1, i2 in zip(starts, [*starts[1:], C]):
+        i2 = min(i2, i1 + blocksize)
         W1 = W[:, i1:i2].clone()
         Hinv1 = Hinv[i1:i2, i1:i2]
         if prunen:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         else:
             keep1 = _unstructured_keep(W1, torch.diag(Hinv1), sparsity, segments)
+        if i1 in group_at:
+            end, bits = group_at[i1]
+            s, z = _group_grid(W[:, i1:end], keep1, bits, grid_mse)
+            scale[:, i1:end], zero[:, i1:end] = s.unsqueeze(1), z.unsqueeze(1)
+            maxq[:, i1:end] = float(2**bits - 1) if bits < FP_BITS else float("inf")
+            group_scale.append(s)
+            group_zero.append(z)
         Q1, Err1 = run_block(W1, Hinv1, keep1, scale[:, i1:i2], zero[:, i1:i2], maxq[:, i1:i2], prunen, prunem)
         W[:, i1:i2] = Q1
         keep[:, i1:i2] = keep1
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     del Hinv, scale, zero, maxq
+    if order is not None:
+        W = torch.empty_like(W).index_copy_(1, order, W)
+        keep = torch.empty_like(keep).index_copy_(1, order, keep)
     if not torch.isfinite(W).all():
         raise NumericalError("the solved weight holds NaN/Inf")
     slices, start = [], 0
     for rows in segments:
         slices.append(slice(start, start + rows))
         start += rows
-    rel = _segment_rel_errors(W0, W, H_orig, slices)
+    rel = _segment_rel_errors(W0, W, H_orig, slices, fast=options.fast_rel_error)
     spars = [1.0 - keep[sl].float().mean().item() for sl in slices]
-    return SolveResult(weight=W, keep=keep, rel_error=rel, damp=damp, seconds=time.perf_counter() - t0, sparsity=spars)
+    result = SolveResult(weight=W, keep=keep, rel_error=rel, damp=damp, seconds=time.perf_counter() - t0, sparsity=spars)
+    if group_scale:
+        result.group_scale = torch.stack(group_scale, dim=1)
+        result.group_zero = torch.stack(group_zero, dim=1)
+    return result
 
 
-# On CUDA the reported errors use fp32-accurate products built from TF32 tensor-core GEMMs
-# (A·B ≈ A_hi·B_hi + A_hi·B_lo + A_lo·B_hi, A_hi = A's top 10 mantissa bits): about 1e-6
-# relative, like fp32, at several times fp32's speed. False: plain fp32 GEMMs everywhere.
-FAST_REL_ERROR = True
+def _group_grid(Wg: Tensor, keep1: Tensor, bits: int, mse: bool) -> tuple[Tensor, Tensor]:
+    """(scale [R], zero [R]) of one scale group's weights ``Wg`` [R, n] as the solver reaches it.
+
+    The columns inside the current block that the block's mask prunes do not count (they will
+    be exact zeros, and 0 is always on the grid); columns past the block count as they are.
+    """
+    inside = min(keep1.shape[1], Wg.shape[1])
+    if not bool(keep1[:, :inside].all()):
+        Wg = Wg.clone()
+        Wg[:, :inside] *= keep1[:, :inside]
+    cols = torch.zeros(Wg.shape[1], dtype=torch.long, device=Wg.device)
+    grid = find_grid(Wg, cols, torch.tensor([bits], device=Wg.device), mse=mse)
+    return grid.scale[:, 0], grid.zero[:, 0]
+
+
+# With SolverOptions.fast_rel_error, on CUDA the reported errors use fp32-accurate products
+# built from TF32 tensor-core GEMMs (A·B ≈ A_hi·B_hi + A_hi·B_lo + A_lo·B_hi, A_hi = A's top 10
+# mantissa bits): about 1e-6 relative, like fp32, at several times fp32's speed.
 
 
 def _tf32_hi(x: Tensor) -> Tensor:
@@ -358,9 +434,11 @@ def _quadratic_form_3xtf32(X: Tensor, H_hi: Tensor, H_lo: Tensor) -> Tensor:
     return torch.sum(Y * X)
 
 
-def _segment_rel_errors(W0: Tensor, W: Tensor, H: Tensor, slices: list[slice]) -> list[float]:
-    """relative_output_error of each row segment; H (solve's own copy) may be overwritten."""
-    if not (FAST_REL_ERROR and W.is_cuda):
+def _segment_rel_errors(W0: Tensor, W: Tensor, H: Tensor, slices: list[slice], *,
+                        fast: bool = DEFAULT_OPTIONS.fast_rel_error) -> list[float]:
+    """relative_output_error of each row segment of W0, W [R, C] against H [C, C] (solve's own
+    copy, may be overwritten); ``fast``: 3×TF32 products on CUDA."""
+    if not (fast and W.is_cuda):
         return [relative_output_error(W0[sl], W[sl], H) for sl in slices]
     H_hi = _tf32_hi(H)
     H_lo = H.sub_(H_hi)

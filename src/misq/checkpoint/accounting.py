@@ -26,7 +26,8 @@ The figures, each labelled (never report only the flattering one):
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,7 @@ from misq.checkpoint.packing import (
     stored_grid,
     width_order,
 )
+from misq.config import sparsity_pattern
 from misq.models.execution import LayerSource, layer_weights
 from misq.models.layout import layer_index
 
@@ -51,13 +53,15 @@ log = logging.getLogger(__name__)
 KINDS = ("codes", "mask", "scales_zeros", "channel_index", "fp16_channels", "untouched")
 
 
-def pattern_for(compress_config: Any) -> str:
-    """The pattern string of a CompressConfig (or its ``to_dict()``): dense, unstructured or N:M."""
-    get = compress_config.get if isinstance(compress_config, Mapping) else lambda k, d=None: getattr(compress_config, k, d)
-    n, m = int(get("prunen", 0) or 0), int(get("prunem", 0) or 0)
-    if n and m:
-        return f"{n}:{m}"
-    return "unstructured" if float(get("sparsity", 0.0) or 0.0) > 0 else "dense"
+def pattern_for(compress_config: Mapping[str, Any]) -> str:
+    """The pattern of a stored CompressConfig dict (a results file's ``config``, a packed
+    checkpoint's ``compress_config``): :func:`misq.config.sparsity_pattern` of its fields.
+
+    A live :class:`~misq.config.CompressConfig` has ``.pattern``; this is for the dict form,
+    whose fields may be missing or null in older files (read as "no pruning").
+    """
+    get = compress_config.get
+    return sparsity_pattern(float(get("sparsity") or 0.0), int(get("prunen") or 0), int(get("prunem") or 0))
 
 
 def kind_of(suffix: str) -> str:

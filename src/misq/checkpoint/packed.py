@@ -27,9 +27,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,15 +38,28 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from misq import __version__
-from misq.atomic import fsync_path
 from misq.algorithms.quantizer import QuantGrid
+from misq.atomic import fsync_path
+from misq.checkpoint.accounting import KINDS, kind_of, stored_tensors
+from misq.checkpoint.packing import (
+    Pattern,
+    decode_layer,
+    encode_layer,
+    expected_shapes,
+    parse_pattern,
+)
 from misq.dtypes import DTYPE_NAMES, torch_dtype
 from misq.errors import MisqError
-from misq.models.safetensors_files import INDEX_NAME, SAFETENSORS_CODES, WEIGHTS_NAME
 from misq.models.execution import LayerSource, layer_weights
 from misq.models.layout import layer_index
-from misq.checkpoint.packing import Pattern, decode_layer, encode_layer, expected_shapes, parse_pattern
-from misq.checkpoint.accounting import KINDS, kind_of, stored_tensors
+from misq.models.loading import misq_section_of
+from misq.models.safetensors_files import (
+    INDEX_NAME,
+    SAFETENSORS_CODES,
+    WEIGHTS_NAME,
+    SafetensorsFiles,
+    TensorInfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -237,16 +251,6 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise MisqError(f"{cfg} is not valid JSON ({err}): the checkpoint is damaged, save it again") from None
 
 
-def misq_section_of(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``misq`` section of the folder's config.json (what misq wrote when it saved), or None
-    when there is no readable config or no such section."""
-    try:
-        section = json.loads((Path(path).expanduser() / "config.json").read_text()).get("misq")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return section if isinstance(section, dict) else None
-
-
 def is_packed_checkpoint(path: str | os.PathLike) -> bool:
     """True when ``path`` is a folder whose config.json has a misq section of this format."""
     section = misq_section_of(path)
@@ -267,33 +271,29 @@ def _misq_section(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Weights:
-    """Every tensor of a checkpoint's safetensors files, by name, read lazily."""
+    """Every tensor of a checkpoint's safetensors files, by name, read lazily.
+
+    The shared reader (:class:`misq.models.safetensors_files.SafetensorsFiles`) resolves the index
+    and the shard names and reads the headers; the files are then opened once each, which
+    also refuses a truncated file (its header is intact, its data is not) before anything is built.
+    """
 
     def __init__(self, path: Path):
-        index = path / INDEX_NAME
-        if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError) as err:
-                raise MisqError(f"{index} is damaged ({err}): save the checkpoint again") from None
-        else:
-            files = [WEIGHTS_NAME]
+        self.tensors: dict[str, TensorInfo] = SafetensorsFiles.of_folder(path).tensors
         self.handles: dict[str, Any] = {}
-        for fname in files:
-            if not (path / fname).is_file():
-                raise MisqError(f"{path / fname} is missing: copy the whole checkpoint folder, or save it again")
+        for file in sorted({info.file for info in self.tensors.values()}):
             try:
-                handle = safe_open(path / fname, framework="pt")
+                handle = safe_open(file, framework="pt")
             except (SafetensorError, OSError) as err:
-                raise MisqError(f"{path / fname} is truncated or corrupt ({err}): copy or save the checkpoint again") from None
+                raise MisqError(f"{file} is truncated or corrupt ({err}): copy or save the checkpoint again") from None
             self.handles.update(dict.fromkeys(handle.keys(), handle))
 
     def check(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None) -> None:
-        if name not in self.handles:
+        if name not in self.tensors:
             raise MisqError(f"tensor {name} is missing from the checkpoint: it is incomplete, save it again")
-        sl = self.handles[name].get_slice(name)
-        if tuple(sl.get_shape()) != tuple(shape) or (dtype is not None and sl.get_dtype() != SAFETENSORS_CODES[dtype]):
-            raise MisqError(f"tensor {name} is {sl.get_dtype()} {sl.get_shape()} but config.json implies "
+        info = self.tensors[name]
+        if info.shape != tuple(shape) or (dtype is not None and info.dtype != SAFETENSORS_CODES[dtype]):
+            raise MisqError(f"tensor {name} is {info.dtype} {list(info.shape)} but config.json implies "
                             f"{SAFETENSORS_CODES.get(dtype, 'float')} {list(shape)}: config.json and the weights do not match")
 
     def get(self, name: str) -> Tensor:

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,7 +196,7 @@ def keep_mask(weight: Tensor, pattern: Pattern) -> Tensor:
         return torch.ones(weight.shape, dtype=torch.bool)
     if pattern.kind == "unstructured":
         return weight != 0
-    R, C = weight.shape
+    C = weight.shape[1]
     if C % pattern.m:
         raise ValueError(f"{C} columns are not a multiple of M={pattern.m}")
     keep = nm_keep_mask(weight, pattern.n, pattern.m)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from misq.algorithms import allocation, grouping
+from misq.algorithms.column_layout import ColumnLayout, layout_for, nm_metadata_bits, segment_bits
 from misq.algorithms.quantizer import QuantGrid, find_grid
 from misq.config import CompressConfig
 
@@ -40,6 +41,7 @@ class ModulePlan:
     groups: Tensor
     bits: Tensor
     costs: Tensor | None = None
+    sizes: Tensor | None = None  # [K, B] honest bits per weight of each option (--target-size)
 
     def group_weights(self) -> Tensor:
         """[K] number of weights (rows × channels) in each group."""
@@ -93,9 +95,34 @@ def step_groups(weights: dict[str, Tensor], H: Tensor, cfg: CompressConfig) -> d
     }
 
 
-def module_costs(W: Tensor, H: Tensor, groups: Tensor, cfg: CompressConfig, *, relative: bool) -> Tensor:
+def option_sizes(keep: Tensor, groups: Tensor, n_groups: int, cfg: CompressConfig) -> Tensor:
+    """[K, B] honest bits per weight of each group at each candidate width, as the packed file
+    will store it: codes of the (estimated) survivors, mask or N:M metadata, per scale group an
+    fp16 scale and a zero at the width, and the column order when the layer is permuted.
+
+    keep: [R, C] estimated mask (:func:`estimate_keep`); groups: [C] in [0, n_groups).
+    """
+    R = keep.shape[0]
+    counts = torch.bincount(groups.cpu(), minlength=n_groups).tolist()
+    kept = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups.cpu(), keep.sum(0).double().cpu())
+    if cfg.structured:
+        mask = nm_metadata_bits(cfg.prunen, cfg.prunem) / cfg.prunem
+    else:
+        mask = 1.0 if cfg.sparsity > 0 else 0.0
+    permuted = n_groups > 1 or cfg.act_order
+    out = torch.empty(n_groups, len(cfg.bits), dtype=torch.float64)
+    for k, n in enumerate(counts):
+        density = float(kept[k]) / (R * n) if n else 1.0
+        for j, b in enumerate(cfg.bits):
+            out[k, j] = segment_bits(R, n, b, groupsize=cfg.groupsize, density=density, mask_bits_per_weight=mask,
+                                     permuted=permuted) / (R * n) if n else float(b)
+    return out
+
+
+def module_costs(W: Tensor, H: Tensor, groups: Tensor, cfg: CompressConfig, *, relative: bool,
+                 keep: Tensor | None = None) -> Tensor:
     """[K, B] estimated loss of each group at each candidate width."""
-    keep = estimate_keep(W, H, cfg)
+    keep = estimate_keep(W, H, cfg) if keep is None else keep
     costs = allocation.group_costs(W.float(), H, groups, cfg.bits, keep)
     if relative:
         energy = torch.sum((W.float() @ H) * W.float()).clamp_min(1e-30)
@@ -113,10 +140,14 @@ def plan_step(weights: dict[str, Tensor], H: Tensor, cfg: CompressConfig, *, wit
         if not cfg.mixed_precision:
             plans[name] = ModulePlan(name, W.shape[0], g.cpu(), torch.tensor([cfg.wbits]))
             continue
-        costs = module_costs(W, H, g, cfg, relative=with_costs)
-        plan = ModulePlan(name, W.shape[0], g.cpu(), torch.zeros(int(g.max()) + 1, dtype=torch.long), costs)
+        keep = estimate_keep(W, H, cfg)
+        costs = module_costs(W, H, g, cfg, relative=with_costs, keep=keep)
+        K = int(g.max()) + 1
+        sizes = option_sizes(keep, g, K, cfg) if cfg.target_size is not None else None
+        plan = ModulePlan(name, W.shape[0], g.cpu(), torch.zeros(K, dtype=torch.long), costs, sizes)
         if not with_costs:
-            res = allocation.allocate([costs], [plan.group_weights()], cfg.bits, cfg.target_avg_bits)
+            res = allocation.allocate([costs], [plan.group_weights()], cfg.bits, budget_target(cfg),
+                                      option_bits=None if sizes is None else [sizes])
             plan.bits = res.widths[0].cpu().long()
             if not res.exact:
                 log.warning("%s: %s", name, res.message)
@@ -124,16 +155,49 @@ def plan_step(weights: dict[str, Tensor], H: Tensor, cfg: CompressConfig, *, wit
     return plans
 
 
+def budget_target(cfg: CompressConfig) -> float:
+    """What the allocator meets: the honest size (``--target-size``) or the channel bits."""
+    return cfg.target_size if cfg.target_size is not None else cfg.target_avg_bits
+
+
 def allocate_model(plans: dict[str, ModulePlan], cfg: CompressConfig) -> allocation.AllocationResult:
     """One knapsack over every layer's groups (``--budget model``); sets ``plan.bits`` in place."""
     names = list(plans)
+    sized = cfg.target_size is not None
     res = allocation.allocate([plans[n].costs for n in names], [plans[n].group_weights() for n in names],
-                              cfg.bits, cfg.target_avg_bits)
+                              cfg.bits, budget_target(cfg), option_bits=[plans[n].sizes for n in names] if sized else None)
     for name, bits in zip(names, res.widths):
         plans[name].bits = bits.cpu().long()
     if not res.exact:
         log.warning("model budget: %s", res.message)
     return res
+
+
+def solve_batches(plans: dict[str, ModulePlan], H: Tensor, cfg: CompressConfig,
+                  names: tuple[str, ...]) -> list[tuple[tuple[str, ...], ColumnLayout | None]]:
+    """How the layers ``names`` of one step are solved: batches of layers stacked into one
+    matrix, each with its column layout (None: the natural order, one batch for all).
+
+    With ``--act-order`` or ``--groupsize`` every layer gets a layout (its channel groups as
+    segments in descending width, act-order inside them, scale groups of ``groupsize``);
+    layers whose layouts are equal (always, for uniform widths) share a batch.
+    """
+    if not (cfg.act_order or cfg.groupsize):
+        return [(names, None)]
+    hdiag = torch.diag(H).clone()
+    hdiag[hdiag == 0] = 1  # dead channels, as the solver treats them
+    batches: list[tuple[list[str], ColumnLayout]] = []
+    for name in names:
+        plan = plans[name]
+        lay = layout_for(plan.groups, plan.bits, hessian_diag=hdiag, act_order=cfg.act_order, groupsize=cfg.groupsize)
+        for members, other in batches:
+            if (torch.equal(other.perm, lay.perm) and torch.equal(other.seg_bits, lay.seg_bits)
+                    and torch.equal(other.seg_len, lay.seg_len)):
+                members.append(name)
+                break
+        else:
+            batches.append(([name], lay))
+    return [(tuple(members), lay) for members, lay in batches]
 
 
 def grid_for(W: Tensor, plan: ModulePlan, cfg: CompressConfig) -> QuantGrid:
@@ -142,31 +206,21 @@ def grid_for(W: Tensor, plan: ModulePlan, cfg: CompressConfig) -> QuantGrid:
 
 
 def bit_statistics(plans: dict[str, ModulePlan], target: float) -> dict:
-    """The results file's ``bits`` section: histogram by width, actual vs target, per layer."""
-    hist: dict[int, dict[str, float]] = {}
-    total_ch = total_w = 0
-    weighted = 0.0
-    per_layer = []
-    for name, plan in plans.items():
-        cb = plan.column_bits()
-        C = cb.numel()
-        for b, count in zip(*torch.unique(cb, return_counts=True)):
-            h = hist.setdefault(int(b), {"channels": 0, "weights": 0})
-            h["channels"] += int(count)
-            h["weights"] += int(count) * plan.rows
-        total_ch += C
-        total_w += C * plan.rows
-        weighted += float(cb.double().sum()) * plan.rows
-        per_layer.append({"name": name, "avg_bits": float(cb.float().mean()), "rows": plan.rows, "cols": C,
-                          "groups": int(plan.bits.numel()), "group_bits": plan.bits.tolist()})
-    for h in hist.values():
-        h["channel_share"] = h["channels"] / max(total_ch, 1)
-        h["weight_share"] = h["weights"] / max(total_w, 1)
-    actual = weighted / max(total_w, 1)
+    """The results file's ``bits`` section: histogram by width, actual vs target, per layer.
+
+    The counting is :func:`misq.algorithms.allocation.bit_histogram`'s; this only lays it out
+    (width keys as strings, for JSON).
+    """
+    column_bits = [plan.column_bits() for plan in plans.values()]
+    hist = allocation.bit_histogram(column_bits, [plan.rows for plan in plans.values()])
+    actual = hist["average_bits"]
+    per_layer = [{"name": name, "avg_bits": float(cb.float().mean()), "rows": plan.rows, "cols": cb.numel(),
+                  "groups": int(plan.bits.numel()), "group_bits": plan.bits.tolist()}
+                 for (name, plan), cb in zip(plans.items(), column_bits)]
     return {
         "target_avg_bits": target,
         "actual_avg_bits": actual,
         "within_tolerance": abs(actual - target) <= 0.01 + 1e-9,
-        "histogram": {str(b): hist[b] for b in sorted(hist)},
+        "histogram": {str(b): h for b, h in hist["widths"].items()},
         "per_layer": per_layer,
     }

@@ -18,16 +18,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from misq.algorithms.column_layout import ColumnLayout
 from misq.algorithms.fused import get_block_fn
 from misq.algorithms.quantizer import QuantGrid
-from misq.algorithms.sparsegpt import HessianAccumulator, column_params, solve
+from misq.algorithms.sparsegpt import (
+    DEFAULT_OPTIONS,
+    HessianAccumulator,
+    SolverOptions,
+    column_params,
+    solve,
+)
 from misq.compress import bitplan
 from misq.config import CompressConfig
 from misq.distributed import LOCAL, Dist
@@ -56,21 +64,13 @@ class CompressionOutput:
     grids: dict[str, QuantGrid] = field(default_factory=dict)
     plans: dict[str, bitplan.ModulePlan] = field(default_factory=dict)
     seconds: float = 0.0
-    model: nn.Module | None = None
-
-    def layer_state(self, i: int) -> dict[str, Tensor]:
-        """The tensors of decoder layer ``i`` as they are now (for resume files)."""
-        return {layer_prefix(i) + k: v for k, v in layout.decoder_layers(self.model)[i].state_dict().items()}
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, inputs: execution.LayerInputs, device: str,
+def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, name: str, inputs: execution.LayerInputs, device: str,
                              dist: Dist = LOCAL) -> Tensor:
-    """H [C, C] of the input of ``first`` over all windows; the forward stops right after it.
-    Under torchrun ``inputs`` holds this rank's windows and H is all-reduced over the ranks."""
+    """H [C, C] of the input of ``first`` (full name ``name``, for errors) over all windows;
+    the forward stops right after it. Under torchrun ``inputs`` holds this rank's windows and H
+    is all-reduced over the ranks."""
     acc: HessianAccumulator | None = None
 
     def hook(_m: nn.Module, args: tuple) -> None:
@@ -79,11 +79,11 @@ def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, inputs: executi
         if acc is None:
             acc = HessianAccumulator(x.shape[-1], device)
         if not torch.isfinite(x).all():
-            raise NumericalError(f"{getattr(_m, '_misq_name', 'a linear layer')}: its calibration inputs hold NaN/Inf "
+            raise NumericalError(f"{name}: its calibration inputs hold NaN/Inf "
                                  "(the model already overflows before it): check the checkpoint's weights, or load it "
                                  "with --dtype bfloat16 or float32 if float16 overflows")
         acc.add(x)
-        raise _StopForward
+        raise execution.StopForward
 
     handle = first.register_forward_pre_hook(hook)
     try:
@@ -92,7 +92,7 @@ def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, inputs: executi
             sl = slice(start, min(start + inputs.batch_size, hidden.shape[0]))
             try:
                 execution.call_layer(layer, hidden[sl].to(device), inputs.batch_kwargs(sl.stop - sl.start, device))
-            except _StopForward:
+            except execution.StopForward:
                 pass
     finally:
         handle.remove()
@@ -101,7 +101,37 @@ def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, inputs: executi
 
 
 def _step_weights(linears: dict[str, nn.Linear], step: tuple[str, ...]) -> dict[str, Tensor]:
+    """name -> float32 weight [R, C] of the layers ``step``."""
     return {name: linears[name].weight.data.float() for name in step}
+
+
+T = TypeVar("T")
+_Solved = tuple[QuantGrid, bitplan.ModulePlan, dict[str, Any]]  # (grid on the CPU, plan, record)
+
+
+def _layer_steps(i: int, layer: nn.Module, inputs: execution.LayerInputs, device: str, dist: Dist,
+                 work: Callable[[tuple[str, ...], dict[str, nn.Linear], Tensor], dict[str, T]], *,
+                 writes_weights: bool, before_step: Callable[[tuple[str, ...]], None] | None = None,
+                 ) -> Iterator[tuple[tuple[str, ...], dict[str, T]]]:
+    """The per-step sequence of decoder layer ``i``, shared by measuring and compressing.
+
+    For each step of ``layout.SEQUENTIAL_STEPS``: H [C, C] of the step's input -> the owning
+    rank of each of its layers -> ``work(this rank's layers, linears, H)`` (H may be consumed)
+    -> every rank gets every owner's results, and with ``writes_weights`` the owners' new
+    weights too, before the next step's inputs are computed from them. Yields (step, short
+    name -> result for every layer of the step), in step order.
+    """
+    linears = layout.layer_linears(layer)
+    for j, step in enumerate(layout.SEQUENTIAL_STEPS):
+        if before_step is not None:
+            before_step(step)
+        H = _accumulate_step_hessian(layer, linears[step[0]], linear_name(i, step[0]), inputs, device, dist)
+        owners = _step_owners(step, linears, i * len(layout.SEQUENTIAL_STEPS) + j, dist)
+        mine = tuple(n for n in step if owners[n] == dist.rank)
+        part = work(mine, linears, H) if mine else {}
+        del H  # before the exchange: its [C, C] is the largest buffer alive
+        weights = {n: linears[n].weight.data for n in step} if writes_weights else {}
+        yield step, dist.share_solved(weights, owners, part)
 
 
 @torch.no_grad()
@@ -114,21 +144,16 @@ def measure_model_plan(model: nn.Module, calib: Tensor, cfg: CompressConfig, dev
     inputs = execution.capture_layer0_inputs(model, dist.shard_windows(calib), device, batch_size=cfg.batch_size,
                                             storage=storage, compute_dtype=dtype)
     plans: dict[str, bitplan.ModulePlan] = {}
+
+    def measure(mine: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor) -> dict[str, bitplan.ModulePlan]:
+        return bitplan.plan_step(_step_weights(linears, mine), H, cfg, with_costs=True)
+
     layers = layout.decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="measure layers", unit="layer", leave=False)):
         with execution.layer_weights(layer_source, i), execution.on_device(layer, device, dtype):
-            linears = layout.layer_linears(layer)
-            for name, lin in linears.items():  # named in NaN/Inf reports
-                lin._misq_name = linear_name(i, name)
-            for j, step in enumerate(layout.SEQUENTIAL_STEPS):
-                H = _accumulate_step_hessian(layer, linears[step[0]], inputs, device, dist)
-                owners = _step_owners(step, linears, i * len(layout.SEQUENTIAL_STEPS) + j, dist)
-                mine = tuple(n for n in step if owners[n] == dist.rank)
-                part = bitplan.plan_step(_step_weights(linears, mine), H, cfg, with_costs=True) if mine else {}
-                part = dist.gather_dicts(part)
+            for step, part in _layer_steps(i, layer, inputs, device, dist, measure, writes_weights=False):
                 for name in step:
                     plans[linear_name(i, name)] = part[name]
-                del H
             execution.run_layer(layer, inputs, device, out=inputs.hidden)
     if dist.is_main:
         res = bitplan.allocate_model(plans, cfg)
@@ -146,11 +171,12 @@ def compress_model(
     progress: ProgressSink | None = None,
     plans: dict[str, bitplan.ModulePlan] | None = None,
     start_layer: int = 0,
-    on_layer_done: Callable[[int, CompressionOutput], None] | None = None,
+    on_layer_done: Callable[[int, dict[str, Tensor], CompressionOutput], None] | None = None,
     block_fn: Callable | None = None,
     prior: CompressionOutput | None = None,
     dist: Dist | None = None,
     layer_source: execution.LayerSource | None = None,
+    solver: SolverOptions = DEFAULT_OPTIONS,
 ) -> CompressionOutput:
     """Compress every decoder layer of ``model`` in place with calibration windows ``calib`` [n, seqlen].
 
@@ -160,14 +186,15 @@ def compress_model(
     to rebuild the next layer's inputs. Under torchrun (``dist`` from :func:`misq.distributed.from_env`)
     each rank passes the same ``calib`` and runs its share of it; all ranks end with the same model.
     With a ``layer_source`` (streaming) each layer gets its weights just before its turn and loses
-    them after ``on_layer_done``, the sink that must persist it.
+    them after ``on_layer_done(i, layer_state, out)``, the sink that must persist it (``layer_state``:
+    the compressed layer's tensors by full name, ``model.layers.i.…`` -> tensor). ``solver`` says how to compute
+    (inverse-Cholesky method, fast error products, fused sweep); the result does not depend on it.
     """
     t0 = time.perf_counter()
     progress = progress or _NoProgress()
     if block_fn is None:  # the fused Triton block sweep on CUDA; pass sparsegpt.block_loop to force the eager one
-        block_fn = get_block_fn(device)
+        block_fn = get_block_fn(device, enabled=solver.fused)
     out = prior or CompressionOutput()
-    out.model = model
     dtype = execution.compute_dtype_for(model, device)
     store_dtype = next(model.parameters()).dtype
     storage = "cpu" if cfg.offload_activations else device
@@ -181,14 +208,17 @@ def compress_model(
         with execution.layer_weights(layer_source, i):
             with execution.on_device(layer, device, dtype):
                 if i >= start_layer:
-                    _compress_layer(i, layer, inputs, cfg, device, plans, out, progress, block_fn, store_dtype, dist=dist)
+                    _compress_layer(i, layer, inputs, cfg, device, plans, out, progress, block_fn, store_dtype, dist=dist,
+                                    solver=solver)
                 else:
                     progress.update("replay", layer=i + 1)
                 execution.run_layer(layer, inputs, device, out=inputs.hidden)
                 if not torch.isfinite(inputs.hidden).all():
                     raise NumericalError(f"model.layers.{i}: its outputs hold NaN/Inf after compression")
             if i >= start_layer and on_layer_done is not None:
-                on_layer_done(i, out)  # before the weights are released: the sink reads them
+                # Before the weights are released (streaming): the sink reads them.
+                layer_state = {layer_prefix(i) + k: v for k, v in layer.state_dict().items()}
+                on_layer_done(i, layer_state, out)
         progress.update("compress", layer=i + 1, layer_done=True)
     out.seconds = time.perf_counter() - t0
     return out
@@ -201,19 +231,17 @@ def _step_owners(step: tuple[str, ...], linears: dict[str, nn.Linear], turn: int
 
 def _compress_layer(i: int, layer: nn.Module, inputs: execution.LayerInputs, cfg: CompressConfig, device: str,
                     plans: dict[str, bitplan.ModulePlan] | None, out: CompressionOutput, progress: ProgressSink,
-                    block_fn: Callable | None, store_dtype: torch.dtype, dist: Dist = LOCAL) -> None:
-    linears = layout.layer_linears(layer)
-    for name, lin in linears.items():
-        lin._misq_name = linear_name(i, name)
-    for j, step in enumerate(layout.SEQUENTIAL_STEPS):
+                    block_fn: Callable | None, store_dtype: torch.dtype, dist: Dist = LOCAL,
+                    solver: SolverOptions = DEFAULT_OPTIONS) -> None:
+    """Compress decoder layer ``i`` (on ``device``) in place, step by step; adds its grids,
+    plans and records to ``out``."""
+    def work(mine: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor) -> dict[str, _Solved]:
+        return _solve_layers(i, mine, linears, H, cfg, plans, block_fn, store_dtype, solver)
+
+    def announce(step: tuple[str, ...]) -> None:
         progress.update("compress", layer=i + 1, sublayer="+".join(n.split(".")[-1] for n in step))
-        H = _accumulate_step_hessian(layer, linears[step[0]], inputs, device, dist)
-        owners = _step_owners(step, linears, i * len(layout.SEQUENTIAL_STEPS) + j, dist)
-        mine = tuple(n for n in step if owners[n] == dist.rank)
-        solved = _solve_layers(i, mine, linears, H, cfg, plans, block_fn, store_dtype) if mine else {}
-        del H
-        # Under torchrun: each owner's weights to every rank, every owner's grids/plans/records to all.
-        solved = dist.share_solved({n: linears[n].weight.data for n in step}, owners, solved)
+
+    for step, solved in _layer_steps(i, layer, inputs, device, dist, work, writes_weights=True, before_step=announce):
         for name in step:
             full = linear_name(i, name)
             out.grids[full], out.plans[full], record = solved[name]
@@ -223,13 +251,14 @@ def _compress_layer(i: int, layer: nn.Module, inputs: execution.LayerInputs, cfg
 
 def _solve_layers(i: int, names: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor, cfg: CompressConfig,
                   plans: dict[str, bitplan.ModulePlan] | None, block_fn: Callable | None,
-                  store_dtype: torch.dtype) -> dict[str, tuple[QuantGrid, bitplan.ModulePlan, dict[str, Any]]]:
-    """Plan, grid and solve layers ``names`` of one step of layer ``i`` as one stacked matrix
-    against their shared H [C, C] (consumed), and write their weights back.
+                  store_dtype: torch.dtype, solver: SolverOptions = DEFAULT_OPTIONS) -> dict[str, _Solved]:
+    """Plan, grid and solve layers ``names`` of one step of layer ``i`` against their shared
+    H [C, C] (consumed), and write their weights back.
 
-    Returns name -> (grid on the CPU, plan, record). Rows are independent and unstructured
-    masks are chosen per layer, so solving any subset of a step gives those layers exactly
-    what the whole step's stacked solve gives them.
+    Layers that are solved in the same column order are stacked into one matrix (all of them,
+    without ``--act-order``/``--groupsize``). Returns name -> (grid on the CPU, plan, record).
+    Rows are independent and unstructured masks are chosen per layer, so solving any subset of
+    a step gives those layers exactly what the whole step's stacked solve gives them.
     """
     weights = _step_weights(linears, names)
     full = {name: linear_name(i, name) for name in names}
@@ -237,16 +266,34 @@ def _solve_layers(i: int, names: tuple[str, ...], linears: dict[str, nn.Linear],
         step_plans = {name: plans[full[name]] for name in names}
     else:
         step_plans = bitplan.plan_step(weights, H, cfg)
-    grids = {name: bitplan.grid_for(weights[name], step_plans[name], cfg) for name in names}
+    batches = bitplan.solve_batches(step_plans, H, cfg, names)
+    solved = {}
+    for k, (batch, col_layout) in enumerate(batches):
+        H_batch = H if k == len(batches) - 1 else H.clone()  # solve consumes its H
+        solved.update(_solve_batch(batch, col_layout, weights, step_plans, full, linears, H_batch, cfg, block_fn,
+                                   store_dtype, solver))
+    return {name: solved[name] for name in names}
+
+
+def _solve_batch(names: tuple[str, ...], col_layout: ColumnLayout | None, weights: dict[str, Tensor],
+                 step_plans: dict[str, bitplan.ModulePlan], full: dict[str, str], linears: dict[str, nn.Linear],
+                 H: Tensor, cfg: CompressConfig, block_fn: Callable | None, store_dtype: torch.dtype,
+                 solver: SolverOptions) -> dict[str, _Solved]:
+    """Solve layers ``names`` (one column layout ``col_layout``, or the natural order) as one stacked matrix."""
     W = torch.cat([weights[name] for name in names])
     rows = [weights[name].shape[0] for name in names]
+    dynamic = col_layout is not None and cfg.groupsize > 0  # grids found as the solver reaches each group
+    grids = {} if dynamic else {name: bitplan.grid_for(weights[name], step_plans[name], cfg) for name in names}
     try:
-        res = solve(W, H, column_params([grids[n] for n in names]), sparsity=cfg.sparsity, prunen=cfg.prunen,
-                    prunem=cfg.prunem, blocksize=cfg.blocksize, percdamp=cfg.percdamp, row_segments=rows, block_fn=block_fn)
+        res = solve(W, H, None if dynamic else column_params([grids[n] for n in names]), sparsity=cfg.sparsity,
+                    prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                    row_segments=rows, block_fn=block_fn, options=solver,
+                    order=None if col_layout is None else col_layout.perm,
+                    grid_groups=col_layout.scale_groups() if dynamic else None, grid_mse=cfg.mse)
     except NumericalError as err:  # the solver does not know which layers it solved
-        raise NumericalError(f"{'+'.join(full.values())}: {err}") from None
+        raise NumericalError(f"{'+'.join(full[n] for n in names)}: {err}") from None
     if res.damp != cfg.percdamp:
-        log.warning("%s: Hessian needed damping %.3g (asked %.3g)", "+".join(full.values()), res.damp, cfg.percdamp)
+        log.warning("%s: Hessian needed damping %.3g (asked %.3g)", "+".join(full[n] for n in names), res.damp, cfg.percdamp)
     solved = {}
     start = 0
     for k, name in enumerate(names):
@@ -257,7 +304,15 @@ def _solve_layers(i: int, names: tuple[str, ...], linears: dict[str, nn.Linear],
             raise NumericalError(f"{full[name]}: the solved weights hold NaN/Inf in {str(store_dtype).replace('torch.', '')}: "
                                  "check the checkpoint's weights, or load it with --dtype bfloat16 or float32")
         lin.weight.data.copy_(new)
+        sl = slice(start, start + rows[k])
         start += rows[k]
+        if dynamic:
+            grid = QuantGrid(scale=res.group_scale[sl], zero=res.group_zero[sl], groups=col_layout.group_of_column(),
+                             bits=col_layout.group_bits(), order=col_layout.perm)
+        else:
+            grid = grids[name]
+            if col_layout is not None:
+                grid.order = col_layout.perm
         plan = step_plans[name]
         record = {
             "name": full[name], "rows": rows[k], "cols": W.shape[1],
@@ -265,9 +320,10 @@ def _solve_layers(i: int, names: tuple[str, ...], linears: dict[str, nn.Linear],
             "group_bits": plan.bits.tolist(), "solve_s": res.seconds, "damp": res.damp,
             "stacked_with": [full[n] for n in names if n != name],
         }
-        solved[name] = (_cpu_grid(grids[name]), plan, record)
+        solved[name] = (_cpu_grid(grid), plan, record)
     return solved
 
 
 def _cpu_grid(grid: QuantGrid) -> QuantGrid:
-    return QuantGrid(scale=grid.scale.cpu(), zero=grid.zero.cpu(), groups=grid.groups.cpu(), bits=grid.bits.cpu())
+    return QuantGrid(scale=grid.scale.cpu(), zero=grid.zero.cpu(), groups=grid.groups.cpu(), bits=grid.bits.cpu(),
+                     order=None if grid.order is None else grid.order.cpu())

@@ -32,8 +32,8 @@ def _train_for(model, tokenizer, text: str, seconds: float, seqlen: int) -> tupl
 
 
 def run_demo(out: str | Path, *, train_seconds: float = 60.0) -> str:
+    from misq import jobs
     from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
-    from misq.jobs import compress as jobs
     from misq.report.compare import compare
 
     out = Path(out)

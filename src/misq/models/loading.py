@@ -6,8 +6,10 @@ refuse a bad model before it reads gigabytes or creates its run folder.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -97,3 +99,12 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def misq_section_of(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``misq`` section of the folder's config.json (what misq wrote when it saved), or None
+    when there is no readable config or no such section. A folder with one is a misq packed
+    checkpoint (:mod:`misq.checkpoint.packed` writes it); loaders ask before choosing a path."""
+    try:
+        section = json.loads((Path(path).expanduser() / "config.json").read_text()).get("misq")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return section if isinstance(section, dict) else None

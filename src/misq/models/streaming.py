@@ -13,6 +13,10 @@ file and copies the tensors out: a mapping kept open would leave every page it e
 counted in the process's resident memory, so that after one pass over a 13B model the RSS
 would show 26 GB of page cache.
 
+Nothing is attached to the model: whoever loads it keeps the :class:`StreamedModel` and hands
+it as ``source=`` to everything that runs the layers (the job layer's
+:class:`misq.jobs.loading.LoadedModel` carries it).
+
 After a layer is compressed, the run writes it to ``RUN_DIR/resume/layer_NNN.safetensors``
 (:mod:`misq.runs.resume`) and :meth:`StreamedModel.use_file` points layer ``i`` at that file: the
 evaluation, size accounting and packed save that follow read compressed layers from there.
@@ -28,20 +32,21 @@ import logging
 import os
 import resource
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from misq.checkpoint.packed import misq_section_of
 from misq.config import ModelConfig
 from misq.dtypes import torch_dtype
 from misq.errors import MisqError
 from misq.models import layout, loading
 from misq.models.layout import LAYER_PREFIX, layer_prefix
+from misq.models.loading import misq_section_of
 from misq.models.safetensors_files import INDEX_NAME, WEIGHTS_NAME, SafetensorsFiles
 
 log = logging.getLogger(__name__)
@@ -216,7 +221,6 @@ class StreamedModel:
         self.layers = layout.decoder_layers(model)
         self._layer_files: dict[int, SafetensorsFiles] = {}
         self._materialize_outside_layers()
-        model._misq_streamed = self  # so that whoever holds the model can find its layers (source_of)
         log.info("streaming %s: %d decoder layers read one at a time", folder, len(self.layers))
 
     def _materialize_outside_layers(self) -> None:
@@ -262,11 +266,6 @@ class StreamedModel:
     def use_file(self, i: int, path: Path) -> None:
         """From now on, layer ``i`` is read from ``path`` (a compressed layer's safetensors file)."""
         self._layer_files[i] = SafetensorsFiles([Path(path)])
-
-
-def source_of(model: nn.Module) -> StreamedModel | None:
-    """The :class:`StreamedModel` behind ``model``, or None for a model that holds its weights."""
-    return getattr(model, "_misq_streamed", None)
 
 
 def open_streamed(folder: Path, cfg: ModelConfig) -> tuple[StreamedModel, Any]:

@@ -16,19 +16,20 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from misq.atomic import atomic_write_bytes
+from misq.config import DATASETS
 from misq.errors import MisqError
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("wikitext2", "ptb", "c4")
 EVAL_SPLIT = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
 EVAL_JOIN = {"wikitext2": "\n\n", "ptb": " ", "c4": " "}  # the reference code's joins
 TRAIN_JOIN = " "  # wikitext2/ptb calibration stream
@@ -81,7 +82,7 @@ def check_dataset_name(name: str) -> None:
     """Accept ``wikitext2``, ``ptb``, ``c4`` or the path of an existing text file."""
     if name in DATASETS or Path(name).expanduser().is_file():
         return
-    raise MisqError(f"unknown dataset {name!r}: use wikitext2, ptb, c4 or the path of a text file")
+    raise MisqError(f"unknown dataset {name!r}: use {', '.join(DATASETS)} or the path of a text file")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
@@ -306,7 +307,7 @@ def eval_tokens(name: str, tokenizer: Any, seqlen: int, data_dir: str | os.PathL
 
     wikitext2: test rows joined by "\\n\\n"; ptb: test sentences joined by " "; c4: the first 1100
     validation documents joined by " ", cut to 256 x seqlen tokens (``c4_cut=False`` keeps all of
-    them: the figures in shared/models/README.md were measured that way); a user file: its whole text.
+    them: the public reference figures were measured that way, docs/protocol.md); a user file: its whole text.
     """
     src = _locate(name, EVAL_SPLIT.get(name, "file"), data_dir)
     is_c4 = src.dataset == "c4"

@@ -22,6 +22,9 @@ from typing import Any
 
 import misq
 from misq.atomic import atomic_write_json, atomic_write_text
+
+# DATASETS from misq.config, not misq.protocol.data: the same tuple, without importing torch.
+from misq.config import DATASETS, sparsity_pattern
 from misq.errors import MisqError
 from misq.report.advice import (
     BUDGET_TOLERANCE,
@@ -30,11 +33,12 @@ from misq.report.advice import (
     verdict,
     verdict_datasets,
 )
+from misq.report.labels import dedupe_labels, run_label, sparsity_text
 from misq.runs.rundir import RESULTS_FILE, iso_utc
 
 log = logging.getLogger(__name__)
 
-DATASET_ORDER = ("wikitext2", "ptb", "c4")
+DATASET_ORDER = DATASETS  # the protocol's three, in the order its tables list them
 PROTOCOL_KEYS = ("name", "c4_documents", "c4_max_tokens", "unk_as_text")
 
 
@@ -103,7 +107,7 @@ def build_comparison(
     threshold_pct = round(100 * retention_threshold, 2)  # one rounding, shared by text and rules
     judged = verdict_datasets(_datasets(base))
     analysed = [_analyse_run(p, r, base, threshold_pct, judged) for p, r in runs]
-    _dedupe_labels(analysed, [p for p, _ in runs])
+    dedupe_labels(analysed, [p for p, _ in runs])
     primary, reason = _pick_primary(analysed)
     return {
         "misq_version": misq.__version__,
@@ -133,7 +137,7 @@ def build_comparison(
         # The headline for the CLI: the primary run's verdict, and every run's status.
         "verdict": {"status": analysed[primary]["verdict"]["status"], "run": analysed[primary]["label"],
                     "summary": analysed[primary]["verdict"]["summary"],
-                    "per_run": {r["label"]: r["verdict"]["status"] for r in analysed}},  # fmt: skip
+                    "per_run": {r["label"]: r["verdict"]["status"] for r in analysed}},
         "warnings": warnings + [f"{r['label']}: {w}" for r in analysed for w in r["warnings"]],
         "runs": analysed,
     }
@@ -204,7 +208,7 @@ def _analyse_run(path: Path, res: dict[str, Any], base: dict[str, Any], threshol
     layers = _layers(res)
     run = {
         "path": str(path),
-        "label": _label(config, path),
+        "label": run_label(config, path),
         "model": model,
         "comparable": comparable,
         "config": config,
@@ -244,12 +248,11 @@ def _config_summary(res: dict[str, Any]) -> dict[str, Any]:
     grouping = cfg.get("grouping")
     target = _num(bits.get("target_avg_bits", cfg.get("target_avg_bits") if grouping != "uniform" else None))
     prunen, prunem = cfg.get("prunen") or 0, cfg.get("prunem") or 0
-    if sp.get("pattern"):
-        pattern = sp["pattern"]
-    elif prunen and prunem:
-        pattern = f"{prunen}:{prunem}"
-    else:
-        pattern = "unstructured" if (cfg.get("sparsity") or 0) > 0 else "none"
+    # The file's own pattern when it has one; files older than that field get it from their config.
+    # "none" is this module's old word for "dense": read it as such.
+    pattern = sp.get("pattern")
+    if pattern in (None, "", "none"):
+        pattern = sparsity_pattern(float(cfg.get("sparsity") or 0.0), int(prunen), int(prunem))
     sparsity_target = _num(sp.get("target", prunen / prunem if prunen and prunem else cfg.get("sparsity")))
     if res.get("kind") == "baseline" or not cfg:
         precision = (res.get("model") or {}).get("dtype", "float16")
@@ -258,7 +261,7 @@ def _config_summary(res: dict[str, Any]) -> dict[str, Any]:
     else:
         widths = ",".join(str(b) for b in cfg.get("bits") or [])
         precision = f"mixed {{{widths}}}, target {target:g} avg bits" if target is not None else f"mixed {{{widths}}}"
-    return {
+    summary = {
         "precision": precision,
         "bits": cfg.get("bits"),
         "wbits": cfg.get("wbits"),
@@ -274,40 +277,8 @@ def _config_summary(res: dict[str, Any]) -> dict[str, Any]:
         "seqlen": _seqlen(res),
         "seed": cfg.get("seed"),
     }
-
-
-def _label(config: dict[str, Any], path: Path) -> str:
-    """A short name for a run, e.g. ``mi K=10 4.0b layer`` (plus ``+50%`` / ``+2:4`` when pruned)."""
-    method = config["method"]
-    if method == "uniform":
-        label = f"uniform {config['wbits']}b"
-    elif method:
-        target = config["target_avg_bits"]
-        # One decimal as in "4.0b", more only when needed ("3.25b").
-        shown = None if target is None else (f"{target:.1f}" if round(target, 1) == target else f"{target:g}")
-        label = f"{method} K={config['n_groups']} {shown}b {config['budget']}" if shown else f"{method} K={config['n_groups']}"
-    else:
-        label = path.parent.name if path.name == RESULTS_FILE else path.stem
-    if config["pattern"] not in ("none", "unstructured"):
-        label += f" +{config['pattern']}"
-    elif config["sparsity_target"]:
-        label += f" +{100 * config['sparsity_target']:.0f}%"
-    return label
-
-
-def _dedupe_labels(runs: list[dict[str, Any]], paths: list[Path]) -> None:
-    """Two runs of a sweep can share a config (e.g. different seeds): tell them apart."""
-    counts: dict[str, int] = {}
-    for run in runs:
-        counts[run["label"]] = counts.get(run["label"], 0) + 1
-    for run, path in zip(runs, paths):
-        if counts[run["label"]] > 1:
-            where = path.parent.name if path.name == RESULTS_FILE else path.stem
-            run["label"] = f"{run['label']} ({where})"
-    labels = [r["label"] for r in runs]
-    for i, run in enumerate(runs):
-        if labels.count(run["label"]) > 1:  # same folder names too: fall back to the position
-            run["label"] += f" #{i + 1}"
+    summary["sparsity"] = sparsity_text(summary)
+    return summary
 
 
 def _perplexity(base: dict[str, Any], res: dict[str, Any], comparable: bool) -> dict[str, dict[str, Any]]:
@@ -337,7 +308,7 @@ def _compression(res: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     avg_channel = _num(st.get("avg_channel_bits", bits.get("actual_avg_bits")))
     actual = _num(bits.get("actual_avg_bits", avg_channel))
     target = config["target_avg_bits"]
-    histogram = []
+    histogram = []  # the entries misq.algorithms.allocation.bit_histogram defines, as the results file holds them
     for width, h in sorted((bits.get("histogram") or {}).items(), key=lambda kv: float(kv[0])):
         histogram.append({"width": int(float(width)), **{k: h.get(k) for k in ("channels", "channel_share", "weights", "weight_share")}})
     return {
@@ -399,4 +370,4 @@ def _pick_primary(runs: list[dict[str, Any]]) -> tuple[int, str]:
     return best, f"the best mean perplexity retention ({scores[best]:.2f}%) of {len(runs)} runs"
 
 
-__all__ = ["compare", "build_comparison", "load_results", "DATASET_ORDER", "VERDICT_DATASETS", "BUDGET_TOLERANCE"]
+__all__ = ["BUDGET_TOLERANCE", "DATASET_ORDER", "VERDICT_DATASETS", "build_comparison", "compare", "load_results"]

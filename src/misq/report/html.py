@@ -12,6 +12,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
+from misq.report.labels import DENSE_TEXT
 from misq.runs.rundir import format_bytes, format_duration
 
 DASH = "—"
@@ -84,7 +85,7 @@ def build_sections(c: dict[str, Any], plots: dict[str, bytes] | None = None) -> 
     title = f"misq comparison report: {base['model'] or 'model'}"
     intro = [
         Block("p", f"Baseline: {base['path']} ({base['dtype']}, seqlen {_or_dash(base['seqlen'])}). "
-                   f"Runs compared: {len(c['runs'])}. Generated {c['created']} by misq {c['misq_version']}."),  # fmt: skip
+                   f"Runs compared: {len(c['runs'])}. Generated {c['created']} by misq {c['misq_version']}."),
     ]
     intro += [Block("warn", f"Warning: {w}") for w in c["warnings"]]
     if len(c["runs"]) > 1:
@@ -98,7 +99,7 @@ def build_sections(c: dict[str, Any], plots: dict[str, bytes] | None = None) -> 
     config = Block("table", headers=["Setting", "Baseline", run["label"]], rows=[
         ["Model", _or_dash(base["model"]), _or_dash(run["model"])],
         ["Precision / bits", _or_dash(base["dtype"]), cfg["precision"]],
-        ["Sparsity & pattern", "none", _sparsity(cfg)],
+        ["Sparsity & pattern", DENSE_TEXT, cfg["sparsity"]],
         ["Method (grouping)", DASH, _or_dash(cfg["method"])],
         ["Calibration dataset", DASH, _or_dash(cfg["calibration_dataset"])],
         ["Calibration samples", DASH, _or_dash(cfg["nsamples"])],
@@ -127,19 +128,12 @@ def build_sections(c: dict[str, Any], plots: dict[str, bytes] | None = None) -> 
             Block("table", headers=["Rule", "Value", "Result", "Note"], rows=[
                 [r["rule"], _rule_value(r), r["status"].upper(), r["note"]] for r in verdict["rules"]]),
             Block("p", f"Verdict: {verdict['summary']}"),
-        ]),  # fmt: skip
+        ]),
         Section("6. Suggestions", [Block("list", items=[f"{s['text']} (triggered by: {s['trigger']})" for s in run["suggestions"]])]
                 if run["suggestions"] else [Block("p", "None: no check triggered (budget, dataset outlier, calibration samples, "
-                                                       "layer error outliers, width saturation, scale overhead, sparsity).")]),  # fmt: skip
+                                                       "layer error outliers, width saturation, scale overhead, sparsity).")]),
     ]
     return title, intro, sections
-
-
-def _sparsity(cfg: dict[str, Any]) -> str:
-    if cfg["pattern"] == "none" and not cfg["sparsity_target"]:
-        return "none"
-    actual = f", actual {share(cfg['sparsity_actual'])}" if cfg["sparsity_actual"] is not None else ""
-    return f"{share(cfg['sparsity_target'])} {cfg['pattern']}{actual}"
 
 
 def _rule_value(rule: dict[str, Any]) -> str:
@@ -157,8 +151,11 @@ def _runs_table(c: dict[str, Any]) -> Block:
     headers += ["Ratio (model)", "Compress time"]
     rows = []
     for i, run in enumerate(c["runs"]):
-        row = [str(i + 1), run["label"], run["verdict"]["status"], num(run["compression"]["actual_avg_bits"], 3),
-               share(run["config"]["sparsity_actual"] if run["config"]["sparsity_actual"] is not None else run["config"]["sparsity_target"])]  # fmt: skip
+        cfg = run["config"]
+        # A dense run says so rather than "0.0%", as in the configuration table.
+        sparsity = DENSE_TEXT if cfg["pattern"] == "dense" else \
+            share(cfg["sparsity_actual"] if cfg["sparsity_actual"] is not None else cfg["sparsity_target"])
+        row = [str(i + 1), run["label"], run["verdict"]["status"], num(run["compression"]["actual_avg_bits"], 3), sparsity]
         for ds in datasets:
             e = run["perplexity"].get(ds) or {}
             row += [num(e.get("compressed")), pct(e.get("change_pct"), signed=True)]
@@ -204,7 +201,7 @@ def _layer_blocks(run: dict[str, Any]) -> list[Block]:
     return [
         Block("p", text + ". Highest errors:"),
         Block("table", headers=["Layer", "Avg bits", "Rel. error"],
-              rows=[[r["name"], num(r["avg_bits"], 3), num(r["rel_error"], 4)] for r in worst]),  # fmt: skip
+              rows=[[r["name"], num(r["avg_bits"], 3), num(r["rel_error"], 4)] for r in worst]),
     ]
 
 
@@ -293,10 +290,10 @@ def _html_block(b: Block, plots: dict[str, bytes]) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in b.headers)
     body = "".join(
         "<tr>" + "".join(f'<td class="{esc(x)}">{esc(x)}</td>' if x in ("PASS", "FAIL", "INCOMPLETE", "MISSING")
-                         else f"<td>{esc(x)}</td>" for x in row) + "</tr>"  # fmt: skip
+                         else f"<td>{esc(x)}</td>" for x in row) + "</tr>"
         for row in b.rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-__all__ = ["render_markdown", "render_html", "build_sections", "Block", "Section"]
+__all__ = ["Block", "Section", "build_sections", "render_html", "render_markdown"]

@@ -15,7 +15,7 @@ import matplotlib
 
 # Reports are written on headless machines (GPU nodes, CI): never ask for a display.
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (must follow matplotlib.use)
+import matplotlib.pyplot as plt
 
 log = logging.getLogger(__name__)
 
@@ -139,4 +139,4 @@ def _rel_error(run: dict[str, Any]) -> plt.Figure | None:
     return fig
 
 
-__all__ = ["make_plots", "CAPTIONS"]
+__all__ = ["CAPTIONS", "make_plots"]

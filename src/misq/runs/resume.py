@@ -144,14 +144,21 @@ class ResumeState:
         atomic_write_json(self.state_path, state)
 
     # -- per layer ------------------------------------------------------------------------
-    def layer_done(self, i: int, output: Any) -> None:
-        """Persist layer ``i`` (already compressed in ``output``'s model) and the run state."""
+    def layer_done(self, i: int, layer_state: dict[str, torch.Tensor], output: Any) -> None:
+        """Persist finished layer ``i`` and the run state (the driver's ``on_layer_done``).
+
+        layer_state: the compressed layer's tensors under their full names
+        (``model.layers.7.mlp.up_proj.weight`` -> [R, C]); output: the run's
+        :class:`~misq.compress.driver.CompressionOutput` so far (grids of this layer, all records).
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         prefix = layer_prefix(i)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in output.layer_state(i).items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in layer_state.items()}
         for name, grid in output.grids.items():
             if name.startswith(prefix):
                 tensors.update({f"{name}.grid.{f}": getattr(grid, f).contiguous() for f in _GRID_FIELDS})
+                if grid.order is not None:  # act-order / width segments: the solve order
+                    tensors[f"{name}.grid.order"] = grid.order.contiguous()
         _save_tensors(tensors, self.layer_path(i))
         self._write_state(done_layers=i + 1, records=output.records)
 
@@ -166,13 +173,16 @@ class ResumeState:
         self._calib = digest
 
     def restore(self, model: torch.nn.Module, calib: torch.Tensor | None = None, *,
-                load_weights: bool = True) -> tuple[int, Any]:
-        """Load the finished layers into ``model``; returns (first layer to do, prior output).
+                source: Any = None) -> tuple[int, Any]:
+        """Put the finished layers back; returns (first layer to do, prior output).
 
-        ``calib`` (the run's calibration windows) is recorded by a fresh run and, on resume,
-        must be what the interrupted run drew: otherwise the data file or tokenizer changed.
-        ``load_weights=False`` restores grids, plans and records only (a streamed model reads
-        the layers from :meth:`layer_path` itself).
+        The layers' tensors are loaded into ``model`` or, for a streamed model (``source``, a
+        :class:`~misq.models.streaming.StreamedModel` whose layers hold no weights), ``source``
+        reads them from :meth:`layer_path` from now on. The prior output holds their grids,
+        plans and records, for the driver to carry on from. ``calib`` (the run's calibration
+        windows) is recorded by a fresh run and, on resume, must be what the interrupted run
+        drew: otherwise the data file or tokenizer changed. Reads only: every rank of a
+        distributed run restores from rank 0's folder.
         """
         from misq.compress.driver import CompressionOutput
 
@@ -188,7 +198,9 @@ class ResumeState:
                             "drop --resume to start over")
         plans = self.load_plans() or {}
         for i in range(done):
-            self._restore_layer(i, layers[i] if load_weights else None, plans, prior)
+            self._restore_layer(i, layers[i] if source is None else None, plans, prior)
+            if source is not None:
+                source.use_file(i, self.layer_path(i))
         prior.records = list(self._state["records"])
         log.info("resuming after %d finished layer(s)", done)
         return done, prior
@@ -211,7 +223,7 @@ class ResumeState:
             name = prefix + short
             if f"{name}.grid.scale" not in tensors:
                 continue
-            g = QuantGrid(**{f: tensors[f"{name}.grid.{f}"] for f in _GRID_FIELDS})
+            g = QuantGrid(**{f: tensors[f"{name}.grid.{f}"] for f in _GRID_FIELDS}, order=tensors.get(f"{name}.grid.order"))
             prior.grids[name] = g
             prior.plans[name] = plans.get(name) or ModulePlan(name, g.scale.shape[0], g.groups, g.bits)
 

@@ -18,12 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from misq.atomic import atomic_write_json
+from misq.errors import MisqError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,28 @@ def format_bytes(n: float | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def check_writable(path: str | os.PathLike, what: str) -> Path:
+    """Fail early (before loading a model) when an output location cannot be written.
+
+    ``what`` names it in the error ("output folder", "save folder", "output file"); a name
+    ending in "folder" must not be an existing file. Returns the expanded path.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir() and what.endswith("folder"):
+        raise MisqError(f"{what} {str(path)!r} is a file: give a folder path")
+    probe_dir = path if path.is_dir() else path.parent
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    # Write a file rather than ask os.access: root passes os.access everywhere, and read-only
+    # mounts or full disks only show when something is written.
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".misq-write-test-"):
+            pass
+    except OSError as err:
+        raise MisqError(f"{what} {str(path)!r} is not writable ({err.strerror or err}): choose a folder you can write to") from None
+    return path
 
 
 class RunDir:
@@ -276,9 +301,10 @@ def _round(x: float | None, digits: int = 1) -> float | None:
 
 
 __all__ = [
-    "RunDir",
     "Progress",
-    "format_duration",
+    "RunDir",
+    "check_writable",
     "format_bytes",
+    "format_duration",
     "iso_utc",
 ]

@@ -11,9 +11,10 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from misq.errors import MisqError
 from misq.runs.rundir import (
@@ -87,9 +88,9 @@ def read_status(
     if state == "running":
         if age is not None and age > stale_after_s:
             reason = f"no progress update for {format_duration(age)} (stale after {format_duration(stale_after_s)})"
-        elif progress.get("host") == socket.gethostname() and isinstance(progress.get("pid"), int):
-            if not _pid_alive(progress["pid"]):
-                reason = f"process {progress['pid']} is no longer running on {progress['host']}"
+        elif (progress.get("host") == socket.gethostname() and isinstance(progress.get("pid"), int)
+              and not _pid_alive(progress["pid"])):
+            reason = f"process {progress['pid']} is no longer running on {progress['host']}"
         if reason:
             state = "stale"
     status.update(
@@ -187,4 +188,4 @@ def follow_status(
         sleep(interval_s)
 
 
-__all__ = ["read_status", "format_status", "follow_status"]
+__all__ = ["follow_status", "format_status", "read_status"]
