@@ -94,7 +94,7 @@ def test_save_load_bit_exact(packed) -> None:
     loaded, tok = load_packed_with_tokenizer(out)
     assert tok is not None and len(tok) == model.config.vocab_size and not loaded.training
     section = json.loads((out / "config.json").read_text())["misq"]
-    assert section["format_version"] == 1 and section["pattern"] == "unstructured"
+    assert section["format_version"] == 2 and section["pattern"] == "unstructured"
     assert section["compress_config"]["wbits"] == 4 and section["extra"] == {"note": "test"}
     assert not hasattr(loaded.config, "misq")  # re-saving the loaded model must not look packed
 
@@ -190,8 +190,14 @@ def test_missing_tensor(broken: Path) -> None:
         load_packed(broken)
 
 
+def test_format_1_is_refused_with_what_to_do(broken: Path) -> None:
+    _edit_config(broken, lambda c: c["misq"].update(format_version=1))
+    with pytest.raises(MisqError, match="format 1.*misq 0.1, or compress the model again"):
+        load_packed(broken)
+
+
 def test_future_format_version(broken: Path) -> None:
-    _edit_config(broken, lambda c: c["misq"].update(format_version=2))
+    _edit_config(broken, lambda c: c["misq"].update(format_version=3))
     with pytest.raises(MisqError, match="newer misq.*upgrade misq"):
         load_packed(broken)
 

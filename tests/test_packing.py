@@ -1,4 +1,5 @@
-"""Bit packing, masks, N:M metadata and whole-layer encoding round trips (misq.checkpoint.packing)."""
+"""Bit packing, masks, N:M metadata (misq.checkpoint.packing) and whole-layer encoding round trips
+(misq.checkpoint.layer_format), with group-wise grids and column orders."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from misq.algorithms.column_layout import layout_for
 from misq.algorithms.quantizer import QuantGrid, find_grid, quantize_with_grid
+from misq.checkpoint.layer_format import decode_layer, describe_layer, encode_layer, layer_nbytes
 from misq.checkpoint.packing import (
-    decode_layer,
     decode_nm,
-    encode_layer,
     encode_nm,
     mask_nbytes,
     nm_index_bits,
@@ -141,3 +142,47 @@ def test_encode_rejects_weights_off_grid() -> None:
     W, grid = _layer(8, 16, [4], "dense", torch.float32, 0)
     with pytest.raises(ValueError, match="not 2:4 sparse"):
         encode_layer(W, grid, "2:4")
+
+
+@FAST
+@given(
+    rows=st.integers(1, 16),
+    cols=st.integers(1, 70),
+    n_groups=st.integers(1, 4),
+    groupsize=st.sampled_from([0, 3, 8, 32]),
+    act_order=st.booleans(),
+    sparse=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_groupwise_layout_round_trip_and_exact_size(rows, cols, n_groups, groupsize, act_order, sparse, seed) -> None:
+    """A grid laid out by column_layout (segments by width, act-order, scale groups of
+    ``groupsize``, odd column counts, partial groups) reloads bit for bit, and the accounting's
+    byte count is the encoded tensors' to the byte."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=gen)
+    if sparse:
+        W = torch.where(torch.rand(rows, cols, generator=gen) < 0.5, 0.0, W)
+    channel_group = torch.randint(0, n_groups, (cols,), generator=gen)
+    widths = torch.tensor([2, 3, 4, 16])[torch.randint(0, 4, (n_groups,), generator=gen)]
+    lay = layout_for(channel_group, widths, hessian_diag=torch.rand(cols, generator=gen), act_order=act_order,
+                     groupsize=groupsize)
+    grid = find_grid(W, lay.group_of_column(), lay.group_bits())
+    grid.order = lay.perm
+    Wq = torch.where(W != 0, quantize_with_grid(W, grid), 0.0).to(torch.float16)
+    pattern = "unstructured" if sparse else "dense"
+    packed = encode_layer(Wq, grid, pattern)
+    assert torch.equal(decode_layer(packed.tensors, packed.meta, pattern), Wq)
+    actual = {k: t.numel() * t.element_size() for k, t in packed.tensors.items()}
+    assert layer_nbytes(describe_layer(Wq, grid, pattern), pattern, 2) == actual
+    assert ("perm" in packed.tensors) == lay.permuted
+
+
+def test_zeros_are_stored_at_the_code_width() -> None:
+    """GPTQ 3-bit with groups of 128: 3 + (16 + 3) / 128 bits per weight, plus the group table."""
+    W = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    lay = layout_for(torch.zeros(512, dtype=torch.long), torch.tensor([3]), groupsize=128)
+    grid = find_grid(W, lay.group_of_column(), lay.group_bits())
+    packed = encode_layer(quantize_with_grid(W, grid).half(), grid, "dense")
+    nbytes = sum(t.numel() * t.element_size() for t in packed.tensors.values())
+    assert set(packed.tensors) == {"codes_w3", "zeros_w3", "scales", "group_bits", "group_len"}
+    assert 8 * nbytes / W.numel() == pytest.approx(3 + 19 / 128 + 4 * 40 / W.numel())

@@ -21,8 +21,8 @@ from misq.checkpoint.accounting import (
     pattern_for,
     storage_accounting,
 )
+from misq.checkpoint.layer_format import encode_layer
 from misq.checkpoint.packed import save_packed
-from misq.checkpoint.packing import encode_layer
 from misq.config import CompressConfig
 from misq.models.layout import LINEAR_NAMES
 
@@ -54,9 +54,9 @@ def test_protocol_worked_example() -> None:
     assert int(torch.count_nonzero(W)) == R * C // 2
     acc = storage_accounting(_one_layer_model(W), {"layer": grid}, "unstructured")
     assert acc["avg_channel_bits"] == 4.0
-    assert acc["bits_per_stored_weight"] == 4.0 + 32 / C
-    index = 8 * (C + 1 + 4 * C)  # channel group (uint8), group width, int32 channel order
-    expected = 0.5 * 4 + 1 + (32 * R + index) / (R * C)  # codes of survivors + mask + scales/zeros + index
+    assert acc["bits_per_stored_weight"] == 4.0 + (16 + 4) / C  # fp16 scale + 4-bit zero per row
+    table = 8 + 32  # one group: its width (uint8) and length (int32); natural order: no permutation
+    expected = 0.5 * 4 + 1 + ((16 + 4) * R + table) / (R * C)  # survivors' codes + mask + scales/zeros + table
     assert acc["bits_per_param_disk_quantized"] == pytest.approx(expected, rel=1e-12)
     assert 3.0 < acc["bits_per_param_disk_quantized"] < 3.1
     assert acc["compression_ratio_quantized"] == pytest.approx(16 / acc["bits_per_param_disk_quantized"])

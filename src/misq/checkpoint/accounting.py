@@ -2,6 +2,7 @@
 
 Pure arithmetic on the in-memory model and its grids: no files are written or read. The byte
 counts are those of the packed checkpoint format (:mod:`misq.checkpoint.packing`, :mod:`misq.checkpoint`)
+(:mod:`misq.checkpoint.layer_format`)
 to the byte, so ``bits_per_param_disk_model × parameters / 8`` is the size of the saved
 weights. What is *not* counted: safetensors headers (~100 bytes per tensor, with the tensor
 names), config.json and the tokenizer files. They are not parameters; on a real model they are
@@ -12,11 +13,12 @@ The figures, each labelled (never report only the flattering one):
 * ``avg_channel_bits``: mean width over the input channels of the quantized layers, each
   channel weighted by its number of weights (rows); 16 counts as 16. What
   ``--target_avg_bits`` targets.
-* ``bits_per_stored_weight``: avg_channel_bits + 32 bits (fp16 scale + zero) per (row, group)
-  spread over all the layer's weights. Ignores sparsity: every weight counted as stored.
+* ``bits_per_stored_weight``: avg_channel_bits + an fp16 scale and a zero at the code width per
+  (row, scale group), spread over all the layer's weights. Ignores sparsity: every weight
+  counted as stored (GPTQ's own figure: 3-bit with groups of 128 is 3 + 19/128).
 * ``bits_per_param_disk_quantized``: everything the packed format stores for the quantized
-  layers (surviving codes at their widths, mask or N:M metadata, scales and zeros, channel
-  group ids / order / widths, 16-bit channel values) over their parameter count. 50%
+  layers (surviving codes at their widths, mask or N:M metadata, scales and zeros, the column
+  order and the group table, 16-bit channel values) over their parameter count. 50%
   unstructured + 4 bits = 0.5 × 4 + 1 (mask) = 3 bits plus scales, not 2.
 * ``bits_per_param_disk_model``: the same plus every untouched tensor (embeddings, norms,
   lm_head, biases) at its dtype, over all parameters.
@@ -33,17 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from misq.algorithms.quantizer import FP_BITS, QuantGrid
-from misq.checkpoint.packing import (
-    Pattern,
-    group_id_dtype,
-    keep_mask,
-    mask_nbytes,
-    nm_nbytes,
-    packed_nbytes,
-    parse_pattern,
-    stored_grid,
-    width_order,
-)
+from misq.checkpoint.layer_format import describe_layer, layer_nbytes, stored_grid
+from misq.checkpoint.packing import Pattern, parse_pattern
 from misq.config import sparsity_pattern
 from misq.models.execution import LayerSource, layer_weights
 from misq.models.layout import layer_index
@@ -65,11 +58,12 @@ def pattern_for(compress_config: Mapping[str, Any]) -> str:
 
 
 def kind_of(suffix: str) -> str:
-    """Which accounting kind a packed tensor suffix (see :class:`misq.checkpoint.packing.PackedLayer`) is."""
+    """Which accounting kind a packed tensor suffix (see :mod:`misq.checkpoint.layer_format`) is."""
     if suffix.startswith("codes_w"):
         return "codes"
-    return {"mask": "mask", "nm_index": "mask", "scales": "scales_zeros", "zeros": "scales_zeros",
-            "fp_values": "fp16_channels"}.get(suffix, "channel_index")
+    if suffix.startswith("zeros_w") or suffix == "scales":
+        return "scales_zeros"
+    return {"mask": "mask", "nm_index": "mask", "fp_values": "fp16_channels"}.get(suffix, "channel_index")
 
 
 def stored_tensors(model: nn.Module, skip: set[str] = frozenset()) -> dict[str, Tensor]:
@@ -90,27 +84,12 @@ def stored_tensors(model: nn.Module, skip: set[str] = frozenset()) -> dict[str, 
 
 
 def layer_bytes(weight: Tensor, grid: QuantGrid, pattern: str | Pattern) -> dict[str, int]:
-    """Bytes by kind that the packed format stores for one layer with weight [R, C]."""
-    pat = parse_pattern(str(pattern)) if not isinstance(pattern, Pattern) else pattern
-    W = weight.detach().cpu()
-    R, C = W.shape
-    K = grid.n_groups
-    perm, segments = width_order(stored_grid(grid).column_bits())
-    keep = keep_mask(W, pat)[:, perm]
+    """Bytes by kind that the packed format stores for one layer with weight [R, C]: the sizes
+    of the tensors :func:`~misq.checkpoint.layer_format.encode_layer` writes, from one description."""
+    meta = describe_layer(weight, grid, pattern)
     out = dict.fromkeys(KINDS[:-1], 0)
-    for b, start, end in segments:
-        n = int(torch.count_nonzero(keep[:, start:end]))  # not keep.sum(0): column sums are slow on CPU
-        if b >= FP_BITS:
-            out["fp16_channels"] += n * W.element_size()
-        else:
-            out["codes"] += packed_nbytes(n, int(b))
-    if pat.kind == "unstructured":
-        out["mask"] = mask_nbytes(R * C)
-    elif pat.kind == "nm":
-        out["mask"] = nm_nbytes(R, C, pat.n, pat.m)
-    out["scales_zeros"] = 2 * R * K * 2  # fp16 scale and zero per (row, group)
-    gid = torch.empty(0, dtype=group_id_dtype(K)).element_size()
-    out["channel_index"] = C * gid + K + C * 4  # group id per channel, width per group, int32 order
+    for suffix, nbytes in layer_nbytes(meta, pattern, weight.element_size()).items():
+        out[kind_of(suffix)] += nbytes
     return out
 
 
@@ -139,7 +118,9 @@ def storage_accounting(model: nn.Module, grids: dict[str, QuantGrid], pattern: s
                     by_kind[kind] += nbytes
                 q_params += R * C
                 weighted_bits += R * int(stored_grid(grid).column_bits().sum())
-                grid_bits += 32 * R * grid.n_groups
+                # fp16 scale + a zero at the code width per (row, quantized group)
+                qbits = grid.bits[grid.bits < FP_BITS]
+                grid_bits += R * int((16 + qbits).sum())
                 zeros += R * C - int(torch.count_nonzero(W))
     skip = {f"{name}.weight" for name in grids}
     by_kind["untouched"] = sum(t.numel() * t.element_size() for t in stored_tensors(model, skip).values())

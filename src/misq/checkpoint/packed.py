@@ -2,14 +2,11 @@
 
 A packed checkpoint is an ordinary Hugging Face folder whose ``config.json`` carries a ``misq``
 section and whose safetensors hold, for every compressed linear layer ``L`` (e.g.
-``model.layers.0.self_attn.q_proj``), the tensors of :class:`misq.checkpoint.packing.PackedLayer`:
+``model.layers.0.self_attn.q_proj``), the tensors of :mod:`misq.checkpoint.layer_format`
+(format 2: codes and zero-points per width, fp16 scales per scale group, the column order
+when it is not the natural one, the group table, the mask or N:M metadata):
 
-    L.codes_w{b}      uint8     surviving codes of the b-bit channels, bit-planes (one per width)
-    L.fp_values       [n16]     surviving weights of the 16-bit channels, in the weight's dtype
-    L.mask            uint8     unstructured: 1 bit per weight          (pattern "unstructured")
-    L.nm_index        uint8     N:M: combination index per M weights    (pattern "N:M")
-    L.scales, L.zeros fp16 [R, K]
-    L.channel_group   uint8 [C] (int16 if K > 256), L.group_bits uint8 [K], L.perm int32 [C]
+    L.codes_w{b}  L.zeros_w{b}  L.fp_values  L.scales  L.perm  L.group_bits  L.group_len  L.mask | L.nm_index
 
 and every other tensor (embeddings, norms, lm_head, biases) under its own name, as it was.
 Above ``max_shard_bytes`` the weights are split into ``model-0000i-of-0000n.safetensors`` with
@@ -41,13 +38,8 @@ from misq import __version__
 from misq.algorithms.quantizer import QuantGrid
 from misq.atomic import fsync_path
 from misq.checkpoint.accounting import KINDS, kind_of, stored_tensors
-from misq.checkpoint.packing import (
-    Pattern,
-    decode_layer,
-    encode_layer,
-    expected_shapes,
-    parse_pattern,
-)
+from misq.checkpoint.layer_format import decode_layer, encode_layer, expected_shapes
+from misq.checkpoint.packing import Pattern, parse_pattern
 from misq.dtypes import DTYPE_NAMES, torch_dtype
 from misq.errors import MisqError
 from misq.models.execution import LayerSource, layer_weights
@@ -64,7 +56,7 @@ from misq.models.safetensors_files import (
 log = logging.getLogger(__name__)
 
 FORMAT = "misq-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: group-wise grids, zeros at the code width, one column order
 EXPORT_MARKER = "misq_export.json"
 MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -264,6 +256,10 @@ def _misq_section(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     version = section.get("format_version")
     if not isinstance(version, int) or version < 1:
         raise MisqError(f"{path}: config.json has format_version {version!r}: the checkpoint is damaged, save it again")
+    if version < FORMAT_VERSION:
+        raise MisqError(f"{path} was saved in misq's packed format {version}, which stored a group id per channel and "
+                        f"fp16 zeros; this misq reads format {FORMAT_VERSION}: load it with misq 0.1, or compress the "
+                        "model again with --save")
     if version > FORMAT_VERSION:
         raise MisqError(f"{path} was written by a newer misq (format version {version}, this misq reads up to "
                         f"{FORMAT_VERSION}): upgrade misq")

@@ -11,26 +11,18 @@ Three encodings, each exact and each a whole number of bytes:
   kept positions among the C(M, N) lexicographic combinations, stored as codes of
   ``ceil(log2 C(M, N))`` bits (2:4: 3 bits per 4 weights = 0.75 bit/weight).
 
-:func:`encode_layer` / :func:`decode_layer` combine them into the per-layer tensors of the packed
-checkpoint. Channels are sorted by width (stably, ``perm``); for each width only the *surviving*
-weights' codes are stored, row-major over ``[R, columns of that width]``. Unquantized (16-bit)
-channels keep their surviving values in the weight's own dtype (fp16 for an fp16 model, so the
-reload is bit-exact whatever the dtype).
+:mod:`misq.checkpoint.layer_format` combines them into the tensors of one packed layer.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
-
-from misq.algorithms.quantizer import FP_BITS, QuantGrid, from_codes, to_codes
 
 _CHUNK = 1 << 20  # values per pack_bits chunk: a multiple of 8 whose temporaries stay in cache
 _ROW_CHUNK = 1 << 18  # elements per row block in encode/decode_layer (measured best of 2**14..2**20)
@@ -203,179 +195,3 @@ def keep_mask(weight: Tensor, pattern: Pattern) -> Tensor:
     if bool(((weight != 0) & ~keep).any()):
         raise ValueError(f"weight is not {pattern} sparse: some run of {pattern.m} columns has more than {pattern.n} non-zeros")
     return keep
-
-
-# ----------------------------------------------------------------------------- layers
-
-
-def group_id_dtype(n_groups: int) -> torch.dtype:
-    return torch.uint8 if n_groups <= 256 else torch.int16
-
-
-def width_order(column_bits: Tensor) -> tuple[Tensor, list[tuple[int, int, int]]]:
-    """perm [C] (columns stably sorted by width) and [(width, start, end)]: the columns
-    perm[start:end] are those of that width, in ascending width."""
-    perm = torch.argsort(column_bits, stable=True)
-    widths, counts = torch.unique_consecutive(column_bits[perm], return_counts=True)
-    segments, start = [], 0
-    for b, cnt in zip(widths.tolist(), counts.tolist()):
-        segments.append((int(b), start, start + cnt))
-        start += cnt
-    return perm, segments
-
-
-@dataclass
-class PackedLayer:
-    """The stored form of one linear layer.
-
-    tensors: suffix -> tensor: ``codes_w{b}`` uint8 (per width b < 16), ``fp_values`` [n16]
-    (weight dtype), ``mask`` uint8 or ``nm_index`` uint8, ``scales``/``zeros`` fp16 [R, K],
-    ``channel_group`` uint8/int16 [C], ``group_bits`` uint8 [K], ``perm`` int32 [C].
-    meta: JSON-ready rows, cols, groups (K), group_bits, dtype, survivors {width: count}.
-    """
-
-    tensors: dict[str, Tensor] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def stored_grid(grid: QuantGrid) -> QuantGrid:
-    """``grid`` as the checkpoint holds it: scale and zero through fp16, unquantized groups 0."""
-    bits = grid.bits.detach().cpu().long()
-    fp = (bits >= FP_BITS).unsqueeze(0)
-    scale = torch.where(fp, 0.0, grid.scale.detach().cpu().float()).to(torch.float16)
-    zero = torch.where(fp, 0.0, grid.zero.detach().cpu().float()).to(torch.float16)
-    return QuantGrid(scale=scale.float(), zero=zero.float(), groups=grid.groups.detach().cpu().long(), bits=bits)
-
-
-def _sub_grid(grid: QuantGrid, rows: slice, cols: slice) -> QuantGrid:
-    """The grid of W[rows, cols]."""
-    return QuantGrid(scale=grid.scale[rows], zero=grid.zero[rows], groups=grid.groups[cols], bits=grid.bits)
-
-
-def _permuted(grid: QuantGrid, perm: Tensor) -> QuantGrid:
-    """The grid of W[:, perm]."""
-    return QuantGrid(scale=grid.scale, zero=grid.zero, groups=grid.groups[perm], bits=grid.bits)
-
-
-def _row_chunks(R: int, n_cols: int) -> Iterator[slice]:
-    """Row blocks of about _ROW_CHUNK elements: small temporaries stay in cache and skip the
-    page faults of fresh large allocations, 2-3x faster than whole-matrix operations."""
-    step = max(1, _ROW_CHUNK // max(n_cols, 1))
-    for r in range(0, R, step):
-        yield slice(r, min(r + step, R))
-
-
-def encode_layer(weight: Tensor, grid: QuantGrid, pattern: str | Pattern, *, verify: bool = True) -> PackedLayer:
-    """Encode weight [R, C] (pruned and quantized on ``grid``) for ``pattern``.
-
-    With ``verify`` (the default, and what checkpoints use) raises ValueError if the weight is
-    not exactly what its grid (through fp16) and the mask reproduce, so a checkpoint that saved
-    is a checkpoint that reloads bit for bit. The check costs about as much as the encoding.
-    """
-    pat = parse_pattern(str(pattern)) if not isinstance(pattern, Pattern) else pattern
-    W = weight.detach().cpu()
-    R, C = W.shape
-    K = grid.n_groups
-    if grid.groups.numel() != C or tuple(grid.scale.shape) != (R, K) or tuple(grid.zero.shape) != (R, K):
-        raise ValueError(f"grid (scale {list(grid.scale.shape)}, {grid.groups.numel()} channel groups) does not fit weight {[R, C]}")
-    if int(grid.bits.max()) > FP_BITS or int(grid.bits.min()) < 1:
-        raise ValueError(f"group widths {grid.bits.tolist()} are outside 1..{FP_BITS}")
-    g = stored_grid(grid)
-    keep = keep_mask(W, pat)
-    perm, segments = width_order(g.column_bits())
-    # Work on column-permuted copies: each width is then a slice, with no gather per block.
-    Wp, kp, gp = W[:, perm], keep[:, perm], _permuted(g, perm)
-    out = PackedLayer()
-    survivors: dict[str, int] = {}
-    for b, start, end in segments:
-        parts, bad = [], 0
-        for rows in _row_chunks(R, end - start):
-            Wb, kb = Wp[rows, start:end], kp[rows, start:end]
-            if b >= FP_BITS:
-                parts.append(Wb[kb])
-                continue
-            sub = _sub_grid(gp, rows, slice(start, end))
-            codes = to_codes(Wb, sub)
-            if verify:
-                back = torch.where(kb, from_codes(codes, sub), 0.0).to(W.dtype)
-                if not torch.equal(back, Wb):
-                    bad += int(torch.count_nonzero(back != Wb))
-            parts.append(codes[kb])
-        if bad:
-            raise ValueError(f"{bad} weights of the {b}-bit channels are not on their grid (or not pruned to exact 0)")
-        values = torch.cat(parts)
-        survivors[str(b)] = values.numel()
-        out.tensors["fp_values" if b >= FP_BITS else f"codes_w{b}"] = values if b >= FP_BITS else pack_bits(values, b)
-    if pat.kind == "unstructured":
-        out.tensors["mask"] = pack_mask(keep)
-    elif pat.kind == "nm":
-        out.tensors["nm_index"] = encode_nm(keep, pat.n, pat.m)
-    out.tensors["scales"] = g.scale.to(torch.float16)
-    out.tensors["zeros"] = g.zero.to(torch.float16)
-    out.tensors["channel_group"] = g.groups.to(group_id_dtype(K))
-    out.tensors["group_bits"] = g.bits.to(torch.uint8)
-    out.tensors["perm"] = perm.to(torch.int32)
-    out.meta = {"rows": R, "cols": C, "groups": K, "group_bits": g.bits.tolist(),
-                "dtype": str(W.dtype).replace("torch.", ""), "survivors": survivors}
-    return out
-
-
-def expected_shapes(meta: dict[str, Any], pattern: Pattern) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-    """Suffix -> (shape, dtype) every tensor of a layer must have (dtype None: the weight's)."""
-    R, C, K = int(meta["rows"]), int(meta["cols"]), int(meta["groups"])
-    shapes: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {
-        "scales": ((R, K), torch.float16), "zeros": ((R, K), torch.float16),
-        "channel_group": ((C,), group_id_dtype(K)), "group_bits": ((K,), torch.uint8), "perm": ((C,), torch.int32),
-    }
-    for b, n in meta["survivors"].items():
-        b, n = int(b), int(n)
-        shapes["fp_values" if b >= FP_BITS else f"codes_w{b}"] = ((n,) if b >= FP_BITS else (packed_nbytes(n, b),),
-                                                                   None if b >= FP_BITS else torch.uint8)
-    if pattern.kind == "unstructured":
-        shapes["mask"] = ((mask_nbytes(R * C),), torch.uint8)
-    elif pattern.kind == "nm":
-        shapes["nm_index"] = ((nm_nbytes(R, C, pattern.n, pattern.m),), torch.uint8)
-    return shapes
-
-
-def decode_layer(tensors: dict[str, Tensor], meta: dict[str, Any], pattern: str | Pattern,
-                 dtype: torch.dtype | None = None) -> Tensor:
-    """Rebuild the dense weight [R, C] exactly as the solver left it (ValueError if inconsistent).
-
-    Codes are dequantized by :func:`from_codes` in float32, then cast to ``dtype`` (default: the
-    dtype the layer was saved in); pruned weights are 0; 16-bit channels are copied.
-    """
-    pat = parse_pattern(str(pattern)) if not isinstance(pattern, Pattern) else pattern
-    R, C = int(meta["rows"]), int(meta["cols"])
-    dtype = dtype or getattr(torch, meta["dtype"])
-    groups, bits = tensors["channel_group"].long(), tensors["group_bits"].long()
-    if bits.tolist() != [int(b) for b in meta["group_bits"]] or int(groups.min()) < 0 or int(groups.max()) >= bits.numel():
-        raise ValueError("channel groups or group widths disagree with config.json")
-    g = QuantGrid(scale=tensors["scales"].float(), zero=tensors["zeros"].float(), groups=groups, bits=bits)
-    if pat.kind == "dense":
-        keep = torch.ones(R, C, dtype=torch.bool)
-    elif pat.kind == "unstructured":
-        keep = unpack_mask(tensors["mask"], (R, C))
-    else:
-        keep = decode_nm(tensors["nm_index"], pat.n, pat.m, (R, C))
-    perm, segments = width_order(g.column_bits())
-    if not torch.equal(perm, tensors["perm"].long()):
-        raise ValueError("the stored channel order disagrees with the channel widths")
-    kp, gp = keep[:, perm], _permuted(g, perm)
-    Wp = torch.empty(R, C, dtype=dtype)  # column-permuted, as in encode_layer
-    for b, start, end in segments:
-        n = int(torch.count_nonzero(kp[:, start:end]))
-        if n != int(meta["survivors"].get(str(b), -1)):
-            raise ValueError(f"the mask keeps {n} weights in the {b}-bit channels, config.json says {meta['survivors'].get(str(b))}")
-        values = tensors["fp_values"].to(dtype) if b >= FP_BITS else unpack_bits(tensors[f"codes_w{b}"], b, n)
-        offset = 0
-        for rows in _row_chunks(R, end - start):
-            kb = kp[rows, start:end]
-            k = int(torch.count_nonzero(kb))
-            sub = torch.zeros(kb.shape, dtype=values.dtype)
-            sub[kb] = values[offset : offset + k]
-            offset += k
-            if b < FP_BITS:
-                sub = torch.where(kb, from_codes(sub, _sub_grid(gp, rows, slice(start, end))), 0.0).to(dtype)
-            Wp[rows, start:end] = sub
-    return torch.empty_like(Wp).index_copy_(1, perm, Wp)

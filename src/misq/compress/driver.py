@@ -157,7 +157,8 @@ def measure_model_plan(model: nn.Module, calib: Tensor, cfg: CompressConfig, dev
             execution.run_layer(layer, inputs, device, out=inputs.hidden)
     if dist.is_main:
         res = bitplan.allocate_model(plans, cfg)
-        log.info("model budget: %.4f average bits over %d layers (target %.2f)", res.average, len(plans), cfg.target_avg_bits)
+        what = "bits per parameter on disk" if cfg.target_size is not None else "average channel bits"
+        log.info("model budget: %.4f %s over %d layers (target %.2f)", res.average, what, len(plans), bitplan.budget_target(cfg))
     return dist.broadcast_object(plans)  # rank 0's allocation, so that no rank can disagree
 
 

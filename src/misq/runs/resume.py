@@ -156,9 +156,9 @@ class ResumeState:
         tensors = {k: v.detach().cpu().contiguous() for k, v in layer_state.items()}
         for name, grid in output.grids.items():
             if name.startswith(prefix):
-                tensors.update({f"{name}.grid.{f}": getattr(grid, f).contiguous() for f in _GRID_FIELDS})
+                tensors.update({f"{name}.grid.{f}": getattr(grid, f).clone() for f in _GRID_FIELDS})
                 if grid.order is not None:  # act-order / width segments: the solve order
-                    tensors[f"{name}.grid.order"] = grid.order.contiguous()
+                    tensors[f"{name}.grid.order"] = grid.order.clone()  # layers of a batch share one order tensor
         _save_tensors(tensors, self.layer_path(i))
         self._write_state(done_layers=i + 1, records=output.records)
 

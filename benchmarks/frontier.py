@@ -1,0 +1,88 @@
+"""misq's recipes across honest sizes, beside every reference point given for the model.
+
+Runs each recipe (calibrate, compress, evaluate wikitext2/ptb/c4 with c4 uncut, as the public
+reference figures were measured), reads the honest size of its quantized layers from the same
+accounting the packed file follows, and writes ``frontier.json``, ``frontier.md`` (the table)
+and ``frontier.png`` (PPL against size) into ``--out``. Usage (GPU; llama-9m is ~20 s a recipe
+on an H200):
+
+    python benchmarks/frontier.py shared/models/llama-9m --data-dir shared/data \
+        --reference benchmarks/references/llama-9m.json --out frontier-llama9m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from misq import jobs
+from misq.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
+from misq.report.frontier import dominated_by, frontier_png, frontier_table, load_reference_points, run_point
+
+DATASETS = ("wikitext2", "ptb", "c4")
+_MIXED = {"grouping": "hessian", "budget": "model", "groupsize": 128, "act_order": True, "sparsity": 0.0}
+# name -> CompressConfig fields. Uniform rows reproduce the GPTQ recipes (parity); "mixed S"
+# rows let misq choose widths per channel group to meet honest size S.
+RECIPES = {
+    "gptq3 g128 act": {"grouping": "uniform", "wbits": 3, "groupsize": 128, "act_order": True, "sparsity": 0.0},
+    "gptq3 g128": {"grouping": "uniform", "wbits": 3, "groupsize": 128, "sparsity": 0.0},
+    "gptq4 g128 act": {"grouping": "uniform", "wbits": 4, "groupsize": 128, "act_order": True, "sparsity": 0.0},
+    "mixed 2.6": {**_MIXED, "target_size": 2.6},
+    "mixed 2.9": {**_MIXED, "target_size": 2.9},
+    "mixed 3.15": {**_MIXED, "target_size": 3.15},
+    "mixed 3.6": {**_MIXED, "target_size": 3.6},
+    "mixed 4.15": {**_MIXED, "target_size": 4.15},
+    "mi mixed 3.15": {**_MIXED, "grouping": "mi", "target_size": 3.15},
+    "sparse50 mixed 3.06": {**_MIXED, "sparsity": 0.5, "groupsize": 0, "act_order": False, "target_size": 3.06},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--reference", default=None, help="reference points JSON (benchmarks/references/*.json)")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names (default: all)")
+    ap.add_argument("--seqlen", type=int, default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default="frontier")
+    ap.add_argument("--work", default="/tmp/misq-frontier")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    refs = load_reference_points(args.reference) if args.reference else []
+    model_cfg = ModelConfig(args.model, device=args.device)
+    data_cfg = DataConfig(data_dir=args.data_dir, seqlen=args.seqlen, cache_dir=f"{args.work}/cache", c4_cut=False)
+    rows, points = [], []
+    for i, name in enumerate(n.strip() for n in args.recipes.split(",")):
+        cfg = CompressConfig(nsamples=128, dataset="c4", **RECIPES[name])
+        t0 = time.perf_counter()
+        res = jobs.run_compress(model_cfg, data_cfg, cfg, EvalConfig(datasets=DATASETS), f"{args.work}/run{i}-{time.time_ns()}")
+        point = run_point(name, res)
+        storage = res["storage"]
+        rows.append({"name": name, "config": cfg.to_dict(), "ppl": res["ppl"], "size": point["size"] if point else None,
+                     "avg_channel_bits": storage["avg_channel_bits"], "target_size": cfg.target_size,
+                     "compress_s": res["timing"]["compress_s"], "wall_s": time.perf_counter() - t0})
+        if point:
+            points.append(point)
+        print(json.dumps({k: rows[-1][k] for k in ("name", "size", "ppl")}), flush=True)
+        atomic_write_json(out / "frontier.json", {"model": args.model, "rows": rows, "references": refs})
+    # For each reference: which misq points beat it at no larger size (wikitext2 and c4).
+    beats = {r["name"]: dominated_by(r, points, ("wikitext2", "c4")) for r in refs}
+    atomic_write_json(out / "frontier.json", {"model": args.model, "rows": rows, "references": refs, "beaten_by": beats})
+    table = frontier_table(points + refs)
+    table += "\n| reference | misq points of no larger size with lower wikitext2 and c4 PPL |\n| --- | --- |\n"
+    table += "".join(f"| {r} | {', '.join(b) or 'none'} |\n" for r, b in beats.items())
+    atomic_write_text(out / "frontier.md", table)
+    atomic_write_bytes(out / "frontier.png", frontier_png(points + refs, title=f"{Path(args.model).name}: PPL against honest size"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
