@@ -23,6 +23,7 @@ from torch import Tensor
 from misq.algorithms import allocation, grouping
 from misq.algorithms.column_layout import ColumnLayout, layout_for, nm_metadata_bits, segment_bits
 from misq.algorithms.quantizer import QuantGrid, find_grid
+from misq.checkpoint.layer_format import describe_layer, layer_nbytes
 from misq.config import CompressConfig
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ def estimate_keep(W: Tensor, H: Tensor, cfg: CompressConfig) -> Tensor:
         return out
     if cfg.sparsity <= 0:
         return torch.ones_like(W, dtype=torch.bool)
+    if cfg.target_size is not None:
+        # Sizes are priced from this mask, so it should prune like the solver: the same share of
+        # every block of columns (SparseGPT's mask is chosen block by block), not one global cut.
+        return _blockwise_keep(sal, cfg.sparsity, cfg.blocksize)
     k = int(sal.numel() * cfg.sparsity)
     flat = sal.flatten()
     if flat.is_cuda:
@@ -78,6 +83,16 @@ def estimate_keep(W: Tensor, H: Tensor, cfg: CompressConfig) -> Tensor:
     else:
         thresh = torch.kthvalue(flat, max(k, 1)).values
     return sal > thresh
+
+
+def _blockwise_keep(sal: Tensor, sparsity: float, blocksize: int) -> Tensor:
+    """[R, C] keep-mask pruning the ``sparsity`` share of lowest ``sal`` in each block of columns."""
+    keep = torch.empty_like(sal, dtype=torch.bool)
+    for c in range(0, sal.shape[1], blocksize):
+        block = sal[:, c : c + blocksize]
+        thresh = torch.sort(block.flatten()).values[int(block.numel() * sparsity)]
+        keep[:, c : c + blocksize] = block > thresh
+    return keep
 
 
 def step_groups(weights: dict[str, Tensor], H: Tensor, cfg: CompressConfig) -> dict[str, Tensor]:
@@ -198,6 +213,48 @@ def solve_batches(plans: dict[str, ModulePlan], H: Tensor, cfg: CompressConfig,
         else:
             batches.append(([name], lay))
     return [(tuple(members), lay) for members, lay in batches]
+
+
+class SizeBudget:
+    """Keeps ``--target-size`` on target over the whole model (``--budget model``) as it is solved.
+
+    The widths were allocated on *estimated* masks (:func:`estimate_keep`); SparseGPT's real
+    mask keeps more or fewer weights of each group than estimated, so a sparse model would miss
+    its size by a few hundredths of a bit. After each decoder layer its real size is measured,
+    as the packed file will store it, and the layers still to come are re-allocated to the bits
+    that are left: the error of one layer is absorbed by the next ones, and the model lands on
+    its budget. Dense models are priced exactly and are left as they were allocated.
+    """
+
+    def __init__(self, plans: dict[str, ModulePlan], cfg: CompressConfig):
+        self.plans, self.cfg = plans, cfg
+        self.params = {n: p.rows * p.groups.numel() for n, p in plans.items()}
+        self.spent = 0.0
+        self.done: set[str] = set()
+
+    @staticmethod
+    def applies(plans: dict[str, ModulePlan] | None, cfg: CompressConfig) -> bool:
+        return plans is not None and cfg.target_size is not None and cfg.mixed_precision and cfg.pattern != "dense"
+
+    def measured(self, name: str, weight: Tensor, grid: QuantGrid) -> None:
+        """Record the real size of solved layer ``name`` (weight [R, C] as stored, its grid)."""
+        meta = describe_layer(weight, grid, self.cfg.pattern)
+        self.spent += 8 * sum(layer_nbytes(meta, self.cfg.pattern, weight.element_size()).values())
+        self.done.add(name)
+
+    def replan(self) -> dict[str, Tensor]:
+        """New widths for the layers not yet solved (name -> [K] widths), set in place too."""
+        rest = [n for n in self.plans if n not in self.done]
+        if not rest:
+            return {}
+        left = self.cfg.target_size * sum(self.params.values()) - self.spent
+        target = left / sum(self.params[n] for n in rest)
+        res = allocation.allocate([self.plans[n].costs for n in rest], [self.plans[n].group_weights() for n in rest],
+                                  self.cfg.bits, target, option_bits=[self.plans[n].sizes for n in rest])
+        log.debug("size budget: %.4f bits/param left for %d layers: %s", target, len(rest), res.message)
+        for name, bits in zip(rest, res.widths):
+            self.plans[name].bits = bits.cpu().long()
+        return {n: self.plans[n].bits for n in rest}
 
 
 def grid_for(W: Tensor, plan: ModulePlan, cfg: CompressConfig) -> QuantGrid:

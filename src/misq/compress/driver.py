@@ -203,6 +203,7 @@ def compress_model(
     progress.update("calibration-inputs")
     inputs = execution.capture_layer0_inputs(model, dist.shard_windows(calib), device, batch_size=cfg.batch_size, storage=storage, compute_dtype=dtype)
     layers = layout.decoder_layers(model)
+    size_budget = bitplan.SizeBudget(plans, cfg) if bitplan.SizeBudget.applies(plans, cfg) else None
     bar = tqdm(range(len(layers)), desc="compress", unit="layer")
     for i in bar:
         layer = layers[i]
@@ -210,9 +211,11 @@ def compress_model(
             with execution.on_device(layer, device, dtype):
                 if i >= start_layer:
                     _compress_layer(i, layer, inputs, cfg, device, plans, out, progress, block_fn, store_dtype, dist=dist,
-                                    solver=solver)
+                                    solver=solver, size_budget=size_budget)
                 else:
                     progress.update("replay", layer=i + 1)
+                    for step in layout.SEQUENTIAL_STEPS:  # a resume re-plans as the interrupted run did
+                        _spend(size_budget, i, step, layer, out, plans, dist)
                 execution.run_layer(layer, inputs, device, out=inputs.hidden)
                 if not torch.isfinite(inputs.hidden).all():
                     raise NumericalError(f"model.layers.{i}: its outputs hold NaN/Inf after compression")
@@ -233,9 +236,10 @@ def _step_owners(step: tuple[str, ...], linears: dict[str, nn.Linear], turn: int
 def _compress_layer(i: int, layer: nn.Module, inputs: execution.LayerInputs, cfg: CompressConfig, device: str,
                     plans: dict[str, bitplan.ModulePlan] | None, out: CompressionOutput, progress: ProgressSink,
                     block_fn: Callable | None, store_dtype: torch.dtype, dist: Dist = LOCAL,
-                    solver: SolverOptions = DEFAULT_OPTIONS) -> None:
+                    solver: SolverOptions = DEFAULT_OPTIONS, size_budget: bitplan.SizeBudget | None = None) -> None:
     """Compress decoder layer ``i`` (on ``device``) in place, step by step; adds its grids,
-    plans and records to ``out``."""
+    plans and records to ``out``. With a ``size_budget`` the layers still to come are re-planned
+    after every step, from the size the solved ones really take."""
     def work(mine: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor) -> dict[str, _Solved]:
         return _solve_layers(i, mine, linears, H, cfg, plans, block_fn, store_dtype, solver)
 
@@ -248,6 +252,20 @@ def _compress_layer(i: int, layer: nn.Module, inputs: execution.LayerInputs, cfg
             out.grids[full], out.plans[full], record = solved[name]
             out.records.append(record)
             log.info("%s: rel. error %.5f, sparsity %.3f, %.3f bits", full, record["rel_error"], record["sparsity"], record["avg_bits"])
+        _spend(size_budget, i, step, layer, out, plans, dist)
+
+
+def _spend(size_budget: bitplan.SizeBudget | None, i: int, step: tuple[str, ...], layer: nn.Module,
+           out: CompressionOutput, plans: dict[str, bitplan.ModulePlan] | None, dist: Dist) -> None:
+    """Measure the solved layers of ``step`` and re-plan the rest (``--target-size``, sparse)."""
+    if size_budget is None or plans is None:
+        return
+    linears = layout.layer_linears(layer)
+    for short in step:
+        size_budget.measured(linear_name(i, short), linears[short].weight.data, out.grids[linear_name(i, short)])
+    widths = dist.broadcast_object(size_budget.replan())  # rank 0's, so that no rank can disagree
+    for name, bits in widths.items():
+        plans[name].bits = bits
 
 
 def _solve_layers(i: int, names: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor, cfg: CompressConfig,
