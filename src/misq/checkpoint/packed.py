@@ -44,7 +44,7 @@ from misq.dtypes import DTYPE_NAMES, torch_dtype
 from misq.errors import MisqError
 from misq.models.execution import LayerSource, layer_weights
 from misq.models.layout import layer_index
-from misq.models.loading import misq_section_of
+from misq.models.loading import check_finite, misq_section_of
 from misq.models.safetensors_files import (
     INDEX_NAME,
     SAFETENSORS_CODES,
@@ -52,6 +52,7 @@ from misq.models.safetensors_files import (
     SafetensorsFiles,
     TensorInfo,
 )
+from misq.ownership import apply_umask, check_not_input, write_error
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,16 @@ class _ShardWriter:
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def check_save_target(save_dir: str | os.PathLike) -> None:
+    """Refuse (before any work) a ``--save`` folder that is neither new, empty nor a misq packed checkpoint."""
+    _check_target(Path(save_dir).expanduser(), is_packed_checkpoint)
+
+
 def _check_target(target: Path, replaceable: Callable[[Path], bool]) -> None:
+    try:
+        target.exists()
+    except OSError as err:
+        raise MisqError(f"cannot use {str(target)!r} ({err.strerror or err}): give a shorter or valid path") from None
     if target.is_file():
         raise MisqError(f"{target} is a file: give a folder path for the checkpoint")
     if target.is_dir() and any(target.iterdir()) and not replaceable(target):
@@ -208,14 +218,24 @@ def _check_target(target: Path, replaceable: Callable[[Path], bool]) -> None:
 @contextmanager
 def _staging(target: Path, replaceable: Callable[[Path], bool]) -> Iterator[Path]:
     """Yield a hidden sibling folder to write into; on success fsync it and swap it in for ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        yield tmp
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                fsync_path(p)
-        fsync_path(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    except OSError as err:
+        raise write_error(err, target) from None
+    try:
+        try:
+            yield tmp
+            apply_umask(tmp)  # mkdtemp made it 0700: give the folder and its files the modes of a plain mkdir/open
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    fsync_path(p)
+            fsync_path(tmp)
+        except OSError as err:
+            raise write_error(err, target) from None
+        except SafetensorError as err:  # safetensors' own wrapper of a failed write (a full disk ...)
+            raise MisqError(f"cannot write {str(target)!r} ({err}): free some space or choose another folder; "
+                            "nothing partial was kept") from None
         _check_target(target, replaceable)  # again: it may have changed while we wrote
         old = None
         if target.is_dir():
@@ -308,13 +328,19 @@ def load_packed(path: str | os.PathLike, *, dtype: torch.dtype | str | None = No
             raise MisqError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPE_NAMES)}")
         dtype = torch_dtype(dtype)
     cfg = _read_config(path)
+    if not isinstance(cfg, dict):
+        raise MisqError(f"{path}/config.json is not a JSON object: the checkpoint is damaged, save it again")
     if "misq" not in cfg:
         from transformers import AutoModelForCausalLM
 
         log.info("%s has no misq section: loading it as a plain Hugging Face model", path)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
     section = _misq_section(path, cfg)
-    model = _build(path, section, dtype)
+    try:
+        model = _build(path, section, dtype)
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as err:  # fields of unexpected types
+        raise MisqError(f"{path}/config.json is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
+                        "save the checkpoint again") from None
     log.info("loaded packed checkpoint %s (%d compressed layers)", path, len(section["layers"]))
     return model.to(device).eval()
 
@@ -327,10 +353,16 @@ def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn
         pattern = parse_pattern(section["pattern"])
         layers: dict[str, Any] = section["layers"]
         saved_dtype = torch_dtype(section["dtype"])
-    except (KeyError, ValueError, TypeError) as err:
+        if not isinstance(layers, dict) or not all(isinstance(m, dict) for m in layers.values()):
+            raise TypeError("'layers' is not an object of layer entries")
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
         raise MisqError(f"{path}/config.json has a damaged misq section ({err!r}): save the checkpoint again") from None
     weights = _Weights(path)
-    hf_config = AutoConfig.from_pretrained(path)
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # transformers' validation errors have no common base worth naming
+        raise MisqError(f"{path}/config.json is damaged ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}): "
+                        "save the checkpoint again") from None
     if hasattr(hf_config, "misq"):
         delattr(hf_config, "misq")  # a later save_pretrained of this model must not look packed
     with no_init_weights():  # every tensor is about to be replaced: skip the random init
@@ -345,9 +377,11 @@ def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn
     state: dict[str, Tensor] = {}
     for name in untouched:
         t = weights.get(name)
+        check_finite([(name, t)], str(path))
         state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     for name, meta in layers.items():
         tensors = {s: weights.get(f"{name}.{s}") for s in expected_shapes(meta, pattern)}
+        check_finite(((f"{name}.{s}", t) for s, t in tensors.items()), str(path))  # the stored fp16 scales among them
         try:
             state[f"{name}.weight"] = decode_layer(tensors, meta, pattern, dtype)
         except ValueError as err:
@@ -403,6 +437,7 @@ def export_dense(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, dtyp
     if dtype not in DTYPE_NAMES:
         raise MisqError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPE_NAMES)}")
     _misq_section(packed, _read_config(packed))
+    check_not_input(out, {"the packed checkpoint": packed}, "--dense")
     _check_target(out, _is_export)
     model = load_packed(packed, dtype=torch_dtype(dtype))
     own = {"config.json", "generation_config.json", INDEX_NAME}

@@ -9,8 +9,10 @@ calibration text (long enough for one window). Only the config and the tokenizer
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
@@ -19,6 +21,62 @@ from misq.models import layout, loading
 from misq.protocol import data
 
 log = logging.getLogger(__name__)
+
+
+def _older_misq_run(folder: Path) -> bool:
+    """A run folder of a misq that predates the ``.misq-run`` marker."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "misq_version" in config and "compress" in config \
+        and ((folder / "progress.json").is_file() or (folder / "resume").is_dir())
+
+
+def check_outputs(model_cfg: ModelConfig, out_dir: str, save_dir: str | None, *, resume: bool = False,
+                  overwrite: bool = False) -> Any:
+    """Refuse, before any work, the output folders ``misq compress`` may not write (see
+    :mod:`misq.ownership`). When ``out_dir`` exists, its lock is taken here and returned (a
+    :class:`~misq.ownership.FolderLock`): a second run on it fails now, naming the holder."""
+    from misq.checkpoint.packed import check_save_target
+    from misq.ownership import COMPRESS_RUN, FolderLock, check_not_input, check_output_folder, same_path
+    from misq.runs.rundir import check_writable
+
+    check_not_input(out_dir, {"the model folder": model_cfg.model}, "--out")
+    if save_dir:
+        check_not_input(save_dir, {"the model folder": model_cfg.model}, "--save")
+        if same_path(save_dir, out_dir):
+            raise MisqError(f"--save {save_dir!r} is the --out folder: the packed checkpoint needs a folder of its own "
+                            "(e.g. --save {}/packed)".format(out_dir.rstrip('/')))
+    check_writable(out_dir, "output folder")
+    if save_dir:
+        check_writable(save_dir, "save folder")
+        check_save_target(save_dir)
+    out = check_output_folder(out_dir, COMPRESS_RUN, "--out", overwrite=overwrite, owned=_older_misq_run)
+    if not out.is_dir():
+        return None
+    lock = FolderLock(out).acquire()
+    try:
+        if not resume and not overwrite:
+            _check_no_earlier_run(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_no_earlier_run(out: Path) -> None:
+    """A fresh run never replaces an earlier run's results or finished layers without being asked."""
+    if (out / "results.json").is_file():
+        raise MisqError(f"--out {str(out)!r} holds an earlier finished run (results.json): choose a new --out for this "
+                        "run, or pass --overwrite to replace it")
+    try:
+        done = json.loads((out / "resume" / "state.json").read_text(encoding="utf-8")).get("done_layers")
+    except (OSError, ValueError, AttributeError):
+        done = None
+    if isinstance(done, int) and done > 0:
+        raise MisqError(f"--out {str(out)!r} holds an interrupted run with {done} finished layer(s): pass --resume to "
+                        "continue it, --overwrite to start over in it, or choose a new --out")
 
 
 def check_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressConfig, eval_cfg: EvalConfig | None,

@@ -46,8 +46,10 @@ def check_architecture(hf_config: Any) -> None:
     """Refuse models whose decoder layers misq does not know, before loading any weights."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    archs = list(getattr(hf_config, "architectures", None) or [])
-    model_type = getattr(hf_config, "model_type", None) or "?"
+    archs = getattr(hf_config, "architectures", None) or []
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, (list, tuple)) else []  # a damaged config
+    model_type = getattr(hf_config, "model_type", None)
+    model_type = model_type if isinstance(model_type, str) and model_type else "?"
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     # A checkpoint names the head it was saved with; BertForMaskedLM or LlamaModel is not a causal LM
     # even though its model type could be built as one.

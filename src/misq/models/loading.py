@@ -48,12 +48,31 @@ def read_model_config(cfg: ModelConfig) -> Any:
         # trust_remote_code stays off unless the user passed --trust-remote-code: a checkpoint's
         # own Python code would run with the user's rights.
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, _ConfigValidationError) as err:
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, _ConfigValidationError) as err:  # a damaged config.json (transformers may fail anywhere inside it)
         cause = f"; {_first_line(err.__cause__)}" if err.__cause__ is not None else ""
         raise MisqError(f"cannot read a model config from {cfg.model!r} ({_first_line(err).rstrip(':')}{cause}): "
                         "give a Hugging Face causal-LM folder (with a valid config.json) or hub id") from None
     check_architecture(hf_config)
+    if os.path.isdir(path):  # before any work: missing layers would be filled with random weights
+        from misq.models.layout import layer_prefix
+        from misq.models.safetensors_files import check_covers_layers
+
+        check_covers_layers(path, int(getattr(hf_config, "num_hidden_layers", 0) or 0), layer_prefix)
     return hf_config
+
+
+def check_finite(tensors: Any, where: str) -> None:
+    """Refuse NaN or Inf in any floating tensor of ``tensors`` ((name, tensor) pairs): a broken
+    model must never be evaluated or compressed as if it were a result."""
+    import torch
+
+    for name, t in tensors:
+        if t is None or not t.is_floating_point() or t.is_meta or t.numel() == 0:
+            continue
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise MisqError(f"{where}: tensor {name} holds {bad} NaN/Inf value(s): the checkpoint is damaged; "
+                            "copy or download it again")
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -85,12 +104,17 @@ def load_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
             raise MisqError("--device-map needs the accelerate package: pip install accelerate "
                             "(or evaluate on one GPU layer by layer with --layerwise 1)")
         placement["device_map"] = cfg.device_map
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.expanduser(cfg.model), dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
-        low_cpu_mem_usage=True, **placement,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(cfg.model), dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
+            low_cpu_mem_usage=True, **placement,
+        )
+    except (TypeError, AttributeError, KeyError, ValueError) as err:  # a damaged config.json or weights
+        raise MisqError(f"cannot load the model {cfg.model!r} ({type(err).__name__}: {_first_line(err)}): the checkpoint "
+                        "looks damaged; copy or download it again") from None
     model.eval()
     model.config.use_cache = False
+    check_finite(model.state_dict().items(), str(cfg.model))
     return model, load_tokenizer(cfg)
 
 

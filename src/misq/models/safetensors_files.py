@@ -6,9 +6,11 @@ so the file names, the dtype spellings and the damage checks live in one place.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,10 +55,56 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if n > _MAX_HEADER:
                 raise ValueError(f"header of {n} bytes")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as err:
-        raise MisqError(f"{path} is not a readable safetensors file ({err}): copy or download the checkpoint again") from None
-    header.pop("__metadata__", None)
-    return {name: TensorInfo(path, meta["dtype"], tuple(meta["shape"])) for name, meta in header.items()}
+            size = os.fstat(f.fileno()).st_size
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        infos, end = {}, 0
+        for name, meta in header.items():
+            infos[name] = TensorInfo(path, str(meta["dtype"]), tuple(int(d) for d in meta["shape"]))
+            end = max(end, int(meta["data_offsets"][1]))
+        if 8 + n + end > size:
+            raise ValueError(f"truncated: {size} bytes, the header needs {8 + n + end}")
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as err:
+        raise MisqError(f"{path} is truncated or corrupt, not a readable safetensors file ({err}): "
+                        "copy or download the checkpoint again") from None
+    return infos
+
+
+def weights_fingerprint(folder: str | os.PathLike) -> str | None:
+    """A fingerprint of a checkpoint folder's weight files: names, sizes, mtimes and a hash of each
+    file's first 64 KiB (a safetensors header). None when the folder holds no weight files."""
+    folder = Path(folder)
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".json"))
+    except OSError:
+        return None
+    h = hashlib.sha256()
+    found = False
+    for p in files:
+        if p.suffix == ".json" and p.name != INDEX_NAME:
+            continue
+        st = p.stat()
+        found = found or p.suffix != ".json"
+        h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        with open(p, "rb") as f:
+            h.update(hashlib.sha256(f.read(64 * 1024)).digest())
+    return h.hexdigest() if found else None
+
+
+def check_covers_layers(folder: str | os.PathLike, n_layers: int, prefix_of: Callable[[int], str]) -> None:
+    """Refuse a safetensors checkpoint whose weights hold fewer decoder layers than its config
+    claims (transformers would fill the missing ones with random weights). A folder without
+    safetensors weights is not checked here."""
+    folder = Path(folder)
+    if not ((folder / WEIGHTS_NAME).is_file() or (folder / INDEX_NAME).is_file()):
+        return
+    names = SafetensorsFiles.of_folder(folder).tensors
+    missing = [i for i in range(n_layers) if not any(k.startswith(prefix_of(i)) for k in names)]
+    if missing:
+        raise MisqError(f"{folder}: config.json claims {n_layers} decoder layers but the weights hold none for "
+                        f"layer(s) {', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''}: the checkpoint "
+                        "is incomplete or its config.json is wrong; copy or download it again")
 
 
 class SafetensorsFiles:

@@ -47,7 +47,7 @@ from misq.errors import MisqError
 from misq.models import layout, loading
 from misq.models.layout import LAYER_PREFIX, layer_prefix
 from misq.models.loading import misq_section_of
-from misq.models.safetensors_files import INDEX_NAME, WEIGHTS_NAME, SafetensorsFiles
+from misq.models.safetensors_files import INDEX_NAME, WEIGHTS_NAME, SafetensorsFiles, check_covers_layers
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,7 @@ class StreamedModel:
         _return_freed_memory_to_os()
         hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         layout.check_architecture(hf_config)
+        check_covers_layers(folder, int(getattr(hf_config, "num_hidden_layers", 0) or 0), layer_prefix)
         with _parameters_on_meta(), no_init_weights():
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
         model.config._name_or_path = str(folder)
@@ -236,6 +237,7 @@ class StreamedModel:
             seen.add(id(p))
             names.append((name, p.requires_grad))
         tensors = self.files.read([n for n, _ in names], self.dtype)
+        loading.check_finite(tensors.items(), str(self.folder))
         for name, requires_grad in names:
             _set_parameter(self.model, name, tensors[name], requires_grad)
         if tied:
@@ -250,6 +252,7 @@ class StreamedModel:
         layer, prefix = self.layers[i], layer_prefix(i)
         params = [(n, p) for n, p in layer.named_parameters()]
         tensors = (self._layer_files.get(i) or self.files).read([prefix + n for n, _ in params], self.dtype)
+        loading.check_finite(tensors.items(), str(self.folder))
         for name, p in params:
             t = tensors[prefix + name]
             if t.shape != p.shape:

@@ -84,9 +84,17 @@ def perplexity(
             nlls = _nll_layerwise(model, segs, device, batch_size, desc, source)
         else:
             nlls = _nll_whole(model, segs, device, batch_size, desc)
+    from misq.errors import NumericalError
+
     if not torch.isfinite(nlls).all():
-        log.warning("%s: non-finite loss in %d segment(s)", desc, int((~torch.isfinite(nlls)).sum()))
-    ppl = math.exp(float(nlls.double().sum()) / (segs.shape[0] * seqlen))
+        raise NumericalError(f"{desc}: the loss is NaN or infinite in {int((~torch.isfinite(nlls)).sum())} of "
+                             f"{segs.shape[0]} segment(s): the model is broken (NaN/Inf weights or activations), so "
+                             "there is no perplexity to report; check the checkpoint (or the compression settings)")
+    mean = float(nlls.double().sum()) / (segs.shape[0] * seqlen)
+    ppl = math.exp(mean) if mean < 709 else math.inf
+    if not math.isfinite(ppl):
+        raise NumericalError(f"{desc}: the perplexity overflows (mean loss {mean:.1f}): the model is broken, so "
+                             "there is no perplexity to report")
     return {
         "ppl": ppl,
         "tokens": int(tokens.numel()),

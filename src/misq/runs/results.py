@@ -11,7 +11,8 @@ Sections computed elsewhere and only carried here stay plain dicts: ``model``
 ``eval`` entries (:func:`misq.protocol.perplexity.perplexity`), ``storage``
 (:func:`misq.checkpoint.accounting.storage_accounting`), ``bits``
 (:func:`misq.compress.bitplan.bit_statistics`), ``layers`` (the driver's per-linear records),
-``saved`` and ``distributed``.
+``saved``, ``distributed``, ``zeroshot`` (:func:`misq.protocol.zeroshot.evaluate_tasks`) and
+``generations`` (:func:`misq.protocol.generations.generate`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ class Results:
     distributed: dict[str, Any] | None = None
     # Evaluation of a model that transformers spread over several devices:
     device_map: list[str] | None = None
+    # lm-evaluation-harness accuracy (misq.protocol.zeroshot) and greedy generations
+    # (misq.protocol.generations), recorded beside the perplexities:
+    zeroshot: dict[str, Any] | None = None
+    generations: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -122,7 +127,8 @@ class Results:
         if self.layers is not None:  # a compression run says which GPU it ran on, null for none
             out["cuda"] = self.cuda
         optional = {"device_map": self.device_map, "protocol": self.protocol, "config": self.config,
-                    "ppl": self.ppl, "eval": self.eval, "timing": self.timing.to_json(),
+                    "ppl": self.ppl, "eval": self.eval, "zeroshot": self.zeroshot, "generations": self.generations,
+                    "timing": self.timing.to_json(),
                     "sparsity": self.sparsity.to_json() if self.sparsity is not None else None,
                     "storage": self.storage, "bits": self.bits, "layers": self.layers,
                     "memory": self.memory.to_json(), "saved": self.saved, "distributed": self.distributed}
@@ -180,7 +186,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "misq_version": str, "kind": str, "created": str, "model": dict, "device": str, "cuda": str,
     "protocol": dict, "config": dict, "ppl": dict, "eval": dict, "timing": dict, "sparsity": dict,
     "storage": dict, "bits": dict, "layers": list, "memory": dict, "saved": dict, "distributed": dict,
-    "device_map": list,
+    "device_map": list, "zeroshot": dict, "generations": dict,
 }
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from misq.algorithms.quantizer import QuantGrid
@@ -67,6 +68,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     out = []
     for section, key in _DETERMINING:
         a, b = old.get(section) or {}, new.get(section) or {}
+        a, b = (a if isinstance(a, dict) else {}), (b if isinstance(b, dict) else {})  # a damaged state
         keys = [key] if key is not None else sorted(set(a) | set(b))
         for k in keys:
             if a.get(k) != b.get(k) and f"{section}.{k}" not in _FREE:
@@ -86,6 +88,9 @@ class ResumeState:
         self._started = time.perf_counter()
         self._state: dict[str, Any] | None = None
         self._calib: str | None = None
+        #: A fingerprint of the model's weight files (:func:`misq.models.safetensors_files.weights_fingerprint`),
+        #: recorded by a fresh run; a resume refuses weights that changed at the same path.
+        self.weights: str | None = None
 
     @property
     def state_path(self) -> Path:
@@ -125,14 +130,30 @@ class ResumeState:
         if diffs:
             raise MisqError(f"cannot resume the run in {run} with a different configuration ({'; '.join(diffs)}): "
                             "rerun with the interrupted run's options, or drop --resume to start over")
+        recorded = state.get("weights")
+        if recorded is not None and self.weights is not None and recorded != self.weights:
+            raise MisqError(f"cannot resume the run in {run}: the model's weight files changed since the interrupted "
+                            "run (sizes, dates or headers differ), so its finished layers came from other weights; "
+                            "drop --resume to start over")
         self._state = state
         self.previous_seconds = float(state.get("elapsed_s", 0.0))
 
     def _read_state(self) -> dict[str, Any]:
         try:
             state = json.loads(self.state_path.read_text(encoding="utf-8"))
-            if state.get("format") != FORMAT or not isinstance(state.get("done_layers"), int):
+            if not isinstance(state, dict):
+                raise ValueError(f"a JSON {type(state).__name__}, not an object")
+            if state.get("format") != FORMAT or not isinstance(state.get("done_layers"), int) or state["done_layers"] < 0:
                 raise ValueError(f"format {state.get('format')!r}")
+            records = state.get("records", [])
+            if not isinstance(state.get("config"), dict) or not isinstance(records, list) \
+                    or not all(isinstance(r, dict) for r in records):
+                raise ValueError("no config or records")
+            elapsed = state.get("elapsed_s", 0.0)
+            if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not elapsed == elapsed:
+                raise ValueError(f"elapsed_s {elapsed!r}")
+            if not isinstance(state.get("calibration"), (str, type(None))) or not isinstance(state.get("weights"), (str, type(None))):
+                raise ValueError("calibration or weights fingerprint is not a string")
             return state
         except (OSError, ValueError, AttributeError) as err:
             raise MisqError(f"the resume state {self.state_path} is unreadable ({err}): delete {self.dir} "
@@ -140,7 +161,8 @@ class ResumeState:
 
     def _write_state(self, done_layers: int, records: list[dict[str, Any]]) -> None:
         state = {"format": FORMAT, "config": self.resolved, "done_layers": done_layers, "records": records,
-                 "calibration": self._calib, "elapsed_s": self.previous_seconds + time.perf_counter() - self._started}
+                 "calibration": self._calib, "weights": self.weights,
+                 "elapsed_s": self.previous_seconds + time.perf_counter() - self._started}
         atomic_write_json(self.state_path, state)
 
     # -- per layer ------------------------------------------------------------------------
@@ -201,7 +223,7 @@ class ResumeState:
             self._restore_layer(i, layers[i] if source is None else None, plans, prior)
             if source is not None:
                 source.use_file(i, self.layer_path(i))
-        prior.records = list(self._state["records"])
+        prior.records = list(self._state.get("records", []))
         log.info("resuming after %d finished layer(s)", done)
         return done, prior
 
@@ -215,7 +237,7 @@ class ResumeState:
             if layer is not None:
                 params = {k[len(prefix):]: v for k, v in tensors.items() if ".grid." not in k}
                 layer.load_state_dict(params, strict=True)
-        except (OSError, RuntimeError, ValueError) as err:
+        except (OSError, RuntimeError, ValueError, SafetensorError) as err:
             raise MisqError(f"the resume data {path} does not fit this model ({str(err).splitlines()[0]}): "
                             f"delete {self.dir} and drop --resume to start over") from None
         # In the driver's order (q, k, v, o, gate, up, down): results list layers in this order.
@@ -245,9 +267,13 @@ class ResumeState:
         path = self.dir / "plans.safetensors"
         if self._state is None or not path.is_file():
             return None
-        t = load_file(str(path))
-        names = sorted({k.rsplit(".", 1)[0] for k in t})
-        return {n: ModulePlan(n, int(t[f"{n}.rows"][0]), t[f"{n}.groups"], t[f"{n}.bits"]) for n in names}
+        try:
+            t = load_file(str(path))
+            names = sorted({k.rsplit(".", 1)[0] for k in t})
+            return {n: ModulePlan(n, int(t[f"{n}.rows"][0]), t[f"{n}.groups"], t[f"{n}.bits"]) for n in names}
+        except (OSError, RuntimeError, ValueError, KeyError, IndexError, SafetensorError) as err:
+            raise MisqError(f"the resume data {path} is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}): "
+                            f"delete {self.dir} and drop --resume to start over") from None
 
     def finished(self) -> None:
         """The run completed: its resume folder is no longer needed."""

@@ -75,6 +75,10 @@ def check_writable(path: str | os.PathLike, what: str) -> Path:
     ending in "folder" must not be an existing file. Returns the expanded path.
     """
     path = Path(path).expanduser()
+    try:
+        path.exists()
+    except OSError as err:  # ENAMETOOLONG and the like
+        raise MisqError(f"{what} {str(path)!r} cannot be used ({err.strerror or err}): give a shorter or valid path") from None
     if path.exists() and not path.is_dir() and what.endswith("folder"):
         raise MisqError(f"{what} {str(path)!r} is a file: give a folder path")
     probe_dir = path if path.is_dir() else path.parent

@@ -7,6 +7,7 @@ is gone from this machine, is reported as *stale*, so a killed run is never show
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -68,15 +69,21 @@ def read_status(
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir, create=False)
     if not rd.path.is_dir():
         raise MisqError(f"no misq run in {rd.path}: the directory does not exist (pass the --out folder given to misq compress)")
+    if not rd.progress_path.is_file() and (rd.path / ".misq-run").is_file():
+        raise MisqError(f"the misq run in {rd.path} has not written its progress yet (it is starting, or it stopped "
+                        "before its first step: see its compress.log, or rerun the command)")
     if not rd.progress_path.is_file():
         raise MisqError(f"no misq run in {rd.path}: {PROGRESS_FILE} not found (pass the --out folder given to misq compress)")
     try:
         progress = json.loads(rd.progress_path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise MisqError(f"cannot read {rd.progress_path} ({err.strerror or err}): check the folder's permissions") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MisqError(f"no misq run in {rd.path}: {PROGRESS_FILE} is not valid JSON ({err}); delete it and rerun") from None
     if not isinstance(progress, dict):
         raise MisqError(f"no misq run in {rd.path}: {PROGRESS_FILE} is not a misq progress file; delete it and rerun")
 
+    progress = _sanitized(progress)
     now = time.time() if now is None else now
     status = dict(progress)
     updated = progress.get("updated_unix")
@@ -102,6 +109,32 @@ def read_status(
         results=str(rd.results_path) if rd.results_path.is_file() else None,
     )
     return status
+
+
+_NUMBERS = ("started_unix", "updated_unix", "elapsed_s", "eta_s", "peak_accelerator_bytes")
+_INTS = ("pid", "layer", "layers_total")
+_TEXTS = ("status", "host", "started", "updated", "stage", "sublayer", "error", "finished")
+
+
+def _sanitized(progress: dict[str, Any]) -> dict[str, Any]:
+    """``progress`` with every field misq reads of the type it should have; a damaged field
+    (a string where a number belongs, NaN, a list ...) is dropped and shown as unknown."""
+    out = dict(progress)
+    for key in _NUMBERS:
+        v = out.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            out[key] = None
+    for key in _INTS:
+        v = out.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            out[key] = None
+    for key in _TEXTS:
+        v = out.get(key)
+        if v is not None and not isinstance(v, str):
+            out[key] = None
+    if out.get("status") is not None and out["status"] not in ("running", *FINAL_STATES):
+        out["status"] = None
+    return out
 
 
 def _parse_iso(text: str) -> float | None:
