@@ -56,7 +56,10 @@ def run_demo(out: str | Path, *, train_seconds: float = 60.0) -> str:
 
     model_cfg = ModelConfig(str(model_dir), device="cpu")
     data_cfg = DataConfig(seqlen=seqlen, cache_dir=str(out / "cache"))
-    eval_cfg = EvalConfig(datasets=(str(eval_file),))
+    # Prompts in the toy grammar's own words: the report shows how each model continues them.
+    prompts = data_dir / "prompts.txt"
+    prompts.write_text("The cat sees\nMy sister likes\nThe robot builds\n")
+    eval_cfg = EvalConfig(datasets=(str(eval_file),), prompts=str(prompts), max_new_tokens=24)
 
     # 2. baseline
     baseline = out / "baseline_results.json"
@@ -66,7 +69,8 @@ def run_demo(out: str | Path, *, train_seconds: float = 60.0) -> str:
     cfg = CompressConfig(dataset=str(calib_file), nsamples=64, sparsity=0.5, grouping="mi", n_groups=4,
                          target_avg_bits=4.0, batch_size=16)
     run_dir, packed = out / "run", out / "packed"
-    results = jobs.run_compress(model_cfg, data_cfg, cfg, eval_cfg, str(run_dir), save_dir=str(packed))
+    # overwrite: a second demo in the same --out replaces its own earlier run folder.
+    results = jobs.run_compress(model_cfg, data_cfg, cfg, eval_cfg, str(run_dir), save_dir=str(packed), overwrite=True)
     reloaded = jobs.run_eval(ModelConfig(str(packed), device="cpu"), data_cfg, eval_cfg, str(out / "reloaded_results.json"))
     name = str(eval_file)
     drift = abs(reloaded["ppl"][name] / results["ppl"][name] - 1)

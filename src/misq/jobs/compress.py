@@ -24,13 +24,16 @@ from torch import Tensor
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
 from misq.distributed import Dist
 from misq.errors import MisqError
+from misq.jobs import extras
 from misq.jobs.loading import LoadedModel, load_in_turn
 from misq.models import layout, streaming
+from misq.models.safetensors_files import weights_fingerprint
+from misq.ownership import COMPRESS_RUN, FolderLock, claim_folder
 from misq.protocol import data, perplexity
 from misq.protocol.record import protocol_record
 from misq.runs.results import Memory, Results, Sparsity, Timing, now_utc
 from misq.runs.resume import ResumeState
-from misq.runs.rundir import Progress, RunDir, check_writable
+from misq.runs.rundir import Progress, RunDir
 
 
 class _NoProgress:
@@ -47,8 +50,14 @@ class _NoProgress:
 
 
 def run_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressConfig, eval_cfg: EvalConfig | None,
-                 out_dir: str, *, save_dir: str | None = None, resume: bool = False) -> dict[str, Any] | None:
+                 out_dir: str, *, save_dir: str | None = None, resume: bool = False,
+                 overwrite: bool = False) -> dict[str, Any] | None:
     """Compress ``model_cfg.model`` into the run folder ``out_dir`` (and ``save_dir``, if given).
+
+    ``out_dir`` must be new, empty, or misq's own run folder (:mod:`misq.ownership`); one that
+    holds an earlier run's results or finished layers is refused unless ``resume`` (continue it)
+    or ``overwrite`` (start over in it). ``overwrite`` also lets misq take over a folder it did
+    not make. A lock keeps a second run out of the folder while this one works in it.
 
     Returns the results (the ``results.json`` dict) on rank 0; None on the other torchrun ranks,
     which write and report nothing.
@@ -60,23 +69,33 @@ def run_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressConf
     dist = distributed.from_env(model_cfg.resolved_device())
     resolved = {"model": vars(model_cfg), "data": vars(data_cfg), "compress": cfg.to_dict(),
                 "eval": {"datasets": list(eval_cfg.datasets)} if eval_cfg else None, "save": save_dir}
+    lock: FolderLock | None = None
     if dist.is_main:
-        check_writable(out_dir, "output folder")
-        if save_dir:
-            check_writable(save_dir, "save folder")
-    data_dir = data.resolve_data_dir(data_cfg.data_dir)
+        lock = preflight.check_outputs(model_cfg, out_dir, save_dir, resume=resume, overwrite=overwrite)
     state = ResumeState(Path(out_dir), resolved)
-    if resume:
-        state.check_resumable()  # reads only: every rank restores from this folder
+    model_folder = Path(model_cfg.model).expanduser()
+    state.weights = weights_fingerprint(model_folder) if model_folder.is_dir() else None
     run: RunDir | None = None
-    if dist.is_main:
-        # Bad input is refused here, before the run folder is created or any weight is read. Rank 0
-        # only: it tokenizes (and caches) the calibration text, which the other ranks receive.
-        preflight.check_compress(model_cfg, data_cfg, cfg, eval_cfg, data_dir, resume_state=state if resume else None)
-        run = RunDir(out_dir)
-        if not resume:
-            state.start_fresh()
-        run.write_config(resolved | {"misq_version": __version__})
+    try:
+        data_dir = data.resolve_data_dir(data_cfg.data_dir)
+        if resume:
+            state.check_resumable()  # reads only: every rank restores from this folder
+        if dist.is_main:
+            # Bad input is refused here, before the run folder is created or any weight is read. Rank 0
+            # only: it tokenizes (and caches) the calibration text, which the other ranks receive.
+            preflight.check_compress(model_cfg, data_cfg, cfg, eval_cfg, data_dir, resume_state=state if resume else None)
+            extras.check(eval_cfg)  # lm-eval, its tasks and their data, the prompts file: before compressing
+            claim_folder(out_dir, COMPRESS_RUN)
+            if lock is None:  # a new folder: nobody could hold it before it existed
+                lock = FolderLock(out_dir).acquire()
+            run = RunDir(out_dir)
+            if not resume:
+                state.start_fresh()
+            run.write_config(resolved | {"misq_version": __version__})
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     handler = run.attach_log() if run is not None else None
     try:
         loaded = load_in_turn(model_cfg, data_cfg, dist)
@@ -97,6 +116,8 @@ def run_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressConf
     finally:
         if run is not None:
             run.detach_log(handler)
+        if lock is not None:
+            lock.release()
 
 
 def _compress(loaded: LoadedModel, data_cfg: DataConfig, cfg: CompressConfig, device: str, data_dir: Path | None,
@@ -200,4 +221,7 @@ def _report(loaded: LoadedModel, model_cfg: ModelConfig, data_cfg: DataConfig, c
     )
     for name, res in evals.items():
         results.add_eval(name, res)
+    # Zero-shot tasks and generations; a failure there is recorded, not raised: the compression is kept.
+    extras.measure(results, model, loaded.tokenizer, eval_cfg, device, layerwise=model_cfg.layerwise, source=source,
+                   strict=False, progress=progress)
     return results

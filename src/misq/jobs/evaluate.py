@@ -6,25 +6,54 @@ the model, asks for them and writes the results file (:class:`misq.runs.results.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from misq.config import DataConfig, EvalConfig, ModelConfig
-from misq.jobs import loading
+from misq.errors import MisqError
+from misq.jobs import extras, loading
 from misq.models import layout, streaming
 from misq.models.loading import misq_section_of
+from misq.ownership import same_path
 from misq.protocol import data, perplexity
 from misq.protocol.record import protocol_record
 from misq.runs.results import Memory, Results
 from misq.runs.rundir import check_writable
 
 
-def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig, out: str | None) -> dict[str, Any]:
+def _check_out_file(out: str, model: str, overwrite: bool) -> None:
+    path = Path(out).expanduser()
+    try:
+        exists = path.exists()
+    except OSError as err:
+        raise MisqError(f"--out {out!r} cannot be used ({err.strerror or err}): give a shorter or valid path") from None
+    if path.is_dir():
+        raise MisqError(f"--out {out!r} is a folder: give the path of a results file, e.g. {out.rstrip('/')}/results.json")
+    if same_path(path.parent, model) and (path.name in ("config.json", "generation_config.json") or path.suffix == ".safetensors"):
+        raise MisqError(f"--out {out!r} is a file of the model: misq never writes into its inputs; choose another path")
+    if exists and not overwrite:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            ours = isinstance(data, dict) and "misq_version" in data and data.get("kind") in ("baseline", "compressed")
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise MisqError(f"--out {out!r} exists and is not a misq results file: choose a new path "
+                            "(or pass --overwrite to replace it)")
+
+
+def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig, out: str | None, *,
+             overwrite: bool = False) -> dict[str, Any]:
     """Evaluate ``model_cfg.model`` on ``eval_cfg.datasets``; write the results to ``out`` (if
-    given) and return them as written (the ``results.json`` dict)."""
+    given) and return them as written (the ``results.json`` dict). An existing ``out`` is replaced
+    only when it is a misq results file (or ``overwrite``); a folder is refused, before the work."""
     if out:
+        _check_out_file(out, model_cfg.model, overwrite)
         check_writable(out, "output file")
     data_dir = data.resolve_data_dir(data_cfg.data_dir)
     data.check_local_sources([(name, None) for name in eval_cfg.datasets], data_dir)  # before loading weights
+    extras.check(eval_cfg)  # lm-eval, its tasks and their data, the prompts file: before loading weights too
     loaded = loading.load(model_cfg, data_cfg)
     model, device = loaded.model, loaded.device
     packed = misq_section_of(model_cfg.model)
@@ -43,6 +72,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     )
     for name, res in evals.items():
         results.add_eval(name, res)
+    extras.measure(results, model, loaded.tokenizer, eval_cfg, device, layerwise=model_cfg.layerwise, source=loaded.source)
     if out:
         results.write(out)
     return results.to_json()

@@ -57,12 +57,23 @@ def load(model_cfg: ModelConfig, data_cfg: DataConfig) -> LoadedModel:
         if model_cfg.device_map is not None:
             raise MisqError("--device-map loads plain Hugging Face checkpoints; a packed checkpoint is small: "
                             "evaluate it on one GPU (--layerwise 1 if it does not fit)")
-        model, tokenizer = load_packed_with_tokenizer(model_cfg.model)
+        loading.read_model_config(model_cfg)  # a damaged config or missing layers: one line, before loading
+        model, tokenizer = load_packed_with_tokenizer(model_cfg.model, dtype=_packed_dtype(model_cfg))
     else:
         model, tokenizer = loading.load_model(model_cfg)
     seqlen = data_cfg.seqlen or layout.default_seqlen(model)
     layout.check_seqlen(model, seqlen)
     return LoadedModel(model, tokenizer, seqlen, device, source)
+
+
+def _packed_dtype(model_cfg: ModelConfig) -> str | None:
+    """The dtype a packed checkpoint is loaded in: ``--dtype`` when it names another dtype than the
+    checkpoint's own, except the default float16, which leaves the checkpoint's own (a bfloat16
+    checkpoint stays bfloat16 unless asked otherwise). ``--dtype float32`` is applied, never ignored."""
+    saved = (misq_section_of(model_cfg.model) or {}).get("dtype")
+    if model_cfg.dtype == saved or model_cfg.dtype == "float16":
+        return None
+    return model_cfg.dtype
 
 
 def load_in_turn(model_cfg: ModelConfig, data_cfg: DataConfig, dist: Dist) -> LoadedModel:

@@ -49,6 +49,19 @@ def verdict(run: dict[str, Any], threshold_pct: float, datasets: tuple[str, ...]
         else:
             status = "pass" if value >= threshold_pct else "fail"
             rules.append(_rule(f"retention_{ds}", text, value, status, f"{value:.2f}% {'>=' if status == 'pass' else '<'} {threshold_pct:g}%"))
+    zs = run.get("zeroshot")
+    if zs:  # either file ran zero-shot tasks: their mean accuracy is judged too
+        text = f"mean zero-shot accuracy retention >= {threshold_pct:g}%"
+        mean = zs["mean"]
+        if mean is None or mean["retention_pct"] is None:
+            why = zs["skipped"] or zs["baseline_skipped"] or "no task measured alike in both files"
+            rules.append(_rule("retention_zeroshot", text, None, "missing", why))
+        else:
+            value = mean["retention_pct"]
+            status = "pass" if value >= threshold_pct else "fail"
+            rules.append(_rule("retention_zeroshot", text, value, status,
+                               f"{value:.2f}% {'>=' if status == 'pass' else '<'} {threshold_pct:g}% over {len(mean['tasks'])} task(s): "
+                               f"mean accuracy {mean['baseline']:.2f}% -> {mean['compressed']:.2f}%"))
     failed = [r for r in rules if r["status"] == "fail"]
     missing = [r for r in rules if r["status"] == "missing"]
     if failed:
@@ -112,9 +125,45 @@ def suggestions(run: dict[str, Any]) -> list[dict[str, str]]:
         add("scale_overhead", f"bits per stored weight - average channel bits = {stored - channel:.3f} > 0.5",
             f"Scales and zero points cost {stored - channel:.3f} bits per weight ({stored:.3f} stored vs {channel:.3f} channel bits): "
             f"use fewer groups{fewer} to cut the overhead.")  # fmt: skip
+    _zeroshot_suggestions(run, add)
     target_sp, actual_sp = cfg["sparsity_target"], cfg["sparsity_actual"]
     if target_sp is not None and actual_sp is not None and abs(actual_sp - target_sp) > 0.01:
         add("sparsity_missed", f"actual sparsity {actual_sp:.4f} vs target {target_sp:.4f}",
             f"Actual sparsity {100 * actual_sp:.2f}% differs from the target {100 * target_sp:.2f}% by more than 1 point: "
             f"check which layers were skipped.")  # fmt: skip
     return out
+
+
+def _zeroshot_suggestions(run: dict[str, Any], add: Any) -> None:
+    """Advice from the zero-shot accuracies: a task that drops beyond its noise, changes that are
+    all noise, a limited or skipped evaluation."""
+    zs = run.get("zeroshot")
+    if not zs:
+        return
+    if zs["skipped"]:
+        add("zeroshot_skipped", f"zero-shot tasks skipped: {zs['skipped']}",
+            f"The zero-shot tasks did not run for this model ({zs['skipped']}): evaluate its packed checkpoint with "
+            "misq eval PACKED --tasks ... on a device that holds it whole.")
+    limits = {v for v in zs["limit"].values() if v}
+    if limits:
+        add("zeroshot_limited", f"--task-limit {', '.join(map(str, sorted(limits)))}",
+            f"The zero-shot accuracies use at most {max(limits)} examples per task (--task-limit): their stderr is wide and "
+            "they are not comparable to published tables; drop --task-limit for the full sets.")
+    judged = {t: e for t, e in zs["tasks"].items() if e["comparable"] and e["change_pts"] is not None}
+    noisy = []
+    for task, e in judged.items():
+        errors = [x for x in (e["baseline_stderr"], e["compressed_stderr"]) if x is not None]
+        noise = 2 * (sum(x * x for x in errors) ** 0.5) if errors else 0.0  # twice the stderr of the difference
+        if e["change_pts"] < -max(2.0, noise):
+            add(f"zeroshot_drop_{task}", f"{task} {e['metric']} change {e['change_pts']:+.2f} points, beyond 2 x stderr ±{noise:.2f}",
+                f"{task} loses {-e['change_pts']:.2f} points of {e['metric']} ({e['baseline']:.2f}% -> {e['compressed']:.2f}%), "
+                "more than its noise: the compression hurts what this task measures even where perplexity holds; "
+                "give the model more bits (--target-avg-bits / --target-size) or less sparsity.")
+        elif abs(e["change_pts"]) <= noise:
+            noisy.append(task)
+    if judged and len(noisy) == len(judged):
+        changes = ", ".join(f"{t} {judged[t]['change_pts']:+.2f}" for t in noisy)
+        add("zeroshot_within_noise", "every zero-shot change is within 2 x its stderr",
+            f"Every zero-shot change ({changes} points) is within "
+            "twice its stderr: these tasks cannot tell this run from the baseline; rank runs by perplexity, or evaluate "
+            "larger task sets.")
