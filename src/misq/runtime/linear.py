@@ -1,0 +1,120 @@
+"""``PackedLinear``: a linear layer that keeps its packed codes and computes from them.
+
+Forward, for x [..., C] -> y [..., R]:
+
+* CUDA, fp16, Triton present: gather ``x[:, perm]`` once; M <= 16 rows go through the fused
+  decode kernel (:func:`misq.runtime.kernels.segment_matmul`); more rows dequantize the layer
+  into a per-device fp16 buffer shared by every layer and call cuBLAS.
+* otherwise (CPU, other dtypes, no Triton): dequantize this one layer to a temporary dense
+  weight and call ``F.linear``, so peak memory is the packed model plus one layer.
+
+Both paths produce the weights :func:`misq.checkpoint.layer_format.decode_layer` produces, bit
+for bit; outputs differ from the dense model's only by summation order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from misq.checkpoint.packing import Pattern
+from misq.runtime import kernels
+from misq.runtime.layout import Segment, build_segments, dequantize
+
+_buffers: dict[torch.device, Tensor] = {}  # prefill's dequantized weight, one per device, reused
+
+
+def _buffer(device: torch.device, numel: int) -> Tensor:
+    buf = _buffers.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float16, device=device)
+        _buffers[device] = buf
+    return buf[:numel]
+
+
+class PackedLinear(nn.Module):
+    """A [R, C] linear layer held in the runtime layout (:mod:`misq.runtime.layout`).
+
+    Buffers (so ``.to(device)`` moves them): ``perm`` int32 [C]; per segment i ``seg{i}_w{p}``
+    int32 words, ``seg{i}_scales`` fp16 [K_b, R], ``seg{i}_zeros`` uint8 [K_b, R],
+    ``seg{i}_gidx`` int32 [n_b]; ``fp_cols`` [R, n_fp] for 16-bit columns; ``bias`` [R].
+    """
+
+    def __init__(self, perm: Tensor, segments: list[Segment], fp_cols: Tensor | None, rows: int,
+                 bias: Tensor | None = None, weight_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features = int(perm.numel()), rows
+        self.weight_dtype = weight_dtype  # the dense model's weights are rounded to this dtype
+        self.register_buffer("perm", perm.to(torch.int32))
+        self._meta = [(s.bits, s.start, s.n, s.group_len, sorted(s.words)) for s in segments]
+        for i, s in enumerate(segments):
+            for p, w in s.words.items():
+                self.register_buffer(f"seg{i}_w{p}", w)
+            self.register_buffer(f"seg{i}_scales", s.scales)
+            self.register_buffer(f"seg{i}_zeros", s.zeros)
+            self.register_buffer(f"seg{i}_gidx", s.gidx)
+        self.fp_start = sum(s.n for s in segments)
+        self.register_buffer("fp_cols", fp_cols)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_file(cls, tensors: dict[str, Tensor], meta: dict[str, Any], pattern: str | Pattern,
+                  bias: Tensor | None = None) -> PackedLinear:
+        """From one layer's checkpoint tensors (ValueError if they are inconsistent)."""
+        perm, segments, fp = build_segments(tensors, meta, pattern)
+        return cls(perm, segments, fp, int(meta["rows"]), bias, getattr(torch, str(meta.get("dtype", "float16"))))
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The segments, viewing this module's (possibly moved) buffers."""
+        out = []
+        for i, (bits, start, n, group_len, ps) in enumerate(self._meta):
+            out.append(Segment(bits=bits, start=start, n=n, group_len=group_len,
+                               words={p: getattr(self, f"seg{i}_w{p}") for p in ps},
+                               scales=getattr(self, f"seg{i}_scales"), zeros=getattr(self, f"seg{i}_zeros"),
+                               gidx=getattr(self, f"seg{i}_gidx")))
+        return out
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes this layer holds (all buffers but the bias): its share of GPU memory."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense weight [R, C] in the original column order: rounded to the saved dtype as
+        the dense model's is, then cast to ``dtype`` (default: the saved dtype)."""
+        W = dequantize(self.perm, self.segments, self.fp_cols, self.out_features, self.weight_dtype)
+        return W if dtype is None else W.to(dtype)
+
+    def _kernel_ok(self, x: Tensor) -> bool:
+        return kernels.HAVE_TRITON and x.is_cuda and x.dtype == torch.float16
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., C] -> [..., R] in x's dtype."""
+        if not self._kernel_ok(x):
+            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        xp = x2.index_select(1, self.perm)  # once per layer: every width becomes a contiguous segment
+        R = self.out_features
+        if x2.shape[0] <= kernels.DECODE_MAX_ROWS:
+            y = kernels.segment_matmul(xp, self.segments, R)
+            if self.fp_cols is not None:
+                y += (xp[:, self.fp_start:] @ self.fp_cols.to(x.dtype).t()).float()
+            y = y.to(x.dtype)
+        else:
+            wt = _buffer(x.device, self.in_features * R).view(self.in_features, R)
+            kernels.dequantize_into(wt, self.segments, R)
+            if self.fp_cols is not None:
+                wt[self.fp_start:] = self.fp_cols.t()
+            y = xp @ wt
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], R)
+
+    def extra_repr(self) -> str:
+        widths = ",".join(str(m[0]) for m in self._meta) + (",16" if self.fp_cols is not None else "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, widths={widths}"
