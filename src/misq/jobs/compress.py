@@ -198,8 +198,9 @@ def _report(loaded: LoadedModel, model_cfg: ModelConfig, data_cfg: DataConfig, c
         from misq.checkpoint.packed import save_packed
 
         progress.update("save")
+        # The source model is recorded so that the checkpoint's own evaluation compares with its baseline.
         sizes = save_packed(model, output.grids, save_dir, tokenizer=loaded.tokenizer, compress_config=cfg.to_dict(),
-                            pattern=cfg.pattern, source=source)
+                            pattern=cfg.pattern, source=source, extra={"source_model": model_cfg.model})
         saved = {"path": str(Path(save_dir).resolve()), **sizes}
     on_cuda = str(device).startswith("cuda")
     results = Results(

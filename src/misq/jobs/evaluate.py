@@ -63,7 +63,7 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
                                          batch_size=eval_cfg.batch_size, c4_cut=data_cfg.c4_cut, source=loaded.source)
     results = Results(
         kind="compressed" if packed is not None else "baseline",
-        model=layout.model_summary(model) | {"name_or_path": model_cfg.model},
+        model=layout.model_summary(model) | {"name_or_path": model_cfg.model} | _source_of(packed),
         device=device,
         protocol=protocol_record(loaded.seqlen, data_cfg.c4_cut),
         memory=Memory(**streaming.peak_memory(device), streamed=loaded.streamed),
@@ -76,3 +76,10 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     if out:
         results.write(out)
     return results.to_json()
+
+
+def _source_of(packed: dict[str, Any] | None) -> dict[str, str]:
+    """``{"compressed_from": model}`` for a packed checkpoint that recorded its source model."""
+    extra = (packed or {}).get("extra")
+    source = extra.get("source_model") if isinstance(extra, dict) else None
+    return {"compressed_from": source} if isinstance(source, str) else {}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import misq
-from misq.atomic import atomic_write_json, atomic_write_text
+from misq.atomic import _json_default, atomic_write_all
 
 # DATASETS from misq.config, not misq.protocol.data: the same tuple, without importing torch.
 from misq.config import DATASETS, sparsity_pattern
@@ -33,7 +33,9 @@ from misq.report.advice import (
     verdict,
     verdict_datasets,
 )
+from misq.report.frontier import FRONTIER_DATASETS, dominated_by, frontier_png, load_reference_points, run_point
 from misq.report.labels import dedupe_labels, run_label, sparsity_text
+from misq.report.tasks import generations_comparison, has_zeroshot, zeroshot_comparison
 from misq.runs.rundir import RESULTS_FILE, iso_utc
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,26 @@ def load_results(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         raise MisqError(f"{p} is not misq results JSON ({err}): pass a results file written by misq compress or misq eval") from None
     if not isinstance(data, dict) or not ({"ppl", "eval"} & data.keys()):
         raise MisqError(f"{p} is not a misq results file (no 'ppl' or 'eval' section): pass a file written by misq compress or misq eval")
+    for key, kinds in _SECTION_TYPES.items():
+        value = data.get(key)
+        if value is not None and not isinstance(value, kinds):
+            raise MisqError(f"{p} is damaged ({key!r} is a JSON {type(value).__name__}): pass a results file written by "
+                            "misq compress or misq eval")
+    for key in ("ppl", "eval"):
+        for name, value in (data.get(key) or {}).items():
+            if key == "ppl" and (isinstance(value, bool) or not isinstance(value, (int, float, type(None)))):
+                raise MisqError(f"{p} is damaged (ppl {name!r} is not a number): pass a results file written by misq")
+            if key == "eval" and not isinstance(value, (dict, type(None))):
+                raise MisqError(f"{p} is damaged (eval {name!r} is not an object): pass a results file written by misq")
     return p, data
+
+
+# The JSON type of each section that the comparison reads, when present.
+_SECTION_TYPES: dict[str, type | tuple[type, ...]] = {
+    "kind": str, "model": dict, "protocol": dict, "config": dict, "ppl": dict, "eval": dict, "timing": dict,
+    "sparsity": dict, "storage": dict, "bits": dict, "layers": list, "memory": dict, "saved": dict,
+    "zeroshot": dict, "generations": dict,
+}
 
 
 def compare(
@@ -66,31 +87,64 @@ def compare(
     out_dir: str | os.PathLike,
     *,
     retention_threshold: float = 0.9,
+    overwrite: bool = False,
+    reference: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Compare compressed results against a baseline and write the three report files.
 
     Writes ``comparison_results.json``, ``report.md`` and a self-contained ``report.html``
-    into ``out_dir`` (each atomically) and returns the dict the JSON holds.
+    into ``out_dir`` (all three or none) and returns the dict the JSON holds. ``out_dir`` must
+    be new, empty or an earlier misq report (``overwrite``: any folder), checked before any work.
     """
+    from misq.ownership import REPORT, check_not_input, check_output_folder, claim_folder
+
+    check_output_folder(out_dir, REPORT, "--out", overwrite=overwrite)
+    for p in [baseline_path, *results_paths]:
+        check_not_input(out_dir, {"an input": p}, "--out")
     if not results_paths:
         raise MisqError("no compressed results given: pass at least one results.json from misq compress")
     if not 0.0 < retention_threshold <= 1.0:
         raise MisqError(f"retention threshold {retention_threshold} is outside (0, 1]: give a fraction, e.g. 0.9 for 90%")
+    refs = load_reference_points(reference) if reference is not None else None  # a bad file: before any work
     baseline = load_results(baseline_path)
     runs = [load_results(p) for p in results_paths]
-    comparison = build_comparison(baseline, runs, retention_threshold=retention_threshold)
-
     # Imported here: the renderers pull in matplotlib, which analysis alone does not need.
     from misq.report.html import render_html, render_markdown
     from misq.report.plots import make_plots
 
-    out = Path(out_dir)
-    plots = make_plots(comparison)
-    atomic_write_json(out / "comparison_results.json", comparison)
-    atomic_write_text(out / "report.md", render_markdown(comparison, plots))
-    atomic_write_text(out / "report.html", render_html(comparison, plots))
+    try:
+        comparison = build_comparison(baseline, runs, retention_threshold=retention_threshold)
+        plots = make_plots(comparison)
+        if refs is not None:
+            comparison["frontier"] = _frontier(comparison, runs, refs, str(reference))
+            plots["frontier"] = frontier_png(comparison["frontier"]["points"])
+        texts = {"comparison_results.json": json.dumps(comparison, indent=2, default=_json_default) + "\n",
+                 "report.md": render_markdown(comparison, plots), "report.html": render_html(comparison, plots)}
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as err:
+        names = ", ".join(str(p) for p in [baseline[0], *(r[0] for r in runs)])
+        raise MisqError(f"cannot compare {names}: a field has an unexpected type or value ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); the file is damaged: use a results file "
+                        "written by misq compress or misq eval") from None
+    out = claim_folder(out_dir, REPORT)
+    try:
+        atomic_write_all({out / name: text.encode("utf-8") for name, text in texts.items()})
+    except OSError as err:  # one that atomic_write_all did not word itself
+        raise MisqError(f"cannot write the report into {str(out)!r} ({err.strerror or err}): nothing was changed there; "
+                        "check the folder and try again") from None
     log.info("wrote comparison_results.json, report.md and report.html to %s", out)
     return comparison
+
+
+def _frontier(comparison: dict[str, Any], runs: list[tuple[Path, dict[str, Any]]], refs: list[dict[str, Any]],
+              reference: str) -> dict[str, Any]:
+    """The runs as points of honest size and PPL beside the reference points (``--reference``)."""
+    points = []
+    for run, (_path, res) in zip(comparison["runs"], runs):
+        point = run_point(run["label"], res)
+        if point is not None:
+            points.append(point)
+    beaten = {r["name"]: dominated_by(r, points, ("wikitext2", "c4")) for r in refs}
+    return {"reference": reference, "datasets": list(FRONTIER_DATASETS), "points": points + refs, "beaten_by": beaten}
 
 
 def build_comparison(
@@ -109,6 +163,8 @@ def build_comparison(
     analysed = [_analyse_run(p, r, base, threshold_pct, judged) for p, r in runs]
     dedupe_labels(analysed, [p for p, _ in runs])
     primary, reason = _pick_primary(analysed)
+    zeroshot_rule = [f"mean zero-shot accuracy retention >= {threshold_pct:g}% (retention = compressed / baseline "
+                     "mean accuracy over the tasks both files measured alike)"] if any(r["zeroshot"] for r in analysed) else []
     return {
         "misq_version": misq.__version__,
         "kind": "comparison",
@@ -120,6 +176,7 @@ def build_comparison(
             "text": [
                 f"budget met: |actual - target average bits| <= {BUDGET_TOLERANCE} (not applicable to uniform precision)",
                 *(f"retention on {ds} >= {threshold_pct:g}% (retention = baseline PPL / compressed PPL)" for ds in judged),
+                *zeroshot_rule,
                 "PASS when every applicable rule holds; FAIL when any fails; INCOMPLETE when none fails but a number is missing or not comparable",
             ],
         },
@@ -140,6 +197,8 @@ def build_comparison(
                     "per_run": {r["label"]: r["verdict"]["status"] for r in analysed}},
         "warnings": warnings + [f"{r['label']}: {w}" for r in analysed for w in r["warnings"]],
         "runs": analysed,
+        # What each model generated for the recorded prompts (None: no file recorded any).
+        "generations": generations_comparison(base, [(r["label"], res) for r, (_, res) in zip(analysed, runs)]),
     }
 
 
@@ -199,13 +258,21 @@ def _analyse_run(path: Path, res: dict[str, Any], base: dict[str, Any], threshol
         warnings.append(f"{path} is a baseline file, not a compressed run")
     base_model = (base.get("model") or {}).get("name_or_path")
     model = (res.get("model") or {}).get("name_or_path")
-    if base_model and model and base_model != model:
+    # A packed checkpoint's own evaluation names the checkpoint; it records the model it came from.
+    source = (res.get("model") or {}).get("compressed_from")
+    if base_model and model and base_model != model and source != base_model:
         warnings.append(f"model differs from the baseline ({model} vs {base_model}): perplexities are not comparable")
     comparable = _check_protocol(base, res, warnings)
     config = _config_summary(res)
     perplexity = _perplexity(base, res, comparable)
     compression = _compression(res, config)
     layers = _layers(res)
+    zeroshot = zeroshot_comparison(base, res)
+    if zeroshot is not None:
+        warnings += zeroshot["warnings"]
+        if has_zeroshot(base) and not has_zeroshot(res):
+            warnings.append("the baseline has zero-shot accuracies and this run none: run misq eval on its packed "
+                            "checkpoint with the same --tasks")
     run = {
         "path": str(path),
         "label": run_label(config, path),
@@ -216,6 +283,7 @@ def _analyse_run(path: Path, res: dict[str, Any], base: dict[str, Any], threshol
         "compression": compression,
         "cost": {"compress_s": _num((res.get("timing") or {}).get("compress_s")), "eval_s": _eval_seconds(res)},
         "layers": layers,
+        "zeroshot": zeroshot,
         "warnings": warnings,
     }
     run["verdict"] = verdict(run, threshold_pct, judged)

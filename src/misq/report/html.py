@@ -131,9 +131,81 @@ def build_sections(c: dict[str, Any], plots: dict[str, bytes] | None = None) -> 
         ]),
         Section("6. Suggestions", [Block("list", items=[f"{s['text']} (triggered by: {s['trigger']})" for s in run["suggestions"]])]
                 if run["suggestions"] else [Block("p", "None: no check triggered (budget, dataset outlier, calibration samples, "
-                                                       "layer error outliers, width saturation, scale overhead, sparsity).")]),
+                                                       "layer error outliers, width saturation, scale overhead, sparsity, "
+                                                       "zero-shot accuracy).")]),
     ]
+    if run.get("zeroshot"):
+        sections.append(Section(f"{len(sections) + 1}. Zero-shot accuracy", _zeroshot_blocks(run)))
+    if c.get("generations"):
+        sections.append(Section(f"{len(sections) + 1}. Generations", _generation_blocks(c["generations"])))
+    if c.get("frontier"):
+        sections.append(Section(f"{len(sections) + 1}. Perplexity against honest size", _frontier_blocks(c["frontier"]) + img("frontier")))
     return title, intro, sections
+
+
+def _frontier_blocks(fr: dict[str, Any]) -> list[Block]:
+    """Every run and reference point by size; for each reference, the runs that beat it."""
+    datasets = fr["datasets"]
+    rows = [[p["name"] + (" (reference)" if p["reference"] else ""), num(p["size"], 3)]
+            + [num(p["ppl"].get(d)) for d in datasets] for p in sorted(fr["points"], key=lambda p: p["size"])]
+    beaten = [[ref, ", ".join(by) or "none"] for ref, by in fr["beaten_by"].items()]
+    return [Block("p", f"Reference points from {fr['reference']}; size = bits per parameter of the quantized layers, "
+                       "everything the packed file stores counted (docs/bit-accounting.md)."),
+            Block("table", headers=["Point", "Size (bits/param)", *datasets], rows=rows),
+            Block("table", headers=["Reference", "Runs of no larger size with lower wikitext2 and c4 PPL"], rows=beaten)]
+
+
+def _zeroshot_blocks(run: dict[str, Any]) -> list[Block]:
+    """Per task: accuracy ± stderr of baseline and run, change in points and retention; then the mean."""
+    zs = run["zeroshot"]
+    shots = {v for v in zs["num_fewshot"].values() if v is not None}
+    harness = {v for v in zs["harness"].values() if v}
+    text = (f"lm-evaluation-harness {', '.join(sorted(harness)) or DASH}, "
+            f"{'/'.join(str(v) for v in sorted(shots)) or DASH}-shot. Accuracy in percent ± stderr; change in points "
+            "(compressed - baseline); retention = compressed / baseline. The mean uses each task's headline metric "
+            "(acc_norm for hellaswag and arc_challenge, acc elsewhere, as the papers report).")
+    blocks = [Block("p", text)]
+    blocks += [Block("warn", f"Warning: {w}") for w in zs["warnings"]]
+    if zs["skipped"]:
+        blocks.append(Block("warn", f"Not run for this model: {zs['skipped']}"))
+
+    def acc(value: float | None, err: float | None) -> str:
+        return DASH if value is None else (f"{value:.2f} ± {err:.2f}" if err is not None else f"{value:.2f}")
+
+    rows = []
+    for task, e in zs["tasks"].items():
+        for metric, m in e["metrics"].items():
+            note = "" if e["comparable"] else " (not alike)"
+            name = task + (" (headline)" if metric == e["metric"] and len(e["metrics"]) > 1 else "")
+            rows.append([name, metric, acc(m["baseline"], m["baseline_stderr"]), acc(m["compressed"], m["compressed_stderr"]),
+                         DASH if m["change_pts"] is None else f"{m['change_pts']:+.2f}" + note, pct(m["retention_pct"]) + note])
+    mean = zs["mean"]
+    if mean is not None:
+        rows.append([f"mean of {len(mean['tasks'])} task(s)", "headline", num(mean["baseline"]), num(mean["compressed"]),
+                     f"{mean['change_pts']:+.2f}", pct(mean["retention_pct"])])
+    blocks.append(Block("table", headers=["Task", "Metric", "Baseline %", "Compressed %", "Change (points)", "Retention"],
+                        rows=rows))
+    return blocks
+
+
+def _generation_blocks(g: dict[str, Any]) -> list[Block]:
+    """One table per prompt: what the baseline and each run generated."""
+    cap = g["max_new_tokens"]
+    blocks = [Block("p", f"Greedy decoding, at most {_or_dash(cap)} new tokens, recorded by misq eval and misq compress "
+                         "(the chat template applied where the tokenizer has one).")]
+    blocks += [Block("warn", f"Note: {n}") for n in g["notes"]]
+    for i, p in enumerate(g["prompts"], 1):
+        chat = " (chat template)" if p["chat_template"] else ""
+        blocks.append(Block("p", f"Prompt {i}{chat}: {p['prompt']}"))
+        rows = [["baseline", _gen(p["baseline"])]] + [[r["label"], _gen(r["output"])] for r in p["runs"]]
+        blocks.append(Block("table", headers=["Model", "Generation"], rows=rows))
+    return blocks
+
+
+def _gen(text: str | None) -> str:
+    if text is None:
+        return f"{DASH} (not recorded)"
+    return text if text.strip() else "(empty: stopped at once)"
 
 
 def _rule_value(rule: dict[str, Any]) -> str:
@@ -148,6 +220,8 @@ def _runs_table(c: dict[str, Any]) -> Block:
         datasets += [ds for ds in run["perplexity"] if ds not in datasets]
     headers = ["#", "Run", "Verdict", "Avg bits", "Sparsity"]
     headers += [h for ds in datasets for h in (f"{ds} PPL", f"{ds} change")]
+    zeroshot = any((run.get("zeroshot") or {}).get("mean") for run in c["runs"])
+    headers += ["Zero-shot mean", "Zero-shot change"] if zeroshot else []
     headers += ["Ratio (model)", "Compress time"]
     rows = []
     for i, run in enumerate(c["runs"]):
@@ -159,6 +233,9 @@ def _runs_table(c: dict[str, Any]) -> Block:
         for ds in datasets:
             e = run["perplexity"].get(ds) or {}
             row += [num(e.get("compressed")), pct(e.get("change_pct"), signed=True)]
+        if zeroshot:
+            mean = (run.get("zeroshot") or {}).get("mean") or {}
+            row += [pct(mean.get("compressed")), DASH if mean.get("change_pts") is None else f"{mean['change_pts']:+.2f} pts"]
         row += [ratio(run["compression"]["compression_ratio_model"]), duration(run["cost"]["compress_s"])]
         rows.append(row)
     return Block("table", headers=headers, rows=rows)
@@ -258,6 +335,7 @@ td.PASS { background: #d8f5d8; } td.FAIL { background: #f8d7d7; } td.INCOMPLETE,
 .warn { background: #fff3cd; border-left: 4px solid #e0a800; padding: 0.4em 0.8em; margin: 0.5em 0; }
 figure { margin: 1em 0; } figcaption { font-size: 0.9em; color: #555; }
 img { max-width: 100%; }
+td { white-space: pre-wrap; }
 """
 
 

@@ -25,6 +25,7 @@ CAPTIONS = {
     "bits_hist": "Bit-width distribution: share of weights per width, target and actual average marked",
     "bits_per_layer": "Average bits per quantized layer",
     "rel_error": "Relative reconstruction error per layer (outliers above median + 3 MAD marked)",
+    "frontier": "Perplexity against honest size: the runs beside the reference points (lower left is better)",
 }
 
 
