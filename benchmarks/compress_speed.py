@@ -152,7 +152,7 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver):
     from misq.config import CompressConfig
     from misq.models import execution
 
-    cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, nsamples=calib.shape[0],
+    cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, groupsize=0, act_order=False, mse=False, nsamples=calib.shape[0],
                          batch_size=1 if straight else args.batch_size)
     device = "cuda" if cuda() else "cpu"
     timers = Timers()

@@ -24,20 +24,36 @@ from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
 from misq.report.frontier import dominated_by, frontier_png, frontier_table, load_reference_points, run_point
 
 DATASETS = ("wikitext2", "ptb", "c4")
-_MIXED = {"grouping": "hessian", "budget": "model", "groupsize": 128, "act_order": True, "sparsity": 0.0}
+# Mixed widths: one width per scale group of 128 channels (sorted by sensitivity), chosen over
+# the whole model to meet an honest size; the same grids as GPTQ g128 act-order.
+# Every recipe names all its grid settings: misq's defaults (g128, act-order, MSE) are one of them.
+_PLAIN = {"sparsity": 0.0, "groupsize": 0, "act_order": False, "mse": False}
+# Mixed widths: one width per scale group of 128 channels (sorted by sensitivity), chosen over
+# the whole model to meet an honest size; the same grids as GPTQ g128 act-order.
+_MIXED = {**_PLAIN, "grouping": "hessian", "budget": "model", "groupsize": 128, "act_order": True, "bits": (2, 3, 4, 5, 6, 8)}
 # name -> CompressConfig fields. Uniform rows reproduce the GPTQ recipes (parity); "mixed S"
 # rows let misq choose widths per channel group to meet honest size S.
 RECIPES = {
-    "gptq3 g128 act": {"grouping": "uniform", "wbits": 3, "groupsize": 128, "act_order": True, "sparsity": 0.0},
-    "gptq3 g128": {"grouping": "uniform", "wbits": 3, "groupsize": 128, "sparsity": 0.0},
-    "gptq4 g128 act": {"grouping": "uniform", "wbits": 4, "groupsize": 128, "act_order": True, "sparsity": 0.0},
-    "mixed 2.6": {**_MIXED, "target_size": 2.6},
-    "mixed 2.9": {**_MIXED, "target_size": 2.9},
+    "gptq3 g128 act": {**_PLAIN, "grouping": "uniform", "wbits": 3, "groupsize": 128, "act_order": True},
+    "gptq3 g128": {**_PLAIN, "grouping": "uniform", "wbits": 3, "groupsize": 128},
+    "gptq4 g128 act": {**_PLAIN, "grouping": "uniform", "wbits": 4, "groupsize": 128, "act_order": True},
+    "mixed 2.7": {**_MIXED, "target_size": 2.7},
+    "mixed 3.0": {**_MIXED, "target_size": 3.0},
     "mixed 3.15": {**_MIXED, "target_size": 3.15},
     "mixed 3.6": {**_MIXED, "target_size": 3.6},
     "mixed 4.15": {**_MIXED, "target_size": 4.15},
     "mi mixed 3.15": {**_MIXED, "grouping": "mi", "target_size": 3.15},
-    "sparse50 mixed 3.06": {**_MIXED, "sparsity": 0.5, "groupsize": 0, "act_order": False, "target_size": 3.06},
+    "sparse50 mixed 3.06": {**_MIXED, "sparsity": 0.5, "target_size": 3.06},
+    # The same grids with each group's clipping range searched for the least error (--mse).
+    "gptq3 mse": {**_PLAIN, "grouping": "uniform", "wbits": 3, "mse": True},
+    "gptq3 g128 mse": {**_PLAIN, "grouping": "uniform", "wbits": 3, "groupsize": 128, "mse": True},
+    "gptq3 g128 act mse": {**_PLAIN, "grouping": "uniform", "wbits": 3, "groupsize": 128, "act_order": True, "mse": True},
+    "gptq4 mse": {**_PLAIN, "grouping": "uniform", "wbits": 4, "mse": True},
+    "gptq4 g128 act mse (default)": {**_PLAIN, "grouping": "uniform", "wbits": 4, "groupsize": 128, "act_order": True, "mse": True},
+    "sparse50 4b mse": {**_PLAIN, "grouping": "uniform", "wbits": 4, "sparsity": 0.5, "mse": True},
+    "mixed 2.55 mse": {**_MIXED, "target_size": 2.55, "mse": True},
+    "mixed 2.7 mse": {**_MIXED, "target_size": 2.7, "mse": True},
+    "mixed 3.15 mse": {**_MIXED, "target_size": 3.15, "mse": True},
 }
 
 
@@ -63,7 +79,7 @@ def main() -> None:
     for i, name in enumerate(n.strip() for n in args.recipes.split(",")):
         cfg = CompressConfig(nsamples=128, dataset="c4", **RECIPES[name])
         t0 = time.perf_counter()
-        res = jobs.run_compress(model_cfg, data_cfg, cfg, EvalConfig(datasets=DATASETS), f"{args.work}/run{i}-{time.time_ns()}")
+        res = jobs.run_compress(model_cfg, data_cfg, cfg, EvalConfig(datasets=DATASETS, prompts="none"), f"{args.work}/run{i}-{time.time_ns()}")
         point = run_point(name, res)
         storage = res["storage"]
         rows.append({"name": name, "config": cfg.to_dict(), "ppl": res["ppl"], "size": point["size"] if point else None,

@@ -42,11 +42,11 @@ def main() -> None:
     configs: list[CompressConfig] = []
     for t in [float(x) for x in args.targets.split(",")]:
         if args.uniform and t == int(t):
-            configs.append(CompressConfig(sparsity=args.sparsity, nsamples=args.nsamples, grouping="uniform", wbits=int(t), batch_size=32))
+            configs.append(CompressConfig(groupsize=0, act_order=False, mse=False, sparsity=args.sparsity, nsamples=args.nsamples, grouping="uniform", wbits=int(t), batch_size=32))
         for grouping in args.groupings.split(","):
             for k in [int(x) for x in args.groups.split(",")]:
                 for budget in args.budgets.split(","):
-                    configs.append(CompressConfig(sparsity=args.sparsity, nsamples=args.nsamples, grouping=grouping, n_groups=k,
+                    configs.append(CompressConfig(groupsize=0, act_order=False, mse=False, sparsity=args.sparsity, nsamples=args.nsamples, grouping=grouping, n_groups=k,
                                                   target_avg_bits=t, budget=budget, batch_size=32))
     rows = []
     for i, cfg in enumerate(configs):

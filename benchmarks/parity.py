@@ -62,7 +62,8 @@ def main() -> None:
     results = []
     for i, name in enumerate(n.strip() for n in args.rows.split(",")):
         kw = ROWS[name]
-        cfg = CompressConfig(grouping="uniform", nsamples=128, dataset="c4", **kw)
+        # The reference recipes: one min-max grid per row, natural order (misq's defaults differ).
+        cfg = CompressConfig(grouping="uniform", nsamples=128, dataset="c4", groupsize=0, act_order=False, mse=False, **kw)
         t0 = time.perf_counter()
         res = jobs.run_compress(model_cfg, data_cfg, cfg, EvalConfig(datasets=DATASETS), f"{args.work}/run{i}")
         ref = REFERENCE.get(name.split(" ")[0])

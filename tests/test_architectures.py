@@ -48,7 +48,9 @@ def test_family_member_compresses_and_reloads(model_type, tokenizer_and_text, ti
     eval_file.write_text("\n".join(tiny_corpus_file.read_text().splitlines()[:200]))
     data = DataConfig(seqlen=64, cache_dir=str(tmp_path / "cache"))
     evals = EvalConfig(datasets=(str(eval_file),))
-    cfg = CompressConfig(dataset=str(tiny_corpus_file), nsamples=4, sparsity=0.5, n_groups=4, target_avg_bits=3.5)
+    # the prototype's scheme: mixed widths per channel group, one grid per row and group
+    cfg = CompressConfig(dataset=str(tiny_corpus_file), nsamples=4, sparsity=0.5, grouping="hessian", n_groups=4, target_avg_bits=3.5,
+                         groupsize=0, act_order=False, mse=False)
     res = jobs.run_compress(ModelConfig(str(folder), device="cpu", dtype="float32"), data, cfg, evals,
                                 str(tmp_path / "run"), save_dir=str(tmp_path / "packed"))
     assert res["model"]["architecture"] == model_name

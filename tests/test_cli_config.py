@@ -107,7 +107,7 @@ def test_help_output_shows_metadata_and_defaults():
     proc = subprocess.run([sys.executable, "-m", "misq.cli", "compress", "--help"], capture_output=True, text=True,
                           check=True)
     text = " ".join(proc.stdout.split())  # argparse wraps lines
-    assert "average bits per weight to meet (default: 4.0)" in text
+    assert "average channel bits to meet (codes only; the prototype's budget) (default: 4.0)" in text
     assert "--target_avg_bits" in text and "--use_mi_grouping" in text
     assert "~7% faster" in text  # a % in the metadata survives argparse's formatting
     assert "--device-map" not in text

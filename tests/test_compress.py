@@ -18,7 +18,7 @@ def test_mixed_precision_meets_target(tiny_checkpoint, tiny_corpus_file, tmp_pat
     eval_file = tmp_path / "eval.txt"
     eval_file.write_text("\n".join(tiny_corpus_file.read_text().splitlines()[:400]))
     cfg = CompressConfig(dataset=str(tiny_corpus_file), nsamples=8, grouping=grouping, budget=budget, n_groups=4,
-                         target_avg_bits=target, sparsity=0.5)
+                         target_avg_bits=target, sparsity=0.5, groupsize=0, act_order=False, mse=False)
     res = jobs.run_compress(ModelConfig(str(tiny_checkpoint), device="cpu"), DataConfig(seqlen=64, cache_dir=str(tmp_path / "c")),
                                 cfg, EvalConfig(datasets=(str(eval_file),)), str(tmp_path / "run"), save_dir=str(tmp_path / "packed"))
     assert abs(res["bits"]["actual_avg_bits"] - target) <= 0.01

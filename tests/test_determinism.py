@@ -19,7 +19,7 @@ from misq import cli
 
 def command(model: Path, corpus: Path, root: Path, name: str, seed: str = "0") -> list[str]:
     return ["compress", str(model), str(corpus), "--device", "cpu", "--nsamples", "4", "--seqlen", "32", "--seed", seed,
-            "--grouping", "mi", "--budget", "model", "--n-groups", "4", "--target-avg-bits", "3.25",
+            "--grouping", "mi", "--budget", "model", "--sparsity", "0.5", "--groupsize", "0", "--no-act-order", "--no-mse", "--n-groups", "4", "--target-avg-bits", "3.25",
             "--cache-dir", str(root / "cache"), "--out", str(root / name / "run")]
 
 

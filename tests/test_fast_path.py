@@ -58,7 +58,9 @@ def _setup():
 
 
 def _both(model, calib, batch_size):
-    cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, nsamples=16, batch_size=batch_size, blocksize=32)
+    # the stacked legacy path (one grid per row, natural order); group-wise grids: test_groupwise_solve
+    cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, nsamples=16, batch_size=batch_size, blocksize=32,
+                         groupsize=0, act_order=False, mse=False)
     fast, plain = copy.deepcopy(model), copy.deepcopy(model)
     driver.compress_model(fast, calib, cfg, "cpu")
     straightforward(plain, calib, cfg)

@@ -38,7 +38,7 @@ def test_stories260k_compresses_evaluates_and_reloads(stories_dir, stories_text,
     base = jobs.run_eval(model, data, evals, None)
     # 25% sparsity: a 260K-parameter model loses 5x perplexity at 50% even unquantized (31.3 vs 6.03),
     # while 4.0 mixed bits alone cost 8% (6.52); see BENCHMARKS.md.
-    cfg = CompressConfig(dataset=str(stories_text), nsamples=4, sparsity=0.25, n_groups=4, target_avg_bits=4.0)
+    cfg = CompressConfig(dataset=str(stories_text), nsamples=4, sparsity=0.25, n_groups=4, target_avg_bits=4.0, grouping="hessian", groupsize=0, act_order=False, mse=False)
     res = jobs.run_compress(model, data, cfg, evals, str(tmp_path / "run"), save_dir=str(tmp_path / "packed"))
 
     summary = res["model"]

@@ -56,7 +56,7 @@ def workdir(tmp_path_factory) -> Path:
 def compress_args(model: Path, calib: Path, root: Path, name: str) -> list[str]:
     # No --eval: equal weights give equal perplexities (test_determinism.py compares those).
     return ["compress", str(model), str(calib), "--device", "cpu", "--nsamples", "4", "--seqlen", "32",
-            "--n-groups", "4", "--target-avg-bits", "3.5", "--cache-dir", str(root / "cache"),
+            "--grouping", "hessian", "--sparsity", "0.5", "--groupsize", "0", "--no-act-order", "--no-mse", "--n-groups", "4", "--target-avg-bits", "3.5", "--cache-dir", str(root / "cache"),
             "--out", str(root / name / "run"), "--save", str(root / name / "packed")]
 
 
@@ -182,6 +182,7 @@ def test_sigint_exits_130_keeps_state_and_resumes(deep_checkpoint, tiny_corpus_f
 
 def tiny_args(model: Path, calib: Path, root: Path, *extra: str) -> list[str]:
     return ["compress", str(model), str(calib), "--device", "cpu", "--nsamples", "2", "--seqlen", "32", "--n-groups", "4",
+            "--grouping", "hessian", "--sparsity", "0.5", "--groupsize", "0", "--no-act-order", "--no-mse",
             "--target-avg-bits", "3.5", "--cache-dir", str(root / "cache"), "--out", str(root / "run"), *extra]
 
 

@@ -55,7 +55,7 @@ def test_protocol_worked_example() -> None:
     acc = storage_accounting(_one_layer_model(W), {"layer": grid}, "unstructured")
     assert acc["avg_channel_bits"] == 4.0
     assert acc["bits_per_stored_weight"] == 4.0 + (16 + 4) / C  # fp16 scale + 4-bit zero per row
-    table = 8 + 32  # one group: its width (uint8) and length (int32); natural order: no permutation
+    table = 0  # one width, one group per row: a regular layout stores no group table; natural order: no permutation
     expected = 0.5 * 4 + 1 + ((16 + 4) * R + table) / (R * C)  # survivors' codes + mask + scales/zeros + table
     assert acc["bits_per_param_disk_quantized"] == pytest.approx(expected, rel=1e-12)
     assert 3.0 < acc["bits_per_param_disk_quantized"] < 3.1

@@ -68,7 +68,7 @@ def _without_times(records: list[dict]) -> list[dict]:
 
 def test_streamed_compress_equals_in_memory(sharded, texts, tmp_path, monkeypatch):
     calib, held_out = texts
-    cfg = CompressConfig(dataset=str(calib), nsamples=8, n_groups=4, target_avg_bits=3.5, budget="model")
+    cfg = CompressConfig(dataset=str(calib), nsamples=8, n_groups=4, target_avg_bits=3.5, budget="model", grouping="hessian", groupsize=0, act_order=False, mse=False)
     evals = EvalConfig(datasets=(str(held_out),), batch_size=8)
     materialized_after_load: list[int] = []
     load = StreamedModel.load
@@ -103,7 +103,7 @@ def test_streamed_compress_equals_in_memory(sharded, texts, tmp_path, monkeypatc
 def test_streamed_run_resumes_from_its_layer_files(sharded, texts, tmp_path, monkeypatch):
     from misq.runs.resume import ResumeState
 
-    cfg = CompressConfig(dataset=str(texts[0]), nsamples=8, n_groups=4, target_avg_bits=3.5)
+    cfg = CompressConfig(dataset=str(texts[0]), nsamples=8, n_groups=4, target_avg_bits=3.5, grouping="hessian", groupsize=0, act_order=False, mse=False)
     model_cfg = ModelConfig(str(sharded), device="cpu", stream="on")
     evals = EvalConfig(datasets=(str(texts[1]),), batch_size=8)
     straight = jobs.run_compress(model_cfg, _data(tmp_path), cfg, evals, str(tmp_path / "a"), save_dir=str(tmp_path / "pa"))

@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a model by the GPTQ/SparseGPT protocol")
     for cls in (ModelConfig, DataConfig, EvalConfig):
         add_config_args(p, cls, "eval")
-    _flag(p, "out", default=None, help="write results JSON here (e.g. baseline_results.json)")
+    _flag(p, "out", default=None, help="write results JSON here (e.g. baseline_results.json); an existing file "
+                                       "is replaced only when it is a misq results file")
+    _flag(p, "overwrite", action="store_true", help="replace --out even when it is not a misq results file")
 
     p = sub.add_parser("compress", help="SparseGPT pruning + mixed-precision quantization, layer by layer")
     for cls in (ModelConfig, DataConfig, CompressConfig):
@@ -159,14 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{dataset.metadata['help']}; same as --dataset (default: {dataset.default})")
     _flag(p, "use-mi-grouping", type=int, choices=[0, 1], default=None, help="prototype flag: 1 = --grouping mi, 0 = uniform --wbits")
     _flag(p, "eval", default=None, help="evaluate after compressing, e.g. --eval wikitext2,ptb,c4")
-    _flag(p, "out", default="misq-run", help="run folder (config, log, progress, results)")
-    _flag(p, "save", default=None, help="write a packed checkpoint to this folder")
+    # Zero-shot tasks and generations after compressing: EvalConfig's own flags (--eval-tasks = --tasks).
+    add_config_args(p, EvalConfig, "compress", only=("tasks", "num_fewshot", "task_limit", "task_dir", "task_batch_size",
+                                                     "prompts", "max_new_tokens"))
+    _flag(p, "out", default="misq-run", help="run folder (config, log, progress, results); must be new, empty or "
+                                             "misq's own run folder, and a folder holding an earlier run is refused "
+                                             "(give each run its own --out)")
+    _flag(p, "save", default=None, help="write a packed checkpoint to this folder (new, empty or an earlier packed checkpoint)")
     _flag(p, "resume", action="store_true", help="continue an interrupted run in --out")
+    _flag(p, "overwrite", action="store_true", help="start over in an --out that holds an earlier run, or write into "
+                                                    "a folder misq did not make (the rare case; never needed otherwise)")
 
     p = sub.add_parser("compare", help="report: compressed vs baseline (JSON, Markdown, HTML with plots)")
     p.add_argument("baseline", help="baseline results JSON (misq eval --out)")
     p.add_argument("results", nargs="+", help="one or more compressed results JSON")
-    _flag(p, "out", default="misq-report", help="report folder")
+    _flag(p, "out", default="misq-report", help="report folder (new, empty or an earlier misq report)")
+    _flag(p, "overwrite", action="store_true", help="write the report into a folder misq did not make")
+    _flag(p, "reference", default=None, help="JSON of named (size, PPL) points, e.g. benchmarks/references/llama-9m.json: "
+                                             "place each run on the PPL-against-honest-size plot beside them")
 
     p = sub.add_parser("status", help="where a compression run is (works while it runs)")
     p.add_argument("run_dir")
@@ -181,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a tiny LLaMA locally and run the whole pipeline on it (no downloads)")
     _flag(p, "out", default="misq-demo", help="folder for everything the demo writes")
     _flag(p, "train-seconds", type=float, default=60.0, help="training budget of the tiny model")
+
+    from misq.config import GenerateConfig
+
+    p = sub.add_parser("generate", help="stream a continuation of a prompt (packed runtime, or any model)")
+    add_config_args(p, ModelConfig, "generate", only=("model", "dtype", "device"))
+    add_config_args(p, GenerateConfig, "generate")
     return parser
 
 
@@ -216,6 +234,11 @@ def _compress_config(args: argparse.Namespace):
 
 def _summary(results: dict) -> str:
     lines = [f"{name}: PPL {ppl:.3f}" for name, ppl in results.get("ppl", {}).items()]
+    for task, entry in ((results.get("zeroshot") or {}).get("tasks") or {}).items():
+        shown = ", ".join(f"{m} {100 * v['value']:.2f}%" for m, v in entry["metrics"].items() if v.get("value") is not None)
+        lines.append(f"{task} ({entry['num_fewshot']}-shot): {shown}")
+    if (results.get("zeroshot") or {}).get("skipped"):
+        lines.append(f"zero-shot tasks skipped: {results['zeroshot']['skipped']}")
     bits = results.get("bits")
     if bits:
         lines.append(f"average bits {bits['actual_avg_bits']:.4f} (target {bits['target_avg_bits']})")
@@ -245,22 +268,24 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "eval":
         model, data = _configs(args)
-        results = jobs.run_eval(model, data, cfg_from_args(EvalConfig, args), args.out)
+        results = jobs.run_eval(model, data, cfg_from_args(EvalConfig, args), args.out, overwrite=args.overwrite)
         print(_summary(results))
         if args.out:
             print(f"results: {args.out}")
     elif args.command == "compress":
         model, data = _configs(args)
         cfg = _compress_config(args)
-        eval_cfg = EvalConfig(datasets=args.eval) if args.eval else None
-        results = jobs.run_compress(model, data, cfg, eval_cfg, args.out, save_dir=args.save, resume=args.resume)
+        eval_cfg = cfg_from_args(EvalConfig, args, datasets=args.eval or "none")
+        eval_cfg = eval_cfg if eval_cfg.measures_anything else None
+        results = jobs.run_compress(model, data, cfg, eval_cfg, args.out, save_dir=args.save, resume=args.resume,
+                                    overwrite=args.overwrite)
         if rank == 0:  # under torchrun the other ranks have nothing to report
             print(_summary(results))
             print(f"run folder: {args.out}" + (f"\npacked checkpoint: {args.save}" if args.save else ""))
     elif args.command == "compare":
         from misq.report.compare import compare
 
-        out = compare(args.baseline, args.results, args.out)
+        out = compare(args.baseline, args.results, args.out, overwrite=args.overwrite, reference=args.reference)
         print(f"report: {args.out}/report.md, {args.out}/report.html; verdict: {out.get('verdict', {}).get('status', '?') if isinstance(out.get('verdict'), dict) else out.get('verdict')}")
     elif args.command == "status":
         from misq.runs.status import follow_status, format_status, read_status
@@ -278,6 +303,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         from misq.demo.run import run_demo
 
         print(run_demo(args.out, train_seconds=args.train_seconds))
+    elif args.command == "generate":
+        from misq.config import GenerateConfig
+        from misq.runtime.generate import run_generate
+
+        run_generate(args.model, cfg_from_args(GenerateConfig, args), device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -298,6 +328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line whatever the message holds: scripts and log scrapers read the last line.
         print("misq: error: " + " ".join(str(err).splitlines()), file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        from misq.ownership import WRITE_ERRNOS, write_error
+
+        if err.errno not in WRITE_ERRNOS:
+            raise  # anything else is a bug: keep its traceback
+        # A write that failed where no writer turned it into a MisqError: still one line, with the path.
+        print("misq: error: " + " ".join(str(write_error(err)).splitlines()), file=sys.stderr)
+        return MisqError.exit_code
     except KeyboardInterrupt:
         # The resume folder is written only between layers, so what it holds is consistent.
         print("misq: interrupted; a compression run continues with the same command plus --resume", file=sys.stderr)

@@ -96,6 +96,25 @@ def parse_bits(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(bits)
 
 
+# Named sets of lm-eval tasks (--tasks paper): the zero-shot set the SparseGPT/Wanda-era papers report.
+TASK_PRESETS = {"paper": ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq")}
+
+
+def parse_tasks(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Parse ``"piqa,arc_easy"`` (presets such as ``paper`` expanded, duplicates dropped); none -> ()."""
+    if text is None:
+        return ()
+    items = list(text) if isinstance(text, (list, tuple)) else [t.strip() for t in str(text).split(",") if t.strip()]
+    out: list[str] = []
+    for item in items:
+        if item == "none":
+            continue
+        for task in TASK_PRESETS.get(item, (item,)):
+            if task not in out:
+                out.append(task)
+    return tuple(out)
+
+
 def parse_datasets(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Parse ``"wikitext2,ptb,c4"``; a path to a text file is accepted as a custom dataset."""
     items = list(text) if isinstance(text, (list, tuple)) else [t.strip() for t in str(text).split(",") if t.strip()]
@@ -179,14 +198,17 @@ class CompressConfig:
     dataset: str = option("c4", "calibration data: c4, wikitext2, ptb or a text file", given=True)
     nsamples: int = option(128, "calibration windows")
     seed: int = option(0, "seed of the calibration sample")
-    sparsity: float = option(0.5, "unstructured sparsity in [0, 1); ignored with --prunen/--prunem")
+    # Defaults: dense, uniform 4-bit, groups of 128, act-order, MSE grids: the point of misq's
+    # measured frontier at ~4.2 bits (BENCHMARKS.md, "The frontier"); README says why.
+    sparsity: float = option(0.0, "unstructured sparsity in [0, 1), e.g. 0.5; ignored with --prunen/--prunem")
     prunen: int = option(0, "N of an N:M pattern (with --prunem)")
     prunem: int = option(0, "M of an N:M pattern")
     # given=True: --use_mi_grouping implies a grouping and must see a contradicting --grouping.
     # hessian: as good as mi on llama-9m, see BENCHMARKS.md.
-    grouping: str = option("hessian", "channel grouping (see BENCHMARKS.md)", choices=GROUPINGS, given=True)
+    grouping: str = option("uniform", "channel grouping: mi or hessian mix widths per channel group; uniform: --wbits "
+                                      "everywhere (see BENCHMARKS.md)", choices=GROUPINGS, given=True)
     wbits: int = option(4, "uniform width when not mixing precisions (16 = no quantization)")
-    n_groups: int = option(10, "channel groups per layer")
+    n_groups: int = option(10, "channel groups per layer (with --groupsize G: ceil(channels / G), one width per scale group)")
     target_avg_bits: float = option(4.0, "average channel bits to meet (codes only; the prototype's budget)")
     # The honest budget: bits per parameter of the quantized layers as the packed file holds them
     # (codes, mask or N:M metadata, scales, zeros, column order); replaces --target_avg_bits.
@@ -197,13 +219,18 @@ class CompressConfig:
     # GPTQ's group-wise grids: within each channel group, a scale and zero per `groupsize`
     # consecutive columns of the solve order, found when the solver reaches the group's first
     # column (on the weights already updated for the earlier columns' errors, as GPTQ does).
-    groupsize: int = option(0, "columns per scale group in the solve order (GPTQ's groupsize, e.g. 128; "
-                               "0: one grid per row and channel group)")
-    act_order: bool = option(False, "solve columns in descending Hessian-diagonal order (GPTQ's act-order); "
-                                    "the packed file then stores one column permutation per layer")
+    groupsize: int = option(128, "columns per scale group in the solve order (GPTQ's groupsize; "
+                                 "0: one grid per row and channel group)")
+    act_order: bool = option(True, "solve columns in descending Hessian-diagonal order (GPTQ's act-order; "
+                                   "the packed file then stores one column permutation per layer)",
+                             switch={"act-order": (True, "solve columns in descending Hessian-diagonal order, GPTQ's "
+                                                           "act-order (default); the file stores one column order per layer"),
+                                     "no-act-order": (False, "solve columns in their natural order")})
     blocksize: int = option(128, "columns pruned and quantized together")
     percdamp: float = option(0.01, "Hessian dampening, a fraction of its mean diagonal")
-    mse: bool = option(False, "MSE search of each grid's clipping range (instead of plain min-max)")
+    mse: bool = option(True, "search each grid's clipping range for the least error (default); --no-mse: plain min-max",
+                       switch={"mse": (True, "search each grid's clipping range for the least error (default)"),
+                               "no-mse": (False, "plain min-max grids, as the GPTQ/SparseGPT reference code")})
     mi_estimator: str = option("gaussian", "mutual-information estimator of --grouping mi", choices=MI_ESTIMATORS)
     offload_activations: bool = option(False, "keep calibration activations on the CPU")
     # 1 is the reference's own scheme: same rounding, so parity with the public SparseGPT/GPTQ
@@ -245,11 +272,17 @@ class CompressConfig:
                                 "use e.g. --target-size 3.2")
         if self.groupsize < 0:
             raise MisqError(f"--groupsize {self.groupsize} must be 0 (one grid per row) or a column count such as 128")
-        if self.structured and (self.act_order or self.groupsize):
-            # N:M hardware formats group the *original* columns, so the solve order must stay natural,
-            # and scale groups would cut across the M-column runs.
-            raise MisqError("--act-order and --groupsize are not supported with N:M pruning: drop them, "
-                            "or prune unstructured (--sparsity)")
+        if self.structured:
+            # N:M hardware formats group the *original* columns, so the solve order stays natural
+            # (act-order is on by default; under N:M it is simply not used), and scale groups
+            # must not cut across the M-column runs.
+            self.act_order = False
+            if self.groupsize % self.prunem:
+                raise MisqError(f"--groupsize {self.groupsize} must be a multiple of --prunem {self.prunem} "
+                                "(or 0), so that no scale group cuts an N:M run")
+            if self.groupsize and self.mixed_precision:
+                raise MisqError("mixed widths with --groupsize reorder the columns, which N:M pruning cannot: "
+                                "use --groupsize 0 with --grouping mi/hessian, or --grouping uniform")
         if self.blocksize < 1:
             raise MisqError(f"--blocksize {self.blocksize} must be positive (128 is standard)")
         if self.prunem and self.blocksize % self.prunem:
@@ -282,13 +315,49 @@ class CompressConfig:
 
 @dataclass
 class EvalConfig:
-    """What perplexity is measured on."""
+    """What perplexity is measured on; zero-shot tasks and generations recorded beside it."""
 
-    datasets: tuple[str, ...] = option(DATASETS, "comma-separated: wikitext2,ptb,c4 or text-file paths")
+    datasets: tuple[str, ...] = option(DATASETS, "comma-separated: wikitext2,ptb,c4 or text-file paths; none: no perplexity")
     batch_size: int = option(1, "segments per forward pass")
+    # Zero-shot accuracy through lm-evaluation-harness (misq.protocol.zeroshot); lm-eval is an optional extra.
+    tasks: tuple[str, ...] | None = option(
+        None, "lm-evaluation-harness tasks, comma-separated (e.g. piqa,arc_easy), or the preset 'paper' "
+              f"({','.join(TASK_PRESETS['paper'])}); needs pip install 'misq[eval]' (default: none)",
+        aliases=("eval-tasks",))
+    num_fewshot: int = option(0, "lm-eval: examples shown before each question (0: zero-shot, as the papers report)")
+    task_limit: int | None = option(None, "lm-eval: at most this many examples per task, for a quick look "
+                                          "(not comparable to published numbers; default: all)")
+    task_dir: str | None = option(None, "lm-eval: a folder of extra task YAMLs (lm-eval's --include_path), "
+                                        "e.g. tasks on local data files")
+    task_batch_size: str = option("8", "lm-eval: requests per forward pass, a number or auto")
+    # Greedy generations recorded for the report (misq.protocol.generations).
+    prompts: str = option("default", "prompts whose greedy generations the results record (shown by misq compare): "
+                                     "default (a small built-in set), none, or a file with one prompt per line "
+                                     "(or a JSON list)", aliases=("generate-prompts",))
+    max_new_tokens: int = option(48, "length cap of each generation, in new tokens")
 
     def __post_init__(self) -> None:
-        self.datasets = parse_datasets(self.datasets)
+        no_ppl = self.datasets in ((), [], "", "none") or list(self.datasets) == ["none"]
+        self.datasets = () if no_ppl else parse_datasets(self.datasets)
+        self.tasks = parse_tasks(self.tasks)
+        if self.num_fewshot < 0:
+            raise MisqError(f"--num-fewshot {self.num_fewshot} must be 0 (zero-shot) or more")
+        if self.task_limit is not None and self.task_limit < 1:
+            raise MisqError(f"--task-limit {self.task_limit} must be at least 1 (or left out for every example)")
+        if self.task_batch_size != "auto" and not (str(self.task_batch_size).isdigit() and int(self.task_batch_size) > 0):
+            raise MisqError(f"--task-batch-size {self.task_batch_size!r} is neither a positive number nor auto")
+        if self.max_new_tokens < 1:
+            raise MisqError(f"--max-new-tokens {self.max_new_tokens} must be at least 1 (or use --prompts none)")
+
+    @property
+    def measures_anything(self) -> bool:
+        """Whether there is anything to measure after compressing."""
+        return bool(self.datasets or self.tasks or self.prompts != "none")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["datasets"], d["tasks"] = list(self.datasets), list(self.tasks or ())
+        return d
 
 
 def resolved(*configs: Any) -> dict[str, Any]:
@@ -300,6 +369,32 @@ def resolved(*configs: Any) -> dict[str, Any]:
     return out
 
 
+RUNTIMES = ("packed", "dense")
+
+
+@dataclass
+class GenerateConfig:
+    """Text generation from a packed checkpoint or any model (misq generate)."""
+
+    prompt: str = option("Once upon a time", "the prompt")
+    max_new_tokens: int = option(64, "length cap, in new tokens", commands=("generate",))
+    temperature: float = option(0.0, "0: greedy; above 0: sample at this temperature")
+    top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this probability mass")
+    chat: bool = option(False, "wrap the prompt in the tokenizer's chat template (when it has one)")
+    runtime: str = option("packed", "packed: compute from the codes; dense: decode every layer to fp16 first",
+                          choices=RUNTIMES)
+    baseline: str | None = option(None, "a second model to generate from with the same settings, shown beside the first")
+    seed: int = option(0, "random seed for sampling")
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise MisqError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise MisqError(f"--temperature {self.temperature} must be >= 0 and --top-p {self.top_p} in (0, 1]")
+        if self.runtime not in RUNTIMES:
+            raise MisqError(f"--runtime {self.runtime!r} is unknown: use packed or dense")
+
+
 __all__ = [
     "BUDGETS",
     "DATASETS",
@@ -308,14 +403,17 @@ __all__ = [
     "GROUPINGS",
     "MI_ESTIMATORS",
     "STREAM_MODES",
+    "TASK_PRESETS",
     "CompressConfig",
     "DataConfig",
     "EvalConfig",
+    "GenerateConfig",
     "ModelConfig",
     "field",
     "option",
     "parse_bits",
     "parse_datasets",
+    "parse_tasks",
     "resolved",
     "sparsity_pattern",
 ]

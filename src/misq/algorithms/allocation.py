@@ -238,11 +238,11 @@ def _check_budget(bits: Sequence[int], target: float, tol: float, *, sized: bool
     if len(set(arr.tolist())) != len(arr):
         raise MisqError(f"--bits {tuple(int(b) for b in bits)} repeats a width: list each width once")
     lo, hi = float(arr.min()), float(arr.max())
-    if math.isnan(float(target)) or not float(target) > 0:
-        raise MisqError(f"budget {target} must be a positive number of bits")
     # An honest-size budget may lie outside the widths (overhead); the nearest feasible size is
     # taken then, and the result says so.
-    if not sized and not lo <= float(target) <= hi:
+    if sized and (math.isnan(float(target)) or not float(target) > 0):
+        raise MisqError(f"--target-size {target} must be a positive number of bits per parameter")
+    if not sized and (math.isnan(float(target)) or not lo <= float(target) <= hi):
         raise MisqError(f"--target_avg_bits {target} is outside the widths in --bits ({lo:g}..{hi:g}): choose a target between {lo:g} and {hi:g}, or widen --bits")
     if not tol >= 0:
         raise MisqError(f"budget tolerance {tol} must be non-negative, e.g. 0.01")

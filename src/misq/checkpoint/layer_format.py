@@ -15,6 +15,8 @@ and width. Per layer (``R`` rows, ``C`` columns, widths ``b``):
 ``zeros_w{b}``      the zero-points of the groups of width b, [R, K_b] row-major, at b bits
 ``perm``            int16 [C] (int32 past 32767 columns) storage order; absent when natural
 ``group_bits``      uint8 [K] each run's width; ``group_len`` int32 [K] each run's length
+                    (absent when the layer is *regular*: one width, runs of G; config.json's
+                    ``regular_groupsize`` and ``group_bits`` say so, as GPTQ's quantize config does)
 ``mask``/``nm_index``  the sparsity pattern (:mod:`misq.checkpoint.packing`), original order
 ==================  =======================================================================
 
@@ -136,7 +138,7 @@ def encode_layer(weight: Tensor, grid: QuantGrid, pattern: str | Pattern, *, ver
                 parts.append(Wb[kb])
                 continue
             rg = QuantGrid(scale=sub_grid.scale[rows], zero=sub_grid.zero[rows], groups=sub_grid.groups, bits=bits)
-            codes = to_codes(Wb, rg)
+            codes = _exact_codes(Wb, rg, b)
             if verify:
                 back = torch.where(kb, from_codes(codes, rg), 0.0).to(W.dtype)
                 bad += int(torch.count_nonzero(back != Wb))
@@ -161,20 +163,68 @@ def encode_layer(weight: Tensor, grid: QuantGrid, pattern: str | Pattern, *, ver
     permuted = not torch.equal(perm, torch.arange(C))
     if permuted:
         out.tensors["perm"] = perm.to(_perm_dtype(C))
-    out.tensors["group_bits"] = bits.to(torch.uint8)
-    out.tensors["group_len"] = run_len.to(torch.int32)
     out.meta = {"rows": R, "cols": C, "groups": int(bits.numel()), "group_bits": bits.tolist(), "permuted": permuted,
                 "dtype": str(W.dtype).replace("torch.", ""), "survivors": survivors, "layer_format": LAYER_FORMAT}
+    regular = regular_groupsize(bits, run_len)
+    if regular:  # one width, runs of G: the table follows from (width, G), which meta holds
+        out.meta["regular_groupsize"] = regular
+    else:
+        out.tensors["group_bits"] = bits.to(torch.uint8)
+        out.tensors["group_len"] = run_len.to(torch.int32)
     return out
+
+
+def regular_groupsize(bits: Tensor, run_len: Tensor) -> int:
+    """G when every run has the same width and the runs are G, G, ..., G, rest (GPTQ's own
+    layout, with or without act-order); else 0. Such a layer stores no group table."""
+    if torch.unique(bits).numel() != 1:
+        return 0
+    G, C = int(run_len[0]), int(run_len.sum())
+    expected = [G] * (C // G) + ([C % G] if C % G else [])
+    return G if run_len.tolist() == expected else 0
+
+
+def run_table(tensors: dict[str, Tensor], meta: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """(group_bits [K], group_len [K]) of a stored layer: its table, or the regular one."""
+    G = int(meta.get("regular_groupsize") or 0)
+    if not G:
+        return tensors["group_bits"].long(), tensors["group_len"].long()
+    C, K = int(meta["cols"]), int(meta["groups"])
+    lens = [G] * (C // G) + ([C % G] if C % G else [])
+    if len(lens) != K or len(set(meta["group_bits"])) != 1:
+        raise ValueError("the regular group layout disagrees with the group count")
+    return torch.tensor([int(b) for b in meta["group_bits"]], dtype=torch.long), torch.tensor(lens, dtype=torch.long)
+
+
+def _exact_codes(Wb: Tensor, grid: QuantGrid, bits: int) -> Tensor:
+    """Codes [r, n] whose dequantized value, rounded to Wb's dtype, is Wb exactly.
+
+    The nearest code is that one unless the dtype is coarser than the grid: bfloat16 keeps 8
+    significant bits, so at 8 bits two neighbouring codes far from the zero point can round to
+    the same or to swapped values. The neighbours are tried then, so that the file still reloads
+    bit for bit.
+    """
+    codes = to_codes(Wb, grid)
+    if Wb.dtype == torch.float32:
+        return codes
+    bad = (from_codes(codes, grid).to(Wb.dtype) != Wb) & (Wb != 0)
+    for delta in (-1, 1):
+        if not bool(bad.any()):
+            break
+        cand = (codes + delta).clamp(0, 2**bits - 1)
+        fixed = bad & (from_codes(cand, grid).to(Wb.dtype) == Wb)
+        codes = torch.where(fixed, cand, codes)
+        bad &= ~fixed
+    return codes
 
 
 def expected_shapes(meta: dict[str, Any], pattern: Pattern) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
     """Suffix -> (shape, dtype) every tensor of a layer must have (dtype None: the weight's)."""
     R, C, K = int(meta["rows"]), int(meta["cols"]), int(meta["groups"])
     bits = [int(b) for b in meta["group_bits"]]
-    shapes: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {
-        "group_bits": ((K,), torch.uint8), "group_len": ((K,), torch.int32),
-    }
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+    if not meta.get("regular_groupsize"):
+        shapes.update({"group_bits": ((K,), torch.uint8), "group_len": ((K,), torch.int32)})
     n_quantized = sum(b < FP_BITS for b in bits)
     if n_quantized:
         shapes["scales"] = ((R, n_quantized), torch.float16)
@@ -216,9 +266,13 @@ def describe_layer(weight: Tensor, grid: QuantGrid, pattern: str | Pattern) -> d
     pos_bits = torch.repeat_interleave(bits, run_len)
     kept = keep_mask(W, pat)[:, perm].sum(0)  # [C] survivors per position
     survivors = {str(b): int(kept[pos_bits == b].sum()) for b in sorted(set(bits.tolist()))}
-    return {"rows": R, "cols": C, "groups": int(bits.numel()), "group_bits": bits.tolist(),
+    meta = {"rows": R, "cols": C, "groups": int(bits.numel()), "group_bits": bits.tolist(),
             "permuted": not torch.equal(perm, torch.arange(C)), "dtype": str(W.dtype).replace("torch.", ""),
             "survivors": survivors, "layer_format": LAYER_FORMAT}
+    regular = regular_groupsize(bits, run_len)
+    if regular:
+        meta["regular_groupsize"] = regular
+    return meta
 
 
 def decode_layer(tensors: dict[str, Tensor], meta: dict[str, Any], pattern: str | Pattern,
@@ -231,7 +285,7 @@ def decode_layer(tensors: dict[str, Tensor], meta: dict[str, Any], pattern: str 
     pat = _pattern(pattern)
     R, C = int(meta["rows"]), int(meta["cols"])
     dtype = dtype or getattr(torch, meta["dtype"])
-    bits, run_len = tensors["group_bits"].long(), tensors["group_len"].long()
+    bits, run_len = run_table(tensors, meta)
     if bits.tolist() != [int(b) for b in meta["group_bits"]] or int(run_len.sum()) != C or int(run_len.min()) < 1:
         raise ValueError("group widths or lengths disagree with config.json")
     K = bits.numel()

@@ -66,8 +66,10 @@ def run_demo(out: str | Path, *, train_seconds: float = 60.0) -> str:
     jobs.run_eval(model_cfg, data_cfg, eval_cfg, str(baseline))
 
     # 3-4. compress, evaluate, save, reload
+    # The prototype's scheme on the toy model: MI-grouped mixed widths over 50% pruning. Its layers
+    # have 64 channels, fewer than one scale group of 128, so one grid per row and channel group.
     cfg = CompressConfig(dataset=str(calib_file), nsamples=64, sparsity=0.5, grouping="mi", n_groups=4,
-                         target_avg_bits=4.0, batch_size=16)
+                         target_avg_bits=4.0, batch_size=16, groupsize=0, act_order=False)
     run_dir, packed = out / "run", out / "packed"
     # overwrite: a second demo in the same --out replaces its own earlier run folder.
     results = jobs.run_compress(model_cfg, data_cfg, cfg, eval_cfg, str(run_dir), save_dir=str(packed), overwrite=True)
