@@ -23,18 +23,23 @@ pytestmark = pytest.mark.slow
 
 
 def test_dense_perplexity_matches_reference(llama9m_dir, shared_data_dir, tmp_path):
-    # The reference's c4 figure (146.21) keeps all 1100 documents; on 2 CPU cores that takes
-    # minutes, so CI checks c4 with the protocol's 256 x seqlen cut (docs/protocol.md) against
-    # the cut figure measured on an H200 (147.058, BENCHMARKS.md); the uncut one is in BENCHMARKS.md too.
+    # wikitext2 and ptb on the CPU; c4 (146.21 uncut, 147.058 with the protocol's cut) is measured
+    # on the H200 and on the CPU in BENCHMARKS.md, and its loading is tested in test_data.py:
+    # evaluating it here cost a minute of the suite's 20 on 2 cores.
     res = jobs.run_eval(ModelConfig(str(llama9m_dir), device="cpu"),
                         DataConfig(data_dir=str(shared_data_dir), cache_dir=str(tmp_path), c4_cut=True),
-                        EvalConfig(batch_size=4, prompts="none"), str(tmp_path / "baseline.json"))
-    assert res["protocol"]["seqlen"] == 1024 and res["protocol"]["c4_max_tokens"] == 256 * 1024
+                        EvalConfig(datasets=("wikitext2", "ptb"), batch_size=4, prompts="none"), str(tmp_path / "baseline.json"))
+    assert res["protocol"]["seqlen"] == 1024 and set(res["ppl"]) == {"wikitext2", "ptb"}
     for name, ref in (DENSE | {"c4": DENSE_C4_CUT}).items():
+        if name not in res["ppl"]:
+            continue
         assert res["ppl"][name] == pytest.approx(ref, rel=0.005), name
 
 
-@pytest.mark.parametrize("sparsity,reference", [(0.5, SPARSEGPT_50_4BIT), (0.0, GPTQ_4BIT)], ids=["sparsegpt50-4bit", "gptq-4bit"])
+# GPTQ 4-bit per row (112.66) is checked on the H200 (BENCHMARKS.md parity tables); on the CPU the
+# per-row path is covered by the SparseGPT row and the dense solver by the g128 rows below, which
+# keeps the suite inside its 20 minutes on 2 cores.
+@pytest.mark.parametrize("sparsity,reference", [(0.5, SPARSEGPT_50_4BIT)], ids=["sparsegpt50-4bit"])
 def test_uniform_parity_with_reference(llama9m_dir, shared_data_dir, tmp_path, sparsity, reference):
     # wikitext2 only, to keep CI on 2 CPU cores inside its budget; the three-dataset table
     # (measured on an H200) is in BENCHMARKS.md.
