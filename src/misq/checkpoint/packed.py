@@ -323,10 +323,7 @@ def load_packed(path: str | os.PathLike, *, dtype: torch.dtype | str | None = No
     saved in; ``dtype`` casts everything). Everything is validated before anything is returned.
     """
     path = Path(path)
-    if isinstance(dtype, str):
-        if dtype not in DTYPE_NAMES:
-            raise MisqError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPE_NAMES)}")
-        dtype = torch_dtype(dtype)
+    dtype = dtype_arg(dtype)
     cfg = _read_config(path)
     if not isinstance(cfg, dict):
         raise MisqError(f"{path}/config.json is not a JSON object: the checkpoint is damaged, save it again")
@@ -345,10 +342,17 @@ def load_packed(path: str | os.PathLike, *, dtype: torch.dtype | str | None = No
     return model.to(device).eval()
 
 
-def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    from transformers.initialization import no_init_weights
+def dtype_arg(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A load's ``dtype`` argument as a torch dtype (a name from DTYPE_NAMES, or None: the saved one)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise MisqError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPE_NAMES)}")
+        return torch_dtype(dtype)
+    return dtype
 
+
+def section_fields(path: Path, section: dict[str, Any]) -> tuple[Pattern, dict[str, Any], torch.dtype]:
+    """(pattern, layers {name: meta}, saved dtype) of a misq section, or one clear error if damaged."""
     try:
         pattern = parse_pattern(section["pattern"])
         layers: dict[str, Any] = section["layers"]
@@ -357,6 +361,14 @@ def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn
             raise TypeError("'layers' is not an object of layer entries")
     except (KeyError, ValueError, TypeError, AttributeError) as err:
         raise MisqError(f"{path}/config.json has a damaged misq section ({err!r}): save the checkpoint again") from None
+    return pattern, layers, saved_dtype
+
+
+def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    pattern, layers, saved_dtype = section_fields(path, section)
     weights = _Weights(path)
     try:
         hf_config = AutoConfig.from_pretrained(path)

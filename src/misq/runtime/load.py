@@ -14,9 +14,16 @@ from torch import Tensor, nn
 
 from misq.checkpoint.accounting import stored_tensors
 from misq.checkpoint.layer_format import expected_shapes
-from misq.checkpoint.packed import _check_layer, _linear, _misq_section, _read_config, _Weights, load_packed
-from misq.checkpoint.packing import parse_pattern
-from misq.dtypes import DTYPE_NAMES, torch_dtype
+from misq.checkpoint.packed import (
+    _check_layer,
+    _linear,
+    _misq_section,
+    _read_config,
+    _Weights,
+    dtype_arg,
+    load_packed,
+    section_fields,
+)
 from misq.errors import MisqError
 from misq.runtime.linear import PackedLinear
 
@@ -47,10 +54,7 @@ def load_packed_runtime(path: str | os.PathLike, *, dtype: torch.dtype | str | N
     On CUDA with fp16 the Triton kernels run; elsewhere each layer dequantizes in its forward.
     """
     path = Path(path)
-    if isinstance(dtype, str):
-        if dtype not in DTYPE_NAMES:
-            raise MisqError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPE_NAMES)}")
-        dtype = torch_dtype(dtype)
+    dtype = dtype_arg(dtype)
     cfg = _read_config(path)
     if "misq" not in cfg:
         log.info("%s is not a packed checkpoint: loading it dense", path)
@@ -65,12 +69,7 @@ def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
 
-    try:
-        pattern = parse_pattern(section["pattern"])
-        layers: dict[str, Any] = section["layers"]
-        saved_dtype = torch_dtype(section["dtype"])
-    except (KeyError, ValueError, TypeError) as err:
-        raise MisqError(f"{path}/config.json has a damaged misq section ({err!r}): save the checkpoint again") from None
+    pattern, layers, saved_dtype = section_fields(path, section)
     weights = _Weights(path)
     hf_config = AutoConfig.from_pretrained(path)
     if hasattr(hf_config, "misq"):
