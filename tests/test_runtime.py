@@ -12,14 +12,15 @@ from misq import jobs
 from misq.config import CompressConfig, DataConfig, ModelConfig
 from misq.errors import MisqError
 from misq.runtime import PackedLinear, weights_nbytes
-from misq.runtime.layout import pack_words, unpack_words
+from misq.runtime.layout import block_cols, pack_words, unpack_words
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 11])
 def test_words_round_trip(bits):
     codes = torch.randint(0, 1 << bits, (5, 77))
     words = pack_words(codes, bits)
-    assert sum(w.numel() for w in words.values()) == 5 * 96 * bits // 32  # exactly b bits a weight (77 -> 96 columns)
+    pad = -(-77 // block_cols(bits)) * block_cols(bits)  # 77 columns -> whole blocks
+    assert sum(w.numel() for w in words.values()) == 5 * pad * bits // 32  # exactly b bits a padded weight
     assert torch.equal(unpack_words(words, bits, 77), codes.to(torch.int32))
 
 

@@ -9,11 +9,16 @@ runs in the solver's order. The kernels want something else, so at load each lay
 * per quantized segment of width b (n_b columns, K_b scale groups):
 
   - ``words``: for each power of two p in b's binary decomposition (3 = 2 + 1, 6 = 4 + 2), an
-    int32 [ceil(n_b / 32) * p, R] array: p-bit slices of the codes, 32 // p per word along the
-    input dimension, rows contiguous (coalesced loads). Code bits: the p-bit piece sits at bit
-    ``b & (p - 1)`` of the code. Splitting odd widths into power-of-two pieces stores exactly
-    b bits a weight (no bits wasted as with 10 3-bit codes per word) and keeps every unpack a
-    shift and a mask.
+    int32 [nblk * 16 * H_p, R] array of p-bit slices of the codes, rows contiguous (coalesced
+    loads). The columns are padded to blocks of ``block_cols(b)`` = 16 * T codes, T = 32 // p_min
+    tiles of 16 columns (p_min: b's smallest piece). Word row ``(blk * H_p + h) * 16 + r``
+    (H_p = p // p_min) holds, at bits ``p * s``, the piece of column ``blk * 16 T + 16 t + r`` for
+    tile ``t = h + H_p * s``: a kernel loads 16 word rows once and gets, with one shift and mask
+    per slot, a whole [16, BLOCK_N] tile of codes (no reshape), and every piece of a tile sits in
+    word rows loaded together. Code bits: the p-bit piece sits at bit ``b & (p - 1)`` of the
+    code. Power-of-two pieces store exactly b bits a weight (no bits wasted as with 10 3-bit codes
+    per word), plus the padding of the last block (none when the width's column count is a
+    multiple of 512, as on LLaMA shapes).
   - ``scales`` fp16 [K_b, R] and ``zeros`` uint8 [K_b, R] (int16 above 8 bits): group-major so
     one group's row vector is one contiguous load.
   - ``gidx`` int32 [n_b]: each column's group; ``group_len`` > 0 when every group but the last
@@ -65,30 +70,42 @@ class Segment:
         return [*self.words.values(), self.scales, self.zeros, self.gidx]
 
 
+def block_cols(bits: int) -> int:
+    """Columns per block of the word layout: 16 columns a tile, 32 // p_min tiles."""
+    return 16 * (WORD_BITS // min(pieces(bits)))
+
+
 def pack_words(codes: Tensor, bits: int) -> dict[int, Tensor]:
-    """codes int [R, n] (0 <= code < 2**bits) -> {p: int32 [ceil(n/32) * p, R]} (see module doc)."""
+    """codes int [R, n] (0 <= code < 2**bits) -> {p: int32 [nblk * 16 * H_p, R]} (module doc)."""
     R, n = codes.shape
-    npad = -(-n // WORD_BITS) * WORD_BITS
-    c = torch.zeros(R, npad, dtype=torch.int64, device=codes.device)
+    B = block_cols(bits)
+    nb = -(-n // B)
+    pmin = min(pieces(bits))
+    T = WORD_BITS // pmin
+    c = torch.zeros(R, nb * B, dtype=torch.int64, device=codes.device)
     c[:, :n] = codes.to(torch.int64)
     out = {}
     for p in pieces(bits):
-        per = WORD_BITS // p
-        part = (c >> (bits & (p - 1))) & ((1 << p) - 1)  # [R, npad]
-        shifts = torch.arange(per, dtype=torch.int64, device=codes.device) * p
-        word = (part.reshape(R, npad // per, per) << shifts).sum(-1)  # [R, nwords], < 2**32
+        per, H = WORD_BITS // p, p // pmin
+        part = ((c >> (bits & (p - 1))) & ((1 << p) - 1)).reshape(R, nb, per, H, 16)  # tile t = s * H + h
+        shifts = (torch.arange(per, dtype=torch.int64, device=codes.device) * p).view(1, 1, per, 1, 1)
+        word = (part << shifts).sum(2)  # [R, nb, H, 16], < 2**32
         word = torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)  # same bits, signed
-        out[p] = word.t().contiguous()
+        out[p] = word.reshape(R, nb * H * 16).t().contiguous()
+    assert T * 16 == B
     return out
 
 
 def unpack_words(words: dict[int, Tensor], bits: int, n: int) -> Tensor:
     """Inverse of :func:`pack_words`: int32 codes [R, n] (on the words' device)."""
     code = None
+    pmin = min(pieces(bits))
     for p, w in words.items():
-        per = WORD_BITS // p
-        shifts = torch.arange(per, dtype=torch.int32, device=w.device) * p
-        part = ((w.t().unsqueeze(-1) >> shifts) & ((1 << p) - 1)).reshape(w.shape[1], -1)[:, :n]
+        per, H = WORD_BITS // p, p // pmin
+        R, nb = w.shape[1], w.shape[0] // (16 * H)
+        shifts = (torch.arange(per, dtype=torch.int32, device=w.device) * p).view(1, 1, per, 1, 1)
+        wt = w.t().reshape(R, nb, 1, H, 16)
+        part = ((wt >> shifts) & ((1 << p) - 1)).reshape(R, -1)[:, :n]
         part = part << (bits & (p - 1))
         code = part if code is None else code | part
     assert code is not None

@@ -2,14 +2,17 @@
 
 Forward, for x [..., C] -> y [..., R]:
 
-* CUDA, fp16, Triton present: gather ``x[:, perm]`` once; M <= 16 rows go through the fused
-  decode kernel (:func:`misq.runtime.kernels.segment_matmul`); more rows dequantize the layer
-  into a per-device fp16 buffer shared by every layer and call cuBLAS.
+* CUDA, fp16, Triton present: M <= 16 rows go through the fused decode kernel
+  (:func:`misq.runtime.kernels.decode_matmul`: it gathers ``x[:, perm]`` itself and writes the
+  fp16 output with the bias); more rows gather ``x[:, perm]`` once, dequantize the layer into a
+  per-device fp16 buffer shared by every layer and call cuBLAS.
 * otherwise (CPU, other dtypes, no Triton): dequantize this one layer to a temporary dense
   weight and call ``F.linear``, so peak memory is the packed model plus one layer.
 
-Both paths produce the weights :func:`misq.checkpoint.layer_format.decode_layer` produces, bit
-for bit; outputs differ from the dense model's only by summation order.
+The prefill and CPU paths use the weights :func:`misq.checkpoint.layer_format.decode_layer`
+produces, bit for bit (outputs differ from the dense model's by summation order); the decode kernel
+scales each group's dot product in float32 instead of rounding every weight to fp16 first, so its
+outputs differ from the dense model's by at most the dense weights' fp16 rounding.
 """
 
 from __future__ import annotations
@@ -98,19 +101,21 @@ class PackedLinear(nn.Module):
             return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        xp = x2.index_select(1, self.perm)  # once per layer: every width becomes a contiguous segment
         R = self.out_features
-        if x2.shape[0] <= kernels.DECODE_MAX_ROWS:
-            y = kernels.segment_matmul(xp, self.segments, R)
+        if x2.shape[0] <= kernels.DECODE_MAX_ROWS:  # one fused launch per width: gather, dot, bias, fp16
+            if x2.stride(1) != 1:
+                x2 = x2.contiguous()
+            extra = None
             if self.fp_cols is not None:
-                y += (xp[:, self.fp_start:] @ self.fp_cols.to(x.dtype).t()).float()
-            y = y.to(x.dtype)
-        else:
-            wt = _buffer(x.device, self.in_features * R).view(self.in_features, R)
-            kernels.dequantize_into(wt, self.segments, R)
-            if self.fp_cols is not None:
-                wt[self.fp_start:] = self.fp_cols.t()
-            y = xp @ wt
+                extra = (x2.index_select(1, self.perm[self.fp_start:]) @ self.fp_cols.to(x.dtype).t()).float()
+            y = kernels.decode_matmul(x2, self.perm, self.segments, R, self.bias, extra)
+            return y.reshape(*shape[:-1], R)
+        xp = x2.index_select(1, self.perm)  # once per layer: every width becomes a contiguous segment
+        wt = _buffer(x.device, self.in_features * R).view(self.in_features, R)
+        kernels.dequantize_into(wt, self.segments, R)
+        if self.fp_cols is not None:
+            wt[self.fp_start:] = self.fp_cols.t()
+        y = xp @ wt
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], R)
