@@ -185,9 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "follow", action="store_true", help="keep printing until the run ends")
     _flag(p, "stale-after", type=float, default=300.0, help="seconds without progress before a run counts as stale")
 
-    p = sub.add_parser("export", help="write a packed checkpoint as a plain fp16 HF checkpoint")
-    p.add_argument("packed_dir")
-    _flag(p, "dense", required=True, help="output folder for the dense checkpoint")
+    p = sub.add_parser("export", help="write a packed checkpoint as a plain fp16 HF checkpoint, or as a GPTQ one")
+    p.add_argument("packed_dir", metavar="PACKED")
+    p.add_argument("out_dir", nargs="?", metavar="OUT", help="output folder (new, empty or an earlier misq export)")
+    _flag(p, "format", choices=("dense", "gptq"), default="dense",
+          help="dense: plain HF weights, loads anywhere; gptq: qweight/qzeros/scales/g_idx for GPTQModel, vLLM, "
+               "transformers, when every layer has one width of 2, 3, 4 or 8 bits (default: dense)")
+    _flag(p, "dense", default=None, help="output folder of a dense export (the same as OUT with --format dense)")
     add_config_args(p, ModelConfig, "export", only=("dtype",))
 
     p = sub.add_parser("demo", help="train a tiny LLaMA locally and run the whole pipeline on it (no downloads)")
@@ -249,7 +253,12 @@ def _summary(results: dict) -> str:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "export" and args.out_dir is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.out_dir = extra.pop()  # argparse binds OUT (optional) before it reads `--format gptq OUT`
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     rank = int(os.environ.get("RANK", "0") or 0)  # set by torchrun
     if rank:  # a torchrun worker other than rank 0: no progress bars, warnings only (tagged)
         os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it once, when imported (by torch)
@@ -295,10 +304,20 @@ def run(argv: Sequence[str] | None = None) -> int:
         else:
             print(format_status(read_status(args.run_dir, stale_after_s=args.stale_after)))
     elif args.command == "export":
-        from misq.checkpoint.packed import export_dense
+        packed_dir, outs = args.packed_dir, [o for o in (args.out_dir, args.dense) if o]
+        if len(outs) != 1 or (args.dense and args.format == "gptq"):
+            raise MisqError(f"give one output folder: misq export {packed_dir} --format {args.format} OUT "
+                            "(--dense OUT names the folder of a dense export)")
+        out = outs[0]
+        if args.format == "gptq":
+            from misq.checkpoint.gptq_export import export_gptq
 
-        export_dense(args.packed_dir, args.dense, dtype=args.dtype)
-        print(f"dense checkpoint: {args.dense}")
+            export_gptq(packed_dir, out)
+        else:
+            from misq.checkpoint.packed import export_dense
+
+            export_dense(packed_dir, out, dtype=args.dtype or "float16")  # --dtype may default to None ("as saved")
+        print(f"{args.format} checkpoint: {out}")
     elif args.command == "demo":
         from misq.demo.run import run_demo
 
