@@ -137,3 +137,20 @@ def test_packed_checkpoint_honours_dtype(packed):
     saved = load(ModelConfig(model=str(packed), device="cpu"), DataConfig(seqlen=32))  # the default: as saved
     assert {p.dtype for p in saved.model.parameters()} == {torch.float16}
     assert math.isfinite(float(next(saved.model.parameters()).float().sum()))
+
+
+def test_explicit_float16_applies_to_a_bfloat16_packed_checkpoint(tmp_path, tiny_checkpoint, tiny_corpus_file):
+    """``--dtype float16`` is a choice the user made, so a bfloat16 checkpoint is cast, while no
+    --dtype keeps the saved bfloat16 (float16 used to be the default, so the two looked alike)."""
+    from misq.config import DataConfig, ModelConfig
+    from misq.jobs.loading import load
+
+    argv = ["compress", str(tiny_checkpoint), str(tiny_corpus_file), "--device", "cpu", "--nsamples", "2", "--seqlen", "32",
+            "--dtype", "bfloat16", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+            "--save", str(tmp_path / "packed"), "--prompts", "none"]
+    assert cli.main(argv) == 0
+    as_saved = load(ModelConfig(model=str(tmp_path / "packed"), device="cpu"), DataConfig(seqlen=32))
+    assert {p.dtype for p in as_saved.model.parameters()} == {torch.bfloat16}
+    asked = load(ModelConfig(model=str(tmp_path / "packed"), dtype="float16", device="cpu"), DataConfig(seqlen=32))
+    assert {p.dtype for p in asked.model.parameters()} == {torch.float16}
+    assert ModelConfig(model="m").weight_dtype == "float16"  # a plain checkpoint's default is unchanged

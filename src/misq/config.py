@@ -134,7 +134,10 @@ class ModelConfig:
     """Which checkpoint to load and where to run it."""
 
     model: str = option(help="local checkpoint folder, HF hub id, or a misq packed checkpoint")
-    dtype: str = option("float16", "weight dtype", choices=DTYPE_NAMES)
+    # None: float16 for a plain checkpoint (the protocol's dtype), the saved dtype for a packed one;
+    # a dtype given on the command line is applied to both, so no flag is ignored for a packed load.
+    dtype: str | None = option(None, "weight dtype (default: float16; a packed checkpoint keeps the dtype it was saved in)",
+                               choices=DTYPE_NAMES)
     device: str | None = option(None, "cuda, cuda:1 or cpu (default: cuda if present)")
     trust_remote_code: bool = option(False, "allow model code from the checkpoint (off by default)")
     layerwise: bool | None = option(
@@ -152,7 +155,7 @@ class ModelConfig:
         choices=DEVICE_MAPS, commands=("eval",))
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_NAMES:
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise MisqError(f"--dtype {self.dtype!r} is not supported: use one of {', '.join(DTYPE_NAMES)}")
         if self.stream not in STREAM_MODES:
             raise MisqError(f"stream mode {self.stream!r} is unknown: use one of {', '.join(STREAM_MODES)}")
@@ -162,6 +165,11 @@ class ModelConfig:
             raise MisqError("--stream runs one decoder layer at a time: drop --layerwise 0 or --stream")
         if self.stream == "on" and self.device_map is not None:
             raise MisqError("--stream and --device-map exclude each other: stream on one GPU, or spread the model over several")
+
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype a plain (not packed) checkpoint is loaded in: ``dtype``, else float16."""
+        return self.dtype or "float16"
 
     def resolved_device(self) -> str:
         """``device``, else cuda when a GPU is visible, else cpu."""

@@ -67,7 +67,7 @@ def run_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressConf
 
     # Before anything touches CUDA: pins this rank's GPU, so that no rank opens a context on another's.
     dist = distributed.from_env(model_cfg.resolved_device())
-    resolved = {"model": vars(model_cfg), "data": vars(data_cfg), "compress": cfg.to_dict(),
+    resolved = {"model": vars(model_cfg) | {"dtype": model_cfg.weight_dtype}, "data": vars(data_cfg), "compress": cfg.to_dict(),
                 "eval": {"datasets": list(eval_cfg.datasets)} if eval_cfg else None, "save": save_dir}
     lock: FolderLock | None = None
     if dist.is_main:

@@ -67,12 +67,8 @@ def load(model_cfg: ModelConfig, data_cfg: DataConfig) -> LoadedModel:
 
 
 def _packed_dtype(model_cfg: ModelConfig) -> str | None:
-    """The dtype a packed checkpoint is loaded in: ``--dtype`` when it names another dtype than the
-    checkpoint's own, except the default float16, which leaves the checkpoint's own (a bfloat16
-    checkpoint stays bfloat16 unless asked otherwise). ``--dtype float32`` is applied, never ignored."""
-    saved = (misq_section_of(model_cfg.model) or {}).get("dtype")
-    if model_cfg.dtype == saved or model_cfg.dtype == "float16":
-        return None
+    """The dtype a packed checkpoint is loaded in: ``--dtype`` whenever it is given (float16 on a
+    bfloat16 checkpoint included), else None: the dtype it was saved in."""
     return model_cfg.dtype
 
 

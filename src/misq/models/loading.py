@@ -106,7 +106,7 @@ def load_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
         placement["device_map"] = cfg.device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(cfg.model), dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
+            os.path.expanduser(cfg.model), dtype=torch_dtype(cfg.weight_dtype), trust_remote_code=cfg.trust_remote_code,
             low_cpu_mem_usage=True, **placement,
         )
     except (TypeError, AttributeError, KeyError, ValueError) as err:  # a damaged config.json or weights

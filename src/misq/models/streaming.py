@@ -132,7 +132,7 @@ def stream_folder(cfg: ModelConfig, cache_dir: str | os.PathLike | None = None) 
         return None
     if explicit:
         return folder
-    need = SafetensorsFiles.of_folder(folder).weight_bytes(torch_dtype(cfg.dtype))
+    need = SafetensorsFiles.of_folder(folder).weight_bytes(torch_dtype(cfg.weight_dtype))
     avail = available_host_bytes()
     if avail is None or need <= AUTO_STREAM_FRACTION * avail:
         return None
@@ -273,7 +273,7 @@ class StreamedModel:
 
 def open_streamed(folder: Path, cfg: ModelConfig) -> tuple[StreamedModel, Any]:
     """(streamed model, tokenizer) for a safetensors checkpoint folder (``cfg.model`` resolved)."""
-    streamed = StreamedModel(folder, torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code)
+    streamed = StreamedModel(folder, torch_dtype(cfg.weight_dtype), trust_remote_code=cfg.trust_remote_code)
     return streamed, loading.load_tokenizer(replace(cfg, model=str(folder)))
 
 

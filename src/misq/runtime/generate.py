@@ -20,8 +20,9 @@ from misq.errors import MisqError
 log = logging.getLogger(__name__)
 
 
-def load_model(path: str, runtime: str, device: str, dtype: str = "float16") -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of a packed checkpoint (with ``runtime``) or any HF causal LM."""
+def load_model(path: str, runtime: str, device: str, dtype: str | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a packed checkpoint (with ``runtime``) or any HF causal LM.
+    ``dtype``: None loads a packed checkpoint in its saved dtype and any other model in float16."""
     from transformers import AutoTokenizer
 
     from misq.checkpoint.packed import is_packed_checkpoint, load_packed
@@ -35,7 +36,7 @@ def load_model(path: str, runtime: str, device: str, dtype: str = "float16") -> 
 
         if runtime == "packed":
             log.info("%s is not a misq packed checkpoint: running it dense", path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype or "float16")).to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -87,13 +88,15 @@ def side_by_side(left: tuple[str, str], right: tuple[str, str], width: int = 48)
                      f"{cols[1][i] if i < len(cols[1]) else ''}" for i in range(n))
 
 
-def run_generate(model_path: str, cfg: GenerateConfig, *, device: str | None = None, dtype: str = "float16") -> dict[str, str]:
+def run_generate(model_path: str, cfg: GenerateConfig, *, device: str | None = None, dtype: str | None = None) -> dict[str, str]:
     """``misq generate``: stream each model's continuation; with a baseline, print both side by
     side at the end. Returns {model path: text}."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and dtype == "float16":
-        dtype = "float32"  # fp16 matmuls on the CPU are slow and not always supported
+    if device == "cpu" and dtype in (None, "float16"):
+        if dtype == "float16":
+            log.warning("--dtype float16 on the CPU: generating in float32 (fp16 matmuls there are slow or missing)")
+        dtype = "float32"
     texts: list[tuple[str, str]] = []
     for path in [model_path] + ([cfg.baseline] if cfg.baseline else []):
         if not Path(path).exists() and not _looks_like_hub_id(path):
