@@ -11,6 +11,9 @@ at 128 x 2048 random calibration tokens, 50% unstructured sparsity + 4-bit unifo
             Hessian accumulation, for a breakdown of the measured layer
   straight  the straightforward path in the same process: eager per-column loop
             (block_fn=block_loop) and one sequence per forward (batch_size=1)
+  stepwise  the default path but every step's forward starting from the layer's input (the
+            driver before issue 17: ~4 partial forwards + 1 per layer instead of one), for the
+            speed-up of continuing each step from the previous one's activations
 
 plus micro-benchmarks of the pieces (block sweep configs, Hessian GEMM, inverse Cholesky, fp32
 GEMM). Run from the repository root on a CUDA machine:
@@ -98,7 +101,8 @@ class Timers:
         d = self.by_layer.setdefault(self.layer, {})
         d[name] = d.get(name, 0.0) + dt
 
-    def wrap(self, owner, attr: str, name: str) -> None:
+    def wrap(self, owner, attr: str, name: str, key=None) -> None:
+        """Time ``owner.attr`` as ``name``; with ``key(args)`` also as ``name [key]`` (a per-step split)."""
         fn = getattr(owner, attr)
         timers = self
 
@@ -107,7 +111,10 @@ class Timers:
             try:
                 return fn(*a, **k)
             finally:
-                timers.add(name, now() - t)
+                dt = now() - t
+                timers.add(name, dt)
+                if key is not None:
+                    timers.add(f"  {name} [{key(a)}]", dt)
 
         timed.__wrapped__ = fn
         self.patches.append((owner, attr, fn))
@@ -146,11 +153,12 @@ class Timers:
         self.patches.clear()
 
 
-def run_compress(args, model, calib, *, straight: bool, fine: bool, driver):
-    """compress_model over every layer of ``model``; returns per-layer times, peaks and breakdowns."""
+def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, stepwise: bool = False):
+    """compress_model over every layer of ``model``; returns per-layer times, peaks and breakdowns.
+    ``stepwise``: every step's forward starts from the layer's input (the path before issue 17)."""
     from misq.algorithms import sparsegpt
     from misq.config import CompressConfig
-    from misq.models import execution
+    from misq.models import execution, step_activations
 
     cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, groupsize=0, act_order=False, mse=False, nsamples=calib.shape[0],
                          batch_size=1 if straight else args.batch_size)
@@ -181,7 +189,10 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver):
 
     # Coarse timers: each sits where the driver synchronises anyway (solve checks its result,
     # the Hessian hook checks its input), so they barely perturb the run.
-    timers.wrap(driver, "_accumulate_step_hessian", "forward+hessian")
+    # Per step: the forward to the step's first linear (+ its Hessian); "attention output" is
+    # o_proj applied to its cached input once it is solved; "final forward" the layer's output pass.
+    timers.wrap(driver, "_accumulate_step_hessian", "forward+hessian", key=lambda a: a[1].split(".")[-1])
+    timers.wrap(step_activations.LayerPasses, "solved", "attention output")
     timers.wrap(driver, "solve", "solve")
     timers.wrap(driver.bitplan, "plan_step", "plan+grid")
     timers.wrap(driver.bitplan, "grid_for", "plan+grid")
@@ -213,12 +224,15 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver):
 
         block_fn = timed_block
     reset_peak()
+    reuse = step_activations._REUSE
+    step_activations._REUSE = not stepwise
     try:
         marks["start"] = now()
         out = driver.compress_model(model, calib, cfg, device, on_layer_done=on_layer_done, block_fn=block_fn,
                                     solver=sparsegpt.SolverOptions(hinv_method=args.hinv))
         total = now() - marks["start"]
     finally:
+        step_activations._REUSE = reuse
         execution.capture_layer0_inputs = capture
         timers.restore()
     breakdown = {}
@@ -233,7 +247,12 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver):
             d["solve: lazy updates + rest"] = d["solve"] - inner_solve
         moves = d.get("layer to GPU", 0) + d.get("layer back to CPU", 0)
         d["other (copies, checks, progress)" if moves else "other (layer H2D/D2H, copies, checks)"] = (
-            layer_s[i] - d.get("forward+hessian", 0) - d.get("solve", 0) - d.get("plan+grid", 0) - d.get("final forward", 0) - moves)
+            layer_s[i] - d.get("forward+hessian", 0) - d.get("solve", 0) - d.get("plan+grid", 0) - d.get("final forward", 0)
+            - d.get("attention output", 0) - moves)
+        # The forwards alone: to each step's input, the attention output, the layer's output.
+        if fine:
+            d["forwards (all passes)"] = (d["forward+hessian"] - d.get("hessian GEMM", 0) + d.get("attention output", 0)
+                                          + d.get("final forward", 0))
         breakdown[i] = {k: round(v, 4) for k, v in sorted(d.items())}
     records = [{k: r[k] for k in ("name", "rel_error", "sparsity", "solve_s") if k in r} for r in out.records]
     return {
@@ -479,6 +498,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=3, help="decoder layers of the fused run (layer 0 is warm-up)")
     ap.add_argument("--straight-layers", type=int, default=1, help="layers timed on the straightforward path (0: skip)")
     ap.add_argument("--profile-layers", type=int, default=2, help="layers of the instrumented run (0: skip); the last is reported")
+    ap.add_argument("--stepwise-layers", type=int, default=2,
+                    help="layers of an instrumented run whose steps each start from the layer's input (0: skip); the last is reported")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward on the fused path (the driver's default)")
@@ -538,6 +559,12 @@ def main() -> int:
         del model
         return r
 
+    def stepwise_run():
+        model = build_model(args, args.stepwise_layers, seed=1)
+        r = run_compress(args, model, calib, straight=False, fine=True, driver=compress, stepwise=True)
+        del model
+        return r
+
     def straight_run():
         model = build_model(args, max(args.layers, args.straight_layers), seed=0, keep=args.straight_layers)
         r = run_compress(args, model, calib, straight=True, fine=False, driver=compress)
@@ -549,6 +576,9 @@ def main() -> int:
     if args.profile_layers:
         section("profile", profile_run)
         print("profile:", json.dumps(result["profile"].get("breakdown", result["profile"]), indent=1, default=str), flush=True)
+    if args.stepwise_layers:
+        section("stepwise", stepwise_run)
+        print("stepwise:", json.dumps(result["stepwise"].get("breakdown", result["stepwise"]), indent=1, default=str), flush=True)
     if args.straight_layers:
         section("straight", straight_run)
         print("straight:", json.dumps(result["straight"], indent=1, default=str), flush=True)
@@ -573,6 +603,15 @@ def main() -> int:
         summary["layer0_rel_error_fused_vs_straight"] = [
             (a["name"], round(a["rel_error"], 6), round(b["rel_error"], 6)) for a, b in zip(f["records"][:n], s["records"])
         ]
+    p, w = result.get("profile", {}), result.get("stepwise", {})
+    if p.get("layer_s") and w.get("layer_s"):  # the same seed and depth: the same layers, both instrumented
+        summary["profiled_s_per_layer"] = p["layer_s"][-1]
+        summary["stepwise_s_per_layer"] = w["layer_s"][-1]
+        summary["speedup_one_forward_vs_stepwise"] = w["layer_s"][-1] / p["layer_s"][-1]
+        pb, wb = p["breakdown"].get(max(p["breakdown"], default=None), {}), w["breakdown"].get(max(w["breakdown"], default=None), {})
+        if "forwards (all passes)" in pb and "forwards (all passes)" in wb:
+            summary["forwards_s_per_layer"] = {"one forward": pb["forwards (all passes)"], "stepwise": wb["forwards (all passes)"]}
+        summary["peak_gib"] = {"one forward": max(p["layer_peak_gib"]), "stepwise": max(w["layer_peak_gib"])}
     result["summary"] = summary
     save()
 
@@ -586,7 +625,10 @@ def main() -> int:
     rows.append(("SparseGPT reference", "15.9", "-", "8.6"))
     for r in rows:
         print(f"{r[0]:<22}{r[1]:>10}{r[2]:>16}{r[3]:>10}")
-    for k in ("speedup_vs_straight", "speedup_vs_reference_15.9s"):
+    for k in ("forwards_s_per_layer", "peak_gib"):
+        if k in summary:
+            print(f"{k}: {json.dumps({a: round(b, 3) for a, b in summary[k].items()})}")
+    for k in ("speedup_vs_straight", "speedup_vs_reference_15.9s", "speedup_one_forward_vs_stepwise"):
         if k in summary:
             print(f"{k}: {summary[k]:.2f}x")
     prof = result.get("profile", {}).get("breakdown", {})

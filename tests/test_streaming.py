@@ -222,3 +222,89 @@ def test_flags_and_their_conflicts():
         ModelConfig("m", stream="on", layerwise=False)
     with pytest.raises(MisqError, match="exclude each other"):
         ModelConfig("m", stream="on", device_map="auto")
+
+
+# ----------------------------------------------------------------------------- reading ahead (issue 17)
+
+
+def _compress_streamed(streamed: StreamedModel, calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    from misq.compress import driver
+
+    states: dict[str, torch.Tensor] = {}
+    cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, nsamples=calib.shape[0], groupsize=0, act_order=False, mse=False)
+    driver.compress_model(streamed.model, calib, cfg, "cpu", layer_source=streamed,
+                          on_layer_done=lambda _i, state, _out: states.update({k: v.clone() for k, v in state.items()}))
+    return states
+
+
+def test_the_next_layer_is_read_while_this_one_is_compressed(sharded, monkeypatch):
+    """Layer 1's tensors are read in the reader thread, starting before layer 0 is released (so
+    while it is compressed), and the result is the in-memory run's, bit for bit."""
+    import threading
+    import time
+
+    from misq.compress import driver
+
+    events: list[tuple[str, int, str]] = []
+    read, release = StreamedModel._read_layer, StreamedModel.release
+
+    def slow_read(self, names, files):
+        i = int(names[0].split(".")[2])
+        events.append(("read", i, threading.current_thread().name))
+        time.sleep(0.2)  # a slow disk: without reading ahead, load(1) would wait for it
+        return read(self, names, files)
+
+    def spy_release(self, i):
+        events.append(("release", i, threading.current_thread().name))
+        release(self, i)
+
+    monkeypatch.setattr(StreamedModel, "_read_layer", slow_read)
+    monkeypatch.setattr(StreamedModel, "release", spy_release)
+    calib = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(0))
+    streamed = _compress_streamed(StreamedModel(sharded, torch.float32), calib)
+    assert [e[:2] for e in events] == [("read", 0), ("read", 1), ("release", 0), ("release", 1)]
+    assert events[0][2] == events[2][2] == threading.main_thread().name and events[1][2].startswith("misq-layer-reader")
+
+    model = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32).eval()
+    cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, nsamples=4, groupsize=0, act_order=False, mse=False)
+    driver.compress_model(model, calib, cfg, "cpu")
+    whole = model.state_dict()
+    assert streamed.keys() <= whole.keys() and len(streamed) == sum(".layers." in k for k in whole)
+    for name, t in streamed.items():
+        assert torch.equal(t, whole[name]), name
+
+
+def test_a_read_ahead_error_surfaces_as_a_direct_read_would(sharded, tmp_path):
+    """A NaN in layer 1, met by the reader thread while layer 0 is compressed, is raised in the
+    main thread when layer 1's turn comes, with the message of a direct read."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded, broken)
+    name = "model.layers.1.mlp.up_proj.weight"
+    index = json.loads((broken / streaming.INDEX_NAME).read_text())
+    shard = broken / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(MisqError) as direct:
+        StreamedModel(broken, torch.float32).load(1)
+    streamed = StreamedModel(broken, torch.float32)
+    calib = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(MisqError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds 1 NaN") as ahead:
+        _compress_streamed(streamed, calib)
+    assert str(ahead.value) == str(direct.value)
+    assert not any(is_materialized(layer) for layer in streamed.layers)
+
+
+def test_a_layer_pointed_at_a_new_file_is_not_taken_from_a_stale_read(sharded, tmp_path):
+    from safetensors.torch import save_file
+
+    streamed = StreamedModel(sharded, torch.float32)
+    streamed.prefetch(1)
+    zeros = {f"model.layers.1.{n}": torch.zeros(p.shape) for n, p in streamed.layers[1].named_parameters()}
+    save_file(zeros, tmp_path / "layer_001.safetensors")
+    streamed.use_file(1, tmp_path / "layer_001.safetensors")
+    streamed.load(1)
+    assert all(bool((p == 0).all()) for p in streamed.layers[1].parameters())
+    streamed.release(1)

@@ -3,15 +3,16 @@
     capture layer 0's inputs for the calibration windows (with every keyword argument)
     for each decoder layer:
         for each step (q/k/v → o → gate/up → down):
-            run the layer on all windows up to the step's input, accumulating H = 2/n Σ xxᵀ
+            continue the layer's forward from the previous step's activations up to the step's
+            input, accumulating H = 2/n Σ xxᵀ (misq.models.step_activations: one forward per layer)
             group channels, choose widths, solve the step's layers as one stacked matrix
-        run the *compressed* layer to produce the next layer's inputs
+        finish the *compressed* layer's forward to produce the next layer's inputs
 
 Only the current layer and the activations live on the accelerator (activations go to the
-CPU with ``offload_activations``). The driver knows the model's layout through
-:mod:`misq.modeling` and the algorithms through their public functions only. Under torchrun
-each rank runs its share of the windows, the Hessians are all-reduced and a step's layers are
-solved by different ranks (:mod:`misq.distributed`).
+CPU with ``offload_activations``); a streamed model reads layer i + 1 while layer i is solved.
+The driver knows the model's layout through :mod:`misq.models` and the algorithms through their
+public functions only. Under torchrun each rank runs its share of the windows, the Hessians are
+all-reduced and a step's layers are solved by different ranks (:mod:`misq.distributed`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from misq.compress import bitplan
 from misq.config import CompressConfig
 from misq.distributed import LOCAL, Dist
 from misq.errors import NumericalError
-from misq.models import execution, layout
+from misq.models import execution, layout, step_activations
 from misq.models.layout import layer_prefix, linear_name
 
 log = logging.getLogger(__name__)
@@ -66,16 +67,15 @@ class CompressionOutput:
     seconds: float = 0.0
 
 
-def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, name: str, inputs: execution.LayerInputs, device: str,
+def _accumulate_step_hessian(passes: step_activations.LayerPasses, first: str, name: str, device: str,
                              dist: Dist = LOCAL) -> Tensor:
-    """H [C, C] of the input of ``first`` (full name ``name``, for errors) over all windows;
-    the forward stops right after it. Under torchrun ``inputs`` holds this rank's windows and H
-    is all-reduced over the ranks."""
+    """H [C, C] of the input of linear ``first`` (dotted inside the layer; full name ``name``, for
+    errors) over all windows, from the pass of ``passes`` that reaches it. Under torchrun the
+    passes hold this rank's windows and H is all-reduced over the ranks."""
     acc: HessianAccumulator | None = None
 
-    def hook(_m: nn.Module, args: tuple) -> None:
+    def add(x: Tensor) -> None:
         nonlocal acc
-        x = args[0]
         if acc is None:
             acc = HessianAccumulator(x.shape[-1], device)
         if not torch.isfinite(x).all():
@@ -83,19 +83,8 @@ def _accumulate_step_hessian(layer: nn.Module, first: nn.Module, name: str, inpu
                                  "(the model already overflows before it): check the checkpoint's weights, or load it "
                                  "with --dtype bfloat16 or float32 if float16 overflows")
         acc.add(x)
-        raise execution.StopForward
 
-    handle = first.register_forward_pre_hook(hook)
-    try:
-        hidden = inputs.hidden
-        for start in range(0, hidden.shape[0], inputs.batch_size):
-            sl = slice(start, min(start + inputs.batch_size, hidden.shape[0]))
-            try:
-                execution.call_layer(layer, hidden[sl].to(device), inputs.batch_kwargs(sl.stop - sl.start, device))
-            except execution.StopForward:
-                pass
-    finally:
-        handle.remove()
+    passes.step_inputs(first, add)
     assert acc is not None, "the step's first linear layer never ran"
     return dist.reduce_hessian(acc.free(), acc.nsamples)
 
@@ -109,29 +98,32 @@ T = TypeVar("T")
 _Solved = tuple[QuantGrid, bitplan.ModulePlan, dict[str, Any]]  # (grid on the CPU, plan, record)
 
 
-def _layer_steps(i: int, layer: nn.Module, inputs: execution.LayerInputs, device: str, dist: Dist,
+def _layer_steps(i: int, passes: step_activations.LayerPasses, device: str, dist: Dist,
                  work: Callable[[tuple[str, ...], dict[str, nn.Linear], Tensor], dict[str, T]], *,
                  writes_weights: bool, before_step: Callable[[tuple[str, ...]], None] | None = None,
                  ) -> Iterator[tuple[tuple[str, ...], dict[str, T]]]:
-    """The per-step sequence of decoder layer ``i``, shared by measuring and compressing.
+    """The per-step sequence of decoder layer ``i`` (``passes.layer``), shared by measuring and compressing.
 
     For each step of ``layout.SEQUENTIAL_STEPS``: H [C, C] of the step's input -> the owning
     rank of each of its layers -> ``work(this rank's layers, linears, H)`` (H may be consumed)
     -> every rank gets every owner's results, and with ``writes_weights`` the owners' new
-    weights too, before the next step's inputs are computed from them. Yields (step, short
-    name -> result for every layer of the step), in step order.
+    weights too, before the next step's inputs are computed from them (each pass continues from
+    the previous one's activations: :mod:`misq.models.step_activations`). Yields (step, short
+    name -> result for every layer of the step), in step order; ``passes.output`` comes after.
     """
-    linears = layout.layer_linears(layer)
+    linears = layout.layer_linears(passes.layer)
     for j, step in enumerate(layout.SEQUENTIAL_STEPS):
         if before_step is not None:
             before_step(step)
-        H = _accumulate_step_hessian(layer, linears[step[0]], linear_name(i, step[0]), inputs, device, dist)
+        H = _accumulate_step_hessian(passes, step[0], linear_name(i, step[0]), device, dist)
         owners = _step_owners(step, linears, i * len(layout.SEQUENTIAL_STEPS) + j, dist)
         mine = tuple(n for n in step if owners[n] == dist.rank)
         part = work(mine, linears, H) if mine else {}
         del H  # before the exchange: its [C, C] is the largest buffer alive
         weights = {n: linears[n].weight.data for n in step} if writes_weights else {}
-        yield step, dist.share_solved(weights, owners, part)
+        solved = dist.share_solved(weights, owners, part)
+        passes.solved(step)  # every rank holds the step's final weights now: its cached outputs may be made
+        yield step, solved
 
 
 @torch.no_grad()
@@ -150,11 +142,12 @@ def measure_model_plan(model: nn.Module, calib: Tensor, cfg: CompressConfig, dev
 
     layers = layout.decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="measure layers", unit="layer", leave=False)):
-        with execution.layer_weights(layer_source, i), execution.on_device(layer, device, dtype):
-            for step, part in _layer_steps(i, layer, inputs, device, dist, measure, writes_weights=False):
+        with execution.layer_weights(layer_source, i, ahead=_ahead(i, layers)), execution.on_device(layer, device, dtype), \
+                step_activations.LayerPasses(layer, inputs, device) as passes:
+            for step, part in _layer_steps(i, passes, device, dist, measure, writes_weights=False):
                 for name in step:
                     plans[linear_name(i, name)] = part[name]
-            execution.run_layer(layer, inputs, device, out=inputs.hidden)
+            passes.output(out=inputs.hidden)
     if dist.is_main:
         res = bitplan.allocate_model(plans, cfg)
         what = "bits per parameter on disk" if cfg.target_size is not None else "average channel bits"
@@ -207,16 +200,16 @@ def compress_model(
     bar = tqdm(range(len(layers)), desc="compress", unit="layer")
     for i in bar:
         layer = layers[i]
-        with execution.layer_weights(layer_source, i):
+        with execution.layer_weights(layer_source, i, ahead=_ahead(i, layers)):  # streaming: i + 1 is read meanwhile
             with execution.on_device(layer, device, dtype):
-                if i >= start_layer:
+                if i >= start_layer:  # also runs the compressed layer: its outputs replace inputs.hidden
                     _compress_layer(i, layer, inputs, cfg, device, plans, out, progress, block_fn, store_dtype, dist=dist,
                                     solver=solver, size_budget=size_budget)
                 else:
                     progress.update("replay", layer=i + 1)
                     for step in layout.SEQUENTIAL_STEPS:  # a resume re-plans as the interrupted run did
                         _spend(size_budget, i, step, layer, out, plans, dist)
-                execution.run_layer(layer, inputs, device, out=inputs.hidden)
+                    execution.run_layer(layer, inputs, device, out=inputs.hidden)
                 if not torch.isfinite(inputs.hidden).all():
                     raise NumericalError(f"model.layers.{i}: its outputs hold NaN/Inf after compression")
             if i >= start_layer and on_layer_done is not None:
@@ -226,6 +219,11 @@ def compress_model(
         progress.update("compress", layer=i + 1, layer_done=True)
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _ahead(i: int, layers: nn.ModuleList) -> int | None:
+    """The layer a streamed run reads while layer ``i`` is worked on (None after the last)."""
+    return i + 1 if i + 1 < len(layers) else None
 
 
 def _step_owners(step: tuple[str, ...], linears: dict[str, nn.Linear], turn: int, dist: Dist) -> dict[str, int]:
@@ -238,7 +236,8 @@ def _compress_layer(i: int, layer: nn.Module, inputs: execution.LayerInputs, cfg
                     block_fn: Callable | None, store_dtype: torch.dtype, dist: Dist = LOCAL,
                     solver: SolverOptions = DEFAULT_OPTIONS, size_budget: bitplan.SizeBudget | None = None) -> None:
     """Compress decoder layer ``i`` (on ``device``) in place, step by step; adds its grids,
-    plans and records to ``out``. With a ``size_budget`` the layers still to come are re-planned
+    plans and records to ``out``, then runs the compressed layer: its outputs [n, seqlen, d]
+    replace ``inputs.hidden``. With a ``size_budget`` the layers still to come are re-planned
     after every step, from the size the solved ones really take."""
     def work(mine: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor) -> dict[str, _Solved]:
         return _solve_layers(i, mine, linears, H, cfg, plans, block_fn, store_dtype, solver)
@@ -246,13 +245,15 @@ def _compress_layer(i: int, layer: nn.Module, inputs: execution.LayerInputs, cfg
     def announce(step: tuple[str, ...]) -> None:
         progress.update("compress", layer=i + 1, sublayer="+".join(n.split(".")[-1] for n in step))
 
-    for step, solved in _layer_steps(i, layer, inputs, device, dist, work, writes_weights=True, before_step=announce):
-        for name in step:
-            full = linear_name(i, name)
-            out.grids[full], out.plans[full], record = solved[name]
-            out.records.append(record)
-            log.info("%s: rel. error %.5f, sparsity %.3f, %.3f bits", full, record["rel_error"], record["sparsity"], record["avg_bits"])
-        _spend(size_budget, i, step, layer, out, plans, dist)
+    with step_activations.LayerPasses(layer, inputs, device) as passes:
+        for step, solved in _layer_steps(i, passes, device, dist, work, writes_weights=True, before_step=announce):
+            for name in step:
+                full = linear_name(i, name)
+                out.grids[full], out.plans[full], record = solved[name]
+                out.records.append(record)
+                log.info("%s: rel. error %.5f, sparsity %.3f, %.3f bits", full, record["rel_error"], record["sparsity"], record["avg_bits"])
+            _spend(size_budget, i, step, layer, out, plans, dist)
+        passes.output(out=inputs.hidden)
 
 
 def _spend(size_budget: bitplan.SizeBudget | None, i: int, step: tuple[str, ...], layer: nn.Module,

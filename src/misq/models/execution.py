@@ -59,7 +59,9 @@ def _to_device(value: Any, device: torch.device | str) -> Any:
     return value
 
 
-def _batches(n: int, batch_size: int) -> Iterator[slice]:
+def window_batches(n: int, batch_size: int) -> Iterator[slice]:
+    """The window slices of every pass over ``n`` windows: each pass uses the same batches, so
+    the same kernels see the same tensors (what keeps results bit for bit across passes)."""
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
 
@@ -92,7 +94,7 @@ def capture_layer0_inputs(
     try:
         for m in small:
             m.to(device=device)
-        for sl in _batches(n, batch_size):
+        for sl in window_batches(n, batch_size):
             try:
                 model(input_ids=input_ids[sl].to(device), use_cache=False)
             except StopForward:
@@ -129,7 +131,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device | str,
     """
     hidden = inputs.hidden
     out = torch.empty_like(hidden) if out is None else out
-    for sl in _batches(hidden.shape[0], inputs.batch_size):
+    for sl in window_batches(hidden.shape[0], inputs.batch_size):
         kw = inputs.batch_kwargs(sl.stop - sl.start, device)
         out[sl] = call_layer(layer, hidden[sl].to(device), kw).to(out.device)
     return out
@@ -176,12 +178,20 @@ class LayerSource(Protocol):
 
 
 @contextmanager
-def layer_weights(source: LayerSource | None, i: int) -> Iterator[None]:
-    """Decoder layer ``i`` has real weights inside the block; a no-op without a source."""
+def layer_weights(source: LayerSource | None, i: int, ahead: int | None = None) -> Iterator[None]:
+    """Decoder layer ``i`` has real weights inside the block; a no-op without a source.
+
+    ``ahead``: the layer the caller works on next. A source that can (``prefetch(j)``, as
+    :class:`misq.models.streaming.StreamedModel`) starts reading it in the background now, so
+    that the disk works while layer ``i`` computes.
+    """
     if source is None:
         yield
         return
     source.load(i)
+    prefetch = getattr(source, "prefetch", None)
+    if ahead is not None and prefetch is not None:
+        prefetch(ahead)
     try:
         yield
     finally:

@@ -33,6 +33,8 @@ import os
 import resource
 import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -221,6 +223,9 @@ class StreamedModel:
         self.model = model.eval()
         self.layers = layout.decoder_layers(model)
         self._layer_files: dict[int, SafetensorsFiles] = {}
+        # The one layer read ahead in the background (prefetch): (index, the files it is read from, its tensors).
+        self._ahead: tuple[int, SafetensorsFiles, Future[dict[str, Tensor]]] | None = None
+        self._reader: ThreadPoolExecutor | None = None
         self._materialize_outside_layers()
         log.info("streaming %s: %d decoder layers read one at a time", folder, len(self.layers))
 
@@ -248,11 +253,17 @@ class StreamedModel:
 
     # -- the LayerSource protocol ----------------------------------------------------------
     def load(self, i: int) -> None:
-        """Give decoder layer ``i`` its weights (from its compressed file once there is one)."""
+        """Give decoder layer ``i`` its weights (from its compressed file once there is one);
+        those a :meth:`prefetch` of ``i`` read already, and any error it met, are taken here."""
         layer, prefix = self.layers[i], layer_prefix(i)
         params = [(n, p) for n, p in layer.named_parameters()]
-        tensors = (self._layer_files.get(i) or self.files).read([prefix + n for n, _ in params], self.dtype)
-        loading.check_finite(tensors.items(), str(self.folder))
+        files = self._layer_files.get(i) or self.files
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == i and ahead[1] is files:
+            tensors = ahead[2].result()  # re-raises the reader's error (a damaged file, NaN) as a direct read would
+        else:
+            _drop(ahead)
+            tensors = self._read_layer([prefix + n for n, _ in params], files)
         for name, p in params:
             t = tensors[prefix + name]
             if t.shape != p.shape:
@@ -269,6 +280,38 @@ class StreamedModel:
     def use_file(self, i: int, path: Path) -> None:
         """From now on, layer ``i`` is read from ``path`` (a compressed layer's safetensors file)."""
         self._layer_files[i] = SafetensorsFiles([Path(path)])
+        if self._ahead is not None and self._ahead[0] == i:  # read from the old file: stale
+            _drop(self._ahead)
+            self._ahead = None
+
+    def prefetch(self, i: int) -> None:
+        """Start reading decoder layer ``i``'s tensors in a background thread; the next
+        :meth:`load` of ``i`` takes them. At most one layer is read ahead (bounded host memory:
+        the loaded layer plus this one): an earlier read that was not loaded is dropped."""
+        if not 0 <= i < len(self.layers):
+            return
+        files = self._layer_files.get(i) or self.files
+        if self._ahead is not None:
+            if self._ahead[0] == i and self._ahead[1] is files:
+                return
+            _drop(self._ahead)
+            self._ahead = None
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="misq-layer-reader")
+        names = [layer_prefix(i) + n for n, _ in self.layers[i].named_parameters()]  # here: the thread touches no module
+        self._ahead = (i, files, self._reader.submit(self._read_layer, names, files))
+
+    def _read_layer(self, names: list[str], files: SafetensorsFiles) -> dict[str, Tensor]:
+        """The tensors ``names`` from ``files`` in host memory, checked finite (any thread: the copies release the GIL)."""
+        tensors = files.read(names, self.dtype)
+        loading.check_finite(tensors.items(), str(self.folder))
+        return tensors
+
+
+def _drop(ahead: tuple[int, SafetensorsFiles, Future] | None) -> None:
+    """Forget a read-ahead that will not be loaded; waits for it so that no third layer is ever in memory."""
+    if ahead is not None and not ahead[2].cancel():
+        wait_for([ahead[2]])
 
 
 def open_streamed(folder: Path, cfg: ModelConfig) -> tuple[StreamedModel, Any]:
