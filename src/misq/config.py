@@ -11,6 +11,7 @@ time (the CLI's ``--help`` stays fast); torch is imported where a device is reso
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -30,6 +31,13 @@ BUDGETS = ("layer", "model")
 STREAM_MODES = ("auto", "on", "off")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 MI_ESTIMATORS = ("gaussian", "binned")
+# How sparsity is spread over the layers (misq.compress.sparsity_plan): uniform (SparseGPT's own),
+# loss (one allocation of sparsity and widths against the size budget), owl (Yin et al. 2023),
+# auto (loss with the average freed too; what `--sparsity auto` sets).
+SPARSITY_ALLOCATIONS = ("uniform", "loss", "owl", "auto")
+# The nominal sparsity of `--sparsity auto`: it only names the pattern (unstructured: the packed
+# format stores one mask per layer) and the results' target; the average is chosen by the allocation.
+AUTO_SPARSITY_NOMINAL = 0.5
 
 
 def option(
@@ -76,6 +84,25 @@ def sparsity_pattern(sparsity: float, prunen: int = 0, prunem: int = 0) -> str:
     if prunen and prunem:
         return f"{prunen}:{prunem}"
     return "unstructured" if sparsity > 0 else "dense"
+
+
+class SparsityArg(float):
+    """``--sparsity`` as typed on the command line: a fraction, or the word ``auto``.
+
+    The CLI builds each flag's type from the field's annotation, so this class is that type:
+    calling it parses (``SparsityArg("0.5") -> 0.5``, ``SparsityArg("auto") -> "auto"``) and
+    anything else is refused in one line. The field itself holds a plain float once the config
+    is built (``auto`` becomes ``sparsity_allocation="auto"``, see :class:`CompressConfig`).
+    """
+
+    def __new__(cls, text: Any) -> Any:  # type: ignore[misc]
+        if isinstance(text, str) and text.strip().lower() == "auto":
+            return "auto"
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"--sparsity {text!r} is neither a fraction in [0, 1) nor auto: "
+                                             "use e.g. --sparsity 0.5, or --sparsity auto") from None
 
 
 def parse_bits(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
@@ -208,7 +235,18 @@ class CompressConfig:
     seed: int = option(0, "seed of the calibration sample")
     # Defaults: dense, uniform 4-bit, groups of 128, act-order, MSE grids: the point of misq's
     # measured frontier at ~4.2 bits (BENCHMARKS.md, "The frontier"); README says why.
-    sparsity: float = option(0.0, "unstructured sparsity in [0, 1), e.g. 0.5; ignored with --prunen/--prunem")
+    # The annotation is the CLI's parser (a float or auto); the value is a float (RUF009: the
+    # option() call builds a dataclass field, it is not a mutable default).
+    sparsity: SparsityArg = option(0.0, "unstructured sparsity in [0, 1), e.g. 0.5 (the average over the layers "  # noqa: RUF009
+                                        "with --sparsity-allocation), or auto: misq picks each layer's sparsity and "
+                                        "width for --target-size; ignored with --prunen/--prunem")
+    # BENCHMARKS.md ("Sparsity allocated") has the measured comparison; uniform stays the default.
+    sparsity_allocation: str = option("uniform", "how --sparsity is spread over the layers: uniform (every layer the "
+                                                 "same); loss (per layer, chosen with the widths by the loss estimates "
+                                                 "against --target-size, same average); owl (outlier-weighted, Yin et "
+                                                 "al. 2023); auto (loss with a free average; what --sparsity auto sets). "
+                                                 "All but uniform need --budget model and mixed widths",
+                                      choices=SPARSITY_ALLOCATIONS)
     prunen: int = option(0, "N of an N:M pattern (with --prunem)")
     prunem: int = option(0, "M of an N:M pattern")
     # given=True: --use_mi_grouping implies a grouping and must see a contradicting --grouping.
@@ -248,6 +286,7 @@ class CompressConfig:
 
     def __post_init__(self) -> None:
         self.bits = parse_bits(self.bits)
+        self._resolve_sparsity()
         if self.nsamples < 1:
             raise MisqError(f"--nsamples {self.nsamples} must be at least 1 (the protocol uses 128)")
         if not 0.0 <= self.sparsity < 1.0:
@@ -301,6 +340,37 @@ class CompressConfig:
             raise MisqError(f"--mi-estimator {self.mi_estimator!r} is unknown: use one of {', '.join(MI_ESTIMATORS)}")
         if self.batch_size < 1:
             raise MisqError(f"--batch-size {self.batch_size} must be at least 1")
+
+    def _resolve_sparsity(self) -> None:
+        """``--sparsity auto`` -> ``sparsity_allocation="auto"`` with the nominal sparsity (one
+        float field, so results and checkpoints read it as before); check the allocation fits."""
+        if isinstance(self.sparsity, str):
+            try:
+                value = SparsityArg(self.sparsity)
+            except argparse.ArgumentTypeError as err:
+                raise MisqError(str(err)) from None
+            if value == "auto":
+                if self.sparsity_allocation not in ("uniform", "auto"):
+                    raise MisqError(f"--sparsity auto chooses the sparsity itself: drop --sparsity-allocation "
+                                    f"{self.sparsity_allocation}, or give --sparsity a number")
+                self.sparsity_allocation, value = "auto", AUTO_SPARSITY_NOMINAL
+            self.sparsity = value
+        self.sparsity = float(self.sparsity)
+        if self.sparsity_allocation not in SPARSITY_ALLOCATIONS:
+            raise MisqError(f"--sparsity-allocation {self.sparsity_allocation!r} is unknown: "
+                            f"use one of {', '.join(SPARSITY_ALLOCATIONS)}")
+        if self.sparsity_allocation == "uniform":
+            return
+        what = f"--sparsity-allocation {self.sparsity_allocation}"
+        if self.prunen or self.prunem:
+            raise MisqError(f"N:M pruning keeps N of every M weights in every layer: drop {what} (or --sparsity auto), "
+                            "or use unstructured --sparsity")
+        if not 0.0 < self.sparsity < 1.0:
+            raise MisqError(f"{what} spreads an average sparsity over the layers: give --sparsity in (0, 1), e.g. 0.5")
+        if self.grouping == "uniform" or self.budget != "model":
+            raise MisqError(f"{what} plans every layer in a first pass: use --budget model with --grouping hessian or mi")
+        if self.sparsity_allocation in ("loss", "auto") and self.target_size is None:
+            raise MisqError(f"{what} trades sparsity against bits within a size: give --target-size, e.g. 3.06")
 
     @property
     def structured(self) -> bool:
@@ -410,6 +480,7 @@ __all__ = [
     "DEVICE_MAPS",
     "GROUPINGS",
     "MI_ESTIMATORS",
+    "SPARSITY_ALLOCATIONS",
     "STREAM_MODES",
     "TASK_PRESETS",
     "CompressConfig",
@@ -417,6 +488,7 @@ __all__ = [
     "EvalConfig",
     "GenerateConfig",
     "ModelConfig",
+    "SparsityArg",
     "field",
     "option",
     "parse_bits",

@@ -244,26 +244,34 @@ def block_loop(W1: Tensor, Hinv1: Tensor, keep1: Tensor, scale1: Tensor, zero1: 
     return Q1, Err1
 
 
-def _unstructured_keep(W1: Tensor, hdiag: Tensor, sparsity: float, segments: list[int]) -> Tensor:
+def _unstructured_keep(W1: Tensor, hdiag: Tensor, sparsity: float | Sequence[float], segments: list[int]) -> Tensor:
     """[R, B] keep-mask: per row segment, prune the ``sparsity`` fraction with lowest saliency.
 
-    Matches the reference exactly: threshold = the sorted saliency at index ⌊n·sparsity⌋,
-    prune everything ≤ threshold.
+    ``sparsity``: one fraction for every segment, or one per segment (stacked layers that were
+    given different sparsities, :mod:`misq.compress.sparsity_plan`). Matches the reference
+    exactly: threshold = the sorted saliency at index ⌊n·sparsity⌋, prune everything ≤ threshold.
     """
+    per_segment = [float(sparsity)] * len(segments) if isinstance(sparsity, (int, float)) else [float(s) for s in sparsity]
+    if len(per_segment) != len(segments):
+        raise ValueError(f"{len(per_segment)} sparsities for {len(segments)} row segments")
+    if len(set(per_segment)) == 1:
+        sparsity = per_segment[0]  # one value: the original code path, bit for bit
     sal = W1**2 / hdiag.reshape(1, -1) ** 2
-    if sparsity <= 0:
-        return torch.ones_like(W1, dtype=torch.bool)
-    if len(set(segments)) == 1:
-        # Equal segments (q/k/v, gate/up): one batched sort, same thresholds.
-        parts = sal.reshape(len(segments), -1)
-        thresh = torch.sort(parts, dim=1)[0][:, int(parts.shape[1] * sparsity)]
-        return (parts > thresh.unsqueeze(1)).reshape(W1.shape)
+    if isinstance(sparsity, float):
+        if sparsity <= 0:
+            return torch.ones_like(W1, dtype=torch.bool)
+        if len(set(segments)) == 1:
+            # Equal segments (q/k/v, gate/up): one batched sort, same thresholds.
+            parts = sal.reshape(len(segments), -1)
+            thresh = torch.sort(parts, dim=1)[0][:, int(parts.shape[1] * sparsity)]
+            return (parts > thresh.unsqueeze(1)).reshape(W1.shape)
     keep = torch.ones_like(W1, dtype=torch.bool)
     start = 0
-    for rows in segments:
-        part = sal[start : start + rows]
-        thresh = torch.sort(part.flatten())[0][int(part.numel() * sparsity)]
-        keep[start : start + rows] = part > thresh
+    for rows, frac in zip(segments, per_segment):
+        if frac > 0:  # a segment left dense keeps everything (the threshold rule would prune its minimum)
+            part = sal[start : start + rows]
+            thresh = torch.sort(part.flatten())[0][int(part.numel() * frac)]
+            keep[start : start + rows] = part > thresh
         start += rows
     return keep
 
@@ -283,7 +291,7 @@ def solve(
     H: Tensor,
     qparams: tuple[Tensor, Tensor, Tensor] | None,
     *,
-    sparsity: float = 0.0,
+    sparsity: float | Sequence[float] = 0.0,
     prunen: int = 0,
     prunem: int = 0,
     blocksize: int = 128,
@@ -299,7 +307,8 @@ def solve(
 
     ``qparams`` = (scale, zero, maxq), each [R, C] (see :func:`column_params`); None means no
     quantization. ``row_segments`` lists the row counts of stacked
-    layers (default: one segment of R rows). ``block_fn`` replaces :func:`block_loop` with a
+    layers (default: one segment of R rows). ``sparsity``: one unstructured fraction, or one per
+    row segment (equal values give exactly the single-value result). ``block_fn`` replaces :func:`block_loop` with a
     fused kernel of the same signature (e.g. on CUDA). ``options``: how to compute (not what).
 
     ``order`` [C]: solve the columns in this order (GPTQ's act-order, or misq's width segments;

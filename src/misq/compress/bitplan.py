@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,6 +26,7 @@ from misq.algorithms import allocation, grouping
 from misq.algorithms.column_layout import ColumnLayout, layout_for, nm_metadata_bits, segment_bits
 from misq.algorithms.quantizer import QuantGrid, find_grid
 from misq.checkpoint.layer_format import describe_layer, layer_nbytes
+from misq.compress import sparsity_plan
 from misq.config import CompressConfig
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ class ModulePlan:
     bits: Tensor
     costs: Tensor | None = None
     sizes: Tensor | None = None  # [K, B] honest bits per weight of each option (--target-size)
+    sparsity: float | None = None  # this layer's unstructured sparsity; None: --sparsity (uniform)
+    options: Any = None  # candidate sparsities (misq.compress.sparsity_plan.SparsityOptions), first pass only
 
     def group_weights(self) -> Tensor:
         """[K] number of weights (rows × channels) in each group."""
@@ -56,9 +60,11 @@ class ModulePlan:
         return float(self.column_bits().float().mean())
 
 
-def estimate_keep(W: Tensor, H: Tensor, cfg: CompressConfig) -> Tensor:
+def estimate_keep(W: Tensor, H: Tensor, cfg: CompressConfig, sparsity: float | None = None) -> Tensor:
     """[R, C] guess of SparseGPT's mask before solving: keep the largest w²·H_jj (its saliency
-    with H⁻¹ replaced by the diagonal), per layer for unstructured sparsity, per M for N:M."""
+    with H⁻¹ replaced by the diagonal), per layer for unstructured sparsity, per M for N:M.
+    ``sparsity``: this layer's (sparsity allocation), default ``cfg.sparsity``."""
+    sparsity = cfg.sparsity if sparsity is None else sparsity
     sal = W.float() ** 2 * torch.diag(H).clamp_min(0).unsqueeze(0)
     if cfg.structured:
         R, C = W.shape
@@ -69,13 +75,13 @@ def estimate_keep(W: Tensor, H: Tensor, cfg: CompressConfig) -> Tensor:
         out = torch.ones_like(W, dtype=torch.bool)
         out[:, : keep.shape[1] * cfg.prunem] = keep.reshape(R, -1)
         return out
-    if cfg.sparsity <= 0:
+    if sparsity <= 0:
         return torch.ones_like(W, dtype=torch.bool)
     if cfg.target_size is not None:
         # Sizes are priced from this mask, so it should prune like the solver: the same share of
         # every block of columns (SparseGPT's mask is chosen block by block), not one global cut.
-        return _blockwise_keep(sal, cfg.sparsity, cfg.blocksize)
-    k = int(sal.numel() * cfg.sparsity)
+        return _blockwise_keep(sal, sparsity, cfg.blocksize)
+    k = int(sal.numel() * sparsity)
     flat = sal.flatten()
     if flat.is_cuda:
         # A radix sort on the GPU: sending every saliency (70M for a 13B gate_proj) to the host
@@ -176,6 +182,8 @@ def plan_step(weights: dict[str, Tensor], H: Tensor, cfg: CompressConfig, *, wit
         K = int(g.max()) + 1
         sizes = option_sizes(keep, g, K, cfg) if cfg.target_size is not None else None
         plan = ModulePlan(name, W.shape[0], g.cpu(), torch.zeros(K, dtype=torch.long), costs, sizes)
+        if with_costs and cfg.sparsity_allocation != "uniform":
+            sparsity_plan.add_options(plan, W, H, cfg)  # the candidates, chosen in allocate_model
         if not with_costs:
             res = allocation.allocate([costs], [plan.group_weights()], cfg.bits, budget_target(cfg),
                                       option_bits=None if sizes is None else [sizes])
@@ -192,7 +200,13 @@ def budget_target(cfg: CompressConfig) -> float:
 
 
 def allocate_model(plans: dict[str, ModulePlan], cfg: CompressConfig) -> allocation.AllocationResult:
-    """One knapsack over every layer's groups (``--budget model``); sets ``plan.bits`` in place."""
+    """One knapsack over every layer's groups (``--budget model``); sets ``plan.bits`` in place.
+
+    With ``--sparsity-allocation`` other than uniform each layer's sparsity is chosen first
+    (:func:`misq.compress.sparsity_plan.choose`, which sets ``plan.sparsity`` and the cost and
+    size tables of its mask); the widths are then allocated exactly on those tables."""
+    if cfg.sparsity_allocation != "uniform":
+        sparsity_plan.choose(plans, cfg)
     names = list(plans)
     sized = cfg.target_size is not None
     res = allocation.allocate([plans[n].costs for n in names], [plans[n].group_weights() for n in names],
@@ -290,7 +304,8 @@ def bit_statistics(plans: dict[str, ModulePlan], target: float) -> dict:
     hist = allocation.bit_histogram(column_bits, [plan.rows for plan in plans.values()])
     actual = hist["average_bits"]
     per_layer = [{"name": name, "avg_bits": float(cb.float().mean()), "rows": plan.rows, "cols": cb.numel(),
-                  "groups": int(plan.bits.numel()), "group_bits": plan.bits.tolist()}
+                  "groups": int(plan.bits.numel()), "group_bits": plan.bits.tolist(),
+                  **({} if plan.sparsity is None else {"planned_sparsity": round(float(plan.sparsity), 4)})}
                  for (name, plan), cb in zip(plans.items(), column_bits)]
     return {
         "target_avg_bits": target,

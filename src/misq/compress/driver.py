@@ -304,8 +304,11 @@ def _solve_batch(names: tuple[str, ...], col_layout: ColumnLayout | None, weight
     rows = [weights[name].shape[0] for name in names]
     dynamic = col_layout is not None and cfg.groupsize > 0  # grids found as the solver reaches each group
     grids = {} if dynamic else {name: bitplan.grid_for(weights[name], step_plans[name], cfg) for name in names}
+    # Each layer's own sparsity (--sparsity-allocation); one value when they agree, as before.
+    spars = [cfg.sparsity if step_plans[n].sparsity is None else step_plans[n].sparsity for n in names]
     try:
-        res = solve(W, H, None if dynamic else column_params([grids[n] for n in names]), sparsity=cfg.sparsity,
+        res = solve(W, H, None if dynamic else column_params([grids[n] for n in names]),
+                    sparsity=spars[0] if len(set(spars)) == 1 else spars,
                     prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                     row_segments=rows, block_fn=block_fn, options=solver,
                     order=None if col_layout is None else col_layout.perm,

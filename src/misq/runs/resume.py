@@ -258,6 +258,8 @@ class ResumeState:
             tensors[f"{name}.groups"] = p.groups.contiguous()
             tensors[f"{name}.bits"] = p.bits.contiguous()
             tensors[f"{name}.rows"] = torch.tensor([p.rows])
+            if getattr(p, "sparsity", None) is not None:  # --sparsity-allocation: this layer's own
+                tensors[f"{name}.sparsity"] = torch.tensor([float(p.sparsity)], dtype=torch.float64)
         _save_tensors(tensors, self.dir / "plans.safetensors")
 
     def load_plans(self) -> dict[str, Any] | None:
@@ -270,7 +272,8 @@ class ResumeState:
         try:
             t = load_file(str(path))
             names = sorted({k.rsplit(".", 1)[0] for k in t})
-            return {n: ModulePlan(n, int(t[f"{n}.rows"][0]), t[f"{n}.groups"], t[f"{n}.bits"]) for n in names}
+            return {n: ModulePlan(n, int(t[f"{n}.rows"][0]), t[f"{n}.groups"], t[f"{n}.bits"],
+                                  sparsity=float(t[f"{n}.sparsity"][0]) if f"{n}.sparsity" in t else None) for n in names}
         except (OSError, RuntimeError, ValueError, KeyError, IndexError, SafetensorError) as err:
             raise MisqError(f"the resume data {path} is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}): "
                             f"delete {self.dir} and drop --resume to start over") from None
