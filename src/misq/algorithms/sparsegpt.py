@@ -316,8 +316,8 @@ def solve(
     ``grid_groups``: (start, end, bits) in solve positions, each a scale group whose grid is
     found when the solver reaches its first column, from the weights as they are then (after
     the earlier columns' error updates; pruned weights of the block excluded), as GPTQ does
-    with ``groupsize``. Their grids come back in ``group_scale``/``group_zero``; those columns'
-    ``qparams`` are ignored. Blocks are cut at every group start.
+    with ``groupsize``. Their grids come back in ``group_scale``/``group_zero``; they must cover
+    every column, and ``qparams`` must then be None. Blocks are cut at every group start.
     """
     t0 = time.perf_counter()
     R, C = W.shape
@@ -327,31 +327,45 @@ def solve(
     W = W0.clone()
     if not torch.isfinite(W).all():
         raise NumericalError("the weight holds NaN/Inf before compression")
-    H_orig = H.clone()
+    # Memory: H [C, C] is the largest buffer (3 GiB fp32 for a 70B down_proj). The caller's H is
+    # kept unmodified for the reported error, and only one working copy (damped, permuted) is
+    # made, in a single gather; per-weight grids [R, C] exist only when the caller gives them:
+    # group grids found on the way (``grid_groups``) are expanded one block at a time.
+    H_orig = H
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    if order is not None:  # solve in this order: permute everything once, undo at the end
+        order = order.to(W.device)
+        H = H[order.unsqueeze(1), order.unsqueeze(0)]
+        dead_solve = dead[order]
+    else:
+        H = H.clone()
+        dead_solve = dead
+    H[dead_solve, dead_solve] = 1
     W[:, dead] = 0
     if qparams is not None:
         scale, zero, maxq = (t.to(device=W.device, dtype=torch.float32) for t in qparams)
+        if order is not None:
+            scale, zero, maxq = scale[:, order], zero[:, order], maxq[:, order]
     else:
-        scale = torch.ones_like(W)
-        zero = torch.zeros_like(W)
-        maxq = torch.full_like(W, float("inf"))
-    if order is not None:  # solve in this order: permute everything once, undo at the end
-        order = order.to(W.device)
-        W, scale, zero, maxq = W[:, order], scale[:, order], zero[:, order], maxq[:, order]
-        H = H[order][:, order]
+        scale = zero = maxq = None
+    if order is not None:
+        W = W[:, order]
     Hinv, damp = damped_inverse_cholesky(H, percdamp, method=options.hinv_method)
     del H
 
     group_at = {s: (e, b) for s, e, b in (grid_groups or ())}
+    if group_at and (qparams is not None or 0 not in group_at):
+        raise ValueError("grid_groups must start at column 0 and exclude qparams")
     starts = sorted(set(range(0, C, blocksize)) | set(group_at))
     group_scale: list[Tensor] = []
     group_zero: list[Tensor] = []
     keep = torch.ones_like(W, dtype=torch.bool)
     run_block = block_fn or block_loop
+    # The grid of the scale group being solved, as per-row columns [R, 1] (no quantization: 1, 0, inf).
+    cur_s, cur_z = torch.ones(R, 1, device=W.device), torch.zeros(R, 1, device=W.device)
+    cur_q = torch.full((R, 1), float("inf"), device=W.device)
     for i1, i2 in zip(starts, [*starts[1:], C]):
-        i2 = min(i2, i1 + blocksize)
+        i2 = min(i2, i1 + blocksize)  # blocks are cut at group starts, so a block lies in one group
         W1 = W[:, i1:i2].clone()
         Hinv1 = Hinv[i1:i2, i1:i2]
         if prunen:
@@ -361,16 +375,20 @@ def solve(
         if i1 in group_at:
             end, bits = group_at[i1]
             s, z = _group_grid(W[:, i1:end], keep1, bits, grid_mse)
-            scale[:, i1:end], zero[:, i1:end] = s.unsqueeze(1), z.unsqueeze(1)
-            maxq[:, i1:end] = float(2**bits - 1) if bits < FP_BITS else float("inf")
+            cur_s, cur_z = s.unsqueeze(1), z.unsqueeze(1)
+            cur_q = torch.full((R, 1), float(2**bits - 1) if bits < FP_BITS else float("inf"), device=W.device)
             group_scale.append(s)
             group_zero.append(z)
-        Q1, Err1 = run_block(W1, Hinv1, keep1, scale[:, i1:i2], zero[:, i1:i2], maxq[:, i1:i2], prunen, prunem)
+        if scale is not None and not group_at:
+            block_grid = (scale[:, i1:i2], zero[:, i1:i2], maxq[:, i1:i2])
+        else:  # stride-0 views: the block kernels read them through their strides
+            block_grid = tuple(t.expand(R, i2 - i1) for t in (cur_s, cur_z, cur_q))
+        Q1, Err1 = run_block(W1, Hinv1, keep1, *block_grid, prunen, prunem)
         W[:, i1:i2] = Q1
         keep[:, i1:i2] = keep1
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
-    del Hinv, scale, zero, maxq
+    del Hinv, scale, zero, maxq, cur_s, cur_z, cur_q
     if order is not None:
         W = torch.empty_like(W).index_copy_(1, order, W)
         keep = torch.empty_like(keep).index_copy_(1, order, keep)
