@@ -60,6 +60,13 @@ RECIPES = {
     "mixed 4.15 mse": {**_MIXED, "target_size": 4.15, "mse": True},
     "mixed 2.75 mse": {**_MIXED, "target_size": 2.75, "mse": True},
     "sparse50 3b mse": {**_PLAIN, "grouping": "uniform", "wbits": 3, "sparsity": 0.5, "mse": True},
+    # GPTQ's static_groups: act-order solves, groups of consecutive original columns, no stored order.
+    "gptq3 g128 static act": {**_PLAIN, "grouping": "uniform", "wbits": 3, "groupsize": 128, "act_order": True,
+                              "static_groups": True},
+    "gptq3 g128 static act mse": {**_PLAIN, "grouping": "uniform", "wbits": 3, "groupsize": 128, "act_order": True,
+                                  "static_groups": True, "mse": True},
+    "gptq4 g128 static act mse": {**_PLAIN, "grouping": "uniform", "wbits": 4, "groupsize": 128, "act_order": True,
+                                  "static_groups": True, "mse": True},
 }
 
 
@@ -70,6 +77,7 @@ def main() -> None:
     ap.add_argument("--reference", default=None, help="reference points JSON (benchmarks/references/*.json)")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names (default: all)")
     ap.add_argument("--seqlen", type=int, default=None)
+    ap.add_argument("--datasets", default=",".join(DATASETS), help="evaluated datasets (default: wikitext2,ptb,c4)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="frontier")
     ap.add_argument("--work", default="/tmp/misq-frontier")
@@ -85,7 +93,7 @@ def main() -> None:
     for i, name in enumerate(n.strip() for n in args.recipes.split(",")):
         cfg = CompressConfig(nsamples=128, dataset="c4", **RECIPES[name])
         t0 = time.perf_counter()
-        res = jobs.run_compress(model_cfg, data_cfg, cfg, EvalConfig(datasets=DATASETS, prompts="none"), f"{args.work}/run{i}-{time.time_ns()}")
+        res = jobs.run_compress(model_cfg, data_cfg, cfg, EvalConfig(datasets=tuple(args.datasets.split(",")), prompts="none"), f"{args.work}/run{i}-{time.time_ns()}")
         point = run_point(name, res)
         storage = res["storage"]
         rows.append({"name": name, "config": cfg.to_dict(), "ppl": res["ppl"], "size": point["size"] if point else None,

@@ -29,7 +29,8 @@ def _payload_bytes(folder) -> dict[str, int]:
     {"grouping": "hessian", "target_size": 3.6, "groupsize": 0, "act_order": False, "sparsity": 0.0, "budget": "model"},
     {"grouping": "mi", "target_size": 3.7, "groupsize": 0, "act_order": False, "sparsity": 0.5, "budget": "model"},
     {"grouping": "uniform", "wbits": 3, "groupsize": 32, "act_order": True, "sparsity": 0.0},
-], ids=["mixed-g16-act-model", "mixed-per-row-model", "mi-sparse50-model", "uniform3-g32-act"])
+    {"grouping": "uniform", "wbits": 3, "groupsize": 32, "act_order": True, "static_groups": True, "sparsity": 0.5},
+], ids=["mixed-g16-act-model", "mixed-per-row-model", "mi-sparse50-model", "uniform3-g32-act", "uniform3-g32-static-sparse50"])
 def test_size_is_met_and_is_what_the_file_holds(tiny_checkpoint, tiny_corpus_file, tmp_path, case):
     cfg = CompressConfig(dataset=str(tiny_corpus_file), nsamples=8, n_groups=4, bits=(2, 3, 4, 6, 8), **case)
     run, packed = tmp_path / "run", tmp_path / "packed"
@@ -61,6 +62,25 @@ def test_uniform_groupwise_is_gptq_shaped(tiny_checkpoint, tiny_corpus_file, tmp
     assert st["avg_channel_bits"] == 3.0
     assert st["bits_per_stored_weight"] == pytest.approx(3 + 19 / 32)
     assert 3 + 19 / 32 < st["bits_per_param_disk_quantized"] < 3 + 19 / 32 + 0.4  # + 16-bit order per column
+
+
+def test_static_groups_store_no_column_order(tiny_checkpoint, tiny_corpus_file, tmp_path):
+    """--static-groups with act-order: GPTQ's 3 + 19/32 bits a weight and nothing for the order,
+    and the reload gives back the weights the run evaluated, bit for bit."""
+    import torch
+
+    cfg = CompressConfig(dataset=str(tiny_corpus_file), nsamples=8, grouping="uniform", wbits=3, groupsize=32,
+                         act_order=True, static_groups=True, sparsity=0.0)
+    packed = tmp_path / "packed"
+    res = jobs.run_compress(ModelConfig(str(tiny_checkpoint), device="cpu"), DataConfig(seqlen=64, cache_dir=str(tmp_path / "c")),
+                            cfg, None, str(tmp_path / "run"), save_dir=str(packed))
+    st = res["storage"]
+    assert st["bits_per_param_disk_quantized"] == pytest.approx(3 + 19 / 32, abs=1e-9)
+    names = [n for f in packed.glob("*.safetensors") for n in safe_open(str(f), "pt").keys()]  # noqa: SIM118
+    assert not [n for n in names if n.endswith(".perm")]
+    reloaded = load_packed(packed, dtype=torch.float32)
+    q = reloaded.model.layers[0].self_attn.q_proj.weight
+    assert len(torch.unique(q[0, :32])) <= 8  # one 3-bit grid per 32 consecutive original columns
 
 
 def test_a_size_out_of_reach_gets_the_nearest_and_says_so(tiny_checkpoint, tiny_corpus_file, tmp_path, caplog):

@@ -290,7 +290,13 @@ class SizeBudget:
 
 
 def grid_for(W: Tensor, plan: ModulePlan, cfg: CompressConfig) -> QuantGrid:
-    """The quantization grid of one layer under its plan (on W's device)."""
+    """The quantization grid of one layer under its plan (on W's device). With ``--static-groups``
+    (one width): a grid per ``groupsize`` consecutive original columns, from W as it is."""
+    if cfg.static_groups:
+        C = W.shape[1]
+        groups = torch.arange(C, device=W.device) // cfg.groupsize
+        bits = plan.bits[:1].to(W.device).repeat(math.ceil(C / cfg.groupsize))
+        return find_grid(W, groups, bits, mse=cfg.mse)
     return find_grid(W, plan.groups.to(W.device), plan.bits.to(W.device), mse=cfg.mse)
 
 

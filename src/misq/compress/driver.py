@@ -302,7 +302,9 @@ def _solve_batch(names: tuple[str, ...], col_layout: ColumnLayout | None, weight
     """Solve layers ``names`` (one column layout ``col_layout``, or the natural order) as one stacked matrix."""
     W = torch.cat([weights[name] for name in names])
     rows = [weights[name].shape[0] for name in names]
-    dynamic = col_layout is not None and cfg.groupsize > 0  # grids found as the solver reaches each group
+    # Grids found as the solver reaches each group (GPTQ's groupsize), unless --static-groups fixed
+    # them up front on the original columns (then the solve order is not stored: grid.order stays None).
+    dynamic = col_layout is not None and cfg.groupsize > 0 and not cfg.static_groups
     grids = {} if dynamic else {name: bitplan.grid_for(weights[name], step_plans[name], cfg) for name in names}
     # Each layer's own sparsity (--sparsity-allocation); one value when they agree, as before.
     spars = [cfg.sparsity if step_plans[n].sparsity is None else step_plans[n].sparsity for n in names]
@@ -334,7 +336,7 @@ def _solve_batch(names: tuple[str, ...], col_layout: ColumnLayout | None, weight
                              bits=col_layout.group_bits(), order=col_layout.perm)
         else:
             grid = grids[name]
-            if col_layout is not None:
+            if col_layout is not None and not cfg.static_groups:
                 grid.order = col_layout.perm
         plan = step_plans[name]
         record = {
