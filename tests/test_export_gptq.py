@@ -1,9 +1,11 @@
-"""``misq export --format gptq``: GPTQ (v1) checkpoints that reproduce misq's weights bit for bit.
+"""``misq export --format gptq``: GPTQ (v1 and v2) checkpoints that reproduce misq's weights bit for bit.
 
 The reader here is written from the published layout, not from misq's writer: it turns each
 int32 word into its 32 bits (least significant first), concatenates them into one stream and
-cuts the stream into b-bit values, then computes W = scales[g_idx] * (q - (qzeros + 1)) with
-the per-module bits/group_size that GPTQModel's ``dynamic`` rules select (first ``re.match``).
+cuts the stream into b-bit values, then computes W = scales[g_idx] * (q - (qzeros + 1)) for v1
+(``"checkpoint_format": "gptq"``) or W = scales[g_idx] * (q - qzeros) for GPTQModel's
+``"gptq_v2"``, with the per-module bits/group_size that GPTQModel's ``dynamic`` rules select
+(first ``re.match``).
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def read_gptq(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, to
         assert qweight.dtype == qzeros.dtype == g_idx.dtype == torch.int32 and scales.dtype == torch.float16
         assert qweight.shape == (C * bits // 32, R) and qzeros.shape == (K, R * bits // 32) and scales.shape == (K, R)
         q = _bits_of_words(qweight, C, bits)  # [C, R]
-        z = _bits_of_words(qzeros.t().contiguous(), R, bits).t() + 1  # [K, R]: v1 stores zero - 1
+        z = _bits_of_words(qzeros.t().contiguous(), R, bits).t()  # [K, R]
+        z = z + {"gptq": 1, "gptq_v2": 0}[qcfg["checkpoint_format"]]  # v1 stores zero - 1, v2 the zero itself
+        assert qcfg["format"] == qcfg["checkpoint_format"]
         g = g_idx.long()
         if not qcfg["desc_act"]:  # a reader that ignores g_idx assumes this
             assert torch.equal(g, torch.arange(C) // (C if group_size == -1 else group_size))
@@ -84,11 +88,12 @@ def tokenizer(tiny_checkpoint: Path):
     return AutoTokenizer.from_pretrained(tiny_checkpoint)
 
 
-def _compressed(tokenizer, widths, pattern: str, seed: int = 0, layers: int = 1):
+def _compressed(tokenizer, widths, pattern: str, seed: int = 0, layers: int = 1, nonneg_rows: int = 0):
     """A LLaMA of ``layers`` decoder layers (hidden 128, ffn 256) whose linears are pruned to ``pattern`` and rounded
     on misq grids; ``widths(name) -> (bits, groupsize, act_order)`` (groupsize 0: per row).
     Act-order layers get a random column order whose runs of G are the scale groups, as the
-    solver makes them."""
+    solver makes them. The first ``nonneg_rows`` rows of every linear are made >= 0, so that their
+    scale groups have zero point 0."""
     gen = torch.Generator().manual_seed(seed)
     model = build_model(len(tokenizer), hidden=128, ffn=256, layers=layers, heads=4, kv_heads=2, seed=seed).half()
     pat = parse_pattern(pattern)
@@ -102,6 +107,7 @@ def _compressed(tokenizer, widths, pattern: str, seed: int = 0, layers: int = 1)
                 W[torch.rand(W.shape, generator=gen) < 0.5] = 0
             elif pat.kind == "nm":
                 W = torch.where(nm_keep_mask(W, pat.n, pat.m), W, 0.0)
+            W[:nonneg_rows] = W[:nonneg_rows].abs()
             bits, G, act_order = widths(name)
             C = W.shape[1]
             order = torch.randperm(C, generator=gen) if act_order else torch.arange(C)
@@ -219,6 +225,36 @@ def test_per_layer_widths_write_dynamic(tmp_path, tokenizer) -> None:
     assert _module_config(qcfg, "model.layers.1.self_attn.q_proj") == (4, 128)
 
 
+def _dynamic_widths(name: str) -> tuple[int, int, bool]:
+    """3-, 4- and 8-bit layers, act-order in some: a folder only ``dynamic`` describes."""
+    if name.endswith("mlp.down_proj"):
+        return 8, 128, True
+    if name.startswith("model.layers.0.self_attn.") and not name.endswith("o_proj"):
+        return 3, 128, False
+    return 4, 128, name.endswith("o_proj")
+
+
+def test_gptq_v2_stores_zero_points_as_they_are(tmp_path, tokenizer) -> None:
+    """v2 through the CLI: zero points unshifted (0 included: v1 mirrors those cells), nothing
+    mirrored, the same weights bit for bit."""
+    packed = _packed(tmp_path, tokenizer, _dynamic_widths, "unstructured", layers=2, nonneg_rows=3)
+    assert cli.main(["export", str(packed), "--format", "gptq", "--gptq-checkpoint-format", "gptq_v2",
+                     str(tmp_path / "v2")]) == 0
+    qcfg = _check_bit_exact(packed, tmp_path / "v2")
+    assert (qcfg["checkpoint_format"], qcfg["format"], qcfg["sym"]) == ("gptq_v2", "gptq_v2", False)
+    assert (qcfg["bits"], qcfg["group_size"], qcfg["desc_act"]) == (4, 128, True) and len(qcfg["dynamic"]) == 3
+    v1 = export_gptq(packed, tmp_path / "v1")  # the default is still v1
+    assert v1["quantization_config"]["checkpoint_format"] == "gptq" and v1["mirrored"] > 0
+    a, b = load_file(tmp_path / "v1" / "model.safetensors"), load_file(tmp_path / "v2" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        if not key.endswith((".qzeros", ".qweight", ".scales")):
+            assert torch.equal(a[key], b[key]), key
+    assert all(bool((b[k] > 0).all()) for k in b if k.endswith(".scales"))  # no negated scale in v2
+    with pytest.raises(MisqError, match="gptq_v2"):
+        export_gptq(packed, tmp_path / "v3", checkpoint_format="gptq_v3")
+
+
 def test_quantization_config_base_and_overrides() -> None:
     """The most common (bits, group_size) is the base; a one-group layer of C columns fits
     group_size C; a per-row layer among groups of 128 overrides group_size; skipped linears are -:."""
@@ -325,6 +361,13 @@ def test_zero_point_zero_is_mirrored_exactly() -> None:
     assert int(stored.max()) < 15
     v2 = (layer.qzeros.long() + 0x11111111) & 0xFFFFFFFF  # GPTQModel's v1 -> v2 conversion, 4 bits
     assert torch.equal(_bits_of_words(v2.t().contiguous(), 64, 4), stored + 1)
+    # v2 stores the zero point itself: 0 fits, so nothing is mirrored and the codes are misq's own
+    layer2 = encode_gptq(codes, grid, "gptq_v2")
+    assert layer2.mirrored == 0 and bool((layer2.scales > 0).all())
+    assert torch.equal(_bits_of_words(layer2.qzeros.t().contiguous(), 64, 4).t(), grid.zero.t().long())
+    assert torch.equal(_bits_of_words(layer2.qweight, 256, 4).t(), codes.long())
+    assert torch.equal(decode_gptq(layer2.qweight, layer2.qzeros, layer2.scales, layer2.g_idx, 4, "gptq_v2"),
+                       from_codes(codes, grid))
 
 
 def test_encode_refuses_what_gptq_cannot_place() -> None:
@@ -358,3 +401,27 @@ def test_gptqmodel_loads_it_through_transformers(tmp_path, tokenizer) -> None:
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits.float(), reference(ids).logits.float(), atol=5e-3, rtol=0)
+
+
+def test_gptqmodel_load_reads_gptq_v2_with_dynamic_widths(tmp_path, tokenizer) -> None:
+    """GPTQModel's own loader on a gptq_v2 export whose layers are 3, 4 and 8 bits (only
+    ``dynamic`` says which), some grids with zero point 0: its dequantized weights are misq's,
+    bit for bit (skipped when gptqmodel is not installed)."""
+    pytest.importorskip("gptqmodel")
+    from gptqmodel import BACKEND, GPTQModel
+
+    packed = _packed(tmp_path, tokenizer, _dynamic_widths, "unstructured", layers=2, nonneg_rows=3)
+    export_gptq(packed, tmp_path / "v2", checkpoint_format="gptq_v2")
+    model = GPTQModel.load(str(tmp_path / "v2"), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+    reference = load_packed(packed)
+    state = reference.state_dict()
+    widths = {}
+    for name, module in model.model.named_modules():
+        if hasattr(module, "dequantize_weight") and name.startswith("model.layers."):
+            widths[name] = module.bits
+            assert torch.equal(module.dequantize_weight().t(), state[f"{name}.weight"]), name
+    assert len(widths) == 14 and sorted(set(widths.values())) == [3, 4, 8]
+    assert widths["model.layers.0.self_attn.k_proj"] == 3 and widths["model.layers.1.mlp.down_proj"] == 8
+    ids = torch.randint(0, reference.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.model(ids).logits.float(), reference(ids).logits.float(), atol=5e-3, rtol=0)

@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "format", choices=("dense", "gptq"), default="dense",
           help="dense: plain HF weights, loads anywhere; gptq: qweight/qzeros/scales/g_idx for GPTQModel, vLLM, "
                "transformers, when every layer has one width of 2, 3, 4 or 8 bits (default: dense)")
+    _flag(p, "gptq-checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
+          help="with --format gptq: gptq (v1, zero points minus one) for transformers, vLLM, ExLlama; gptq_v2 "
+               "(zero points as they are) for GPTQModel.load, which reads per-layer widths (default: gptq)")
     _flag(p, "dense", default=None, help="output folder of a dense export (the same as OUT with --format dense)")
     add_config_args(p, ModelConfig, "export", only=("dtype",))
 
@@ -312,7 +315,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.format == "gptq":
             from misq.checkpoint.gptq_export import export_gptq
 
-            export_gptq(packed_dir, out)
+            export_gptq(packed_dir, out, checkpoint_format=args.gptq_checkpoint_format)
         else:
             from misq.checkpoint.packed import export_dense
 

@@ -1,4 +1,4 @@
-"""``misq export PACKED --format gptq OUT``: a packed checkpoint as a GPTQ (v1) checkpoint.
+"""``misq export PACKED --format gptq OUT``: a packed checkpoint as a GPTQ (v1 or v2) checkpoint.
 
 The folder is what GPTQModel, transformers (with optimum and gptqmodel), vLLM and ExLlama load:
 per compressed linear ``L`` the tensors ``L.qweight``, ``L.qzeros``, ``L.scales``, ``L.g_idx``
@@ -19,8 +19,10 @@ q/k/v or gate/up names the fused module too. transformers' GPTQ path (optimum 2.
 ``dynamic`` and refuses such a folder (size mismatch), which the export warns about.
 ``GPTQModel.load()`` refuses any ``sym: false`` v1 checkpoint whose ``meta.quantizer`` does not
 name gptqmodel >= 0.9 (``models/loader.py``, a guard against AutoGPTQ's zero - 1 underflow). The
-export names misq there, as it is, so that loader refuses it; transformers (whose GPTQ path runs
-GPTQModel's kernels) and vLLM load it.
+export names misq there, as it is, so that loader refuses a v1 folder; transformers (whose GPTQ
+path runs GPTQModel's kernels) and vLLM load it. ``checkpoint_format="gptq_v2"`` writes
+GPTQModel's v2 layout instead (zero points as they are, ``"checkpoint_format"`` and ``"format"``
+``"gptq_v2"``), which that loader takes without the guard or any conversion, ``dynamic`` included.
 
 Runs GPTQ cannot express (mixed widths within a layer, 16-bit columns, 6-bit codes, unequal
 groups) are refused before anything is written. Pruned weights have no place in the format:
@@ -43,7 +45,7 @@ from torch import Tensor
 
 from misq import __version__
 from misq.algorithms.quantizer import QuantGrid, from_codes, to_codes
-from misq.checkpoint.gptq_format import GptqLayout, GptqUnsupported, encode_gptq, gptq_layout
+from misq.checkpoint.gptq_format import ZERO_OFFSET, GptqLayout, GptqUnsupported, encode_gptq, gptq_layout
 from misq.checkpoint.layer_format import decode_layer, expected_shapes, run_table
 from misq.checkpoint.packed import (
     EXPORT_MARKER,
@@ -70,10 +72,14 @@ log = logging.getLogger(__name__)
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def export_gptq(packed_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
+def export_gptq(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                checkpoint_format: str = "gptq") -> dict[str, Any]:
     """Write ``packed_dir`` as a GPTQ checkpoint in ``out_dir`` (atomic; replaces only an earlier
-    misq export). Returns ``quantization_config``, ``gptq_bytes`` and ``packed_bytes`` (the
-    safetensors of both folders) and ``mirrored`` (see :mod:`~misq.checkpoint.gptq_format`)."""
+    misq export), in the ``checkpoint_format`` "gptq" (v1) or "gptq_v2" layout. Returns
+    ``quantization_config``, ``gptq_bytes`` and ``packed_bytes`` (the safetensors of both
+    folders) and ``mirrored`` (see :mod:`~misq.checkpoint.gptq_format`)."""
+    if checkpoint_format not in ZERO_OFFSET:
+        raise MisqError(f"unknown GPTQ checkpoint format {checkpoint_format!r}: one of {', '.join(ZERO_OFFSET)}")
     packed, out = Path(packed_dir), Path(out_dir)
     cfg = _read_config(packed)
     section = _misq_section(packed, cfg)
@@ -98,7 +104,7 @@ def export_gptq(packed_dir: str | os.PathLike, out_dir: str | os.PathLike) -> di
             tensors = {s: weights.get(f"{name}.{s}") for s in expected_shapes(layers[name], pattern)}
             check_finite(((f"{name}.{s}", t) for s, t in tensors.items()), str(packed))
             try:
-                layer = encode_gptq(*stored_codes(tensors, layers[name], pattern))
+                layer = encode_gptq(*stored_codes(tensors, layers[name], pattern), checkpoint_format)
             except ValueError as err:  # GptqUnsupported was ruled out by _plan: this is a damaged layer
                 raise MisqError(f"{name} does not decode ({err}): the checkpoint is damaged, save it again") from None
             mirrored += layer.mirrored
@@ -114,9 +120,10 @@ def export_gptq(packed_dir: str | os.PathLike, out_dir: str | os.PathLike) -> di
         for f in packed.iterdir():  # tokenizer, generation config, anything else that is not weights
             if f.is_file() and f.name not in own and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, tmp / f.name)
-        marker = {"exported_from": str(packed.resolve()), "misq_version": __version__, "format": "gptq"}
+        marker = {"exported_from": str(packed.resolve()), "misq_version": __version__, "format": "gptq",
+                  "checkpoint_format": checkpoint_format}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        qcfg = quantization_config(layouts, skipped, desc_act=desc_act, warn=False)
+        qcfg = quantization_config(layouts, skipped, desc_act=desc_act, warn=False, checkpoint_format=checkpoint_format)
         hf_config = {k: v for k, v in cfg.items() if k != "misq"} | {"quantization_config": qcfg}
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")  # last
     result = {"quantization_config": qcfg, "gptq_bytes": _weights_bytes(out), "packed_bytes": _weights_bytes(packed),
@@ -124,8 +131,8 @@ def export_gptq(packed_dir: str | os.PathLike, out_dir: str | os.PathLike) -> di
     notes = "" if pattern.kind == "dense" else f"; its {pattern} pruned weights are stored as zero-point codes here"
     if mirrored:
         notes += f"; {mirrored} (group, row) grids with zero point 0 are written with a negated scale"
-    log.info("exported %s as GPTQ to %s: %.2f MB of weights against %.2f MB in misq's packed file (x%.2f)%s",
-             packed, out, result["gptq_bytes"] / 1e6, result["packed_bytes"] / 1e6,
+    log.info("exported %s as GPTQ (%s) to %s: %.2f MB of weights against %.2f MB in misq's packed file (x%.2f)%s",
+             packed, checkpoint_format, out, result["gptq_bytes"] / 1e6, result["packed_bytes"] / 1e6,
              result["gptq_bytes"] / max(result["packed_bytes"], 1), notes)
     return result
 
@@ -184,13 +191,15 @@ def stored_codes(tensors: dict[str, Tensor], meta: dict[str, Any], pattern: Patt
 
 
 def quantization_config(layouts: dict[str, GptqLayout], skipped: Sequence[str] = (), *, desc_act: bool = False,
-                        warn: bool = True) -> dict[str, Any]:
+                        warn: bool = True, checkpoint_format: str = "gptq") -> dict[str, Any]:
     """config.json's ``quantization_config`` for these layers: the (bits, group_size) that fits
     most layers as the base, the others as ``dynamic`` overrides, ``skipped`` linears excluded.
 
     ``desc_act``: some layer's g_idx is not ``arange(C) // G``. g_idx is written for every layer
     and desc_act tells readers to use it; readers take it for the whole model, so one layer whose
-    columns act-order moved between groups sets it for all (an identity g_idx reads the same)."""
+    columns act-order moved between groups sets it for all (an identity g_idx reads the same).
+    ``checkpoint_format``: "gptq" (v1, zero - 1) or "gptq_v2" (zero as it is), written under both
+    names."""
     widths = dict.fromkeys(lay.bits for lay in layouts.values())
     sizes = dict.fromkeys(lay.group_size for lay in layouts.values())
     # Fewest overrides; on a tie a real group size over -1 (a one-group layer of C columns fits G = C).
@@ -200,8 +209,8 @@ def quantization_config(layouts: dict[str, GptqLayout], skipped: Sequence[str] =
                  for name, lay in layouts.items() if not lay.fits(bits, group_size)}
     qcfg: dict[str, Any] = {
         "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
-        # v1 layout (zero - 1) under both names: transformers/vLLM read checkpoint_format, GPTQModel format
-        "sym": False, "checkpoint_format": "gptq", "format": "gptq", "pack_dtype": "int32",
+        # the layout under both names: transformers/vLLM read checkpoint_format, GPTQModel format
+        "sym": False, "checkpoint_format": checkpoint_format, "format": checkpoint_format, "pack_dtype": "int32",
         "true_sequential": True, "lm_head": False, "damp_percent": 0.01, "static_groups": False,
         "meta": {"quantizer": [f"misq:{__version__}"]},
     }
@@ -210,7 +219,8 @@ def quantization_config(layouts: dict[str, GptqLayout], skipped: Sequence[str] =
         qcfg["dynamic"] = dynamic
     if dynamic and warn:
         log.warning("layers differ in width or group size: %d per-module overrides in quantization_config.dynamic, "
-                    "which vLLM reads; transformers' GPTQ loader (optimum) ignores them and refuses this folder", len(dynamic))
+                    "which vLLM and GPTQModel.load read; transformers' GPTQ loader (optimum) ignores them and refuses this folder",
+                    len(dynamic))
     return qcfg
 
 

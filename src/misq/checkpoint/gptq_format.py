@@ -1,7 +1,8 @@
 """One linear layer in GPTQ's checkpoint layout (pure: tensors in, tensors out, no files).
 
 The layout is the one AutoGPTQ wrote and GPTQModel, transformers (through optimum), vLLM and
-ExLlama read as ``"checkpoint_format": "gptq"`` (v1). For a layer of R output rows
+ExLlama read as ``"checkpoint_format": "gptq"`` (v1), or GPTQModel's ``"gptq_v2"``, which differs
+only in ``qzeros`` (see "v2" below). For a layer of R output rows
 (``out_features``), C input columns (``in_features``), width b in {2, 3, 4, 8} and K scale groups:
 
 ==============  =============  ===============================================================
@@ -38,6 +39,12 @@ while ExLlama adds one after unpacking without masking, so a stored -1 does not 
 in them. A (group, row) whose zero point is 0 (all its weights >= 0) is therefore written
 mirrored: scale -s, zero maxq, codes maxq - q. ``(-s) * ((maxq - q) - maxq) = s * q`` exactly,
 so every reader gets misq's weights bit for bit (0 may come back as -0.0).
+
+v2 (``checkpoint_format="gptq_v2"``). GPTQModel's own runtime layout: ``qzeros`` holds the zero
+point itself, packed the same way, and the weight is ``scales[g, r] * (q[c, r] - qzeros[g, r])``
+(``nn_modules/qlinear/__init__.py`` ``dequantize_weight``/``_dequantize_from_codes``; its loader
+runs ``convert_gptq_v1_to_v2_format`` only on v1 folders, and ``convert_gptq_v2_to_v1_format``
+subtracts the one back on saving v1). Every zero point 0..maxq fits, so nothing is mirrored.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from misq.algorithms.quantizer import FP_BITS, QuantGrid
 from misq.checkpoint.layer_format import regular_groupsize, storage_order
 
 GPTQ_BITS = (2, 3, 4, 8)  # what the v1 layout packs (AutoGPTQ, vLLM's gptq kernels)
+# checkpoint_format -> what is subtracted from each zero point on disk (v1: zero - 1; v2: the zero itself)
+ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
 _WORD = 32
 _MASK32 = (1 << _WORD) - 1
 
@@ -152,13 +161,21 @@ def unpack_int32(packed: Tensor, bits: int) -> Tensor:
     return out.reshape(-1, M).to(torch.int32)
 
 
-def encode_gptq(codes: Tensor, grid: QuantGrid) -> GptqLayer:
+def _zero_offset(checkpoint_format: str) -> int:
+    if checkpoint_format not in ZERO_OFFSET:
+        raise ValueError(f"unknown GPTQ checkpoint_format {checkpoint_format!r}: one of {', '.join(ZERO_OFFSET)}")
+    return ZERO_OFFSET[checkpoint_format]
+
+
+def encode_gptq(codes: Tensor, grid: QuantGrid, checkpoint_format: str = "gptq") -> GptqLayer:
     """GPTQ tensors of one layer from its ``codes`` [R, C] (natural column order, every weight's
     integer code on ``grid``; a pruned weight's code is its zero point) and its stored ``grid``
-    (fp16-exact scales [R, K], integral zeros [R, K], ``order`` the storage order or None).
+    (fp16-exact scales [R, K], integral zeros [R, K], ``order`` the storage order or None), in
+    the ``checkpoint_format`` "gptq" (v1) or "gptq_v2" layout.
 
     Raises :class:`GptqUnsupported` when the layout cannot express the grid.
     """
+    offset = _zero_offset(checkpoint_format)
     R, C = codes.shape
     perm, run_group, run_len = storage_order(grid)
     bits_k = grid.bits.cpu().long()[run_group]
@@ -174,14 +191,14 @@ def encode_gptq(codes: Tensor, grid: QuantGrid) -> GptqLayer:
     q = codes.cpu().long()
     if q.numel() and (int(q.min()) < 0 or int(q.max()) > maxq):
         raise ValueError(f"codes outside 0..{maxq}")
-    mirror = zero == 0  # [K, R]: v1 cannot store zero - 1 = -1 (module docstring)
+    mirror = zero < offset  # [K, R]: v1 cannot store zero - 1 = -1 (module docstring); v2 needs nothing
     if bool(mirror.any()):
         scale = torch.where(mirror, -scale, scale)
         zero = torch.where(mirror, float(maxq), zero)
         q = torch.where(mirror.t()[:, g_idx], maxq - q, q)  # [R, C]: each weight's (row, group) cell
     return GptqLayer(
         qweight=pack_int32(q.t(), b),
-        qzeros=pack_int32((zero.long() - 1).t(), b).t().contiguous(),
+        qzeros=pack_int32((zero.long() - offset).t(), b).t().contiguous(),
         scales=scale.to(torch.float16).contiguous(),
         g_idx=g_idx.to(torch.int32),
         layout=layout,
@@ -190,9 +207,11 @@ def encode_gptq(codes: Tensor, grid: QuantGrid) -> GptqLayer:
     )
 
 
-def decode_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int) -> Tensor:
-    """The weight [R, C] (float32) a GPTQ v1 reader computes: ``scales[g] * (q - (qzeros + 1))``."""
+def decode_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
+                checkpoint_format: str = "gptq") -> Tensor:
+    """The weight [R, C] (float32) a GPTQ reader computes: ``scales[g] * (q - (qzeros + 1))`` for
+    v1 ("gptq"), ``scales[g] * (q - qzeros)`` for "gptq_v2"."""
     q = unpack_int32(qweight, bits).long()  # [C, R]
-    zeros = unpack_int32(qzeros.t().contiguous(), bits).t().long() + 1  # [K, R]
+    zeros = unpack_int32(qzeros.t().contiguous(), bits).t().long() + _zero_offset(checkpoint_format)  # [K, R]
     g = g_idx.long()
     return (scales.float()[g] * (q - zeros[g]).float()).t().contiguous()
