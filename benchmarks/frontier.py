@@ -27,7 +27,9 @@ DATASETS = ("wikitext2", "ptb", "c4")
 # Mixed widths: one width per scale group of 128 channels (sorted by sensitivity), chosen over
 # the whole model to meet an honest size; the same grids as GPTQ g128 act-order.
 # Every recipe names all its grid settings: misq's defaults (g128, act-order, MSE) are one of them.
-_PLAIN = {"sparsity": 0.0, "groupsize": 0, "act_order": False, "mse": False}
+# Groups along the solve order unless a recipe says static (session 4 made static the default;
+# the recipes keep the grids their recorded rows were measured with).
+_PLAIN = {"sparsity": 0.0, "groupsize": 0, "act_order": False, "mse": False, "static_groups": False}
 # Mixed widths: one width per scale group of 128 channels (sorted by sensitivity), chosen over
 # the whole model to meet an honest size; the same grids as GPTQ g128 act-order.
 _MIXED = {**_PLAIN, "grouping": "hessian", "budget": "model", "groupsize": 128, "act_order": True, "bits": (2, 3, 4, 5, 6, 8)}

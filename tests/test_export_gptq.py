@@ -184,7 +184,8 @@ def test_real_compression_exports(tmp_path, tiny_checkpoint: Path, tokenizer) ->
     from misq.config import CompressConfig
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float16)
-    cfg = CompressConfig(grouping="uniform", wbits=3, groupsize=32, sparsity=0.5, nsamples=2, mse=False)  # MSE grids: 20 s here
+    # MSE grids: 20 s here; groups along the act-order, so that g_idx must carry the order (desc_act)
+    cfg = CompressConfig(grouping="uniform", wbits=3, groupsize=32, sparsity=0.5, nsamples=2, mse=False, static_groups=False)
     calib = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     grids = compress_model(model, calib, cfg, "cpu").grids
     save_packed(model, grids, tmp_path / "packed", tokenizer=tokenizer, compress_config=cfg, pattern=cfg.pattern)

@@ -28,7 +28,7 @@ def _payload_bytes(folder) -> dict[str, int]:
     {"grouping": "hessian", "target_size": 3.8, "groupsize": 16, "act_order": True, "sparsity": 0.0, "budget": "model"},
     {"grouping": "hessian", "target_size": 3.6, "groupsize": 0, "act_order": False, "sparsity": 0.0, "budget": "model"},
     {"grouping": "mi", "target_size": 3.7, "groupsize": 0, "act_order": False, "sparsity": 0.5, "budget": "model"},
-    {"grouping": "uniform", "wbits": 3, "groupsize": 32, "act_order": True, "sparsity": 0.0},
+    {"grouping": "uniform", "wbits": 3, "groupsize": 32, "act_order": True, "static_groups": False, "sparsity": 0.0},
     {"grouping": "uniform", "wbits": 3, "groupsize": 32, "act_order": True, "static_groups": True, "sparsity": 0.5},
 ], ids=["mixed-g16-act-model", "mixed-per-row-model", "mi-sparse50-model", "uniform3-g32-act", "uniform3-g32-static-sparse50"])
 def test_size_is_met_and_is_what_the_file_holds(tiny_checkpoint, tiny_corpus_file, tmp_path, case):
@@ -55,7 +55,7 @@ def test_size_is_met_and_is_what_the_file_holds(tiny_checkpoint, tiny_corpus_fil
 def test_uniform_groupwise_is_gptq_shaped(tiny_checkpoint, tiny_corpus_file, tmp_path):
     """3-bit, groups of 32, act-order: 3 + 19/32 bits a weight plus the order, one width."""
     cfg = CompressConfig(dataset=str(tiny_corpus_file), nsamples=8, grouping="uniform", wbits=3, groupsize=32,
-                         act_order=True, sparsity=0.0)
+                         act_order=True, static_groups=False, sparsity=0.0)
     res = jobs.run_compress(ModelConfig(str(tiny_checkpoint), device="cpu"), DataConfig(seqlen=64, cache_dir=str(tmp_path / "c")),
                             cfg, EvalConfig(datasets=(str(tiny_corpus_file),)), str(tmp_path / "run"))
     st = res["storage"]

@@ -169,10 +169,15 @@ class CompressConfig:
                                      "no-act-order": (False, "solve columns in their natural order")})
     # GPTQ's static_groups: the scale groups are G consecutive *original* columns with grids fixed
     # from the unquantized weights before solving; act-order then only changes the solve order, so
-    # the file stores no column order (3-bit g128: 3.151 bits, not 3.196).
-    static_groups: bool = option(False, "with --groupsize: scale groups of consecutive original columns, grids "
-                                        "fixed before solving (GPTQ's static_groups); act-order then costs no "
-                                        "stored column order")
+    # the file stores no column order. Measured (BENCHMARKS.md, "Static groups"): smaller and
+    # better than groups formed along the act-order, so it is the default for uniform widths.
+    static_groups: bool | None = option(
+        None, "scale groups of consecutive original columns, grids fixed before solving",
+        switch={"static-groups": (True, "scale groups of --groupsize consecutive original columns with grids fixed "
+                                        "before solving (GPTQ's static_groups): act-order costs no stored column order "
+                                        "(default with --groupsize and uniform widths)"),
+                "dynamic-groups": (False, "scale groups of --groupsize columns along the solve order, each grid found "
+                                          "when the solver reaches it (GPTQ's default; act-order stores a column order)")})
     blocksize: int = option(128, "columns pruned and quantized together")
     percdamp: float = option(0.01, "Hessian dampening, a fraction of its mean diagonal")
     mse: bool = option(True, "search each grid's clipping range for the least error (default); --no-mse: plain min-max",
@@ -231,6 +236,8 @@ class CompressConfig:
             if self.groupsize and self.mixed_precision:
                 raise MisqError("mixed widths with --groupsize reorder the columns, which N:M pruning cannot: "
                                 "use --groupsize 0 with --grouping mi/hessian, or --grouping uniform")
+        if self.static_groups is None:  # the default: static wherever it applies
+            self.static_groups = not self.mixed_precision and self.groupsize > 0
         if self.static_groups and (self.mixed_precision or not self.groupsize):
             raise MisqError("--static-groups fixes one grid per --groupsize columns of a uniform width: give "
                             "--groupsize (e.g. 128) and --grouping uniform, or drop --static-groups")
