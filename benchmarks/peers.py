@@ -175,21 +175,25 @@ def _load_fp16(path: str, dtype_name: str):
     return model, tokenizer
 
 
+def _worker_inputs(spec: dict) -> tuple:
+    """What both workers start from: (recipe, device, calibration windows, fp16 model, tokenizer, load seconds)."""
+    import torch
+
+    calib = torch.load(spec["calib"])
+    t = time.perf_counter()
+    model, tokenizer = _load_fp16(spec["model"], spec["dtype"])
+    return RECIPES[spec["recipe"]], spec["device"], calib, model, tokenizer, time.perf_counter() - t
+
+
 # --------------------------------------------------------------------------- misq worker
 
 
 def run_misq(spec: dict) -> dict:
-    import torch
 
     from misq.compress import driver
     from misq.config import CompressConfig
 
-    r = RECIPES[spec["recipe"]]
-    device = spec["device"]
-    calib = torch.load(spec["calib"])
-    t = time.perf_counter()
-    model, tokenizer = _load_fp16(spec["model"], spec["dtype"])
-    load_s = time.perf_counter() - t
+    r, device, calib, model, tokenizer, load_s = _worker_inputs(spec)
     wbits = r.get("wbits", 16)
     cfg = CompressConfig(grouping="uniform", wbits=wbits, groupsize=r.get("groupsize", 0) if wbits < 16 else 0,
                          act_order=r.get("act", False), mse=False, static_groups=False, sparsity=r.get("sparsity", 0.0),
@@ -285,12 +289,7 @@ def run_peer(spec: dict) -> dict:
     from llmcompressor import oneshot
     from llmcompressor.core import LifecycleCallbacks
 
-    r = RECIPES[spec["recipe"]]
-    device = spec["device"]
-    calib = torch.load(spec["calib"])
-    t = time.perf_counter()
-    model, tokenizer = _load_fp16(spec["model"], spec["dtype"])
-    load_s = time.perf_counter() - t
+    r, device, calib, model, tokenizer, load_s = _worker_inputs(spec)
     n_layers = len(model.model.layers)
     group_sizes = peer_group_sizes(model, r.get("groupsize", 128))
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
