@@ -65,8 +65,11 @@ def launch(args: list[str], logs: Path) -> subprocess.Popen:
     n = len(list(logs.glob("stderr*")))
     # Files, not pipes: tqdm writes a lot to stderr and an unread pipe would block the run.
     with open(logs / f"stdout{n}", "w") as out, open(logs / f"stderr{n}", "w") as err:
+        # SIGINT at its default, as in a terminal: a shell that runs the suite in the background
+        # (`pytest &`) hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt.
         proc = subprocess.Popen([sys.executable, "-m", "misq.cli", *args], stdout=out, stderr=err,
-                                env=os.environ | {"PYTHONUNBUFFERED": "1"})
+                                env=os.environ | {"PYTHONUNBUFFERED": "1"},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _LAUNCHED.append(proc)
     return proc
 
