@@ -58,18 +58,12 @@ def load(model_cfg: ModelConfig, data_cfg: DataConfig) -> LoadedModel:
             raise MisqError("--device-map loads plain Hugging Face checkpoints; a packed checkpoint is small: "
                             "evaluate it on one GPU (--layerwise 1 if it does not fit)")
         loading.read_model_config(model_cfg)  # a damaged config or missing layers: one line, before loading
-        model, tokenizer = load_packed_with_tokenizer(model_cfg.model, dtype=_packed_dtype(model_cfg))
+        model, tokenizer = load_packed_with_tokenizer(model_cfg.model, dtype=model_cfg.dtype)  # None: as saved
     else:
         model, tokenizer = loading.load_model(model_cfg)
     seqlen = data_cfg.seqlen or layout.default_seqlen(model)
     layout.check_seqlen(model, seqlen)
     return LoadedModel(model, tokenizer, seqlen, device, source)
-
-
-def _packed_dtype(model_cfg: ModelConfig) -> str | None:
-    """The dtype a packed checkpoint is loaded in: ``--dtype`` whenever it is given (float16 on a
-    bfloat16 checkpoint included), else None: the dtype it was saved in."""
-    return model_cfg.dtype
 
 
 def load_in_turn(model_cfg: ModelConfig, data_cfg: DataConfig, dist: Dist) -> LoadedModel:
