@@ -53,3 +53,17 @@ def tiny_corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(synthetic_corpus(3000, seed=1))
     return path
+
+
+def randomly_pruned(W, pat, gen):
+    """W [R, C] pruned as pattern ``pat`` would leave it: half the weights at random (unstructured,
+    drawn from ``gen``), the smallest of every M (N:M), or W itself (dense). Test helper."""
+    import torch
+
+    from misq.checkpoint.packing import nm_keep_mask
+
+    if pat.kind == "unstructured":
+        W[torch.rand(W.shape, generator=gen) < 0.5] = 0
+    elif pat.kind == "nm":
+        W = torch.where(nm_keep_mask(W, pat.n, pat.m), W, 0.0)
+    return W

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomly_pruned
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -24,7 +25,7 @@ from misq.checkpoint.packed import (
     load_packed_with_tokenizer,
     save_packed,
 )
-from misq.checkpoint.packing import nm_keep_mask, parse_pattern
+from misq.checkpoint.packing import parse_pattern
 from misq.config import CompressConfig
 from misq.errors import MisqError
 from misq.models.layout import LINEAR_NAMES
@@ -54,10 +55,7 @@ def _direct(model, widths: list[int], pattern: str, seed: int = 0) -> dict:
         for name in LINEAR_NAMES:
             lin = layer.get_submodule(name)
             W = lin.weight.data.float()
-            if pat.kind == "unstructured":
-                W[torch.rand(W.shape, generator=gen) < 0.5] = 0
-            elif pat.kind == "nm":
-                W = torch.where(nm_keep_mask(W, pat.n, pat.m), W, 0.0)
+            W = randomly_pruned(W, pat, gen)
             grid = find_grid(W, torch.randint(0, len(widths), (W.shape[1],), generator=gen), torch.tensor(widths))
             lin.weight.data.copy_(quantize_with_grid(W, grid).to(lin.weight.dtype))
             grids[f"model.layers.{i}.{name}"] = grid

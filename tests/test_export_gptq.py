@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomly_pruned
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -25,7 +26,7 @@ from misq.algorithms.quantizer import QuantGrid, find_grid, from_codes, quantize
 from misq.checkpoint.gptq_export import export_gptq, quantization_config
 from misq.checkpoint.gptq_format import GptqLayout, GptqUnsupported, decode_gptq, encode_gptq, pack_int32, unpack_int32
 from misq.checkpoint.packed import load_packed, save_packed
-from misq.checkpoint.packing import nm_keep_mask, parse_pattern
+from misq.checkpoint.packing import parse_pattern
 from misq.demo.toy import build_model
 from misq.errors import MisqError
 from misq.models.layout import LINEAR_NAMES
@@ -103,10 +104,7 @@ def _compressed(tokenizer, widths, pattern: str, seed: int = 0, layers: int = 1,
             name = f"model.layers.{i}.{short}"
             lin = layer.get_submodule(short)
             W = lin.weight.data.float()
-            if pat.kind == "unstructured":
-                W[torch.rand(W.shape, generator=gen) < 0.5] = 0
-            elif pat.kind == "nm":
-                W = torch.where(nm_keep_mask(W, pat.n, pat.m), W, 0.0)
+            W = randomly_pruned(W, pat, gen)
             W[:nonneg_rows] = W[:nonneg_rows].abs()
             bits, G, act_order = widths(name)
             C = W.shape[1]
