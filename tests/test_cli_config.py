@@ -140,6 +140,14 @@ def test_special_translations():
     assert cli.cfg_from_args(EvalConfig, args) == EvalConfig(datasets=("ptb",), batch_size=2)
 
 
+def test_mse_grids_by_default_only_without_pruning():
+    assert _compress()[2].mse is True
+    assert _compress("--sparsity", "0.5")[2].mse is False
+    assert _compress("--prunen", "2", "--prunem", "4")[2].mse is False
+    assert _compress("--sparsity", "0.5", "--mse")[2].mse is True
+    assert _compress("--no-mse")[2].mse is False
+
+
 @pytest.mark.parametrize("flags,message", [
     (("--grouping", "fancy"), "argument --grouping: invalid choice: 'fancy'"),
     (("--budget", "all"), "invalid choice: 'all'"),

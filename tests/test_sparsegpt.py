@@ -91,6 +91,28 @@ def test_bits_respected_per_channel_group():
         torch.testing.assert_close(quantize_with_grid(res.weight, grid)[:, cols], res.weight[:, cols], rtol=0, atol=1e-6)
 
 
+def test_mse_grid_counts_only_the_kept_weights():
+    """With ``keep``, the weights that will be pruned do not steer the MSE range search: changing
+    them (inside the min-max range, which still spans all of W) leaves the grid as it is."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(16, 64, generator=g)
+    keep = torch.rand(16, 64, generator=g) > 0.5
+    keep[:, :2] = True  # the range's ends stay kept, so the min-max start is the same
+    W[:, 0], W[:, 1] = 4.0, -4.0
+    groups, bits = torch.zeros(64, dtype=torch.long), torch.tensor([3])
+    W = torch.where(keep, W, 0.5 * torch.randn(16, 64, generator=g))  # what pruning removes is smaller
+    other = torch.where(keep, W, torch.randn(16, 64, generator=g).clamp(-3, 3))
+    a = find_grid(W, groups, bits, mse=True, keep=keep)
+    b = find_grid(other, groups, bits, mse=True, keep=keep)
+    assert torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+    full = find_grid(W, groups, bits, mse=True, keep=torch.ones_like(keep))
+    plain = find_grid(W, groups, bits, mse=True)
+    assert torch.equal(full.scale, plain.scale) and torch.equal(full.zero, plain.zero)
+    # Counted, the small weights pull the range in (finer steps, survivors clipped).
+    assert (find_grid(W, groups, bits, mse=True).scale <= a.scale).all()
+    assert not torch.equal(find_grid(W, groups, bits, mse=True).scale, a.scale)
+
+
 def test_stacked_solve_equals_separate_solves():
     Wa, H = _layer(rows=32, seed=1)
     Wb = torch.randn(16, Wa.shape[1])

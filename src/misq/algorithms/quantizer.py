@@ -106,12 +106,16 @@ def find_grid(
     norm: float = 2.4,
     grid: int = 100,
     maxshrink: float = 0.8,
+    keep: Tensor | None = None,
 ) -> QuantGrid:
     """Min-max grid per (row, group) of ``W`` [R, C]; ``groups`` [C] in [0, K), ``bits`` [K].
 
     With ``mse`` the range is shrunk symmetrically towards 0 in ``grid`` steps (at most
     ``maxshrink``) and the shrink with the lowest sum |w - w_hat|**norm per (row, group) is kept,
-    as GPTQ's ``mse=True`` does.
+    as GPTQ's ``mse=True`` does. ``keep`` [R, C] bool: only these weights count in that sum
+    (the ones expected to survive pruning: the pruned ones become exact zeros, which are on
+    every grid). Without it, at 50% sparsity the small weights about to be pruned pull the
+    range in and clip the survivors. The min-max range itself always spans all of ``W``.
     """
     W = W.to(torch.float32)
     R, C = W.shape
@@ -141,6 +145,8 @@ def find_grid(
             p = 1.0 - i / grid
             s1, z1 = _minmax(p * xmin, p * xmax, maxq)
             err = (quantize(W, s1[:, groups], z1[:, groups], col_maxq) - W).abs_().pow_(norm)
+            if keep is not None:
+                err.mul_(keep)
             err = torch.zeros((R, K), device=W.device).index_add_(1, groups, err)
             better = err < best
             best = torch.where(better, err, best)
