@@ -111,6 +111,9 @@ def test_mse_grid_counts_only_the_kept_weights():
     # Counted, the small weights pull the range in (finer steps, survivors clipped).
     assert (find_grid(W, groups, bits, mse=True).scale <= a.scale).all()
     assert not torch.equal(find_grid(W, groups, bits, mse=True).scale, a.scale)
+    # Rows are searched a chunk at a time (bounded memory): any chunking gives the same grid.
+    small = find_grid(W, groups, bits, mse=True, keep=keep, chunk_elements=3 * 64)
+    assert torch.equal(small.scale, a.scale) and torch.equal(small.zero, a.zero)
 
 
 def test_stacked_solve_equals_separate_solves():
