@@ -1,13 +1,18 @@
-"""Decode speed of the packed runtime on one GPU (issue 14).
+"""Decode and prefill speed of the packed runtime on one GPU (issue 14).
 
-Per 13B-shaped linear (out x in: 5120x5120 q/o, 13824x5120 gate/up, 5120x13824 down), at batch
-1 and 16: misq's kernel vs fp16 cuBLAS vs torch's int4 tinygemm (groups of 128), CUDA-graph
+Per 13B-shaped linear (out x in: 5120x5120 q/o, 13824x5120 gate/up, 5120x13824 down), at batches
+1 to 16 (decode): misq's kernels vs fp16 cuBLAS vs torch's int4 tinygemm (groups of 128), CUDA-graph
 timed (triton.testing.do_bench_cudagraph), for dense 4-bit g128, 3-bit g128, 50% + 4-bit g128
-and mixed 3/4-bit g128; the weights' GPU bytes against the honest (file) size; then end-to-end
+and mixed 3/4-bit g128; the weights' GPU bytes against the honest (file) size. Prefill (--prefill,
+M = 512 and 2048 rows by default): the same linears through the fused tensor-core kernel (tiles
+dequantized on the fly) and through dequantize + cuBLAS, against fp16 cuBLAS. Then end-to-end
 greedy decode tokens/s of a small-depth 13B-shaped LLaMA (random weights) in fp16 and packed,
 in the same static-cache loop, one decode step replayed as a CUDA graph.
 
-    PYTHONPATH=src python3 benchmarks/decode_speed.py --out decode.json
+    PYTHONPATH=src python3 benchmarks/decode_speed.py --skip-e2e --workers 16 --out decode.json
+
+(--tune first sweeps the launch settings per shape and keeps the best for the rows; without it the
+rows use kernels.default_config, as the runtime does.)
 """
 
 from __future__ import annotations
@@ -56,11 +61,11 @@ def random_packed(rows: int, cols: int, widths: tuple[int, int], sparsity: float
     return PackedLinear(perm, segs, None, rows), honest
 
 
-def bench(fn) -> float:
+def bench(fn, rep: int = 20) -> float:
     """Microseconds per call, CUDA-graph replayed."""
     import triton.testing
 
-    return 1000 * triton.testing.do_bench_cudagraph(fn, rep=50)
+    return 1000 * triton.testing.do_bench_cudagraph(fn, rep=rep)
 
 
 def tinygemm(rows: int, cols: int):
@@ -81,24 +86,40 @@ def candidates(M: int) -> list:
     from misq.runtime.kernels import Config
 
     if M == 1:
-        return [Config("fma", 128, 1056, 4), Config("fma", 128, 2112, 4), Config("fma", 256, 2112, 8),
-                Config("fma", 64, 2112, 4), Config("dot", 128, 2112, 4)]
-    return [Config("dot", 128, 1056, 4), Config("dot", 128, 2112, 4), Config("dot", 64, 2112, 4),
-            Config("dot", 128, 2112, 8)]
+        return [Config("fma", 64, 2112, 4), Config("fma", 128, 2112, 4), Config("mma", 64, 1056, 4),
+                Config("mma", 64, 1056, 4, pregather=True), Config("mma", 64, 2112, 4, pregather=True)]
+    if M <= 16:
+        return [Config("mma", 64, 1056, 4), Config("mma", 64, 2112, 4), Config("mma", 128, 1056, 8),
+                Config("mma", 64, 528, 4), Config("mma", 64, 1056, 4, pregather=True),
+                Config("mma", 64, 2112, 4, pregather=True), Config("mma", 128, 1056, 8, pregather=True),
+                Config("mma", 64, 1056, 4, 2, pregather=True)]
+    return [Config("mma", 64, 1, 4, 3, block_m=128), Config("mma", 128, 1, 8, 3, block_m=128),
+            Config("mma", 64, 1, 4, 3, block_m=256), Config("mma", 128, 1, 8, 3, block_m=256),
+            Config("mma", 64, 1, 4, 4, block_m=64)]
+
+
+def _set(lin, M: int, cfg) -> None:
+    from misq.runtime import kernels
+
+    R, C = lin.out_features, lin.in_features
+    for seg in lin.segments:
+        kernels.TUNED[(kernels.bucket(M), seg.bits, R, C)] = cfg
 
 
 def _warm(job) -> str:
     """Compile (into Triton's disk cache) what one (shape, format, batch, config) needs."""
     R, C, fmt, M, cfg = job
-    from misq.runtime import kernels
-
     torch.manual_seed(0)
     lin = random_packed(R, C, *FORMATS[fmt])[0]
     if cfg is not None:
-        for seg in lin.segments:
-            kernels.TUNED[("m1" if M == 1 else "m16", seg.bits, R, seg.n)] = cfg
+        _set(lin, M, cfg)
     try:
-        lin(torch.randn(M, C, device="cuda", dtype=torch.float16))
+        x = torch.randn(M, C, device="cuda", dtype=torch.float16)
+        lin(x)
+        if M > 16:
+            lin._prefill_dequant(x)
+            if lin.fused_prefill_ok():
+                lin._prefill_fused(x)
         torch.cuda.synchronize()
         return "ok"
     except Exception as err:  # reported, and skipped later
@@ -115,61 +136,121 @@ def prewarm(jobs: list, workers: int) -> None:
     print(f"prewarm: {len(jobs)} jobs in {time.time() - t:.0f}s", *bad, sep="\n", flush=True)
 
 
-def tune(shapes: dict, batches: tuple) -> dict:
+def tune(shapes: dict, batches: tuple, prefill_rows: tuple) -> dict:
     """Time the candidate launch settings per (batch bucket, bits, N, K) on the dense 3/4-bit g128
-    layers and keep the best in kernels.TUNED."""
+    layers (at the largest batch of each bucket, prefill at its smallest M) and keep the best in
+    kernels.TUNED (mixed 3/4 layers take the 3-bit setting: their first segment's)."""
     from misq.runtime import kernels
 
     out = {}
+    reps = sorted({max(b for b in batches if kernels.bucket(b) == k) for k in {kernels.bucket(b) for b in batches}})
+    reps += [min(prefill_rows)] if prefill_rows else []
     for R, C in shapes.values():
         for fmt in ("4bit_g128", "3bit_g128"):
             lin = random_packed(R, C, *FORMATS[fmt])[0]
             bits = lin.segments[0].bits
-            for M in batches:
-                key = ("m1" if M == 1 else "m16", bits, R, C)
+            for M in reps:
+                key = (kernels.bucket(M), bits, R, C)
                 x = torch.randn(M, C, device="cuda", dtype=torch.float16)
                 trials = []
                 for cfg in candidates(M):
                     kernels.TUNED[key] = cfg
                     try:
-                        trials.append((bench(lambda x=x, lin=lin: lin(x)), cfg))
+                        fn = lin._prefill_fused if M > 16 else lin
+                        trials.append((bench(lambda x=x, fn=fn: fn(x), rep=12), cfg))
                     except Exception as err:  # a setting that does not compile or fit is skipped
                         print("skip", cfg, str(err).splitlines()[0][:80])
+                if not trials:
+                    kernels.TUNED.pop(key, None)
+                    continue
                 trials.sort(key=lambda r: r[0])
                 kernels.TUNED[key] = trials[0][1]
-                out[str(key)] = [{"us": t, **vars(c)} for t, c in trials[:4]]
+                out[str(key)] = [{"us": t, **vars(c)} for t, c in trials]
                 print("tuned", key, f"{trials[0][0]:.2f}us", trials[0][1], "| next", [f"{t:.2f}" for t, _ in trials[1:4]],
                       flush=True)
     return out
 
 
-def linears(shapes: dict, formats: list, batches: tuple) -> list[dict]:
+def _errors(lin, x, y) -> tuple[float, float]:
+    """(max |y - ref|, max |y - ref| / fp16 tolerance) against x @ W^T in float64 (W the
+    dequantized weight); <= 1 is within fp16 rounding."""
+    W = lin.dequantize(torch.float16)
+    ref = x.double() @ W.double().t()
+    tol = 2.0 ** -11 * (x.abs().double() @ W.abs().double().t()) + 2.0 ** -10 * ref.abs() + 1e-5
+    d = (y.double() - ref).abs()
+    return d.max().item(), (d / tol).max().item()
+
+
+def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple = (1, 16)) -> list[dict]:
     rows_out = []
     for shape_name, (R, C) in shapes.items():
         Wd = torch.randn(R, C, device="cuda", dtype=torch.float16) * 0.02
         tg = tinygemm(R, C)
+        fp16 = {}
+        for M in batches:
+            x = torch.randn(M, C, device="cuda", dtype=torch.float16)
+            fp16[M] = bench(lambda x=x, Wd=Wd: F.linear(x, Wd))
         for fmt in formats:
             lin, honest = random_packed(R, C, *FORMATS[fmt])
             for M in batches:
                 x = torch.randn(M, C, device="cuda", dtype=torch.float16)
                 xb = x.to(torch.bfloat16)
-                W = lin.dequantize(torch.float16)
-                ref = x.double() @ W.double().t()
-                tol = 2.0 ** -11 * (x.abs().double() @ W.abs().double().t()) + 2.0 ** -10 * ref.abs() + 1e-5
-                err_rel = ((lin(x).double() - ref).abs() / tol).max().item()  # <= 1: within fp16 rounding
-                err = (lin(x).double() - ref).abs().max().item()
-                del W
+                err, err_rel = _errors(lin, x, lin(x))
                 r = {"shape": shape_name, "format": fmt, "batch": M, "misq_us": bench(lambda x=x, lin=lin: lin(x)),
-                     "fp16_cublas_us": bench(lambda x=x, Wd=Wd: F.linear(x, Wd)),
-                     "int4_tinygemm_us": bench(lambda xb=xb, tg=tg: tg(xb)) if tg is not None else None,
-                     "max_abs_err_vs_dequant": err, "err_over_fp16_tolerance": err_rel, "gpu_bytes": lin.weight_nbytes, "honest_bytes": honest,
-                     "gpu_over_honest": lin.weight_nbytes / honest}
+                     "fp16_cublas_us": fp16[M],
+                     "int4_tinygemm_us": bench(lambda xb=xb, tg=tg: tg(xb)) if tg is not None and M in tinygemm_batches
+                     else None,
+                     "max_abs_err_vs_dequant": err, "err_over_fp16_tolerance": err_rel, "gpu_bytes": lin.weight_nbytes,
+                     "honest_bytes": honest, "gpu_over_honest": lin.weight_nbytes / honest}
                 r["speedup_vs_fp16"] = r["fp16_cublas_us"] / r["misq_us"]
                 print(json.dumps(r), flush=True)
                 rows_out.append(r)
             del lin
         del Wd
     return rows_out
+
+
+def prefill(shapes: dict, formats: list, rows: tuple, dequant_configs: tuple = ((64, 4), (128, 4), (128, 8), (256, 8))
+            ) -> list[dict]:
+    """Per shape, format and M: the fused prefill kernel, dequantize + cuBLAS, and what the layer's
+    forward picks (kernels.PREFILL_FUSED_MAX_ROWS), against fp16 cuBLAS. First, per shape, the
+    dequantize kernel's BLOCK_N / warps (fastest kept for the rows)."""
+    from misq.runtime import kernels
+
+    out = []
+    for shape_name, (R, C) in shapes.items():
+        Wd = torch.randn(R, C, device="cuda", dtype=torch.float16) * 0.02
+        if dequant_configs:  # the dequantize kernel alone (4-bit): keep the fastest setting for this shape
+            dl = random_packed(R, C, *FORMATS["4bit_g128"])[0]
+            wt = torch.empty(C, R, device="cuda", dtype=torch.float16)
+            times = sorted((bench(lambda c=c, wt=wt, segs=dl.segments, R=R: kernels.dequantize_into(wt, segs, R, *c)), c)
+                           for c in dequant_configs)
+            kernels.DEQUANT_CONFIG = times[0][1]
+            out.append({"shape": shape_name, "dequantize_4bit_us": {f"{c[0]}x{c[1]}w": t for t, c in times},
+                        "dequantize_4bit_GBps": (C * R * 2.5) / times[0][0] / 1e3})
+            print(json.dumps(out[-1]), flush=True)
+            del dl, wt
+        for M in rows:
+            x = torch.randn(M, C, device="cuda", dtype=torch.float16)
+            t16 = bench(lambda x=x, Wd=Wd: F.linear(x, Wd))
+            for fmt in formats:
+                lin, _ = random_packed(R, C, *FORMATS[fmt])
+                r = {"shape": shape_name, "format": fmt, "rows": M, "fp16_cublas_us": t16,
+                     "dequant_cublas_us": bench(lambda x=x, lin=lin: lin._prefill_dequant(x))}
+                if lin.fused_prefill_ok():
+                    y = lin._prefill_fused(x)
+                    r["fused_us"] = bench(lambda x=x, lin=lin: lin._prefill_fused(x))
+                    r["max_abs_err_vs_dequant"], r["err_over_fp16_tolerance"] = _errors(lin, x, y)
+                    r["config"] = vars(kernels.config_for(M, lin.segments[0].bits, R, C))
+                r["forward"] = "fused" if lin.fused_prefill_ok() and M <= kernels.PREFILL_FUSED_MAX_ROWS else "dequant"
+                r["misq_us"] = r["fused_us"] if r["forward"] == "fused" else r["dequant_cublas_us"]
+                r["slowdown_vs_fp16"] = r["misq_us"] / t16
+                r["best_slowdown_vs_fp16"] = min(r["dequant_cublas_us"], r.get("fused_us", 1e9)) / t16
+                print(json.dumps(r), flush=True)
+                out.append(r)
+                del lin
+        del Wd
+    return out
 
 
 def decode_tps(model, steps: int = 64, prompt: int = 16) -> tuple[float, str]:
@@ -257,34 +338,48 @@ def main() -> None:
     ap.add_argument("--skip-linears", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true", help="time the linears only")
     ap.add_argument("--formats", default=",".join(FORMATS))
-    ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--tune", action="store_true", help="sweep the decode kernel's launch settings first")
+    ap.add_argument("--batches", default="1,2,4,8,16")
+    ap.add_argument("--prefill", default="512,2048", help="prefill rows to time ('' for none)")
+    ap.add_argument("--tune", action="store_true", help="sweep the kernels' launch settings first")
     ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels up front (0: none)")
     args = ap.parse_args()
     formats, batches = args.formats.split(","), tuple(int(b) for b in args.batches.split(","))
+    pf_rows = tuple(int(m) for m in args.prefill.split(",") if m)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def save() -> None:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+
     if args.workers:
+        # Triton specializes integer arguments on == 1 and on divisibility by 16: one batch of each kind
+        kinds = sorted({1 if b == 1 else (16 if b % 16 == 0 else 2) for b in batches})
         jobs = []
         for R, C in SHAPES.values():
             if args.tune:
-                jobs += [(R, C, f, M, cfg) for f in ("4bit_g128", "3bit_g128") for M in batches for cfg in candidates(M)]
-            jobs += [(R, C, f, M, None) for f in formats for M in batches]
+                for M in kinds + list(pf_rows[:1]):
+                    jobs += [(R, C, f, M, cfg) for f in ("4bit_g128", "3bit_g128", "mixed_3_4_g128") for cfg in candidates(M)]
+            jobs += [(R, C, f, M, None) for f in formats for M in kinds + list(pf_rows[:1])]
         if not args.skip_e2e:
             jobs += [(R, C, f, M, None) for R, C in SHAPES.values() for f in ("3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128")
                      for M in (1, 16)]
         prewarm(sorted(set(jobs), key=str), args.workers)
     if args.tune:
-        res["tune"] = tune(SHAPES, batches)
+        res["tune"] = tune(SHAPES, batches, pf_rows)
+        save()
     if not args.skip_linears:
         res["linears"] = linears(SHAPES, formats, batches)
+        save()
+    if pf_rows:
+        res["prefill"] = prefill(SHAPES, formats, pf_rows)
+        save()
     if not args.skip_e2e:
         try:
             res["end_to_end"] = end_to_end(args.layers)
         except Exception as err:  # report what failed, keep the linear results
             res["end_to_end_error"] = repr(err)
             print("end-to-end failed:", repr(err))
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    save()
 
 
 if __name__ == "__main__":

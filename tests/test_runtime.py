@@ -12,7 +12,7 @@ from misq import jobs
 from misq.config import CompressConfig, DataConfig, ModelConfig
 from misq.errors import MisqError
 from misq.runtime import PackedLinear, weights_nbytes
-from misq.runtime.layout import block_cols, pack_words, unpack_words
+from misq.runtime.layout import block_cols, chunk_tiles, kernel_order, pack_words, unpack_words
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 11])
@@ -22,6 +22,31 @@ def test_words_round_trip(bits):
     pad = -(-77 // block_cols(bits)) * block_cols(bits)  # 77 columns -> whole blocks
     assert sum(w.numel() for w in words.values()) == 5 * pad * bits // 32  # exactly b bits a padded weight
     assert torch.equal(unpack_words(words, bits, 77), codes.to(torch.int32))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 11])
+def test_kernel_order_permutes_each_block(bits):
+    """The tensor-core kernel's column order: each block's columns, once each (padding past n),
+    in chunks of chunk_tiles(bits) tiles that pair column c with column c + 16 T / 2."""
+    n, B = 700, block_cols(bits)
+    order = kernel_order(bits, n)
+    assert order.numel() == -(-n // B) * B
+    for b in range(order.numel() // B):
+        blk = order[b * B:(b + 1) * B]
+        assert sorted(blk.tolist()) == torch.arange(b * B, (b + 1) * B).clamp(max=n).tolist()
+        assert torch.equal(blk[1::2] - blk[0::2], torch.full((B // 2,), B // 2)) or b * B + B > n
+    assert 16 * chunk_tiles(bits) <= B
+
+
+def test_kernel_perm_follows_perm():
+    lin, _, _ = random_layer(8, 300, (3, 4), 32, "dense", act_order=True)
+    pos = 0
+    for seg in lin.segments:
+        order = kernel_order(seg.bits, seg.n)
+        ok = order < seg.n
+        assert torch.equal(lin.kperm[pos:pos + order.numel()][ok].long(), lin.perm[seg.start + order[ok]].long())
+        pos += order.numel()
+    assert pos == lin.kperm.numel()
 
 
 @pytest.mark.parametrize("widths,groupsize,pattern,act_order", [

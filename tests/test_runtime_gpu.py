@@ -1,6 +1,8 @@
 """The packed runtime's Triton kernels against dequantize-then-matmul, on the GPU (issue 14):
-every width, group size, sparsity pattern and shape edge; decode (M <= 16) and prefill paths;
-and a tiny model's logits against the dense-decoded model's."""
+every width, group size, sparsity pattern and shape edge; decode (M = 1 on CUDA cores, M = 2..16
+on the tensor cores, with x gathered in the kernel or before it, split-K or not) and prefill
+(tiles dequantized on the fly, or dequantize + cuBLAS); and a tiny model's logits against the
+dense-decoded model's."""
 
 from __future__ import annotations
 
@@ -11,8 +13,7 @@ from runtime_layers import random_layer
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 # (widths, group size, pattern): the fast paths (3/4-bit g128, 50% sparse, mixed, act-order g32, 2:4)
-# and the exact path (uneven groups, 5/6/8 bits, 16-bit columns). The Triton interpreter covers
-# more (every width 2..8) on the CPU when TRITON_INTERPRET=1.
+# and the exact path (uneven groups, 5/6/8 bits, 16-bit columns).
 CASES = [((4,), 128, "dense"), ((3,), 128, "dense"), ((4,), 128, "unstructured"), ((3,), 32, "2:4"),
          ((3, 4), 128, "dense"), ((2, 3, 4, 6, 8, 16), 32, "unstructured"), ((8,), 0, "dense"), ((6,), 32, "dense"),
          ((5,), 0, "dense"), ((2,), 128, "dense")]
@@ -26,24 +27,87 @@ def fp16_tolerance(x, W, ref):
     return 2.0 ** -11 * (x.abs().double() @ W.abs().double().t()) + 2.0 ** -10 * ref.abs() + 1e-5
 
 
-@pytest.mark.parametrize("widths,groupsize,pattern", CASES)
-@pytest.mark.parametrize("rows", [1, 13, 16, 40])
-def test_kernel_matches_dequantize_then_matmul(widths, groupsize, pattern, rows):
-    cols = 392 if pattern == "2:4" else 389  # odd column counts, partial last groups
-    lin, dense, _ = random_layer(72, cols, widths, groupsize, pattern, act_order=groupsize == 32, seed=rows)
-    lin = lin.cuda()
-    if rows == 13:
-        lin.bias = torch.randn(72, device="cuda", dtype=torch.float16)
+def _check(lin, dense, rows, y_fn, bias=False, calls=2):
+    cols = lin.in_features
+    if bias:
+        lin.bias = torch.randn(lin.out_features, device="cuda", dtype=torch.float16)
     x = torch.randn(rows, cols, device="cuda", dtype=torch.float16)
     W = dense.cuda()
     ref = x.double() @ W.double().t()
     if lin.bias is not None:
         ref += lin.bias.double()
-    for _ in range(2):  # the second call checks that the split-K workspace was left clean
-        y = lin(x)
-        assert y.dtype == torch.float16 and y.shape == (rows, 72)
+    for _ in range(calls):  # the second call checks that the split-K workspace was left clean
+        y = y_fn(x)
+        assert y.dtype == torch.float16 and y.shape == (rows, lin.out_features)
         err = (y.double() - ref).abs() / fp16_tolerance(x, W, ref)
         assert err.max().item() <= 1.0, err.max().item()
+
+
+def _layer(widths, groupsize, pattern, seed):
+    cols = 392 if pattern == "2:4" else 389  # odd column counts, partial last groups and blocks
+    lin, dense, _ = random_layer(72, cols, widths, groupsize, pattern, act_order=groupsize == 32, seed=seed)
+    return lin.cuda(), dense
+
+
+@pytest.mark.parametrize("widths,groupsize,pattern", CASES)
+@pytest.mark.parametrize("rows", [1, 2, 13, 16, 40, 300])
+def test_kernel_matches_dequantize_then_matmul(widths, groupsize, pattern, rows):
+    """The layer's forward: its default path for each number of rows."""
+    lin, dense = _layer(widths, groupsize, pattern, rows)
+    _check(lin, dense, rows, lin, bias=rows in (13, 300))
+
+
+@pytest.mark.parametrize("widths,groupsize,pattern", CASES)
+@pytest.mark.parametrize("rows,cfg", [
+    (1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"),
+])
+def test_decode_paths(widths, groupsize, pattern, rows, cfg):
+    """Every decode path and launch shape: CUDA cores at M = 1, tensor cores with x gathered in the
+    kernel or before it, deep split-K (workspace), the previous per-tile dot path."""
+    from misq.runtime import kernels
+    from misq.runtime.kernels import Config
+
+    config = {"fma": Config("fma", 64, 2112, 4), "mma": Config("mma", 32, 64, 4),
+              "mma_pregather": Config("mma", 64, 2112, 4, pregather=True), "mma_split": Config("mma", 64, 4096, 4),
+              "dot": Config("dot", 128, 2112, 4)}[cfg]
+    lin, dense = _layer(widths, groupsize, pattern, rows)
+
+    def run(x):
+        extra = None
+        if lin.fp_cols is not None:
+            extra = (x.index_select(1, lin.perm[lin.fp_start:]) @ lin.fp_cols.t()).float()
+        return kernels.decode_matmul(x, lin.perm, lin.segments, lin.out_features, lin.bias, extra,
+                                     configs=[config] * len(lin.segments), kperm=lin.kperm)
+
+    _check(lin, dense, rows, run, bias=rows == 5)
+
+
+@pytest.mark.parametrize("widths,groupsize,pattern", CASES)
+@pytest.mark.parametrize("path,rows", [("fused", 40), ("fused", 300), ("dequant", 40)])
+def test_prefill_paths(widths, groupsize, pattern, path, rows):
+    """Prefill: tiles dequantized on the fly (layers it takes), or dequantize + cuBLAS."""
+    lin, dense = _layer(widths, groupsize, pattern, rows)
+    if path == "fused" and not lin.fused_prefill_ok():
+        pytest.skip("the fused prefill kernel does not take this layer (16-bit columns, > 2 widths or > 10 bits)")
+    _check(lin, dense, rows, lin._prefill_fused if path == "fused" else lin._prefill_dequant, bias=True, calls=1)
+
+
+@pytest.mark.parametrize("widths", [(3,), (4,), (3, 4)])
+def test_llama_shaped_layer(widths):
+    """Whole layout blocks (no padding), several blocks a program and several programs a block row:
+    every path on a 13B-like [640, 1536] layer, groups of 128."""
+    from misq.runtime.kernels import Config
+
+    lin, dense, _ = random_layer(640, 1536, widths, 128, "dense", act_order=True, seed=1)
+    lin = lin.cuda()
+    for rows in (1, 4, 16, 200):
+        _check(lin, dense, rows, lin)
+    _check(lin, dense, 300, lin._prefill_fused, calls=1)
+    from misq.runtime import kernels
+
+    for cfg in (Config("mma", 64, 1056, 4), Config("mma", 128, 1056, 8, pregather=True)):
+        _check(lin, dense, 8, lambda x, cfg=cfg: kernels.decode_matmul(
+            x, lin.perm, lin.segments, 640, None, None, configs=[cfg] * len(lin.segments), kperm=lin.kperm))
 
 
 @pytest.fixture(scope="module")

@@ -1,31 +1,38 @@
-"""Triton kernels over the runtime layout of :mod:`misq.runtime.layout`.
+"""Launching the Triton kernels over the runtime layout of :mod:`misq.runtime.layout`: launch
+settings, split-K planning, and the dispatch :mod:`misq.runtime.linear`, the tests and
+benchmarks/decode_speed.py call. The kernels live in :mod:`misq.runtime.tile_kernel`,
+:mod:`misq.runtime.mma_kernel` and :mod:`misq.runtime.dequant_kernel` (their shared Triton helpers
+and the ``HAVE_TRITON`` probe in :mod:`misq.runtime.triton_common`); everything here that launches
+one needs Triton.
 
-* :func:`decode_matmul` (decode, M <= 16 rows of input): one kernel per width segment computes
-  ``y = x[:, perm] @ W^T`` straight from the codes. It gathers x through ``perm`` itself, and the
-  last launch of a layer writes the fp16 output (bias added): no gather, zero-fill or cast
-  kernels around it. Each program takes BLOCK_N output features and a split-K run of blocks of
-  the layout; per block it loads each piece's 16 word rows once (wide coalesced loads along the
-  output features) and walks the tiles of 16 columns with a shift and a mask per tile:
+* :func:`decode_matmul` (decode: x fp16 [M, C], M <= 16 rows) computes ``y = x[:, perm] @ W^T``,
+  fp16 [M, N], straight from the codes; the last launch of a layer writes the fp16 output (bias
+  added). Each program takes BLOCK_N output features and a split-K run of blocks of the layout.
+  Paths (:class:`Config`, picked by :func:`config_for`):
 
-  - ``fma`` (CUDA cores, meant for M = 1): codes become float32 through the exponent trick
-    (``bits | 0x4B000000`` is 2**23 + code * 2**q, q the code's bit position, so one and/or, one
-    subtract and one FMA with x * 2**-q per code), accumulated as ``sum code * x`` and ``sum x``
-    per scale group; each group then adds ``scale * (sum code*x - zero * sum x)``;
-  - ``dot`` (tensor cores, M <= 16 padded to 16): ``code - zero`` (exact in fp16 up to 11 bits)
-    times x on the tensor cores per tile, each group's sum scaled once.
+  - ``fma`` (``_decode_mm``, CUDA cores, M = 1, the default for one-piece widths such as 4
+    bits): x gathered through ``perm`` in the kernel; codes become float32 through the exponent
+    trick and each scale group's dot product is scaled once (so its outputs differ from the
+    dense fp16 weights' by at most their fp16 rounding);
+  - ``mma`` (``_mma_mm``, tensor cores, M = 2..16 padded to 16, and M = 1 for widths of several
+    pieces): x gathered once into the kernel's column order (layout.kernel_perm; ``pregather``,
+    one small kernel) or in the kernel; per chunk of up to 8 tiles the decoder's fp16 weights,
+    bit for bit, two per 32-bit operation, as the left operand of the tensor cores' product
+    (wgmma). Two segments (widths) share a launch, split-K programs taking about equal numbers
+    of columns;
+  - ``dot`` (``_decode_mm``, one K = 16 tensor-core dot per tile): widths over 10 bits.
 
-  Both apply the scale after the group's dot product in float32, so the result differs from the
-  dense fp16 weights' by at most their fp16 rounding (each weight ``scale * (code - zero)`` is
-  rounded to fp16 in the dense model, not here). Groups that do not line up with the tiles (or
-  uneven groups, or over 11 bits on the tensor cores) take the exact path: each weight
-  ``(code - zero) * scale`` rounded to fp16 as the checkpoint's decoder does.
-  Split-K programs add their partial sums into a float32 workspace with atomics; the last program
-  of each BLOCK_N slice (a per-slice counter) reads the sums back while zeroing them, adds the
-  bias and writes fp16, so the workspace is all zeros between calls.
+  Split-K programs add their partial sums into a float32 workspace [M, N] with atomics; the last
+  program of each BLOCK_N slice (a per-slice counter) reads the sums back while zeroing them,
+  adds the bias and writes fp16, so the workspace is all zeros between calls (``_workspace``).
 * :func:`dequantize_into` (prefill, M > 16): writes the layer's weight, transposed, in the
-  gathered column order, into a reused fp16 buffer [C, N], and the caller runs one cuBLAS matmul.
-
-Pointers for pieces a width does not have get a dummy tensor; constexpr piece widths prune code.
+  gathered column order, into a reused fp16 buffer [C, N] (``_segment_dequant``), and the caller
+  runs one cuBLAS matmul.
+* :func:`prefill_matmul` (prefill, one or two widths of at most 10 bits, no 16-bit columns:
+  :func:`prefill_ok`): ``_mma_mm`` over [BLOCK_M, BLOCK_N] output tiles of x gathered into the
+  kernel's order, each tile's weights dequantized on the fly (no weight buffer). Slower than
+  dequantize + cuBLAS on an H200 at 512 and 2048 rows, so the layers' forward uses it only up to
+  ``PREFILL_FUSED_MAX_ROWS`` (0).
 """
 
 from __future__ import annotations
@@ -35,252 +42,64 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from misq.runtime.layout import block_cols, pieces
+from misq.runtime.layout import Segment, block_cols, chunk_tiles, kernel_perm, pieces
+from misq.runtime.triton_common import HAVE_TRITON
 
-try:
+if HAVE_TRITON:
     import triton
-    import triton.language as tl
 
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs: the runtime dequantizes layer by layer instead
-    HAVE_TRITON = False
+    from misq.runtime.dequant_kernel import _segment_dequant
+    from misq.runtime.mma_kernel import _mma_mm
+    from misq.runtime.tile_kernel import _decode_mm
 
-DECODE_MAX_ROWS = 16  # above this, dequantize into a buffer and use cuBLAS
-_DEQUANT_BLOCK_N = 64  # prefill's dequantize kernel (not tuned)
+DECODE_MAX_ROWS = 16  # above this, prefill: prefill_matmul or dequantize + cuBLAS
+# prefill_matmul (tiles dequantized on the fly) up to this many rows, dequantize + cuBLAS above;
+# benchmarks/decode_speed.py's prefill section measures both: on an H200 the fused kernel was the
+# slower at 512 and 2048 rows on every 13B shape, so it is off by default
+PREFILL_FUSED_MAX_ROWS = 0
+DEQUANT_CONFIG = (128, 8)  # prefill's dequantize kernel: BLOCK_N, warps (fastest of 4 on every 13B shape, H200)
 
 
 @dataclass(frozen=True)
 class Config:
-    path: str  # "fma" (M = 1 only) or "dot"
+    path: str  # "fma" (M = 1 only), "mma" (tensor cores, block tiles) or "dot" (per-tile dots, > 10 bits)
     block_n: int
     target_programs: int  # split-K deep enough for about this many programs
     num_warps: int
     num_stages: int = 1
+    block_m: int = 16  # mma: rows of x a program (prefill: 64 to 256)
+    pregather: bool = False  # mma, decode: gather x into the kernel's column order first (one small kernel)
 
 
-# Launch settings: (path bucket "m1" / "m16", bits, N, K) -> Config, filled by
-# benchmarks/decode_speed.py --tune results; anything else uses default_config.
+# Launch settings: (bucket "m1" (M = 1) / "m16" (M = 2..16) / "pf" (prefill), bits, N, K) ->
+# Config, filled by benchmarks/decode_speed.py --tune results; anything else uses default_config.
 TUNED: dict[tuple[str, int, int, int], Config] = {}
 
 
-def default_config(M: int, bits: int, N: int, K: int) -> Config:
-    # Many small programs (about one layout block each): the loads of a block are one round trip,
-    # so the memory system needs many warps per SM in flight (4 a program at 528 programs was
-    # latency-bound on an H200, ~0.7 TB/s).
-    if M == 1:  # benchmarks/decode_speed.py --tune picked 64/2112/4 on every 13B shape at 3 and 4 bits
+def bucket(M: int) -> str:
+    return "m1" if M == 1 else ("m16" if M <= DECODE_MAX_ROWS else "pf")
+
+
+def default_config(M: int, bits: int, N: int, K: int, mma: bool = True) -> Config:
+    """Settings benchmarks/decode_speed.py --tune picked (or came close to) on every 13B shape on an
+    H200 (BENCHMARKS.md). Many small programs: the loads of a block are one round trip, so the
+    memory system needs many warps per SM in flight."""
+    single = len(pieces(bits)) == 1
+    if M == 1 and (single or not mma):  # one piece a code (4-bit): CUDA cores
         return Config("fma", 64, 16 * 132, 4)
-    return Config("dot", 128, 16 * 132, 4)
+    if not mma:  # over 10 bits
+        return Config("dot", 128, 16 * 132, 4)
+    if M <= DECODE_MAX_ROWS:  # x gathered in the kernel cost 2-3x at M = 16 (scattered 2-byte loads)
+        return Config("mma", 64, 16 * 132, 4, pregather=True)
+    # prefill: 256 rows of x a program; 128 for widths of several pieces (their words take shared memory)
+    return Config("mma", 128, 1, 8, 3, block_m=256 if single else 128)
 
 
 def config_for(M: int, bits: int, N: int, K: int) -> Config:
-    cfg = TUNED.get(("m1" if M == 1 else "m16", bits, N, K))
-    if cfg is None or (cfg.path == "fma" and M > 1):
+    cfg = TUNED.get((bucket(M), bits, N, K))
+    if cfg is None or (cfg.path == "fma" and M > 1) or (cfg.path != "mma" and M > DECODE_MAX_ROWS):
         cfg = default_config(M, bits, N, K)
     return cfg
-
-
-if HAVE_TRITON:
-    MAGIC = tl.constexpr(0x4B000000)  # float32 bits of 2**23: (MAGIC | v) is 2**23 + v for v < 2**23
-    TWO23 = tl.constexpr(8388608.0)
-
-    @triton.jit
-    def _rows(ptr, blk, h, H: tl.constexpr, offs_r, offs_n, n_ok, N):
-        """The 16 word rows (blk, h) of one piece: int32 [16, BLOCK_N]."""
-        rows = (blk * H + h) * 16 + offs_r
-        return tl.load(ptr + rows[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
-
-    @triton.jit
-    def _code(wA, wB, wC, wD, s: tl.constexpr, h, BITS: tl.constexpr, PA: tl.constexpr,
-              PB: tl.constexpr, PC: tl.constexpr, PD: tl.constexpr, PMIN: tl.constexpr):
-        """int32 [16, BLOCK_N]: the codes of tile t = h + H_A * s (pieces ORed into place). Piece X
-        (H_X | H_A) holds tile t in slot t // H_X = (H_A // H_X) * s + h // H_X."""
-        HA: tl.constexpr = PA // PMIN
-        code = ((wA >> (PA * s)) & ((1 << PA) - 1)) << (BITS & (PA - 1))
-        if PB > 0:
-            HB: tl.constexpr = PB // PMIN
-            code = code | (((wB >> (PB * ((HA // HB) * s + h // HB))) & ((1 << PB) - 1)) << (BITS & (PB - 1)))
-        if PC > 0:
-            HC: tl.constexpr = PC // PMIN
-            code = code | (((wC >> (PC * ((HA // HC) * s + h // HC))) & ((1 << PC) - 1)) << (BITS & (PC - 1)))
-        if PD > 0:
-            HD: tl.constexpr = PD // PMIN
-            code = code | (((wD >> (PD * ((HA // HD) * s + h // HD))) & ((1 << PD) - 1)) << (BITS & (PD - 1)))
-        return code
-
-    @triton.jit
-    def _exact_w(code, k, k_ok, s_ptr, z_ptr, g_ptr, offs_n, n_ok, N):
-        """fp16 [16, BLOCK_N]: (code - zero) * scale in float32, rounded to fp16 (the decoder's
-        weight, bit for bit), each column's group read from gidx."""
-        g = tl.load(g_ptr + k, mask=k_ok, other=0)
-        m = k_ok[:, None] & n_ok[None, :]
-        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m, other=0).to(tl.int32)
-        zm = (z | MAGIC).to(tl.float32, bitcast=True)
-        return (((code | MAGIC).to(tl.float32, bitcast=True) - zm) * s).to(tl.float16)
-
-    @triton.jit
-    def _decode_mm(x_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr, bias_ptr, wa, wb, wc, wd, s_ptr, z_ptr, g_ptr,
-                   M, N, n_cols, n_groups, stride_xm, stride_om, blocks_per_split,
-                   BITS: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, PC: tl.constexpr, PD: tl.constexpr,
-                   GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
-                   MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
-        # MODE 0: store out (fp16, + bias); 1: add into the workspace; 2: add, and the last program
-        # of each BLOCK_N slice writes out from the workspace (zeroing it) and resets its counter.
-        PMIN: tl.constexpr = PD if PD > 0 else (PC if PC > 0 else (PB if PB > 0 else PA))
-        T: tl.constexpr = 32 // PMIN
-        BKB: tl.constexpr = 16 * T
-        HA: tl.constexpr = PA // PMIN
-        PER: tl.constexpr = 32 // PA
-        EXACT: tl.constexpr = GROUP == 0 or (DOT and BITS > 11)
-        TG: tl.constexpr = (GROUP // 16) if (GROUP > 0 and GROUP < BKB) else T  # tiles per group run
-        SINGLE: tl.constexpr = PB == 0
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        n_ok = offs_n < N
-        offs_r = tl.arange(0, 16)
-        offs_m = tl.arange(0, BM)
-        m_ok = offs_m < M
-        if DOT:
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-        else:
-            acc = tl.zeros((16, BN), dtype=tl.float32)
-        nblk = tl.cdiv(n_cols, BKB)
-        b_lo = pid_s * blocks_per_split
-        b_hi = tl.minimum(b_lo + blocks_per_split, nblk)
-        for blk in range(b_lo, b_hi):
-            for h in range(HA):  # a runtime loop: less code to compile
-                wA = _rows(wa, blk, h, HA, offs_r, offs_n, n_ok, N)
-                wB = wA
-                wC = wA
-                wD = wA
-                if PB > 0:
-                    wB = _rows(wb, blk, h % (PB // PMIN), PB // PMIN, offs_r, offs_n, n_ok, N)
-                if PC > 0:
-                    wC = _rows(wc, blk, h % (PC // PMIN), PC // PMIN, offs_r, offs_n, n_ok, N)
-                if PD > 0:
-                    wD = _rows(wd, blk, h % (PD // PMIN), PD // PMIN, offs_r, offs_n, n_ok, N)
-                if SINGLE and not DOT and not EXACT:
-                    wAhi = wA >> 16
-                if DOT:
-                    accg = tl.zeros((BM, BN), dtype=tl.float32)
-                else:
-                    accg = tl.zeros((16, BN), dtype=tl.float32)
-                    sxg = tl.zeros((16,), dtype=tl.float32)
-                sc = tl.zeros((BN,), dtype=tl.float32)  # the current group's scales, 2**23 + zeros
-                zm = tl.zeros((BN,), dtype=tl.float32)
-                for s in tl.static_range(PER):
-                    t = h + HA * s
-                    k = blk * BKB + 16 * t + offs_r
-                    k_ok = k < n_cols
-                    idx = tl.load(perm_ptr + k, mask=k_ok, other=0)
-                    if DOT:
-                        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + idx[None, :],
-                                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                    else:
-                        xt = tl.load(x_ptr + idx, mask=k_ok, other=0.0).to(tl.float32)
-                    if EXACT:
-                        code = _code(wA, wB, wC, wD, s, h, BITS, PA, PB, PC, PD, PMIN)
-                        w = _exact_w(code, k, k_ok, s_ptr, z_ptr, g_ptr, offs_n, n_ok, N)
-                        if DOT:
-                            acc = tl.dot(xt, w, acc)
-                        else:
-                            acc += w.to(tl.float32) * xt[:, None]
-                    else:
-                        g = (blk * BKB + 16 * t) // GROUP
-                        FIRST = s == 0 or (HA * s) // TG != (HA * (s - 1)) // TG  # a group's run starts (H_A | TG)
-                        LAST = s == PER - 1 or (HA * s) // TG != (HA * (s + 1)) // TG  # ... ends
-                        if FIRST:
-                            gm = n_ok & (g < n_groups)
-                            sc = tl.load(s_ptr + g * N + offs_n, mask=gm, other=0.0).to(tl.float32)
-                            z = tl.load(z_ptr + g * N + offs_n, mask=gm, other=0).to(tl.int32)
-                            zm = (z | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + zero
-                        if DOT:
-                            code = _code(wA, wB, wC, wD, s, h, BITS, PA, PB, PC, PD, PMIN)
-                            e = ((code | MAGIC).to(tl.float32, bitcast=True) - zm[None, :]).to(tl.float16)
-                            accg = tl.dot(xt, e, accg)
-                        else:
-                            if SINGLE:  # the code in place at bit q: no shift, x scaled by 2**-q
-                                SH = PA * s
-                                if SH + PA <= 23:
-                                    v = wA & (((1 << PA) - 1) << SH)
-                                    Q = SH
-                                else:
-                                    v = wAhi & (((1 << PA) - 1) << (SH - 16))
-                                    Q = SH - 16
-                                c = (v | MAGIC).to(tl.float32, bitcast=True) - TWO23  # code * 2**Q
-                                accg += c * (xt * (1.0 / (1 << Q)))[:, None]
-                            else:
-                                code = _code(wA, wB, wC, wD, s, h, BITS, PA, PB, PC, PD, PMIN)
-                                c = (code | MAGIC).to(tl.float32, bitcast=True) - TWO23
-                                accg += c * xt[:, None]
-                            sxg += xt
-                        if LAST:  # scale the group's run of tiles
-                            if DOT:
-                                acc += sc[None, :] * accg
-                                accg = tl.zeros((BM, BN), dtype=tl.float32)
-                            else:
-                                acc += sc[None, :] * (accg - (zm - TWO23)[None, :] * sxg[:, None])
-                                accg = tl.zeros((16, BN), dtype=tl.float32)
-                                sxg = tl.zeros((16,), dtype=tl.float32)
-        if DOT:
-            y = acc
-            om = offs_m
-            mo = m_ok
-        else:
-            y = tl.sum(acc, axis=0)[None, :]
-            om = tl.arange(0, 1)
-            mo = om < 1
-        msk = mo[:, None] & n_ok[None, :]
-        if MODE == 0:
-            if HAS_BIAS:
-                y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + om[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=msk)
-        else:
-            wsp = ws_ptr + om[:, None] * N + offs_n[None, :]
-            tl.atomic_add(wsp, y, mask=msk, sem="relaxed")
-            if MODE == 2:
-                tl.debug_barrier()
-                done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-                if done == tl.num_programs(1) - 1:
-                    bits = tl.atomic_xchg(wsp.to(tl.pointer_type(tl.int32)), tl.zeros(y.shape, tl.int32), mask=msk,
-                                          sem="acq_rel")  # read the sums and leave zeros
-                    tot = bits.to(tl.float32, bitcast=True)
-                    if HAS_BIAS:
-                        tot += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                    tl.store(out_ptr + om[:, None] * stride_om + offs_n[None, :],
-                             tot.to(out_ptr.dtype.element_ty), mask=msk)
-                    tl.atomic_xchg(cnt_ptr + pid_n, 0)
-
-    @triton.jit
-    def _segment_dequant(out_ptr, wa, wb, wc, wd, s_ptr, z_ptr, g_ptr, N, n_cols,
-                         BITS: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, PC: tl.constexpr, PD: tl.constexpr,
-                         BN: tl.constexpr):
-        PMIN: tl.constexpr = PD if PD > 0 else (PC if PC > 0 else (PB if PB > 0 else PA))
-        BKB: tl.constexpr = 16 * (32 // PMIN)
-        HA: tl.constexpr = PA // PMIN
-        blk = tl.program_id(0)
-        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-        n_ok = offs_n < N
-        offs_r = tl.arange(0, 16)
-        for h in range(HA):
-            wA = _rows(wa, blk, h, HA, offs_r, offs_n, n_ok, N)
-            wB = wA
-            wC = wA
-            wD = wA
-            if PB > 0:
-                wB = _rows(wb, blk, h % (PB // PMIN), PB // PMIN, offs_r, offs_n, n_ok, N)
-            if PC > 0:
-                wC = _rows(wc, blk, h % (PC // PMIN), PC // PMIN, offs_r, offs_n, n_ok, N)
-            if PD > 0:
-                wD = _rows(wd, blk, h % (PD // PMIN), PD // PMIN, offs_r, offs_n, n_ok, N)
-            for s in tl.static_range(32 // PA):
-                t = h + HA * s
-                k = blk * BKB + 16 * t + offs_r
-                k_ok = k < n_cols
-                code = _code(wA, wB, wC, wD, s, h, BITS, PA, PB, PC, PD, PMIN)
-                w = _exact_w(code, k, k_ok, s_ptr, z_ptr, g_ptr, offs_n, n_ok, N)
-                tl.store(out_ptr + k[:, None] * N + offs_n[None, :], w, mask=k_ok[:, None] & n_ok[None, :])
 
 
 def _pieces_args(seg) -> tuple[list[Tensor], dict[str, int]]:
@@ -291,8 +110,8 @@ def _pieces_args(seg) -> tuple[list[Tensor], dict[str, int]]:
 
 
 def kernel_group(seg) -> int:
-    """The group length the fast paths use (whole tiles of 16 lined up with the layout's blocks),
-    or 0: read each column's group (exact path)."""
+    """The group length the fma and dot paths use (whole tiles of 16 lined up with the layout's
+    blocks), or 0: read each column's group (exact path)."""
     g, B = seg.group_len, block_cols(seg.bits)
     ha = max(pieces(seg.bits)) // min(pieces(seg.bits))
     if g > 0 and g % 16 == 0 and (g % B == 0 or (B % g == 0 and (g // 16) % ha == 0)):
@@ -313,48 +132,165 @@ def _workspace(device: torch.device, numel: int, slices: int) -> tuple[Tensor, T
     return ws, cnt
 
 
+@dataclass
+class _Launch:
+    segs: list  # one segment, or two for the mma path
+    cfg: Config
+    n_nblk: int  # BLOCK_N slices of the output
+    split: int  # programs along K (grid axis 1)
+    bps: list[int]  # layout blocks per split program, per segment
+    off2: int = 0  # mma, two segments: split programs of segment 1 (0: every program takes both)
+
+
+def _plan(segs: list, cfg: Config, rows: int, M: int) -> _Launch:
+    """Split-K so that about cfg.target_programs programs run (one tile of rows only). Two
+    segments split disjointly, each program taking about the same number of columns."""
+    n_nblk = triton.cdiv(rows, cfg.block_n)
+    nblks = [triton.cdiv(s.n, block_cols(s.bits)) for s in segs]
+    target = max(1, cfg.target_programs // n_nblk) if cfg.block_m >= M else 1
+    if target == 1:
+        return _Launch(segs, cfg, n_nblk, 1, nblks, 0)
+    if len(segs) == 1:
+        split = min(nblks[0], target)
+        bps = triton.cdiv(nblks[0], split)
+        return _Launch(segs, cfg, n_nblk, triton.cdiv(nblks[0], bps), [bps])
+    cols = triton.cdiv(sum(s.n for s in segs), target)  # per program
+    bps = [max(1, cols // block_cols(s.bits)) for s in segs]
+    splits = [triton.cdiv(nb, b) for nb, b in zip(nblks, bps, strict=True)]
+    return _Launch(segs, cfg, n_nblk, sum(splits), bps, splits[0])
+
+
+def _kbase(segments: list) -> list[int]:
+    """Each segment's first position in layout.kernel_perm (the padded widths before it)."""
+    out, pos = [], 0
+    for seg in segments:
+        out.append(pos)
+        pos += triton.cdiv(seg.n, block_cols(seg.bits)) * block_cols(seg.bits)
+    return out
+
+
+def mma_ok(seg: Segment) -> bool:
+    """The tensor-core kernel's fp16 trick (0x6400 | code is 1024 + code) needs codes < 1024."""
+    return seg.bits <= 10
+
+
+def _seg_args(seg: Segment, x: Tensor, q: Tensor | None, bps: int) -> list:
+    ptrs, _ = _pieces_args(seg)
+    return [x, q if q is not None else seg.gidx, *ptrs, seg.scales, seg.zeros, seg.gidx, seg.n,
+            seg.scales.shape[0], bps]
+
+
+def _seg_consts(seg: Segment, i: int) -> dict[str, int]:
+    _, pc = _pieces_args(seg)
+    g = seg.group_len if seg.group_len > 0 else 0
+    return {f"BITS{i}": seg.bits, **{f"{k}{i}": v for k, v in pc.items()}, f"GROUP{i}": g,
+            f"TC{i}": chunk_tiles(seg.bits), f"EVEN{i}": seg.n % block_cols(seg.bits) == 0}
+
+
+def _run_mma(launch: _Launch, x: Tensor, xs: list[Tensor], qs: list, out: Tensor, ws: Tensor | None,
+             cnt: Tensor | None, bias: Tensor | None, mode: int, gather: bool) -> None:
+    """One _mma_mm launch over launch.segs (x: the rows; xs / qs: each segment's x and kernel perm)."""
+    cfg, segs = launch.cfg, launch.segs
+    M = x.shape[0]
+    a1 = _seg_args(segs[0], xs[0], qs[0], launch.bps[0])
+    two = len(segs) == 2
+    a2 = _seg_args(segs[1], xs[1], qs[1], launch.bps[1]) if two else a1
+    consts = {**_seg_consts(segs[0], 1), **_seg_consts(segs[1] if two else segs[0], 2)}
+    grid = (launch.n_nblk * triton.cdiv(M, cfg.block_m), launch.split)
+    _mma_mm[grid](out, ws if ws is not None else out, cnt if cnt is not None else segs[0].gidx,
+                  bias if bias is not None else out, M, out.shape[1], x.stride(0), out.stride(0), launch.off2,
+                  *a1, *a2, **consts, NSEG=2 if two else 1, BM=cfg.block_m, BN=cfg.block_n,
+                  GATHER=gather, MODE=mode, HAS_BIAS=bias is not None,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def decode_matmul(x: Tensor, perm: Tensor, segments: list, rows: int, bias: Tensor | None = None,
-                  extra: Tensor | None = None, configs: list[Config] | None = None) -> Tensor:
+                  extra: Tensor | None = None, configs: list[Config] | None = None,
+                  kperm: Tensor | None = None) -> Tensor:
     """x fp16 [M, C] (M <= 16, unit column stride; not gathered) -> fp16 [M, rows]: the sum over
     quantized segments of x[:, perm][:, segment] @ W_segment^T, plus ``extra`` (float32 [M, rows],
-    e.g. the 16-bit columns' product) and ``bias``. ``configs``: one per segment (default: tuned)."""
+    e.g. the 16-bit columns' product) and ``bias``. ``configs``: one per segment (default: tuned);
+    the mma path takes two segments a launch (the first one's config). ``kperm``:
+    layout.kernel_perm(perm, segments) (made here when missing)."""
     M = x.shape[0]
     out = torch.empty(M, rows, dtype=x.dtype, device=x.device)
-    n_seg = len(segments)
-    cfgs = configs or [config_for(M, s.bits, rows, s.n) for s in segments]
+    cfgs = list(configs or [config_for(M, s.bits, rows, x.shape[1]) for s in segments])
+    for i, s in enumerate(segments):
+        if cfgs[i].path == "mma" and not mma_ok(s):
+            cfgs[i] = default_config(M, s.bits, rows, s.n, mma=False)
+    launches, i = [], 0
+    while i < len(segments):
+        two = cfgs[i].path == "mma" and i + 1 < len(segments) and mma_ok(segments[i + 1])
+        launches.append(_plan(segments[i:i + 1 + two], cfgs[i], rows, M))
+        i += 1 + two
+    direct = len(launches) == 1 and extra is None and launches[0].split == 1
     ws = cnt = None
-    plans = []
-    for seg, cfg in zip(segments, cfgs, strict=True):
-        n_nblk = triton.cdiv(rows, cfg.block_n)
-        nblk = triton.cdiv(seg.n, block_cols(seg.bits))
-        split = max(1, min(nblk, cfg.target_programs // n_nblk))
-        bps = triton.cdiv(nblk, split)
-        plans.append((n_nblk, triton.cdiv(nblk, bps), bps))
-    direct = n_seg == 1 and extra is None and plans[0][1] == 1
     if not direct:
-        ws, cnt = _workspace(x.device, 16 * rows, max(p[0] for p in plans))
+        ws, cnt = _workspace(x.device, 16 * rows, max(p.n_nblk for p in launches))
         if extra is not None:
             ws[:M * rows].view(M, rows).add_(extra)
-    for i, (seg, cfg, (n_nblk, split, bps)) in enumerate(zip(segments, cfgs, plans, strict=True)):
+    base = dict(zip((id(s) for s in segments), _kbase(segments), strict=True))
+    xq = None
+    for i, lc in enumerate(launches):
+        mode = 0 if direct else (2 if i == len(launches) - 1 else 1)
+        if lc.cfg.path == "mma":
+            if kperm is None:
+                kperm = kernel_perm(perm, segments)
+            if lc.cfg.pregather:
+                if xq is None:
+                    xq = x.index_select(1, kperm)
+                _run_mma(lc, xq, [xq[:, base[id(s)]:] for s in lc.segs], [None] * len(lc.segs), out, ws, cnt, bias,
+                         mode, False)
+            else:
+                _run_mma(lc, x, [x] * len(lc.segs), [kperm[base[id(s)]:] for s in lc.segs], out, ws, cnt, bias,
+                         mode, True)
+            continue
+        seg, cfg = lc.segs[0], lc.cfg
         ptrs, pc = _pieces_args(seg)
-        mode = 0 if direct else (2 if i == n_seg - 1 else 1)
         dot = cfg.path == "dot" or M > 1
-        _decode_mm[(n_nblk, split)](
+        _decode_mm[(lc.n_nblk, lc.split)](
             x, perm[seg.start:], out, ws if ws is not None else out, cnt if cnt is not None else seg.gidx,
             bias if bias is not None else out, *ptrs, seg.scales, seg.zeros, seg.gidx,
-            M, rows, seg.n, seg.scales.shape[0], x.stride(0), out.stride(0), bps,
+            M, rows, seg.n, seg.scales.shape[0], x.stride(0), out.stride(0), lc.bps[0],
             BITS=seg.bits, **pc, GROUP=kernel_group(seg), BM=16 if dot else 1, BN=cfg.block_n, DOT=dot,
             MODE=mode, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if n_seg == 0:  # only 16-bit columns
+    if not segments:  # only 16-bit columns
         y = extra if extra is not None else torch.zeros(M, rows, dtype=torch.float32, device=x.device)
         out = (y + (bias.float() if bias is not None else 0)).to(x.dtype)
     return out
 
 
-def dequantize_into(out: Tensor, segments: list, rows: int) -> None:
+def prefill_ok(segments: list, has_fp: bool) -> bool:
+    """Whether :func:`prefill_matmul` takes the layer: one or two widths of at most 10 bits, no
+    16-bit columns."""
+    return not has_fp and 1 <= len(segments) <= 2 and all(mma_ok(s) for s in segments)
+
+
+def prefill_matmul(x: Tensor, kperm: Tensor, segments: list, rows: int, bias: Tensor | None = None,
+                   config: Config | None = None) -> Tensor:
+    """x fp16 [M, C] (not gathered), ``kperm`` = layout.kernel_perm(perm, segments), one or two
+    quantized segments covering every column (:func:`prefill_ok`) -> fp16 [M, rows] = x[:, perm]
+    @ W^T (+ bias): x is gathered once into the kernel's column order, and each output tile's
+    weights are dequantized on the fly into the tensor cores' operand (one launch, no split-K)."""
+    M = x.shape[0]
+    bits = next((s.bits for s in segments if len(pieces(s.bits)) > 1), segments[0].bits)  # the widest words
+    cfg = config or config_for(M, bits, rows, x.shape[1])
+    xq = x.index_select(1, kperm)
+    out = torch.empty(M, rows, dtype=x.dtype, device=x.device)
+    lc = _Launch(segments, cfg, triton.cdiv(rows, cfg.block_n), 1,
+                 [triton.cdiv(s.n, block_cols(s.bits)) for s in segments], 0)
+    _run_mma(lc, xq, [xq[:, b:] for b in _kbase(segments)], [None] * len(segments), out, None, None, bias, 0, False)
+    return out
+
+
+def dequantize_into(out: Tensor, segments: list, rows: int, block_n: int | None = None,
+                    num_warps: int | None = None) -> None:
     """Write every quantized segment's weight, transposed, into out fp16 [C, rows] at its rows."""
+    bn, nw = DEQUANT_CONFIG
+    block_n, num_warps = block_n or bn, num_warps or nw
     for seg in segments:
         ptrs, pc = _pieces_args(seg)
-        grid = (triton.cdiv(seg.n, block_cols(seg.bits)), triton.cdiv(rows, _DEQUANT_BLOCK_N))
+        grid = (triton.cdiv(seg.n, block_cols(seg.bits)), triton.cdiv(rows, block_n))
         _segment_dequant[grid](out[seg.start:], *ptrs, seg.scales, seg.zeros, seg.gidx, rows, seg.n,
-                               BITS=seg.bits, **pc, BN=_DEQUANT_BLOCK_N, num_warps=4)
+                               seg.scales.shape[0], BITS=seg.bits, **pc, GROUP=max(seg.group_len, 0),
+                               BN=block_n, TC=chunk_tiles(seg.bits), PK=mma_ok(seg), num_warps=num_warps)

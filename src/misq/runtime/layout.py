@@ -75,6 +75,37 @@ def block_cols(bits: int) -> int:
     return 16 * (WORD_BITS // min(pieces(bits)))
 
 
+def chunk_tiles(bits: int) -> int:
+    """Tiles of 16 columns that the tensor-core kernel unpacks per ``tl.dot`` (a chunk of a block):
+    up to 8, and at least two of piece A's slots (mma_kernel.py, ``_pk_chunk``)."""
+    pmin, pmax = min(pieces(bits)), max(pieces(bits))
+    return max(min(WORD_BITS // pmin, 8), 2 * (pmax // pmin))
+
+
+def kernel_order(bits: int, n: int) -> Tensor:
+    """int64 [nblk * 16 T]: the segment column that each position of the tensor-core kernel's
+    reduction reads, block by block, chunk by chunk (positions past ``n`` give ``n``: padding).
+    A chunk c of TC tiles pairs tile t = c TC/2 + i with tile t + T/2 (their codes sit 16 bits
+    apart in the same words, so one 32-bit operation makes both fp16 weights); position
+    k = (16 i + r) * 2 + j is column 16 (c TC/2 + i) + r + j * 16 T/2 of the block."""
+    B = block_cols(bits)
+    T, TC = B // 16, chunk_tiles(bits)
+    k = torch.arange(16 * TC)
+    i, r, j = k // 32, (k // 2) % 16, k % 2
+    within = torch.cat([16 * (c * TC // 2 + i) + r + j * 8 * T for c in range(T // TC)])  # [B]
+    cols = (torch.arange(-(-n // B))[:, None] * B + within[None, :]).reshape(-1)
+    return cols.clamp(max=n)
+
+
+def kernel_perm(perm: Tensor, segments: list[Segment]) -> Tensor:
+    """int32 [sum of the segments' padded widths]: the input column (of x, before ``perm``) that
+    each position of the tensor-core kernel reads; padding repeats a real column (its weights are
+    masked to zero by the kernel)."""
+    parts = [perm[(s.start + kernel_order(s.bits, s.n).clamp(max=s.n - 1)).to(perm.device)].to(torch.int32)
+             for s in segments]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+
+
 def pack_words(codes: Tensor, bits: int) -> dict[int, Tensor]:
     """codes int [R, n] (0 <= code < 2**bits) -> {p: int32 [nblk * 16 * H_p, R]} (module doc)."""
     R, n = codes.shape

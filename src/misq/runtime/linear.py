@@ -2,17 +2,22 @@
 
 Forward, for x [..., C] -> y [..., R]:
 
-* CUDA, fp16, Triton present: M <= 16 rows go through the fused decode kernel
-  (:func:`misq.runtime.kernels.decode_matmul`: it gathers ``x[:, perm]`` itself and writes the
-  fp16 output with the bias); more rows gather ``x[:, perm]`` once, dequantize the layer into a
-  per-device fp16 buffer shared by every layer and call cuBLAS.
+* CUDA, fp16, Triton present: M <= 16 rows go through the decode kernels
+  (:func:`misq.runtime.kernels.decode_matmul`: CUDA cores at M = 1 for one-piece widths, tensor
+  cores otherwise; they write the fp16 output with the bias); more rows (prefill) gather
+  ``x[:, perm]`` once, dequantize the layer into a per-device fp16 buffer shared by every layer
+  and call cuBLAS, or, up to ``kernels.PREFILL_FUSED_MAX_ROWS`` rows (0 by default: it measured
+  slower), go through :func:`misq.runtime.kernels.prefill_matmul` (each output tile's weights
+  dequantized on the fly) when the layer has one or two widths of at most 10 bits and no 16-bit
+  columns.
 * otherwise (CPU, other dtypes, no Triton): dequantize this one layer to a temporary dense
   weight and call ``F.linear``, so peak memory is the packed model plus one layer.
 
-The prefill and CPU paths use the weights :func:`misq.checkpoint.layer_format.decode_layer`
-produces, bit for bit (outputs differ from the dense model's by summation order); the decode kernel
-scales each group's dot product in float32 instead of rounding every weight to fp16 first, so its
-outputs differ from the dense model's by at most the dense weights' fp16 rounding.
+The tensor-core kernel, the dequantize path and the CPU path use the weights
+:func:`misq.checkpoint.layer_format.decode_layer` produces, bit for bit (outputs differ from the
+dense model's by summation order); the M = 1 CUDA-core kernel scales each group's dot product in
+float32 instead of rounding every weight to fp16 first, so its outputs differ from the dense
+model's by at most the dense weights' fp16 rounding.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from torch import Tensor, nn
 
 from misq.checkpoint.packing import Pattern
 from misq.runtime import kernels
-from misq.runtime.layout import Segment, build_segments, dequantize
+from misq.runtime.layout import Segment, build_segments, dequantize, kernel_perm
+from misq.runtime.triton_common import HAVE_TRITON
 
 _buffers: dict[torch.device, Tensor] = {}  # prefill's dequantized weight, one per device, reused
 
@@ -41,7 +47,8 @@ def _buffer(device: torch.device, numel: int) -> Tensor:
 class PackedLinear(nn.Module):
     """A [R, C] linear layer held in the runtime layout (:mod:`misq.runtime.layout`).
 
-    Buffers (so ``.to(device)`` moves them): ``perm`` int32 [C]; per segment i ``seg{i}_w{p}``
+    Buffers (so ``.to(device)`` moves them): ``perm`` int32 [C]; ``kperm`` int32 (the tensor-core
+    kernel's column order, :func:`misq.runtime.layout.kernel_perm`); per segment i ``seg{i}_w{p}``
     int32 words, ``seg{i}_scales`` fp16 [K_b, R], ``seg{i}_zeros`` uint8 [K_b, R],
     ``seg{i}_gidx`` int32 [n_b]; ``fp_cols`` [R, n_fp] for 16-bit columns; ``bias`` [R].
     """
@@ -52,6 +59,7 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = int(perm.numel()), rows
         self.weight_dtype = weight_dtype  # the dense model's weights are rounded to this dtype
         self.register_buffer("perm", perm.to(torch.int32))
+        self.register_buffer("kperm", kernel_perm(self.perm, segments))
         self._meta = [(s.bits, s.start, s.n, s.group_len, sorted(s.words)) for s in segments]
         for i, s in enumerate(segments):
             for p, w in s.words.items():
@@ -93,7 +101,7 @@ class PackedLinear(nn.Module):
         return W if dtype is None else W.to(dtype)
 
     def _kernel_ok(self, x: Tensor) -> bool:
-        return kernels.HAVE_TRITON and x.is_cuda and x.dtype == torch.float16
+        return HAVE_TRITON and x.is_cuda and x.dtype == torch.float16
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., C] -> [..., R] in x's dtype."""
@@ -102,23 +110,38 @@ class PackedLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         R = self.out_features
-        if x2.shape[0] <= kernels.DECODE_MAX_ROWS:  # one fused launch per width: gather, dot, bias, fp16
+        M = x2.shape[0]
+        if M <= kernels.DECODE_MAX_ROWS:  # one fused launch per width or two: gather, dot, bias, fp16
             if x2.stride(1) != 1:
                 x2 = x2.contiguous()
             extra = None
             if self.fp_cols is not None:
                 extra = (x2.index_select(1, self.perm[self.fp_start:]) @ self.fp_cols.to(x.dtype).t()).float()
-            y = kernels.decode_matmul(x2, self.perm, self.segments, R, self.bias, extra)
+            y = kernels.decode_matmul(x2, self.perm, self.segments, R, self.bias, extra, kperm=self.kperm)
             return y.reshape(*shape[:-1], R)
+        if M <= kernels.PREFILL_FUSED_MAX_ROWS and self.fused_prefill_ok():
+            return self._prefill_fused(x2).reshape(*shape[:-1], R)
+        return self._prefill_dequant(x2).reshape(*shape[:-1], R)
+
+    def fused_prefill_ok(self) -> bool:
+        return kernels.prefill_ok(self.segments, self.fp_cols is not None)
+
+    def _prefill_fused(self, x2: Tensor) -> Tensor:
+        """x2 fp16 [M, C] on CUDA -> [M, R]: tiles of W dequantized on the fly (prefill_matmul)."""
+        return kernels.prefill_matmul(x2, self.kperm, self.segments, self.out_features, self.bias)
+
+    def _prefill_dequant(self, x2: Tensor) -> Tensor:
+        """x2 fp16 [M, C] on CUDA -> [M, R]: the layer dequantized into the shared buffer, cuBLAS."""
+        R = self.out_features
         xp = x2.index_select(1, self.perm)  # once per layer: every width becomes a contiguous segment
-        wt = _buffer(x.device, self.in_features * R).view(self.in_features, R)
+        wt = _buffer(x2.device, self.in_features * R).view(self.in_features, R)
         kernels.dequantize_into(wt, self.segments, R)
         if self.fp_cols is not None:
             wt[self.fp_start:] = self.fp_cols.t()
         y = xp @ wt
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], R)
+        return y
 
     def extra_repr(self) -> str:
         widths = ",".join(str(m[0]) for m in self._meta) + (",16" if self.fp_cols is not None else "")
