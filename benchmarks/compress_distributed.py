@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Speed-up of misq's compression on K = 1, 2, 4 GPUs through torch.distributed (issue 8).
+"""Speed-up of misq's compression on K = 1, 2, 4 GPUs through torch.distributed (issues 8, 17).
 
 One call runs everything, so that one machine start covers all K. From the repository root of
 a 4-GPU machine (misq need not be installed; the launcher sets PYTHONPATH=src for its children):
 
     python3 benchmarks/compress_distributed.py --out "$OUT"
+
+and on a 2-GPU machine ``--nprocs 1,2``. Every solve (q/k/v, o, gate/up, down) is split by rows
+over the K ranks (:mod:`misq.distributed`), the calibration windows too.
 
 1. **Speed**, for each K: ``torchrun --standalone --nproc-per-node K`` of this file in worker
    mode. Every rank builds the same LLaMA-13B-shaped model (hidden 5120, FFN 13824, 40 heads,
@@ -13,10 +16,14 @@ a 4-GPU machine (misq need not be installed; the launcher sets PYTHONPATH=src fo
    uniform. Seconds per layer are rank 0's wall time between ``on_layer_done`` callbacks
    (synchronised; layer 0 is warm-up and left out of the mean). Peak GPU memory is
    ``torch.cuda.max_memory_allocated`` of every rank. A coarse breakdown (forwards + Hessian,
-   all-reduce, solves, waiting for / receiving the owners' weights, final forward) comes from
-   synchronising timers around the driver's functions.
+   all-reduce, planning, the row-split solves with their mask gathers, all row gathers, final
+   forward) comes from synchronising timers around the driver's functions.
 2. **Agreement** with K = 1: every compressed weight of every K is compared with K = 1's
-   (fraction bitwise equal, largest difference), and the layers' relative errors.
+   (fraction bitwise equal, largest difference), and the layers' relative errors. The Hessian
+   all-reduce sums in another order, so masks near the threshold may flip; ``--exact-check``
+   (on by default) therefore also runs the largest K with every rank running every window and
+   keeping its own Hessian (the K = 1 Hessian, no all-reduce): then only the row split differs
+   from K = 1, and the weights should be bitwise equal (its speed means nothing).
 3. **PPL** (``--ppl-check``, on by default): a small LLaMA is trained on a synthetic corpus
    (misq.demo.toy), then ``torchrun -m misq compress ... --eval`` runs for every K, as a user would
    run it (NCCL, fused kernels, the CLI's rank-0-only outputs); the PPLs and bit plans are
@@ -24,8 +31,8 @@ a 4-GPU machine (misq need not be installed; the launcher sets PYTHONPATH=src fo
 
 Everything goes to ``<out>/compress_distributed.json`` (and each run's log to
 ``<out>/k<K>.log``); a table is printed last. ``--tiny`` shrinks everything to run on the CPU
-with gloo (``--nprocs 1,2`` there), as a smoke test. Expected to take about 5 minutes on 4 x H200
-(an estimate from the one-GPU figures, not yet measured).
+with gloo (``--nprocs 1,2`` there), as a smoke test. Took about 5 minutes on 4 x H200 with
+``--nprocs 1,2,4`` (issue 8); ``--nprocs 1,2 --no-ppl-check`` should take about 3 minutes on 2.
 """
 
 from __future__ import annotations
@@ -82,11 +89,23 @@ def build_model(args, dist):
 def worker(args) -> None:
     from misq import distributed
 
+    class EveryWindow(distributed.Dist):
+        """Each rank runs all windows and keeps its own Hessian: the one-process H everywhere."""
+
+        def shard_windows(self, calib):
+            return calib
+
+        def reduce_hessian(self, H, nsamples):
+            return H
+
     dist = distributed.from_env("cuda" if cuda() else "cpu")  # pins this rank's GPU before any CUDA work
     from misq.compress import driver
     from misq.config import CompressConfig
     from misq.models import execution
 
+    if args.same_hessian:  # every rank: every window, its own (the one-process) Hessian
+        dist = EveryWindow(rank=dist.rank, world_size=dist.world_size, local_rank=dist.local_rank, device=dist.device,
+                           backend=dist.backend, owns_group=dist.owns_group)
     device = dist.device or ("cuda" if cuda() else "cpu")
     model = build_model(args, dist)
     calib = torch.randint(0, args.vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
@@ -112,8 +131,9 @@ def worker(args) -> None:
     # Each sits where the driver synchronises anyway (or waits on the other ranks).
     timed(driver, "_accumulate_step_hessian", "forwards + hessian (incl. all-reduce)")
     timed(dist, "reduce_hessian", "hessian all-reduce")
-    timed(driver, "solve", "solves (own layers)")
-    timed(dist, "share_solved", "waiting for owners + broadcast")
+    timed(driver, "_plan_layers", "planning (+ gathering plans)")
+    timed(driver, "solve", "solves (own rows, incl. mask gathers)")
+    timed(dist, "gather_rows", "row gathers (masks in solves; weights, grids, records)")
     timed(execution, "run_layer", "final forward")
     timed(execution, "capture_layer0_inputs", "capture")
     marks = {"last": now()}
@@ -193,32 +213,35 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def speed_runs(args, ks: list[int], scratch: Path, out: Path) -> dict:
+def one_run(args, k: int, tag: str, scratch: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
+    """One ``torchrun`` of the worker on ``k`` processes; its timings (rank 0's) and records."""
     shape = ["--layers", str(args.layers), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
              "--batch-size", str(args.batch_size), "--hidden", str(args.hidden), "--ffn", str(args.ffn),
-             "--heads", str(args.heads), "--vocab", str(args.vocab)]
-    runs: dict = {}
-    for k in ks:
-        rc, wall = torchrun(k, [__file__, "--worker", "--scratch", str(scratch / f"k{k}"), *shape], out / f"k{k}.log",
-                            args.timeout, threads=args.threads)
-        path = scratch / f"k{k}" / "worker.json"
-        if rc != 0 or not path.is_file():
-            runs[k] = {"error": f"exit status {rc}", "log_tail": tail(out / f"k{k}.log")}
-            log.error("K=%d failed (exit %d):\n%s", k, rc, runs[k]["log_tail"])
-            continue
-        w = json.loads(path.read_text())
-        rank0 = w["ranks"][0]["per_layer"]
-        steady = [r["layer_s"] for r in rank0[1:]] or [r["layer_s"] for r in rank0]
-        phase_names = sorted({p for r in rank0 for p in r if p not in ("layer_s", "peak_gib")})
-        runs[k] = {
-            "s_per_layer": mean(steady), "layer_s": [r["layer_s"] for r in rank0], "warmup_layer_s": rank0[0]["layer_s"],
-            "capture_s": w["ranks"][0]["capture_s"], "launch_to_exit_s": wall, "backend": w["backend"],
-            "peak_gib_per_rank": [max(r["peak_gib"] for r in rk["per_layer"]) for rk in w["ranks"]],
-            "breakdown_rank0_s": {p: mean([r.get(p, 0.0) for r in rank0[1:] or rank0]) for p in phase_names},
-            "gpus": sorted({rk["gpu"] for rk in w["ranks"]}),
-            "records": w["records"],
-        }
-        log.info("K=%d: %.3f s/layer (layers %s)", k, runs[k]["s_per_layer"], [round(x, 3) for x in runs[k]["layer_s"]])
+             "--heads", str(args.heads), "--vocab", str(args.vocab), *extra]
+    rc, wall = torchrun(k, [__file__, "--worker", "--scratch", str(scratch / tag), *shape], out / f"{tag}.log",
+                        args.timeout, threads=args.threads)
+    path = scratch / tag / "worker.json"
+    if rc != 0 or not path.is_file():
+        log.error("%s failed (exit %d):\n%s", tag, rc, tail(out / f"{tag}.log"))
+        return {"error": f"exit status {rc}", "log_tail": tail(out / f"{tag}.log")}
+    w = json.loads(path.read_text())
+    rank0 = w["ranks"][0]["per_layer"]
+    steady = [r["layer_s"] for r in rank0[1:]] or [r["layer_s"] for r in rank0]
+    phase_names = sorted({p for r in rank0 for p in r if p not in ("layer_s", "peak_gib")})
+    run = {
+        "s_per_layer": mean(steady), "layer_s": [r["layer_s"] for r in rank0], "warmup_layer_s": rank0[0]["layer_s"],
+        "capture_s": w["ranks"][0]["capture_s"], "launch_to_exit_s": wall, "backend": w["backend"],
+        "peak_gib_per_rank": [max(r["peak_gib"] for r in rk["per_layer"]) for rk in w["ranks"]],
+        "breakdown_rank0_s": {p: mean([r.get(p, 0.0) for r in rank0[1:] or rank0]) for p in phase_names},
+        "gpus": sorted({rk["gpu"] for rk in w["ranks"]}),
+        "records": w["records"],
+    }
+    log.info("%s: %.3f s/layer (layers %s)", tag, run["s_per_layer"], [round(x, 3) for x in run["layer_s"]])
+    return run
+
+
+def speed_runs(args, ks: list[int], scratch: Path, out: Path) -> dict:
+    runs: dict = {k: one_run(args, k, f"k{k}", scratch, out) for k in ks}
     base = runs.get(ks[0], {}).get("s_per_layer") if ks and ks[0] == 1 else None
     for r in runs.values():
         if base and "s_per_layer" in r:
@@ -227,6 +250,15 @@ def speed_runs(args, ks: list[int], scratch: Path, out: Path) -> dict:
         for k, r in runs.items():
             if k != 1 and "records" in r:
                 r["agreement_vs_k1"] = agreement(scratch / "k1", scratch / f"k{k}", runs[1]["records"], r["records"])
+        k = max(ks)
+        if args.exact_check and k > 1:  # the row split alone: every rank gets the K = 1 Hessian
+            tag = f"k{k}_same_hessian"
+            r = one_run(args, k, tag, scratch, out, ("--same-hessian",))
+            if "records" in r:
+                runs[tag] = {"agreement_vs_k1": agreement(scratch / "k1", scratch / tag, runs[1]["records"], r["records"]),
+                             "note": "every rank runs every window, no all-reduce: only the row split differs from K = 1"}
+            else:
+                runs[tag] = r
     for r in runs.values():
         r.pop("records", None)
     return runs
@@ -324,6 +356,8 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--ppl-check", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the CLI on a trained toy model for every K and compare PPL")
+    ap.add_argument("--exact-check", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the largest K with the K = 1 Hessian on every rank: weights should equal K = 1's bitwise")
     ap.add_argument("--toy-steps", type=int, default=300, help="training steps of the toy model")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per torchrun")
     ap.add_argument("--tiny", action="store_true", help="toy shapes: a CPU (gloo) smoke test")
@@ -331,6 +365,7 @@ def main() -> int:
                     help="OMP_NUM_THREADS of every process (default: torchrun's; --tiny: 1, a fair CPU comparison)")
     ap.add_argument("--keep-scratch", action="store_true", help="keep the compared weights (in a temp folder)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--same-hessian", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -372,6 +407,9 @@ def main() -> int:
     print(f"\n== misq compress on K processes ({shape}, 50% + 4-bit; {result.get('gpu', '?')}) ==")
     print(f"{'K':>3}{'s/layer':>10}{'speed-up':>10}{'peak GiB per rank':>28}{'weights = K1':>14}")
     for k, r in result["speed"].items():
+        if "s_per_layer" not in r and "agreement_vs_k1" in r:
+            print(f"{k}: weights bitwise equal to K=1: {r['agreement_vs_k1']['fraction_equal']:.4%} (row split alone)")
+            continue
         if "error" in r:
             print(f"{k:>3}  failed: {r['error']}")
             continue

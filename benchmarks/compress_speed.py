@@ -312,7 +312,7 @@ def micro(args) -> dict:
         o = min(256, C - 128)
         Hinv1 = U[o : o + 128, o : o + 128]
         grid = find_grid(W1, torch.zeros(128, dtype=torch.long, device=dev), torch.tensor([4], device=dev))
-        scale, zero, maxq = sparsegpt.column_params([grid])
+        scale, zero, maxq = sparsegpt.column_params([grid]).columns(slice(None), dev)
         keep1 = sparsegpt._unstructured_keep(W1, torch.diag(Hinv1), 0.5, [R])
         Wr, Kr = W1.clone(), keep1.clone()
         Qr, Er = sparsegpt.block_loop(Wr, Hinv1, Kr, scale, zero, maxq)

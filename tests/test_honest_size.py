@@ -83,6 +83,27 @@ def test_static_groups_store_no_column_order(tiny_checkpoint, tiny_corpus_file, 
     assert len(torch.unique(q[0, :32])) <= 8  # one 3-bit grid per 32 consecutive original columns
 
 
+def test_per_row_grids_with_act_order_store_no_column_order(tiny_checkpoint, tiny_corpus_file, tmp_path):
+    """One grid per row (--groupsize 0) fixes every grid before the solve, so act-order only
+    changes the solve order: the file stores none, and the reload is the evaluated model."""
+    import torch
+
+    cfg = CompressConfig(dataset=str(tiny_corpus_file), nsamples=8, grouping="uniform", wbits=3, groupsize=0,
+                         act_order=True, sparsity=0.5)
+    packed = tmp_path / "packed"
+    model_cfg = ModelConfig(str(tiny_checkpoint), device="cpu", dtype="float32")
+    res = jobs.run_compress(model_cfg, DataConfig(seqlen=64, cache_dir=str(tmp_path / "c")), cfg,
+                            EvalConfig(datasets=(str(tiny_corpus_file),)), str(tmp_path / "run"), save_dir=str(packed))
+    names = [n for f in packed.glob("*.safetensors") for n in safe_open(str(f), "pt").keys()]  # noqa: SIM118
+    assert not [n for n in names if n.endswith(".perm")]
+    assert res["storage"]["bits_per_stored_weight"] < 3 + 19 / 64 + 1e-9  # codes, one scale and zero per row of >= 64
+    again = jobs.run_eval(ModelConfig(str(packed), device="cpu"), DataConfig(seqlen=64, cache_dir=str(tmp_path / "c")),
+                          EvalConfig(datasets=(str(tiny_corpus_file),)), None)
+    assert again["ppl"][str(tiny_corpus_file)] == pytest.approx(res["ppl"][str(tiny_corpus_file)], rel=1e-6)
+    q = load_packed(packed, dtype=torch.float32).model.layers[0].self_attn.q_proj.weight
+    assert all(len(torch.unique(row)) <= 8 for row in q)  # one 3-bit grid per row
+
+
 def test_a_size_out_of_reach_gets_the_nearest_and_says_so(tiny_checkpoint, tiny_corpus_file, tmp_path, caplog):
     # groups of 16 columns cost (16 + b) / 16 bits a weight in scales and zeros alone: 2.5 is out of reach
     cfg = CompressConfig(dataset=str(tiny_corpus_file), nsamples=8, n_groups=4, grouping="hessian", budget="model",

@@ -10,14 +10,24 @@ device, as the single-process driver does. What is split:
   pass of the compressed layer);
 * the Hessian: each rank accumulates H_r = 2/n_r Σ xxᵀ over its n_r windows (the running-mean
   form of :class:`~misq.algorithms.sparsegpt.HessianAccumulator`), and
-  :meth:`Dist.reduce_hessian` all-reduces Σ n_r·H_r and Σ n_r, so every rank gets
+  :meth:`Dist.reduce_hessian` all-reduces Σ n_r·H_r and Σ n_r, so every rank gets the same
   H = Σ n_r·H_r / N = 2/N Σ xxᵀ, the single-process H up to summation order;
-* the solves: the layers of one step (q/k/v, gate/up) are independent given H, so
-  :meth:`Dist.assign` gives each to one rank. A rank plans, grids and solves its layers as one
-  stack (rows are independent and unstructured masks are chosen per layer, so this equals the
-  single-process stacked solve), then :meth:`Dist.share_solved` broadcasts the weights from
-  their owners and gathers the grids, plans and records everywhere. One-layer steps (o, down)
-  are solved by one rank while the others wait; the owner rotates from step to step.
+* the plans (``--budget layer``, and the measuring pass of ``--budget model``): they need a
+  layer's whole weight, so :meth:`Dist.assign` gives each layer of a step (q/k/v, gate/up) to
+  one rank, which plans it; :meth:`Dist.gather_dicts` hands every plan to every rank (one-layer
+  steps are planned by one rank, rotating; planning is cheap next to solving);
+* the solves, by rows: every step's stacked matrix, o_proj and down_proj included, is cut into
+  even contiguous row slices (:meth:`Dist.row_slices`; a slice may cut a layer in two), and rank
+  r solves slice r against the full H (every rank factors the same all-reduced H itself, with
+  the same deterministic kernels). Rows are independent given H⁻¹ and their masks; the couplings are made global:
+  the unstructured mask's threshold of each block and layer comes from all of the layer's rows
+  (:class:`misq.algorithms.pruning_mask.RowSplitKeep` gathers the block when a layer is cut),
+  grids are found on the whole weights and sliced (their MSE search counts an estimated mask
+  chosen layer-wide), and the reported errors add up their numerators and denominators over
+  the ranks. :meth:`Dist.gather_rows` then gives every rank the whole solved weights (in the
+  model's dtype) and the group grids, so all ranks hold the same model and records: the
+  single-process ones, but for the Hessian's summation order and the last bits of the
+  reported error and sparsity (sums over row slices).
 
 Everything else (the run folder, the results, the checkpoint, evaluation) is rank 0's job.
 Without torchrun (or with one process) :data:`LOCAL` stands in: every method is the identity,
@@ -27,6 +37,7 @@ so the single-process path runs exactly as before.
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -36,6 +47,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from misq.algorithms.pruning_mask import RowSplitKeep, split_segments
+from misq.algorithms.quantizer import QuantGrid
 from misq.errors import MisqError
 
 log = logging.getLogger(__name__)
@@ -124,21 +137,34 @@ class Dist:
             load[r] += rows[j]
         return owners
 
-    def share_solved(self, weights: dict[str, Tensor], owners: dict[str, int], mine: dict[str, Any]) -> dict[str, Any]:
-        """After every rank solved its own layers of a step: make all ranks agree.
+    def row_slices(self, n: int) -> list[slice]:
+        """Every rank's contiguous share of ``n`` rows, in rank order (the first
+        ``n % world_size`` ranks get one more)."""
+        if n < self.world_size:
+            raise MisqError(f"a solve of {n} rows cannot be split over {self.world_size} processes: use fewer processes")
+        base, extra = divmod(n, self.world_size)
+        starts = [r * base + min(r, extra) for r in range(self.world_size + 1)]
+        return [slice(a, b) for a, b in itertools.pairwise(starts)]
 
-        weights: name -> the layer's weight tensor [R, C] on this rank's device, already
-        written on its owner, overwritten in place elsewhere (broadcast from ``owners[name]``).
-        mine: name -> whatever this rank computed for its layers (grid, plan, record: small,
-        picklable). Returns the union of every rank's ``mine``.
-        """
+    def row_share(self, segments: Sequence[int]) -> RowShare | None:
+        """This rank's share of a stacked solve whose layers have ``segments`` rows; None
+        without torchrun (the caller then solves every row, as one process always did)."""
+        return RowShare(self, [int(n) for n in segments], self.row_slices(sum(segments))) if self.active else None
+
+    def gather_rows(self, x: Tensor, counts: Sequence[int]) -> Tensor:
+        """x [counts[rank], ...] -> every rank's rows stacked in rank order [Σ counts, ...], on
+        every rank (an all-gather; the shares are padded to the largest). Identity when not active."""
         if not self.active:
-            return mine
+            return x
         import torch.distributed as tdist
 
-        for name, w in weights.items():  # the same order on every rank: the step's
-            tdist.broadcast(w, src=owners[name])
-        return self.gather_dicts(mine)
+        assert x.shape[0] == counts[self.rank], "this rank's rows do not match its count"
+        most = max(counts)
+        if x.shape[0] < most:
+            x = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))])
+        parts = [torch.empty_like(x) for _ in counts]
+        tdist.all_gather(parts, x.contiguous())
+        return torch.cat([part[:c] for part, c in zip(parts, counts)])
 
     def gather_dicts(self, mine: dict[str, Any]) -> dict[str, Any]:
         """The union of a small picklable dict from every rank (all ranks get it)."""
@@ -173,7 +199,8 @@ class Dist:
     def describe(self) -> dict[str, Any]:
         """What the results file records about the processes that made it."""
         return {"world_size": self.world_size, "backend": self.backend, "device_of_rank0": self.device,
-                "split": "calibration windows by rank; Hessians all-reduced; a step's layers solved by their owner ranks"}
+                "split": "calibration windows by rank; Hessians all-reduced; layers planned by owner ranks; "
+                         "every solve split by rows over all ranks"}
 
     def close(self) -> None:
         """Wait for every rank, then tear the group down (when this object created it).
@@ -191,6 +218,76 @@ class Dist:
             tdist.destroy_process_group()
         self.owns_group = False
         self.world_size = 1  # the group is gone: behave as LOCAL from here on (rank 0 saves, evaluates)
+
+
+@dataclass
+class RowShare:
+    """One rank's rows of one stacked solve, and the collectives that make its results everyone's.
+
+    segments: row counts of the stacked layers (W [R, C], R = Σ segments); slices: every rank's
+    rows of W (:meth:`Dist.row_slices`). All ranks build the same RowShare and call its
+    collectives in the same order.
+    """
+
+    dist: Dist
+    segments: list[int]
+    slices: list[slice]
+
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of W."""
+        return self.slices[self.dist.rank]
+
+    @property
+    def pieces(self) -> list[tuple[int, slice]]:
+        """(layer index, its rows in this rank's share, in the layer's own numbering), in order."""
+        return split_segments(self.segments, self.rows)
+
+    def keep_fn(self, sparsity: float | Sequence[float]) -> RowSplitKeep:
+        """``solve``'s unstructured mask for this rank's rows, with every layer's thresholds
+        taken over all of its rows (``sparsity``: one, or one per layer)."""
+        return RowSplitKeep(sparsity, self.segments, self.slices, self.dist.rank, self.gather)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """x [rows of this rank, ...] -> [R, ...]: the rows of W from every rank."""
+        return self.dist.gather_rows(x, [s.stop - s.start for s in self.slices])
+
+    def gather_layer(self, k: int, x: Tensor) -> Tensor:
+        """x [this rank's rows of layer k (maybe none), ...] -> [segments[k], ...]: the layer's rows."""
+        start = sum(self.segments[:k])
+        counts = [max(0, min(s.stop, start + self.segments[k]) - max(s.start, start)) for s in self.slices]
+        return self.dist.gather_rows(x, counts)
+
+    def grid_rows(self, grids: Sequence[QuantGrid]) -> list[QuantGrid]:
+        """The grids of this rank's pieces of the layers, from the layers' whole grids."""
+        return [QuantGrid(scale=grids[k].scale[sl], zero=grids[k].zero[sl], groups=grids[k].groups, bits=grids[k].bits,
+                          order=grids[k].order) for k, sl in self.pieces]
+
+    def gather_grid(self, k: int, grid: QuantGrid) -> QuantGrid:
+        """Layer k's grid whose rows come from the ranks that solved them (each used its own)."""
+        mine = next((sl for j, sl in self.pieces if j == k), slice(0, 0))
+        both = self.gather_layer(k, torch.cat([grid.scale[mine], grid.zero[mine]], dim=1))
+        K = grid.scale.shape[1]
+        return QuantGrid(scale=both[:, :K], zero=both[:, K:], groups=grid.groups, bits=grid.bits, order=grid.order)
+
+    def totals(self, error_terms: Sequence[tuple[float, float]], keep: Tensor, seconds: float) -> tuple[list[float], list[float], float]:
+        """Per layer, over all ranks: relative error (Σ numerators / Σ denominators), sparsity
+        (pruned share of its [rows, C] weights), and the slowest rank's solve seconds.
+        ``error_terms`` and ``keep`` [rows of this rank, C] are this rank's, piece by piece."""
+        n = len(self.segments)
+        stats = torch.zeros(3 * n + 1, dtype=torch.float64)
+        start = 0
+        for (k, sl), (num, den) in zip(self.pieces, error_terms):
+            rows = sl.stop - sl.start
+            stats[3 * k : 3 * k + 3] += torch.tensor([num, den, float(keep[start : start + rows].sum())], dtype=torch.float64)
+            start += rows
+        stats[-1] = seconds
+        every = self.dist.gather_rows(stats.to(keep.device).unsqueeze(0), [1] * self.dist.world_size).cpu()
+        sums = every[:, :-1].sum(0).reshape(n, 3).tolist()
+        cols = keep.shape[1]
+        rel = [num / den if den > 0 else 0.0 for num, den, _ in sums]
+        sparsity = [1.0 - kept / (rows * cols) for (_, _, kept), rows in zip(sums, self.segments)]
+        return rel, sparsity, float(every[:, -1].max())
 
 
 LOCAL = Dist()

@@ -59,6 +59,31 @@ class QuantGrid:
         return self.scale[:, g], self.zero[:, g], maxq_of(self.bits)[g]
 
 
+@dataclass
+class StackedGrid:
+    """The grids of layers stacked by rows (R = Σ r_i), handed out by columns on demand.
+
+    The solver needs (scale, zero, maxq) per weight of each block of columns it sweeps; storing
+    them for the whole [R, C] matrix took three extra fp32 copies of the layer (2.8 GB for a 70B
+    down_proj, twice while permuting), so this keeps each layer's [r_i, K_i] grids and expands
+    one block at a time.
+    """
+
+    grids: list[QuantGrid]
+
+    def columns(self, cols: Tensor | slice, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
+        """(scale, zero, maxq), each [R, n] float32 on ``device``, for columns ``cols`` (indices
+        [n] in any order, or a slice)."""
+        parts = []
+        for g in self.grids:
+            idx = g.groups.to(device)[cols]
+            maxq = maxq_of(g.bits.to(device))[idx]
+            parts.append((g.scale.to(device)[:, idx], g.zero.to(device)[:, idx], maxq.unsqueeze(0).expand(g.scale.shape[0], -1)))
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1], parts[0][2].contiguous()
+        return tuple(torch.cat([p[k] for p in parts]) for k in range(3))
+
+
 def maxq_of(bits: Tensor) -> Tensor:
     """[K] largest code for each width (float32), +inf for widths >= 16."""
     bits = bits.to(torch.float32)

@@ -28,7 +28,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from misq.algorithms.quantizer import FP_BITS, QuantGrid, find_grid, quantize
+from misq.algorithms.pruning_mask import KeepFn
+from misq.algorithms.pruning_mask import unstructured_keep as _unstructured_keep  # its old home: tests, benchmarks
+from misq.algorithms.quantizer import FP_BITS, QuantGrid, StackedGrid, find_grid, quantize
 from misq.errors import NumericalError
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,7 @@ class SolveResult:
     sparsity: list[float] = field(default_factory=list)
     group_scale: Tensor | None = None  # [R, K] grids of the solve's grid_groups, in their order
     group_zero: Tensor | None = None
+    error_terms: list[tuple[float, float]] = field(default_factory=list)  # per segment: (tr(ΔW H ΔWᵀ), tr(W H Wᵀ))
 
 
 def damped_inverse_cholesky(H: Tensor, percdamp: float, max_tries: int = 6, *,
@@ -244,52 +247,16 @@ def block_loop(W1: Tensor, Hinv1: Tensor, keep1: Tensor, scale1: Tensor, zero1: 
     return Q1, Err1
 
 
-def _unstructured_keep(W1: Tensor, hdiag: Tensor, sparsity: float | Sequence[float], segments: list[int]) -> Tensor:
-    """[R, B] keep-mask: per row segment, prune the ``sparsity`` fraction with lowest saliency.
-
-    ``sparsity``: one fraction for every segment, or one per segment (stacked layers that were
-    given different sparsities, :mod:`misq.compress.sparsity_plan`). Matches the reference
-    exactly: threshold = the sorted saliency at index ⌊n·sparsity⌋, prune everything ≤ threshold.
-    """
-    per_segment = [float(sparsity)] * len(segments) if isinstance(sparsity, (int, float)) else [float(s) for s in sparsity]
-    if len(per_segment) != len(segments):
-        raise ValueError(f"{len(per_segment)} sparsities for {len(segments)} row segments")
-    if len(set(per_segment)) == 1:
-        sparsity = per_segment[0]  # one value: the original code path, bit for bit
-    sal = W1**2 / hdiag.reshape(1, -1) ** 2
-    if isinstance(sparsity, float):
-        if sparsity <= 0:
-            return torch.ones_like(W1, dtype=torch.bool)
-        if len(set(segments)) == 1:
-            # Equal segments (q/k/v, gate/up): one batched sort, same thresholds.
-            parts = sal.reshape(len(segments), -1)
-            thresh = torch.sort(parts, dim=1)[0][:, int(parts.shape[1] * sparsity)]
-            return (parts > thresh.unsqueeze(1)).reshape(W1.shape)
-    keep = torch.ones_like(W1, dtype=torch.bool)
-    start = 0
-    for rows, frac in zip(segments, per_segment):
-        if frac > 0:  # a segment left dense keeps everything (the threshold rule would prune its minimum)
-            part = sal[start : start + rows]
-            thresh = torch.sort(part.flatten())[0][int(part.numel() * frac)]
-            keep[start : start + rows] = part > thresh
-        start += rows
-    return keep
-
-
-def column_params(grids: list[QuantGrid]) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-weight (scale, zero, maxq), each [R, C], for layers stacked by rows (R = Σ rows)."""
-    parts = [g.column_grid() for g in grids]
-    scale = torch.cat([p[0] for p in parts])
-    zero = torch.cat([p[1] for p in parts])
-    maxq = torch.cat([p[2].unsqueeze(0).expand_as(p[0]) for p in parts])
-    return scale, zero, maxq
+def column_params(grids: list[QuantGrid]) -> StackedGrid:
+    """The grids of layers stacked by rows (R = Σ rows), for :func:`solve`."""
+    return StackedGrid(list(grids))
 
 
 @torch.no_grad()
 def solve(
     W: Tensor,
     H: Tensor,
-    qparams: tuple[Tensor, Tensor, Tensor] | None,
+    qparams: StackedGrid | None,
     *,
     sparsity: float | Sequence[float] = 0.0,
     prunen: int = 0,
@@ -302,14 +269,17 @@ def solve(
     order: Tensor | None = None,
     grid_groups: Sequence[tuple[int, int, int]] | None = None,
     grid_mse: bool = False,
+    keep_fn: KeepFn | None = None,
 ) -> SolveResult:
     """Prune and quantize W [R, C] against H [C, C] (H is consumed: modified in place).
 
-    ``qparams`` = (scale, zero, maxq), each [R, C] (see :func:`column_params`); None means no
-    quantization. ``row_segments`` lists the row counts of stacked
+    ``qparams``: the layers' grids (:func:`column_params`), expanded to per-weight (scale, zero,
+    maxq) one block of columns at a time; None means no quantization. ``row_segments`` lists the row counts of stacked
     layers (default: one segment of R rows). ``sparsity``: one unstructured fraction, or one per
     row segment (equal values give exactly the single-value result). ``block_fn`` replaces :func:`block_loop` with a
     fused kernel of the same signature (e.g. on CUDA). ``options``: how to compute (not what).
+    ``keep_fn(W1 [R, B], hdiag [B]) -> keep [R, B]`` replaces the unstructured rule of each block
+    (:class:`misq.algorithms.pruning_mask.RowSplitKeep`: W holds one process's rows of a split matrix).
 
     ``order`` [C]: solve the columns in this order (GPTQ's act-order, or misq's width segments;
     :mod:`misq.algorithms.column_layout`); the result is in the original order again.
@@ -329,8 +299,7 @@ def solve(
         raise NumericalError("the weight holds NaN/Inf before compression")
     # Memory: H [C, C] is the largest buffer (3 GiB fp32 for a 70B down_proj). The caller's H is
     # kept unmodified for the reported error, and only one working copy (damped, permuted) is
-    # made, in a single gather; per-weight grids [R, C] exist only when the caller gives them:
-    # group grids found on the way (``grid_groups``) are expanded one block at a time.
+    # made, in a single gather; per-weight grids exist only for the block being swept.
     H_orig = H
     dead = torch.diag(H) == 0
     if order is not None:  # solve in this order: permute everything once, undo at the end
@@ -342,12 +311,6 @@ def solve(
         dead_solve = dead
     H[dead_solve, dead_solve] = 1
     W[:, dead] = 0
-    if qparams is not None:
-        scale, zero, maxq = (t.to(device=W.device, dtype=torch.float32) for t in qparams)
-        if order is not None:
-            scale, zero, maxq = scale[:, order], zero[:, order], maxq[:, order]
-    else:
-        scale = zero = maxq = None
     if order is not None:
         W = W[:, order]
     Hinv, damp = damped_inverse_cholesky(H, percdamp, method=options.hinv_method)
@@ -371,7 +334,8 @@ def solve(
         if prunen:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         else:
-            keep1 = _unstructured_keep(W1, torch.diag(Hinv1), sparsity, segments)
+            hdiag = torch.diag(Hinv1)
+            keep1 = _unstructured_keep(W1, hdiag, sparsity, segments) if keep_fn is None else keep_fn(W1, hdiag)
         if i1 in group_at:
             end, bits = group_at[i1]
             s, z = _group_grid(W[:, i1:end], keep1, bits, grid_mse)
@@ -379,8 +343,8 @@ def solve(
             cur_q = torch.full((R, 1), float(2**bits - 1) if bits < FP_BITS else float("inf"), device=W.device)
             group_scale.append(s)
             group_zero.append(z)
-        if scale is not None and not group_at:
-            block_grid = (scale[:, i1:i2], zero[:, i1:i2], maxq[:, i1:i2])
+        if qparams is not None:
+            block_grid = qparams.columns(slice(i1, i2) if order is None else order[i1:i2], W.device)
         else:  # stride-0 views: the block kernels read them through their strides
             block_grid = tuple(t.expand(R, i2 - i1) for t in (cur_s, cur_z, cur_q))
         Q1, Err1 = run_block(W1, Hinv1, keep1, *block_grid, prunen, prunem)
@@ -388,7 +352,7 @@ def solve(
         keep[:, i1:i2] = keep1
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
-    del Hinv, scale, zero, maxq, cur_s, cur_z, cur_q
+    del Hinv, cur_s, cur_z, cur_q
     if order is not None:
         W = torch.empty_like(W).index_copy_(1, order, W)
         keep = torch.empty_like(keep).index_copy_(1, order, keep)
@@ -398,9 +362,11 @@ def solve(
     for rows in segments:
         slices.append(slice(start, start + rows))
         start += rows
-    rel = _segment_rel_errors(W0, W, H_orig, slices, fast=options.fast_rel_error)
+    terms: list[tuple[float, float]] = []
+    rel = _segment_rel_errors(W0, W, H_orig, slices, fast=options.fast_rel_error, terms=terms)
     spars = [1.0 - keep[sl].float().mean().item() for sl in slices]
-    result = SolveResult(weight=W, keep=keep, rel_error=rel, damp=damp, seconds=time.perf_counter() - t0, sparsity=spars)
+    result = SolveResult(weight=W, keep=keep, rel_error=rel, damp=damp, seconds=time.perf_counter() - t0, sparsity=spars,
+                         error_terms=terms)
     if group_scale:
         result.group_scale = torch.stack(group_scale, dim=1)
         result.group_zero = torch.stack(group_zero, dim=1)
@@ -462,24 +428,33 @@ def _quadratic_form_3xtf32(X: Tensor, H_hi: Tensor, H_lo: Tensor) -> Tensor:
 
 
 def _segment_rel_errors(W0: Tensor, W: Tensor, H: Tensor, slices: list[slice], *,
-                        fast: bool = DEFAULT_OPTIONS.fast_rel_error) -> list[float]:
+                        fast: bool = DEFAULT_OPTIONS.fast_rel_error,
+                        terms: list[tuple[float, float]] | None = None) -> list[float]:
     """relative_output_error of each row segment of W0, W [R, C] against H [C, C] (solve's own
-    copy, may be overwritten); ``fast``: 3×TF32 products on CUDA."""
+    copy, may be overwritten); ``fast``: 3×TF32 products on CUDA. ``terms``: each segment's
+    (numerator, denominator) are appended to it (row slices of one segment add up)."""
     if not (fast and W.is_cuda):
-        return [relative_output_error(W0[sl], W[sl], H) for sl in slices]
-    H_hi = _tf32_hi(H)
-    H_lo = H.sub_(H_hi)
-    out = []
-    for sl in slices:
-        num = _quadratic_form_3xtf32(W0[sl] - W[sl], H_hi, H_lo)
-        den = _quadratic_form_3xtf32(W0[sl], H_hi, H_lo)
-        out.append(float(num / den) if den > 0 else 0.0)
-    return out
+        sums = [_error_sums(W0[sl], W[sl], H) for sl in slices]
+    else:
+        H_hi = _tf32_hi(H)
+        H_lo = H.sub_(H_hi)
+        sums = [(_quadratic_form_3xtf32(W0[sl] - W[sl], H_hi, H_lo), _quadratic_form_3xtf32(W0[sl], H_hi, H_lo))
+                for sl in slices]
+    if terms is not None:
+        terms.extend((float(num), float(den)) for num, den in sums)
+    return [_ratio(num, den) for num, den in sums]
 
 
 def relative_output_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
     """‖(W − Ŵ)X‖² / ‖WX‖² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) for W, Ŵ [R, C] and H ∝ X Xᵀ [C, C]."""
+    return _ratio(*_error_sums(W, W_hat, H))
+
+
+def _error_sums(W: Tensor, W_hat: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
+    """(tr(ΔW H ΔWᵀ), tr(W H Wᵀ)), 0-dim, for W, Ŵ [R, C] and H [C, C]."""
     dW = W - W_hat
-    num = torch.sum((dW @ H) * dW)
-    den = torch.sum((W @ H) * W)
+    return torch.sum((dW @ H) * dW), torch.sum((W @ H) * W)
+
+
+def _ratio(num: Tensor, den: Tensor) -> float:
     return float(num / den) if den > 0 else 0.0

@@ -12,7 +12,8 @@ Only the current layer and the activations live on the accelerator (activations 
 CPU with ``offload_activations``); a streamed model reads layer i + 1 while layer i is solved.
 The driver knows the model's layout through :mod:`misq.models` and the algorithms through their
 public functions only. Under torchrun each rank runs its share of the windows, the Hessians are
-all-reduced and a step's layers are solved by different ranks (:mod:`misq.distributed`).
+all-reduced, layers are planned by one rank each and every solve is split by rows over the ranks
+(:mod:`misq.distributed`).
 """
 
 from __future__ import annotations
@@ -99,31 +100,39 @@ _Solved = tuple[QuantGrid, bitplan.ModulePlan, dict[str, Any]]  # (grid on the C
 
 
 def _layer_steps(i: int, passes: step_activations.LayerPasses, device: str, dist: Dist,
-                 work: Callable[[tuple[str, ...], dict[str, nn.Linear], Tensor], dict[str, T]], *,
-                 writes_weights: bool, before_step: Callable[[tuple[str, ...]], None] | None = None,
+                 work: Callable[[tuple[str, ...], dict[str, nn.Linear], Tensor, int], dict[str, T]], *,
+                 before_step: Callable[[tuple[str, ...]], None] | None = None,
                  ) -> Iterator[tuple[tuple[str, ...], dict[str, T]]]:
     """The per-step sequence of decoder layer ``i`` (``passes.layer``), shared by measuring and compressing.
 
-    For each step of ``layout.SEQUENTIAL_STEPS``: H [C, C] of the step's input -> the owning
-    rank of each of its layers -> ``work(this rank's layers, linears, H)`` (H may be consumed)
-    -> every rank gets every owner's results, and with ``writes_weights`` the owners' new
-    weights too, before the next step's inputs are computed from them (each pass continues from
-    the previous one's activations: :mod:`misq.models.step_activations`). Yields (step, short
-    name -> result for every layer of the step), in step order; ``passes.output`` comes after.
+    For each step of ``layout.SEQUENTIAL_STEPS``: H [C, C] of the step's input (all-reduced
+    under torchrun) -> ``work(step, linears, H, turn)`` on every rank (H may be consumed;
+    ``turn`` numbers the step in the model), which leaves every rank with the same results and,
+    when it solves, the same new weights, before the next step's inputs are computed from them
+    (each pass continues from the previous one's activations: :mod:`misq.models.step_activations`).
+    Yields (step, short name -> result for every layer of the step), in step order;
+    ``passes.output`` comes after.
     """
     linears = layout.layer_linears(passes.layer)
     for j, step in enumerate(layout.SEQUENTIAL_STEPS):
         if before_step is not None:
             before_step(step)
         H = _accumulate_step_hessian(passes, step[0], linear_name(i, step[0]), device, dist)
-        owners = _step_owners(step, linears, i * len(layout.SEQUENTIAL_STEPS) + j, dist)
-        mine = tuple(n for n in step if owners[n] == dist.rank)
-        part = work(mine, linears, H) if mine else {}
-        del H  # before the exchange: its [C, C] is the largest buffer alive
-        weights = {n: linears[n].weight.data for n in step} if writes_weights else {}
-        solved = dist.share_solved(weights, owners, part)
+        done = work(step, linears, H, i * len(layout.SEQUENTIAL_STEPS) + j)
+        del H  # its [C, C] is the largest buffer alive
         passes.solved(step)  # every rank holds the step's final weights now: its cached outputs may be made
-        yield step, solved
+        yield step, done
+
+
+def _plan_layers(weights: dict[str, Tensor], H: Tensor, cfg: CompressConfig, dist: Dist, turn: int, *,
+                 with_costs: bool = False) -> dict[str, bitplan.ModulePlan]:
+    """:func:`bitplan.plan_step` of layers ``weights`` (name -> [R, C]) sharing H [C, C]. Under
+    torchrun each layer is planned by one rank (:meth:`Dist.assign`, rotating with ``turn``) and
+    every rank gets every plan: a plan needs the whole weight, and one rank cannot disagree with itself."""
+    owners = dict(zip(weights, dist.assign([w.shape[0] for w in weights.values()], turn)))
+    mine = {n: w for n, w in weights.items() if owners[n] == dist.rank}
+    plans = dist.gather_dicts(bitplan.plan_step(mine, H, cfg, with_costs=with_costs) if mine else {})
+    return {n: plans[n] for n in weights}
 
 
 @torch.no_grad()
@@ -137,14 +146,14 @@ def measure_model_plan(model: nn.Module, calib: Tensor, cfg: CompressConfig, dev
                                             storage=storage, compute_dtype=dtype)
     plans: dict[str, bitplan.ModulePlan] = {}
 
-    def measure(mine: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor) -> dict[str, bitplan.ModulePlan]:
-        return bitplan.plan_step(_step_weights(linears, mine), H, cfg, with_costs=True)
+    def measure(step: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor, turn: int) -> dict[str, bitplan.ModulePlan]:
+        return _plan_layers(_step_weights(linears, step), H, cfg, dist, turn, with_costs=True)
 
     layers = layout.decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="measure layers", unit="layer", leave=False)):
         with execution.layer_weights(layer_source, i, ahead=_ahead(i, layers)), execution.on_device(layer, device, dtype), \
                 step_activations.LayerPasses(layer, inputs, device) as passes:
-            for step, part in _layer_steps(i, passes, device, dist, measure, writes_weights=False):
+            for step, part in _layer_steps(i, passes, device, dist, measure):
                 for name in step:
                     plans[linear_name(i, name)] = part[name]
             passes.output(out=inputs.hidden)
@@ -226,11 +235,6 @@ def _ahead(i: int, layers: nn.ModuleList) -> int | None:
     return i + 1 if i + 1 < len(layers) else None
 
 
-def _step_owners(step: tuple[str, ...], linears: dict[str, nn.Linear], turn: int, dist: Dist) -> dict[str, int]:
-    """The rank that solves each layer of ``step`` (rank 0 for all of them without torchrun)."""
-    return dict(zip(step, dist.assign([linears[n].out_features for n in step], turn)))
-
-
 def _compress_layer(i: int, layer: nn.Module, inputs: execution.LayerInputs, cfg: CompressConfig, device: str,
                     plans: dict[str, bitplan.ModulePlan] | None, out: CompressionOutput, progress: ProgressSink,
                     block_fn: Callable | None, store_dtype: torch.dtype, dist: Dist = LOCAL,
@@ -239,14 +243,14 @@ def _compress_layer(i: int, layer: nn.Module, inputs: execution.LayerInputs, cfg
     plans and records to ``out``, then runs the compressed layer: its outputs [n, seqlen, d]
     replace ``inputs.hidden``. With a ``size_budget`` the layers still to come are re-planned
     after every step, from the size the solved ones really take."""
-    def work(mine: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor) -> dict[str, _Solved]:
-        return _solve_layers(i, mine, linears, H, cfg, plans, block_fn, store_dtype, solver)
+    def work(step: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor, turn: int) -> dict[str, _Solved]:
+        return _solve_layers(i, step, linears, H, cfg, plans, block_fn, store_dtype, solver, dist=dist, turn=turn)
 
     def announce(step: tuple[str, ...]) -> None:
         progress.update("compress", layer=i + 1, sublayer="+".join(n.split(".")[-1] for n in step))
 
     with step_activations.LayerPasses(layer, inputs, device) as passes:
-        for step, solved in _layer_steps(i, passes, device, dist, work, writes_weights=True, before_step=announce):
+        for step, solved in _layer_steps(i, passes, device, dist, work, before_step=announce):
             for name in step:
                 full = linear_name(i, name)
                 out.grids[full], out.plans[full], record = solved[name]
@@ -271,60 +275,83 @@ def _spend(size_budget: bitplan.SizeBudget | None, i: int, step: tuple[str, ...]
 
 def _solve_layers(i: int, names: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor, cfg: CompressConfig,
                   plans: dict[str, bitplan.ModulePlan] | None, block_fn: Callable | None,
-                  store_dtype: torch.dtype, solver: SolverOptions = DEFAULT_OPTIONS) -> dict[str, _Solved]:
+                  store_dtype: torch.dtype, solver: SolverOptions = DEFAULT_OPTIONS, *, dist: Dist = LOCAL,
+                  turn: int = 0) -> dict[str, _Solved]:
     """Plan, grid and solve layers ``names`` of one step of layer ``i`` against their shared
     H [C, C] (consumed), and write their weights back.
 
     Layers that are solved in the same column order are stacked into one matrix (all of them,
     without ``--act-order``/``--groupsize``). Returns name -> (grid on the CPU, plan, record).
     Rows are independent and unstructured masks are chosen per layer, so solving any subset of
-    a step gives those layers exactly what the whole step's stacked solve gives them.
+    a step gives those layers exactly what the whole step's stacked solve gives them. Under
+    torchrun (``dist``) every rank calls this for the whole step: plans come from
+    :func:`_plan_layers` (``turn``), each stacked matrix is solved by rows over the ranks.
     """
     weights = _step_weights(linears, names)
     full = {name: linear_name(i, name) for name in names}
     if plans is not None:
         step_plans = {name: plans[full[name]] for name in names}
     else:
-        step_plans = bitplan.plan_step(weights, H, cfg)
+        step_plans = _plan_layers(weights, H, cfg, dist, turn)
     batches = bitplan.solve_batches(step_plans, H, cfg, names)
     solved = {}
     for k, (batch, col_layout) in enumerate(batches):
         H_batch = H if k == len(batches) - 1 else H.clone()  # solve consumes its H
         solved.update(_solve_batch(batch, col_layout, weights, step_plans, full, linears, H_batch, cfg, block_fn,
-                                   store_dtype, solver))
+                                   store_dtype, solver, dist))
     return {name: solved[name] for name in names}
 
 
 def _solve_batch(names: tuple[str, ...], col_layout: ColumnLayout | None, weights: dict[str, Tensor],
                  step_plans: dict[str, bitplan.ModulePlan], full: dict[str, str], linears: dict[str, nn.Linear],
                  H: Tensor, cfg: CompressConfig, block_fn: Callable | None, store_dtype: torch.dtype,
-                 solver: SolverOptions) -> dict[str, _Solved]:
-    """Solve layers ``names`` (one column layout ``col_layout``, or the natural order) as one stacked matrix."""
+                 solver: SolverOptions, dist: Dist = LOCAL) -> dict[str, _Solved]:
+    """Solve layers ``names`` (one column layout ``col_layout``, or the natural order) as one stacked
+    matrix W [R, C]; under torchrun each rank solves its rows of it (:class:`misq.distributed.RowShare`)."""
     W = torch.cat([weights[name] for name in names])
     rows = [weights[name].shape[0] for name in names]
+    share = dist.row_share(rows)  # under torchrun: this rank's rows of W; None: all of them
     # Grids found as the solver reaches each group (GPTQ's groupsize), unless --static-groups fixed
     # them up front on the original columns (then the solve order is not stored: grid.order stays None).
     dynamic = col_layout is not None and cfg.groupsize > 0 and not cfg.static_groups
-    grids = {} if dynamic else {name: bitplan.grid_for(weights[name], step_plans[name], cfg) for name in names}
     # Each layer's own sparsity (--sparsity-allocation); one value when they agree, as before.
     spars = [cfg.sparsity if step_plans[n].sparsity is None else step_plans[n].sparsity for n in names]
+    grids = {} if dynamic else {name: bitplan.grid_for(weights[name], step_plans[name], cfg, H) for name in names}
+    # Grids come from the whole layers (an MSE grid search counts a layer-wide mask), then are sliced.
+    qparams = None if dynamic else column_params([grids[n] for n in names] if share is None
+                                                 else share.grid_rows([grids[n] for n in names]))
+    if share is None:
+        mine, seg_rows, seg_spars, keep_fn = W, rows, spars, None
+    else:  # this rank's pieces of the layers; the masks' thresholds over all ranks' rows
+        mine, keep_fn = W[share.rows], share.keep_fn(spars)
+        seg_rows = [sl.stop - sl.start for _, sl in share.pieces]
+        seg_spars = [spars[k] for k, _ in share.pieces]
     try:
-        res = solve(W, H, None if dynamic else column_params([grids[n] for n in names]),
-                    sparsity=spars[0] if len(set(spars)) == 1 else spars,
+        res = solve(mine, H, qparams,
+                    sparsity=seg_spars[0] if len(set(seg_spars)) == 1 else seg_spars,
                     prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
-                    row_segments=rows, block_fn=block_fn, options=solver,
+                    row_segments=seg_rows, block_fn=block_fn, options=solver,
                     order=None if col_layout is None else col_layout.perm,
-                    grid_groups=col_layout.scale_groups() if dynamic else None, grid_mse=cfg.mse)
+                    grid_groups=col_layout.scale_groups() if dynamic else None, grid_mse=cfg.mse,
+                    keep_fn=keep_fn)
     except NumericalError as err:  # the solver does not know which layers it solved
         raise NumericalError(f"{'+'.join(full[n] for n in names)}: {err}") from None
     if res.damp != cfg.percdamp:
         log.warning("%s: Hessian needed damping %.3g (asked %.3g)", "+".join(full[n] for n in names), res.damp, cfg.percdamp)
+    weight, group_scale, group_zero = res.weight, res.group_scale, res.group_zero
+    rel, sparsity, seconds = res.rel_error, res.sparsity, res.seconds
+    if share is not None:  # every rank's rows to every rank: weights (in the model's dtype), group grids, records
+        weight = share.gather(res.weight.to(store_dtype))
+        if dynamic:
+            both = share.gather(torch.cat([res.group_scale, res.group_zero], dim=1))
+            group_scale, group_zero = both.tensor_split(2, dim=1)
+        rel, sparsity, seconds = share.totals(res.error_terms, res.keep, res.seconds)
     solved = {}
     start = 0
     for k, name in enumerate(names):
         lin = linears[name]
         # Round through the model's own dtype so the next layer sees what a reload gives.
-        new = res.weight[start : start + rows[k]].to(store_dtype)
+        new = weight[start : start + rows[k]].to(store_dtype)
         if not torch.isfinite(new).all():  # never write a broken layer into the model (or a checkpoint)
             raise NumericalError(f"{full[name]}: the solved weights hold NaN/Inf in {str(store_dtype).replace('torch.', '')}: "
                                  "check the checkpoint's weights, or load it with --dtype bfloat16 or float32")
@@ -332,17 +359,17 @@ def _solve_batch(names: tuple[str, ...], col_layout: ColumnLayout | None, weight
         sl = slice(start, start + rows[k])
         start += rows[k]
         if dynamic:
-            grid = QuantGrid(scale=res.group_scale[sl], zero=res.group_zero[sl], groups=col_layout.group_of_column(),
+            grid = QuantGrid(scale=group_scale[sl], zero=group_zero[sl], groups=col_layout.group_of_column(),
                              bits=col_layout.group_bits(), order=col_layout.perm)
         else:
-            grid = grids[name]
-            if col_layout is not None and not cfg.static_groups:
-                grid.order = col_layout.perm
+            # Grids fixed before the solve (static groups, one grid per row, channel groups) do not
+            # depend on the solve order, so the file stores none: codes are laid out by group.
+            grid = grids[name] if share is None else share.gather_grid(k, grids[name])  # the rows' solvers' grids
         plan = step_plans[name]
         record = {
             "name": full[name], "rows": rows[k], "cols": W.shape[1],
-            "rel_error": res.rel_error[k], "sparsity": res.sparsity[k], "avg_bits": plan.avg_bits(),
-            "group_bits": plan.bits.tolist(), "solve_s": res.seconds, "damp": res.damp,
+            "rel_error": rel[k], "sparsity": sparsity[k], "avg_bits": plan.avg_bits(),
+            "group_bits": plan.bits.tolist(), "solve_s": seconds, "damp": res.damp,
             "stacked_with": [full[n] for n in names if n != name],
         }
         solved[name] = (_cpu_grid(grid), plan, record)
