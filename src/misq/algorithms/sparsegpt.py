@@ -293,26 +293,27 @@ def solve(
     R, C = W.shape
     segments = row_segments or [R]
     assert sum(segments) == R, "row_segments must add up to the rows of W"
-    W0 = W.to(torch.float32)
-    W = W0.clone()
-    if not torch.isfinite(W).all():
-        raise NumericalError("the weight holds NaN/Inf before compression")
     # Memory: H [C, C] is the largest buffer (3 GiB fp32 for a 70B down_proj). The caller's H is
     # kept unmodified for the reported error, and only one working copy (damped, permuted) is
-    # made, in a single gather; per-weight grids exist only for the block being swept.
+    # made, in a single gather; per-weight grids exist only for the block being swept. The
+    # caller's W (its own dtype) is the reported error's reference, and the one fp32 working
+    # copy is made in solve order directly.
+    W0 = W
     H_orig = H
     dead = torch.diag(H) == 0
     if order is not None:  # solve in this order: permute everything once, undo at the end
         order = order.to(W.device)
         H = H[order.unsqueeze(1), order.unsqueeze(0)]
         dead_solve = dead[order]
+        W = W0[:, order].to(torch.float32)
     else:
         H = H.clone()
         dead_solve = dead
+        W = W0.to(torch.float32, copy=True)
+    if not torch.isfinite(W).all():
+        raise NumericalError("the weight holds NaN/Inf before compression")
     H[dead_solve, dead_solve] = 1
-    W[:, dead] = 0
-    if order is not None:
-        W = W[:, order]
+    W[:, dead_solve] = 0
     Hinv, damp = damped_inverse_cholesky(H, percdamp, method=options.hinv_method)
     del H
 
@@ -430,15 +431,15 @@ def _quadratic_form_3xtf32(X: Tensor, H_hi: Tensor, H_lo: Tensor) -> Tensor:
 def _segment_rel_errors(W0: Tensor, W: Tensor, H: Tensor, slices: list[slice], *,
                         fast: bool = DEFAULT_OPTIONS.fast_rel_error,
                         terms: list[tuple[float, float]] | None = None) -> list[float]:
-    """relative_output_error of each row segment of W0, W [R, C] against H [C, C] (solve's own
+    """relative_output_error of each row segment of W0 (any float dtype), W [R, C] against H [C, C] (solve's own
     copy, may be overwritten); ``fast``: 3×TF32 products on CUDA. ``terms``: each segment's
     (numerator, denominator) are appended to it (row slices of one segment add up)."""
     if not (fast and W.is_cuda):
-        sums = [_error_sums(W0[sl], W[sl], H) for sl in slices]
+        sums = [_error_sums(W0[sl].float(), W[sl], H) for sl in slices]
     else:
         H_hi = _tf32_hi(H)
         H_lo = H.sub_(H_hi)
-        sums = [(_quadratic_form_3xtf32(W0[sl] - W[sl], H_hi, H_lo), _quadratic_form_3xtf32(W0[sl], H_hi, H_lo))
+        sums = [(_quadratic_form_3xtf32(W0[sl].float() - W[sl], H_hi, H_lo), _quadratic_form_3xtf32(W0[sl].float(), H_hi, H_lo))
                 for sl in slices]
     if terms is not None:
         terms.extend((float(num), float(den)) for num, den in sums)
