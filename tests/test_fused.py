@@ -76,7 +76,7 @@ def _block_problem(R: int, B: int, seed: int, *, sixteen: bool = True, nm: bool 
     W1 = torch.randn(R, B, device=DEV, generator=g) * 0.02
     W1[:, 0] *= 10  # an outlier column
     segments = [R // 2, R - R // 2] if R > 1 else [R]
-    scale, zero, maxq = column_params(_grids(W1, segments, g, sixteen))
+    scale, zero, maxq = column_params(_grids(W1, segments, g, sixteen)).columns(slice(None), DEV)
     if nm:
         keep1 = torch.ones_like(W1, dtype=torch.bool)
     else:
