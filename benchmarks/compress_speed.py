@@ -201,7 +201,7 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, step
     if fine:  # these add synchronisations inside the loops
         timers.wrap(sparsegpt.HessianAccumulator, "add", "hessian GEMM")
         timers.wrap(sparsegpt, "damped_inverse_cholesky", "solve: inverse Cholesky")
-        timers.wrap(sparsegpt, "_segment_rel_errors", "solve: rel. error")
+        timers.wrap(sparsegpt, "segment_rel_errors", "solve: rel. error")
         timers.wrap(sparsegpt, "_unstructured_keep", "solve: masks")
     if fine:
         timers.wrap_cm(execution, "on_device", "layer to GPU", "layer back to CPU")
@@ -293,7 +293,7 @@ def bench(fn, reps: int = 5) -> float:
 
 
 def micro(args) -> dict:
-    from misq.algorithms import fused, sparsegpt
+    from misq.algorithms import fused, output_error, sparsegpt
     from misq.algorithms.quantizer import find_grid
 
     dev = "cuda" if cuda() else "cpu"
@@ -392,12 +392,12 @@ def micro(args) -> dict:
     W0 = torch.randn(args.hidden, args.ffn, device=dev, generator=g) * 0.02
     W = W0 + torch.randn(args.hidden, args.ffn, device=dev, generator=g) * 0.004
     rel = {}
-    rel["fp32_ms"] = 1e3 * bench(lambda: sparsegpt.relative_output_error(W0, W, Hw), reps=3)
-    ref = sparsegpt.relative_output_error(W0.double(), W.double(), Hw.double())
-    rel["fp32_value_reldiff"] = abs(sparsegpt.relative_output_error(W0, W, Hw) / ref - 1)
+    rel["fp32_ms"] = 1e3 * bench(lambda: output_error.relative_output_error(W0, W, Hw), reps=3)
+    ref = output_error.relative_output_error(W0.double(), W.double(), Hw.double())
+    rel["fp32_value_reldiff"] = abs(output_error.relative_output_error(W0, W, Hw) / ref - 1)
     if cuda():
-        rel["3xtf32_ms"] = 1e3 * bench(lambda: sparsegpt._segment_rel_errors(W0, W, Hw.clone(), [slice(0, args.hidden)]), reps=3)
-        rel["3xtf32_value_reldiff"] = abs(sparsegpt._segment_rel_errors(W0, W, Hw.clone(), [slice(0, args.hidden)])[0] / ref - 1)
+        rel["3xtf32_ms"] = 1e3 * bench(lambda: output_error.segment_rel_errors(W0, W, Hw.clone(), [slice(0, args.hidden)]), reps=3)
+        rel["3xtf32_value_reldiff"] = abs(output_error.segment_rel_errors(W0, W, Hw.clone(), [slice(0, args.hidden)])[0] / ref - 1)
         rel["tf32_flag_after"] = str(getattr(torch.backends.cuda.matmul, "fp32_precision", None))
     res["rel_error"] = rel
     del W0, W, Hw

@@ -198,7 +198,7 @@ def test_hessian_accumulator_fp16_on_cuda():
 
 @gpu
 def test_rel_error_3xtf32_matches_fp32_and_restores_flags():
-    from misq.algorithms import sparsegpt
+    from misq.algorithms import output_error
 
     g = torch.Generator(device=DEV).manual_seed(5)
     C = 768
@@ -207,11 +207,11 @@ def test_rel_error_3xtf32_matches_fp32_and_restores_flags():
     W = W0 + torch.randn(600, C, device=DEV, generator=g) * 0.003
     slices = [slice(0, 200), slice(200, 600)]
     before = str(getattr(torch.backends.cuda.matmul, "fp32_precision", torch.backends.cuda.matmul.allow_tf32))
-    fast = sparsegpt._segment_rel_errors(W0, W, H.clone(), slices, fast=True)
+    fast = output_error.segment_rel_errors(W0, W, H.clone(), slices, fast=True)
     after = str(getattr(torch.backends.cuda.matmul, "fp32_precision", torch.backends.cuda.matmul.allow_tf32))
     assert before == after
     for sl, value in zip(slices, fast):
-        ref = sparsegpt.relative_output_error(W0[sl].double(), W[sl].double(), H.double())
+        ref = output_error.relative_output_error(W0[sl].double(), W[sl].double(), H.double())
         assert value == pytest.approx(ref, rel=2e-5)
 
 

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from misq.algorithms.output_error import relative_output_error
 from misq.algorithms.quantizer import (
     find_grid,
     quantize_with_grid,
@@ -17,7 +18,6 @@ from misq.algorithms.sparsegpt import (
     HessianAccumulator,
     SolverOptions,
     column_params,
-    relative_output_error,
     solve,
 )
 from misq.errors import NumericalError

@@ -21,13 +21,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from misq.algorithms.output_error import segment_rel_errors
 from misq.algorithms.pruning_mask import KeepFn
 from misq.algorithms.pruning_mask import unstructured_keep as _unstructured_keep  # its old home: tests, benchmarks
 from misq.algorithms.quantizer import FP_BITS, QuantGrid, StackedGrid, find_grid, quantize
@@ -364,7 +364,7 @@ def solve(
         slices.append(slice(start, start + rows))
         start += rows
     terms: list[tuple[float, float]] = []
-    rel = _segment_rel_errors(W0, W, H_orig, slices, fast=options.fast_rel_error, terms=terms)
+    rel = segment_rel_errors(W0, W, H_orig, slices, fast=options.fast_rel_error, terms=terms)
     spars = [1.0 - keep[sl].float().mean().item() for sl in slices]
     result = SolveResult(weight=W, keep=keep, rel_error=rel, damp=damp, seconds=time.perf_counter() - t0, sparsity=spars,
                          error_terms=terms)
@@ -387,75 +387,3 @@ def _group_grid(Wg: Tensor, keep1: Tensor, bits: int, mse: bool) -> tuple[Tensor
     cols = torch.zeros(Wg.shape[1], dtype=torch.long, device=Wg.device)
     grid = find_grid(Wg, cols, torch.tensor([bits], device=Wg.device), mse=mse)
     return grid.scale[:, 0], grid.zero[:, 0]
-
-
-# With SolverOptions.fast_rel_error, on CUDA the reported errors use fp32-accurate products
-# built from TF32 tensor-core GEMMs (A·B ≈ A_hi·B_hi + A_hi·B_lo + A_lo·B_hi, A_hi = A's top 10
-# mantissa bits): about 1e-6 relative, like fp32, at several times fp32's speed.
-
-
-def _tf32_hi(x: Tensor) -> Tensor:
-    """x with its 13 low mantissa bits cleared: exactly representable in TF32."""
-    return (x.contiguous().view(torch.int32) & -8192).view(torch.float32)
-
-
-@contextmanager
-def _tf32_matmul():
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):  # torch >= 2.9; never mix with the legacy flag
-        prev = m.fp32_precision
-        m.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            m.fp32_precision = prev
-    else:  # pragma: no cover - older torch
-        prev = m.allow_tf32
-        m.allow_tf32 = True
-        try:
-            yield
-        finally:
-            m.allow_tf32 = prev
-
-
-def _quadratic_form_3xtf32(X: Tensor, H_hi: Tensor, H_lo: Tensor) -> Tensor:
-    """tr(X H Xᵀ) for X [r, C] with H = H_hi + H_lo, as a 0-dim fp32 tensor."""
-    X_hi = _tf32_hi(X)
-    X_lo = X - X_hi
-    with _tf32_matmul():
-        Y = X_hi @ H_hi
-        Y.addmm_(X_hi, H_lo).addmm_(X_lo, H_hi)
-    return torch.sum(Y * X)
-
-
-def _segment_rel_errors(W0: Tensor, W: Tensor, H: Tensor, slices: list[slice], *,
-                        fast: bool = DEFAULT_OPTIONS.fast_rel_error,
-                        terms: list[tuple[float, float]] | None = None) -> list[float]:
-    """relative_output_error of each row segment of W0 (any float dtype), W [R, C] against H [C, C] (solve's own
-    copy, may be overwritten); ``fast``: 3×TF32 products on CUDA. ``terms``: each segment's
-    (numerator, denominator) are appended to it (row slices of one segment add up)."""
-    if not (fast and W.is_cuda):
-        sums = [_error_sums(W0[sl].float(), W[sl], H) for sl in slices]
-    else:
-        H_hi = _tf32_hi(H)
-        H_lo = H.sub_(H_hi)
-        sums = [(_quadratic_form_3xtf32(W0[sl].float() - W[sl], H_hi, H_lo), _quadratic_form_3xtf32(W0[sl].float(), H_hi, H_lo))
-                for sl in slices]
-    if terms is not None:
-        terms.extend((float(num), float(den)) for num, den in sums)
-    return [_ratio(num, den) for num, den in sums]
-
-
-def relative_output_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
-    """‖(W − Ŵ)X‖² / ‖WX‖² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) for W, Ŵ [R, C] and H ∝ X Xᵀ [C, C]."""
-    return _ratio(*_error_sums(W, W_hat, H))
-
-
-def _error_sums(W: Tensor, W_hat: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
-    """(tr(ΔW H ΔWᵀ), tr(W H Wᵀ)), 0-dim, for W, Ŵ [R, C] and H [C, C]."""
-    dW = W - W_hat
-    return torch.sum((dW @ H) * dW), torch.sum((W @ H) * W)
-
-
-def _ratio(num: Tensor, den: Tensor) -> float:
-    return float(num / den) if den > 0 else 0.0
