@@ -19,7 +19,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from misq.runtime.triton_common import MAGIC, _load_pieces, _pk_halves, _pk_scales
+    from misq.runtime.triton_common import MAGIC, _exact_w, _load_pieces, _pk_halves, _pk_scales
 
     @triton.jit
     def _piece_chunk(w, c: tl.constexpr, P: tl.constexpr, PMIN: tl.constexpr, BITS: tl.constexpr, TC: tl.constexpr):
@@ -58,16 +58,15 @@ if HAVE_TRITON:
             gm = n_ok & (g < n_groups)
             s = tl.load(s_ptr + g * N + offs_n, mask=gm, other=0.0).to(tl.float32)[None, :]
             z = tl.load(z_ptr + g * N + offs_n, mask=gm, other=0).to(tl.int32)[None, :]
+            zm = (z | MAGIC).to(tl.float32, bitcast=True)
+            w = (((code | MAGIC).to(tl.float32, bitcast=True) - zm) * s).to(tl.float16)
         else:
             if GROUP > 0:
                 g = k // GROUP
             else:
                 g = tl.load(g_ptr + k, mask=k_ok, other=0)
-            m = k_ok[:, None] & n_ok[None, :]
-            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m, other=0).to(tl.int32)
-        zm = (z | MAGIC).to(tl.float32, bitcast=True)
-        return (((code | MAGIC).to(tl.float32, bitcast=True) - zm) * s).to(tl.float16)
+            w = _exact_w(code, g, k_ok, s_ptr, z_ptr, offs_n, n_ok, N)
+        return w
 
     @triton.jit
     def _segment_dequant(out_ptr, wa, wb, wc, wd, s_ptr, z_ptr, g_ptr, N, n_cols, n_groups,

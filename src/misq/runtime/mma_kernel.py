@@ -26,7 +26,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from misq.runtime.triton_common import _load_pieces, _pk_halves, _pk_scales
+    from misq.runtime.triton_common import _load_pieces, _pk_halves, _pk_scales, _write_out
 
     @triton.jit
     def _pk_chunk(wA, wB, wC, wD, c, zz, ss, BITS: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr,
@@ -126,24 +126,5 @@ if HAVE_TRITON:
             lo = tl.maximum(lo, 0)
             acc = _mma_segment(acc, x2, q2, stride_xm, offs_m, m_ok, a2, b2, c2, d2, s2, z2, g2, lo, hi, n2, k2,
                                offs_n, n_ok, N, BITS2, PA2, PB2, PC2, PD2, GROUP2, TC2, EVEN2, GATHER, BM > 16)
-        y = tl.trans(acc)
-        msk = m_ok[:, None] & n_ok[None, :]
-        if MODE == 0:
-            if HAS_BIAS:
-                y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=msk)
-        else:
-            wsp = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-            tl.atomic_add(wsp, y, mask=msk, sem="relaxed")
-            if MODE == 2:
-                tl.debug_barrier()
-                done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-                if done == tl.num_programs(1) - 1:
-                    bits = tl.atomic_xchg(wsp.to(tl.pointer_type(tl.int32)), tl.zeros(y.shape, tl.int32), mask=msk,
-                                          sem="acq_rel")  # read the sums and leave zeros
-                    tot = bits.to(tl.float32, bitcast=True)
-                    if HAS_BIAS:
-                        tot += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-                             tot.to(out_ptr.dtype.element_ty), mask=msk)
-                    tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        _write_out(tl.trans(acc), offs_m, m_ok, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr,
+                   HAS_BIAS, MODE)

@@ -19,7 +19,7 @@ run pid_s of blocks_per_split layout blocks (16 T columns each, T = 32 // the sm
 
 GROUP is the scale groups' length when groups are whole tiles lined up with the blocks
 (kernels.kernel_group), else 0: then (and on the dot path for widths over 11 bits) each column's
-group is read from gidx and each weight rounded to fp16 as the decoder does (``_exact_w``).
+group is read from gidx and each weight rounded to fp16 as the decoder does (triton_common ``_exact_w``).
 
 MODE 0 stores the fp16 output (+ bias); 1 adds the partial sums into the float32 split-K
 workspace [M, N]; 2 adds them too, and the last program of each BN slice (an int32 counter per
@@ -34,7 +34,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from misq.runtime.triton_common import MAGIC, _load_pieces
+    from misq.runtime.triton_common import MAGIC, _exact_w, _load_pieces, _write_out
 
     TWO23 = tl.constexpr(8388608.0)
 
@@ -55,17 +55,6 @@ if HAVE_TRITON:
             HD: tl.constexpr = PD // PMIN
             code = code | (((wD >> (PD * ((HA // HD) * s + h // HD))) & ((1 << PD) - 1)) << (BITS & (PD - 1)))
         return code
-
-    @triton.jit
-    def _exact_w(code, k, k_ok, s_ptr, z_ptr, g_ptr, offs_n, n_ok, N):
-        """fp16 [16, BLOCK_N]: (code - zero) * scale in float32, rounded to fp16 (the decoder's
-        weight, bit for bit), each column's group read from gidx."""
-        g = tl.load(g_ptr + k, mask=k_ok, other=0)
-        m = k_ok[:, None] & n_ok[None, :]
-        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m, other=0).to(tl.int32)
-        zm = (z | MAGIC).to(tl.float32, bitcast=True)
-        return (((code | MAGIC).to(tl.float32, bitcast=True) - zm) * s).to(tl.float16)
 
     @triton.jit
     def _decode_mm(x_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr, bias_ptr, wa, wb, wc, wd, s_ptr, z_ptr, g_ptr,
@@ -121,7 +110,7 @@ if HAVE_TRITON:
                         xt = tl.load(x_ptr + idx, mask=k_ok, other=0.0).to(tl.float32)
                     if EXACT:
                         code = _code(wA, wB, wC, wD, s, h, BITS, PA, PB, PC, PD, PMIN)
-                        w = _exact_w(code, k, k_ok, s_ptr, z_ptr, g_ptr, offs_n, n_ok, N)
+                        w = _exact_w(code, tl.load(g_ptr + k, mask=k_ok, other=0), k_ok, s_ptr, z_ptr, offs_n, n_ok, N)
                         if DOT:
                             acc = tl.dot(xt, w, acc)
                         else:
@@ -171,23 +160,4 @@ if HAVE_TRITON:
             y = tl.sum(acc, axis=0)[None, :]
             om = tl.arange(0, 1)
             mo = om < 1
-        msk = mo[:, None] & n_ok[None, :]
-        if MODE == 0:
-            if HAS_BIAS:
-                y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + om[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=msk)
-        else:
-            wsp = ws_ptr + om[:, None] * N + offs_n[None, :]
-            tl.atomic_add(wsp, y, mask=msk, sem="relaxed")
-            if MODE == 2:
-                tl.debug_barrier()
-                done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-                if done == tl.num_programs(1) - 1:
-                    bits = tl.atomic_xchg(wsp.to(tl.pointer_type(tl.int32)), tl.zeros(y.shape, tl.int32), mask=msk,
-                                          sem="acq_rel")  # read the sums and leave zeros
-                    tot = bits.to(tl.float32, bitcast=True)
-                    if HAS_BIAS:
-                        tot += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                    tl.store(out_ptr + om[:, None] * stride_om + offs_n[None, :],
-                             tot.to(out_ptr.dtype.element_ty), mask=msk)
-                    tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        _write_out(y, om, mo, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)

@@ -201,3 +201,43 @@ if HAVE_TRITON:
             zz = z_lo | (z_hi << 16)
             ss = s_lo | (s_hi << 16)
         return zz, ss
+
+    @triton.jit
+    def _write_out(y, om, mo, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr,
+                   HAS_BIAS: tl.constexpr, MODE: tl.constexpr):
+        """Store y [rows, BN] (fp32) for output rows ``om`` (valid: ``mo``) and features ``offs_n``.
+
+        MODE 0: y (+ bias) is the output. MODE 1/2 (split-K): y is added into the fp32 workspace
+        [M, N]; in MODE 2 the last program of column block ``pid_n`` reads the sums back (leaving
+        zeros for the next call), adds the bias and writes the output, so no second launch is needed.
+        """
+        msk = mo[:, None] & n_ok[None, :]
+        if MODE == 0:
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + om[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=msk)
+        else:
+            wsp = ws_ptr + om[:, None] * N + offs_n[None, :]
+            tl.atomic_add(wsp, y, mask=msk, sem="relaxed")
+            if MODE == 2:
+                tl.debug_barrier()
+                done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+                if done == tl.num_programs(1) - 1:
+                    bits = tl.atomic_xchg(wsp.to(tl.pointer_type(tl.int32)), tl.zeros(y.shape, tl.int32), mask=msk,
+                                          sem="acq_rel")  # read the sums and leave zeros
+                    tot = bits.to(tl.float32, bitcast=True)
+                    if HAS_BIAS:
+                        tot += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                    tl.store(out_ptr + om[:, None] * stride_om + offs_n[None, :],
+                             tot.to(out_ptr.dtype.element_ty), mask=msk)
+                    tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+    @triton.jit
+    def _exact_w(code, g, k_ok, s_ptr, z_ptr, offs_n, n_ok, N):
+        """fp16 [n, BLOCK_N]: (code - zero) * scale in float32, rounded to fp16 (the decoder's
+        weight, bit for bit), for columns k (valid: ``k_ok`` [n]) of groups ``g`` [n]."""
+        m = k_ok[:, None] & n_ok[None, :]
+        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=m, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=m, other=0).to(tl.int32)
+        zm = (z | MAGIC).to(tl.float32, bitcast=True)
+        return (((code | MAGIC).to(tl.float32, bitcast=True) - zm) * s).to(tl.float16)
