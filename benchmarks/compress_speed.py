@@ -202,7 +202,7 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, step
         timers.wrap(sparsegpt.HessianAccumulator, "add", "hessian GEMM")
         timers.wrap(sparsegpt, "damped_inverse_cholesky", "solve: inverse Cholesky")
         timers.wrap(sparsegpt, "segment_rel_errors", "solve: rel. error")
-        timers.wrap(sparsegpt, "_unstructured_keep", "solve: masks")
+        timers.wrap(sparsegpt, "unstructured_keep", "solve: masks")
     if fine:
         timers.wrap_cm(execution, "on_device", "layer to GPU", "layer back to CPU")
     execution.capture_layer0_inputs = timed_capture
@@ -313,7 +313,7 @@ def micro(args) -> dict:
         Hinv1 = U[o : o + 128, o : o + 128]
         grid = find_grid(W1, torch.zeros(128, dtype=torch.long, device=dev), torch.tensor([4], device=dev))
         scale, zero, maxq = sparsegpt.column_params([grid]).columns(slice(None), dev)
-        keep1 = sparsegpt._unstructured_keep(W1, torch.diag(Hinv1), 0.5, [R])
+        keep1 = sparsegpt.unstructured_keep(W1, torch.diag(Hinv1), 0.5, [R])
         Wr, Kr = W1.clone(), keep1.clone()
         Qr, Er = sparsegpt.block_loop(Wr, Hinv1, Kr, scale, zero, maxq)
         row = {"eager_ms": 1e3 * bench(lambda: sparsegpt.block_loop(W1.clone(), Hinv1, keep1.clone(), scale, zero, maxq), reps=3)}

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from misq.algorithms import fused
+from misq.algorithms.pruning_mask import unstructured_keep
 from misq.algorithms.quantizer import find_grid
 from misq.algorithms.sparsegpt import (
     HessianAccumulator,
-    _unstructured_keep,
     block_loop,
     column_params,
     damped_inverse_cholesky,
@@ -80,7 +80,7 @@ def _block_problem(R: int, B: int, seed: int, *, sixteen: bool = True, nm: bool 
     if nm:
         keep1 = torch.ones_like(W1, dtype=torch.bool)
     else:
-        keep1 = _unstructured_keep(W1, torch.diag(Hinv1), 0.5, segments)
+        keep1 = unstructured_keep(W1, torch.diag(Hinv1), 0.5, segments)
     return W1, Hinv1, keep1, scale, zero, maxq
 
 

@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 
 from misq.algorithms.output_error import segment_rel_errors
-from misq.algorithms.pruning_mask import KeepFn
-from misq.algorithms.pruning_mask import unstructured_keep as _unstructured_keep  # its old home: tests, benchmarks
+from misq.algorithms.pruning_mask import KeepFn, unstructured_keep
 from misq.algorithms.quantizer import FP_BITS, QuantGrid, StackedGrid, find_grid, quantize
 from misq.errors import NumericalError
 
@@ -336,7 +335,7 @@ def solve(
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         else:
             hdiag = torch.diag(Hinv1)
-            keep1 = _unstructured_keep(W1, hdiag, sparsity, segments) if keep_fn is None else keep_fn(W1, hdiag)
+            keep1 = unstructured_keep(W1, hdiag, sparsity, segments) if keep_fn is None else keep_fn(W1, hdiag)
         if i1 in group_at:
             end, bits = group_at[i1]
             s, z = _group_grid(W[:, i1:end], keep1, bits, grid_mse)
