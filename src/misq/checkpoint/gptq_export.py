@@ -50,14 +50,14 @@ from misq.checkpoint.layer_format import decode_layer, expected_shapes, run_tabl
 from misq.checkpoint.packed import (
     EXPORT_MARKER,
     MAX_SHARD_BYTES,
-    _check_target,
-    _is_export,
-    _misq_section,
-    _read_config,
-    _ShardWriter,
-    _staging,
-    _Weights,
+    CheckpointTensors,
+    ShardWriter,
+    check_target_folder,
+    checked_misq_section,
+    is_misq_export,
+    read_config_json,
     section_fields,
+    staged_folder,
 )
 from misq.checkpoint.packing import Pattern, unpack_bits
 from misq.errors import MisqError
@@ -81,13 +81,13 @@ def export_gptq(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if checkpoint_format not in ZERO_OFFSET:
         raise MisqError(f"unknown GPTQ checkpoint format {checkpoint_format!r}: one of {', '.join(ZERO_OFFSET)}")
     packed, out = Path(packed_dir), Path(out_dir)
-    cfg = _read_config(packed)
-    section = _misq_section(packed, cfg)
+    cfg = read_config_json(packed)
+    section = checked_misq_section(packed, cfg)
     pattern, layers, _ = section_fields(packed, section)
     check_not_input(out, {"the packed checkpoint": packed}, "OUT")
     layouts = _plan(packed, layers)
-    _check_target(out, _is_export)
-    weights = _Weights(packed)
+    check_target_folder(out, is_misq_export)
+    weights = CheckpointTensors(packed)
     packed_names: set[str] = set()
     for name, meta in layers.items():
         for suffix, (shape, dtype) in expected_shapes(meta, pattern).items():
@@ -98,8 +98,8 @@ def export_gptq(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                if n.startswith(LAYER_PREFIX) and n.endswith(".weight") and len(weights.tensors[n].shape) == 2]
     quantization_config(layouts, skipped)  # its warnings (dynamic rules) before the work
     mirrored, desc_act = 0, False
-    with _staging(out, _is_export) as tmp:
-        writer = _ShardWriter(tmp, MAX_SHARD_BYTES)
+    with staged_folder(out, is_misq_export) as tmp:
+        writer = ShardWriter(tmp, MAX_SHARD_BYTES)
         for name in sorted(layers, key=lambda n: (layer_index(n) or 0, n)):
             tensors = {s: weights.get(f"{name}.{s}") for s in expected_shapes(layers[name], pattern)}
             check_finite(((f"{name}.{s}", t) for s, t in tensors.items()), str(packed))

@@ -83,16 +83,16 @@ def save_packed(model: nn.Module, grids: dict[str, QuantGrid], out_dir: str | os
     except ValueError as err:
         raise MisqError(str(err)) from None
     out = Path(out_dir)
-    _check_target(out, is_packed_checkpoint)
+    check_target_folder(out, is_packed_checkpoint)
     for name in grids:
-        _linear(model, name)  # a name that is not a linear of this model fails before anything is written
+        linear_module(model, name)  # a name that is not a linear of this model fails before anything is written
     payload = dict.fromkeys(KINDS, 0)
     layers: dict[str, Any] = {}
     config = model.config.to_dict()
     if hasattr(compress_config, "to_dict"):
         compress_config = compress_config.to_dict()
-    with _staging(out, is_packed_checkpoint) as tmp:
-        writer = _ShardWriter(tmp, max_shard_bytes)
+    with staged_folder(out, is_packed_checkpoint) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
         for name, t, kind in _stored(model, grids, pat, layers, source):
             writer.add(name, t)
             payload[kind] += t.numel() * t.element_size()
@@ -132,7 +132,7 @@ def _stored(model: nn.Module, grids: dict[str, QuantGrid], pat: Pattern, metas: 
         with layer_weights(source if i is not None else None, i):
             for name in packed_names:
                 try:
-                    packed = encode_layer(_linear(model, name).weight, grids[name], pat)
+                    packed = encode_layer(linear_module(model, name).weight, grids[name], pat)
                 except ValueError as err:
                     raise MisqError(f"cannot pack {name} as {pat}: {err}; save the model compress_model returned, "
                                     "with its grids and the pattern it was pruned to") from None
@@ -149,7 +149,9 @@ def _plain(obj: Any) -> Any:
     return obj.item() if hasattr(obj, "item") else str(obj)
 
 
-def _linear(model: nn.Module, name: str) -> nn.Linear:
+def linear_module(model: nn.Module, name: str) -> nn.Linear:
+    """The ``nn.Linear`` of ``model`` at the full name ``name`` (weight [out, in]); one clear error
+    when the name is missing or is not a linear layer (grids or a checkpoint from another model)."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
@@ -159,18 +161,20 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return module
 
 
-class _ShardWriter:
+class ShardWriter:
     """Writes tensors to shards of at most ``max_bytes`` (a larger tensor gets one of its own) as
     they come, then names the shards as transformers does: one ``model.safetensors``, or
-    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``."""
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``. :meth:`add` each
+    tensor, then :meth:`finish` once; ``folder`` is normally the one :func:`staged_folder` yields."""
 
-    def __init__(self, folder: Path, max_bytes: int):
+    def __init__(self, folder: Path, max_bytes: int) -> None:
         self.folder, self.max_bytes = folder, max_bytes
         self.pending: dict[str, Tensor] = {}
         self.pending_bytes = self.total_bytes = 0
         self.shards: list[tuple[Path, list[str]]] = []
 
     def add(self, name: str, t: Tensor) -> None:
+        """Queue ``t`` under ``name``; the pending shard is written first when ``t`` would overflow it."""
         n = t.numel() * t.element_size()
         if self.pending and self.pending_bytes + n > self.max_bytes:
             self._flush()
@@ -185,6 +189,7 @@ class _ShardWriter:
         self.pending, self.pending_bytes = {}, 0
 
     def finish(self) -> None:
+        """Write what is pending (an empty model still gets one file), name the shards, write the index."""
         if self.pending or not self.shards:
             self._flush()
         if len(self.shards) == 1:
@@ -201,10 +206,12 @@ class _ShardWriter:
 
 def check_save_target(save_dir: str | os.PathLike) -> None:
     """Refuse (before any work) a ``--save`` folder that is neither new, empty nor a misq packed checkpoint."""
-    _check_target(Path(save_dir).expanduser(), is_packed_checkpoint)
+    check_target_folder(Path(save_dir).expanduser(), is_packed_checkpoint)
 
 
-def _check_target(target: Path, replaceable: Callable[[Path], bool]) -> None:
+def check_target_folder(target: Path, replaceable: Callable[[Path], bool]) -> None:
+    """Refuse an output folder ``target`` that is a file, an unusable path, or a non-empty folder
+    for which ``replaceable`` (e.g. :func:`is_packed_checkpoint`, :func:`is_misq_export`) is False."""
     try:
         target.exists()
     except OSError as err:
@@ -216,8 +223,9 @@ def _check_target(target: Path, replaceable: Callable[[Path], bool]) -> None:
 
 
 @contextmanager
-def _staging(target: Path, replaceable: Callable[[Path], bool]) -> Iterator[Path]:
-    """Yield a hidden sibling folder to write into; on success fsync it and swap it in for ``target``."""
+def staged_folder(target: Path, replaceable: Callable[[Path], bool]) -> Iterator[Path]:
+    """Yield a hidden sibling folder to write into; on success fsync it and swap it in for ``target``
+    (checked again with ``replaceable``); on any error remove it and raise one clear error."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -236,7 +244,7 @@ def _staging(target: Path, replaceable: Callable[[Path], bool]) -> Iterator[Path
         except SafetensorError as err:  # safetensors' own wrapper of a failed write (a full disk ...)
             raise MisqError(f"cannot write {str(target)!r} ({err}): free some space or choose another folder; "
                             "nothing partial was kept") from None
-        _check_target(target, replaceable)  # again: it may have changed while we wrote
+        check_target_folder(target, replaceable)  # again: it may have changed while we wrote
         old = None
         if target.is_dir():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -253,7 +261,8 @@ def _staging(target: Path, replaceable: Callable[[Path], bool]) -> Iterator[Path
 # ----------------------------------------------------------------------------- load
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of the checkpoint folder ``path``, or one clear error when it is missing or not JSON."""
     cfg = path / "config.json"
     if not cfg.is_file():
         raise MisqError(f"{path} has no config.json: give a misq packed checkpoint or a Hugging Face model folder")
@@ -269,7 +278,9 @@ def is_packed_checkpoint(path: str | os.PathLike) -> bool:
     return section is not None and section.get("format") == FORMAT
 
 
-def _misq_section(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+def checked_misq_section(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``misq`` section of ``cfg`` (the config.json of ``path``), checked to be a packed
+    checkpoint of the format version this misq reads; one clear error otherwise."""
     section = cfg.get("misq")
     if not isinstance(section, dict) or section.get("format") != FORMAT:
         raise MisqError(f"{path} is not a misq packed checkpoint (no misq section in config.json): give the folder misq saved")
@@ -286,15 +297,16 @@ def _misq_section(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     return section
 
 
-class _Weights:
-    """Every tensor of a checkpoint's safetensors files, by name, read lazily.
+class CheckpointTensors:
+    """Every tensor of a checkpoint's safetensors files, by name, read lazily: ``tensors`` maps
+    each name to its header's :class:`TensorInfo`, :meth:`check` checks one, :meth:`get` reads it.
 
     The shared reader (:class:`misq.models.safetensors_files.SafetensorsFiles`) resolves the index
     and the shard names and reads the headers; the files are then opened once each, which
     also refuses a truncated file (its header is intact, its data is not) before anything is built.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         self.tensors: dict[str, TensorInfo] = SafetensorsFiles.of_folder(path).tensors
         self.handles: dict[str, Any] = {}
         for file in sorted({info.file for info in self.tensors.values()}):
@@ -305,6 +317,7 @@ class _Weights:
             self.handles.update(dict.fromkeys(handle.keys(), handle))
 
     def check(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None) -> None:
+        """Refuse a missing tensor, or one whose header disagrees with ``shape`` and ``dtype`` (None: any dtype)."""
         if name not in self.tensors:
             raise MisqError(f"tensor {name} is missing from the checkpoint: it is incomplete, save it again")
         info = self.tensors[name]
@@ -313,6 +326,7 @@ class _Weights:
                             f"{SAFETENSORS_CODES.get(dtype, 'float')} {list(shape)}: config.json and the weights do not match")
 
     def get(self, name: str) -> Tensor:
+        """The tensor ``name``, read from its file (on the CPU, in its stored dtype)."""
         return self.handles[name].get_tensor(name)
 
 
@@ -324,7 +338,7 @@ def load_packed(path: str | os.PathLike, *, dtype: torch.dtype | str | None = No
     """
     path = Path(path)
     dtype = dtype_arg(dtype)
-    cfg = _read_config(path)
+    cfg = read_config_json(path)
     if not isinstance(cfg, dict):
         raise MisqError(f"{path}/config.json is not a JSON object: the checkpoint is damaged, save it again")
     if "misq" not in cfg:
@@ -332,7 +346,7 @@ def load_packed(path: str | os.PathLike, *, dtype: torch.dtype | str | None = No
 
         log.info("%s has no misq section: loading it as a plain Hugging Face model", path)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
-    section = _misq_section(path, cfg)
+    section = checked_misq_section(path, cfg)
     try:
         model = _build(path, section, dtype)
     except (TypeError, AttributeError, KeyError, ValueError, IndexError) as err:  # fields of unexpected types
@@ -369,7 +383,7 @@ def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn
     from transformers.initialization import no_init_weights
 
     pattern, layers, saved_dtype = section_fields(path, section)
-    weights = _Weights(path)
+    weights = CheckpointTensors(path)
     try:
         hf_config = AutoConfig.from_pretrained(path)
     except Exception as err:  # transformers' validation errors have no common base worth naming
@@ -385,7 +399,7 @@ def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn
     for name, t in untouched.items():
         weights.check(name, tuple(t.shape), None)
     for name, meta in layers.items():
-        _check_layer(weights, _linear(model, name), name, meta, pattern)
+        check_layer_tensors(weights, linear_module(model, name), name, meta, pattern)
     state: dict[str, Tensor] = {}
     for name in untouched:
         t = weights.get(name)
@@ -407,7 +421,10 @@ def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn
     return model
 
 
-def _check_layer(weights: _Weights, module: nn.Linear, name: str, meta: dict[str, Any], pattern: Pattern) -> None:
+def check_layer_tensors(weights: CheckpointTensors, module: nn.Linear, name: str, meta: dict[str, Any],
+                        pattern: Pattern) -> None:
+    """Refuse a packed layer whose ``meta`` (rows x cols) does not match ``module.weight`` [out, in],
+    or whose tensors (:func:`expected_shapes`) are missing from ``weights`` or of another shape or dtype."""
     try:
         rows, cols = int(meta["rows"]), int(meta["cols"])
         shapes = expected_shapes(meta, pattern)
@@ -435,7 +452,8 @@ def load_packed_with_tokenizer(path: str | os.PathLike, **kwargs: Any) -> tuple[
 # ----------------------------------------------------------------------------- export
 
 
-def _is_export(path: Path) -> bool:
+def is_misq_export(path: Path) -> bool:
+    """Whether the folder ``path`` was written by a misq export (dense or GPTQ): it holds :data:`EXPORT_MARKER`."""
     return (path / EXPORT_MARKER).is_file()
 
 
@@ -448,12 +466,12 @@ def export_dense(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, dtyp
     packed, out = Path(packed_dir), Path(out_dir)
     if dtype not in DTYPE_NAMES:
         raise MisqError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPE_NAMES)}")
-    _misq_section(packed, _read_config(packed))
+    checked_misq_section(packed, read_config_json(packed))
     check_not_input(out, {"the packed checkpoint": packed}, "--dense")
-    _check_target(out, _is_export)
+    check_target_folder(out, is_misq_export)
     model = load_packed(packed, dtype=torch_dtype(dtype))
     own = {"config.json", "generation_config.json", INDEX_NAME}
-    with _staging(out, _is_export) as tmp:
+    with staged_folder(out, is_misq_export) as tmp:
         model.save_pretrained(tmp)
         for f in packed.iterdir():
             if f.is_file() and f.name not in own and not f.name.endswith(".safetensors"):

@@ -15,13 +15,13 @@ from torch import Tensor, nn
 from misq.checkpoint.accounting import stored_tensors
 from misq.checkpoint.layer_format import expected_shapes
 from misq.checkpoint.packed import (
-    _check_layer,
-    _linear,
-    _misq_section,
-    _read_config,
-    _Weights,
+    CheckpointTensors,
+    check_layer_tensors,
+    checked_misq_section,
     dtype_arg,
+    linear_module,
     load_packed,
+    read_config_json,
     section_fields,
 )
 from misq.errors import MisqError
@@ -55,11 +55,11 @@ def load_packed_runtime(path: str | os.PathLike, *, dtype: torch.dtype | str | N
     """
     path = Path(path)
     dtype = dtype_arg(dtype)
-    cfg = _read_config(path)
+    cfg = read_config_json(path)
     if "misq" not in cfg:
         log.info("%s is not a packed checkpoint: loading it dense", path)
         return load_packed(path, dtype=dtype, device=device)
-    section = _misq_section(path, cfg)
+    section = checked_misq_section(path, cfg)
     model = _build(path, section, dtype)
     log.info("loaded %s with the packed runtime (%d packed layers)", path, len(section["layers"]))
     return model.to(device).eval()
@@ -70,7 +70,7 @@ def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn
     from transformers.initialization import no_init_weights
 
     pattern, layers, saved_dtype = section_fields(path, section)
-    weights = _Weights(path)
+    weights = CheckpointTensors(path)
     hf_config = AutoConfig.from_pretrained(path)
     if hasattr(hf_config, "misq"):
         delattr(hf_config, "misq")
@@ -83,7 +83,7 @@ def _build(path: Path, section: dict[str, Any], dtype: torch.dtype | None) -> nn
     for name, t in untouched.items():
         weights.check(name, tuple(t.shape), None)
     for name, meta in layers.items():
-        _check_layer(weights, _linear(model, name), name, meta, pattern)
+        check_layer_tensors(weights, linear_module(model, name), name, meta, pattern)
     for name, meta in layers.items():
         tensors = {s: weights.get(f"{name}.{s}") for s in expected_shapes(meta, pattern)}
         bias = untouched.pop(f"{name}.bias", None)
