@@ -147,3 +147,35 @@ def test_the_memory_rule():
     room = step_activations.free_bytes(torch.device("cpu"))
     if room is not None:  # more than half of what is free: recompute
         assert on_cpu._place(mlp, (room // 2 + 1,), torch.uint8) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the device machine)")
+def test_copying_the_next_layer_ahead_changes_nothing(monkeypatch):
+    """Layer i + 1 crosses to the GPU during layer i's output pass (execution.Prefetcher): the
+    compressed model is bit for bit the one of copying each layer when its turn comes."""
+    model = build_model(200, hidden=64, layers=3, heads=4, kv_heads=2, ffn=128, seed=3).half().eval()
+    cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, nsamples=CALIB.shape[0], batch_size=1, blocksize=32,
+                         groupsize=0, act_order=False, mse=False)
+    real_start = execution.Prefetcher.start
+    states, copies = [], []
+    for ahead in (True, False):
+        def start(self, module, dtype=None, ahead=ahead):
+            got = real_start(self, module, dtype) if ahead else None
+            copies.append(got is not None)
+            return got
+
+        monkeypatch.setattr(execution.Prefetcher, "start", start)
+        m = copy.deepcopy(model)
+        driver.compress_model(m, CALIB, cfg, "cuda")
+        assert all(p.device.type == "cpu" for p in m.parameters())
+        states.append(m.state_dict())
+    assert copies == [True, True, False, False]  # layers 1 and 2 were copied ahead in the first run
+    for name, t in states[0].items():
+        assert torch.equal(t, states[1][name]), name
+
+
+def test_no_copy_ahead_off_cuda():
+    layer = torch.nn.Linear(4, 4)
+    assert execution.Prefetcher("cpu").start(layer) is None
+    assert execution.Prefetcher("cuda", enabled=False).start(layer) is None

@@ -79,15 +79,18 @@ def _accumulate_step_hessian(passes: step_activations.LayerPasses, first: str, n
         nonlocal acc
         if acc is None:
             acc = HessianAccumulator(x.shape[-1], device)
-        if not torch.isfinite(x).all():
-            raise NumericalError(f"{name}: its calibration inputs hold NaN/Inf "
-                                 "(the model already overflows before it): check the checkpoint's weights, or load it "
-                                 "with --dtype bfloat16 or float32 if float16 overflows")
         acc.add(x)
 
     passes.step_inputs(first, add)
     assert acc is not None, "the step's first linear layer never ran"
-    return dist.reduce_hessian(acc.free(), acc.nsamples)
+    H = acc.free()
+    # One check per step, not per window: a NaN/Inf in any input reaches H (x xᵀ keeps it on the
+    # diagonal), and a check per window is a host sync that starves the GPU (0.5 s of a 13B layer).
+    if not torch.isfinite(H).all():
+        raise NumericalError(f"{name}: its calibration inputs hold NaN/Inf "
+                             "(the model already overflows before it): check the checkpoint's weights, or load it "
+                             "with --dtype bfloat16 or float32 if float16 overflows")
+    return dist.reduce_hessian(H, acc.nsamples)
 
 
 def _step_weights(linears: dict[str, nn.Linear], step: tuple[str, ...]) -> dict[str, Tensor]:
@@ -206,18 +209,30 @@ def compress_model(
     inputs = execution.capture_layer0_inputs(model, dist.shard_windows(calib), device, batch_size=cfg.batch_size, storage=storage, compute_dtype=dtype)
     layers = layout.decoder_layers(model)
     size_budget = bitplan.SizeBudget(plans, cfg) if bitplan.SizeBudget.applies(plans, cfg) else None
+    # In memory, layer i + 1 is copied to the device during layer i's output pass (its solves are
+    # over, so their buffers are free); a streamed model's next layer is still being read, and
+    # --offload-activations keeps one layer on the device at a time (a 70B layer is 1.7 GB).
+    prefetcher = execution.Prefetcher(device, enabled=layer_source is None and not cfg.offload_activations)
+    ready: execution.DeviceCopy | None = None
     bar = tqdm(range(len(layers)), desc="compress", unit="layer")
     for i in bar:
         layer = layers[i]
+
+        def prefetch_next(i: int = i) -> None:
+            nonlocal ready
+            ready = prefetcher.start(layers[i + 1], dtype) if i + 1 < len(layers) else None
+
         with execution.layer_weights(layer_source, i, ahead=_ahead(i, layers)):  # streaming: i + 1 is read meanwhile
-            with execution.on_device(layer, device, dtype):
+            with execution.on_device(layer, device, dtype, ready=ready):
+                ready = None
                 if i >= start_layer:  # also runs the compressed layer: its outputs replace inputs.hidden
                     _compress_layer(i, layer, inputs, cfg, device, plans, out, progress, block_fn, store_dtype, dist=dist,
-                                    solver=solver, size_budget=size_budget)
+                                    solver=solver, size_budget=size_budget, before_output=prefetch_next)
                 else:
                     progress.update("replay", layer=i + 1)
                     for step in layout.SEQUENTIAL_STEPS:  # a resume re-plans as the interrupted run did
                         _spend(size_budget, i, step, layer, out, plans, dist)
+                    prefetch_next()
                     execution.run_layer(layer, inputs, device, out=inputs.hidden)
                 if not torch.isfinite(inputs.hidden).all():
                     raise NumericalError(f"model.layers.{i}: its outputs hold NaN/Inf after compression")
@@ -238,11 +253,13 @@ def _ahead(i: int, layers: nn.ModuleList) -> int | None:
 def _compress_layer(i: int, layer: nn.Module, inputs: execution.LayerInputs, cfg: CompressConfig, device: str,
                     plans: dict[str, bitplan.ModulePlan] | None, out: CompressionOutput, progress: ProgressSink,
                     block_fn: Callable | None, store_dtype: torch.dtype, dist: Dist = LOCAL,
-                    solver: SolverOptions = DEFAULT_OPTIONS, size_budget: bitplan.SizeBudget | None = None) -> None:
+                    solver: SolverOptions = DEFAULT_OPTIONS, size_budget: bitplan.SizeBudget | None = None,
+                    before_output: Callable[[], None] | None = None) -> None:
     """Compress decoder layer ``i`` (on ``device``) in place, step by step; adds its grids,
     plans and records to ``out``, then runs the compressed layer: its outputs [n, seqlen, d]
-    replace ``inputs.hidden``. With a ``size_budget`` the layers still to come are re-planned
-    after every step, from the size the solved ones really take."""
+    replace ``inputs.hidden`` (``before_output`` is called just before that pass). With a
+    ``size_budget`` the layers still to come are re-planned after every step, from the size
+    the solved ones really take."""
     def work(step: tuple[str, ...], linears: dict[str, nn.Linear], H: Tensor, turn: int) -> dict[str, _Solved]:
         return _solve_layers(i, step, linears, H, cfg, plans, block_fn, store_dtype, solver, dist=dist, turn=turn)
 
@@ -257,6 +274,8 @@ def _compress_layer(i: int, layer: nn.Module, inputs: execution.LayerInputs, cfg
                 out.records.append(record)
                 log.info("%s: rel. error %.5f, sparsity %.3f, %.3f bits", full, record["rel_error"], record["sparsity"], record["avg_bits"])
             _spend(size_budget, i, step, layer, out, plans, dist)
+        if before_output is not None:
+            before_output()
         passes.output(out=inputs.hidden)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -137,18 +138,77 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device | str,
     return out
 
 
+def _host_to_device_only(module: nn.Module, device: torch.device | str, dtype: torch.dtype | None) -> bool:
+    """Does moving ``module`` to ``device``/``dtype`` only copy host tensors to an accelerator?"""
+    p = next(module.parameters())
+    return (dtype is None or dtype == p.dtype) and p.device.type == "cpu" and torch.device(device).type != "cpu"
+
+
+class DeviceCopy:
+    """``module``'s parameters and buffers being copied from host memory to CUDA ``device`` in
+    the background: a worker thread issues the copies on ``stream``, so that decoder layer
+    i + 1 crosses the bus while layer i still computes (68 ms of a 13B layer's 1.2 s otherwise).
+
+    :func:`on_device` takes it (``ready=``) instead of copying; the copies join the caller's
+    stream there. Costs one extra layer of device memory while both are resident.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device, stream: torch.cuda.Stream):
+        self.device, self.stream = device, stream
+        self.hosts = [t.data for t in itertools.chain(module.parameters(), module.buffers())]
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="misq-h2d")
+        self._future = pool.submit(self._copy)
+        pool.shutdown(wait=False)
+
+    def _copy(self) -> tuple[list[Tensor], torch.cuda.Event]:
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            copies = [h.to(self.device) for h in self.hosts]  # pageable memory: each returns once it is there
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return copies, done
+
+    def take(self) -> list[Tensor]:
+        """The device copies, in the order of ``module``'s parameters then buffers, usable on
+        the current stream."""
+        copies, done = self._future.result()
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(done)
+        for c in copies:  # allocated on the copy stream, used and freed on this one
+            c.record_stream(stream)
+        return copies
+
+
+class Prefetcher:
+    """Starts :class:`DeviceCopy` of decoder layers to CUDA ``device`` ahead of their turn, all
+    on one side stream (so that the allocator reuses one layer's worth of blocks); a no-op
+    (``start`` gives None) when disabled or off CUDA, or where a move is more than a host copy."""
+
+    def __init__(self, device: torch.device | str, enabled: bool = True):
+        self.device = torch.device(device)
+        self.enabled = enabled and self.device.type == "cuda"
+        self._stream: torch.cuda.Stream | None = None
+
+    def start(self, module: nn.Module, dtype: torch.dtype | None = None) -> DeviceCopy | None:
+        if not (self.enabled and _host_to_device_only(module, self.device, dtype)):
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return DeviceCopy(module, self.device, self._stream)
+
+
 @contextmanager
-def on_device(module: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
+def on_device(module: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None,
+              ready: DeviceCopy | None = None) -> Iterator[nn.Module]:
     """Temporarily move ``module`` to ``device`` (and ``dtype``), then back to where it was.
 
     When only the device changes, the tensors are copied back into their original host
     storage instead of fresh allocations: faulting in new host pages for every layer cost
-    0.45 s per 13B layer, the copy 0.04 s.
+    0.45 s per 13B layer, the copy 0.04 s. ``ready``: the copies
+    a :class:`Prefetcher` started for this module (its host tensors must not have changed since).
     """
     p = next(module.parameters())
     home_device, home_dtype = p.device, p.dtype
-    same_dtype = dtype is None or dtype == home_dtype
-    if not (same_dtype and home_device.type == "cpu" and torch.device(device).type != "cpu"):
+    if not _host_to_device_only(module, device, dtype):
         module.to(device=device, dtype=dtype or home_dtype)
         try:
             yield module
@@ -156,8 +216,9 @@ def on_device(module: nn.Module, device: torch.device | str, dtype: torch.dtype 
             module.to(device=home_device, dtype=home_dtype)
         return
     homes = [(t, t.data) for t in itertools.chain(module.parameters(), module.buffers())]
-    for t, host in homes:
-        t.data = host.to(device)
+    copies = ready.take() if ready is not None else [host.to(device) for _t, host in homes]
+    for (t, _host), copy in zip(homes, copies, strict=True):
+        t.data = copy
     try:
         yield module
     finally:
