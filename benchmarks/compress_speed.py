@@ -153,9 +153,10 @@ class Timers:
         self.patches.clear()
 
 
-def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, stepwise: bool = False):
+def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, stepwise: bool = False, trace_dir: Path | None = None):
     """compress_model over every layer of ``model``; returns per-layer times, peaks and breakdowns.
-    ``stepwise``: every step's forward starts from the layer's input (the path before issue 17)."""
+    ``stepwise``: every step's forward starts from the layer's input (the path before issue 17).
+    ``trace_dir``: torch.profiler runs over the last layer only; its tables are written there."""
     from misq.algorithms import sparsegpt
     from misq.config import CompressConfig
     from misq.models import execution, step_activations
@@ -179,13 +180,24 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, step
         reset_peak()
         return out
 
+    n_layers = len(model.model.layers)
+    prof = None
+    if trace_dir is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else []))
+
     def on_layer_done(i, _layer_state, _out):
+        if prof is not None and i == n_layers - 1:
+            prof.stop()
         t = now()
         layer_s.append(t - marks["last"])
         marks["last"] = t
         layer_peak.append(peak_gib())
         reset_peak()
         timers.layer = i + 1
+        if prof is not None and i == n_layers - 2:
+            prof.start()  # after the timers' bookkeeping: the traced span is the last layer
 
     # Coarse timers: each sits where the driver synchronises anyway (solve checks its result,
     # the Hessian hook checks its input), so they barely perturb the run.
@@ -201,7 +213,7 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, step
     if fine:  # these add synchronisations inside the loops
         timers.wrap(sparsegpt.HessianAccumulator, "add", "hessian GEMM")
         timers.wrap(sparsegpt, "damped_inverse_cholesky", "solve: inverse Cholesky")
-        timers.wrap(sparsegpt, "segment_rel_errors", "solve: rel. error")
+        timers.wrap(sparsegpt, "solver_rel_errors", "solve: rel. error")
         timers.wrap(sparsegpt, "unstructured_keep", "solve: masks")
     if fine:
         timers.wrap_cm(execution, "on_device", "layer to GPU", "layer back to CPU")
@@ -229,8 +241,10 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, step
     try:
         marks["start"] = now()
         out = driver.compress_model(model, calib, cfg, device, on_layer_done=on_layer_done, block_fn=block_fn,
-                                    solver=sparsegpt.SolverOptions(hinv_method=args.hinv))
+                                    solver=sparsegpt.SolverOptions(hinv_method=args.hinv, fast_updates=not args.no_fast_updates))
         total = now() - marks["start"]
+        if prof is not None:
+            write_trace(prof, trace_dir)
     finally:
         step_activations._REUSE = reuse
         execution.capture_layer0_inputs = capture
@@ -266,6 +280,15 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, step
         "breakdown": breakdown,
         "records": records,
     }
+
+
+def write_trace(prof, out_dir: Path) -> None:
+    """The traced layer's top kernels (by device time) and host ops (by CPU time) as text tables."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    avg = prof.key_averages()
+    if cuda():
+        (out_dir / "trace_cuda.txt").write_text(avg.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
+    (out_dir / "trace_cpu.txt").write_text(avg.table(sort_by="cpu_time_total", row_limit=45, max_name_column_width=70))
 
 
 # --------------------------------------------------------------------------- micro-benchmarks
@@ -502,13 +525,18 @@ def main() -> int:
                     help="layers of an instrumented run whose steps each start from the layer's input (0: skip); the last is reported")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward on the fused path (the driver's default)")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="calibration windows per forward on the fused path (1: misq's default, the issue's target)")
+    ap.add_argument("--trace", action="store_true",
+                    help="torch.profiler over the fused run's last layer: the top kernels and ops go to trace_*.txt in --out")
     ap.add_argument("--hidden", type=int, default=5120)
     ap.add_argument("--ffn", type=int, default=13824)
     ap.add_argument("--heads", type=int, default=40)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--hinv", choices=("inverse", "reverse"), default=None,
                     help="SolverOptions.hinv_method of the compress runs (default: the solver's)")
+    ap.add_argument("--no-fast-updates", action="store_true",
+                    help="SolverOptions.fast_updates=False: the lazy block updates as plain fp32 GEMMs, not 3xTF32")
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--sweep-configs", default="4,4;8,4;8,2;16,4;4,2", help="rows,warps;... for the block-sweep micro-benchmark")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test, CPU too)")
@@ -549,7 +577,8 @@ def main() -> int:
 
     def fused_run():
         model = build_model(args, args.layers, seed=0)
-        r = run_compress(args, model, calib, straight=False, fine=False, driver=compress)
+        r = run_compress(args, model, calib, straight=False, fine=False, driver=compress,
+                         trace_dir=out_dir if args.trace else None)
         del model
         return r
 
@@ -588,6 +617,8 @@ def main() -> int:
     summary = {}
     if "layer_s" in f:
         steady = f["layer_s"][1:] or f["layer_s"]
+        if args.trace and len(steady) > 1:  # the traced (last) layer runs under the profiler
+            steady = steady[:-1]
         summary["fused_s_per_layer"] = mean(steady)
         summary["fused_first_layer_s"] = f["layer_s"][0]
         summary["fused_peak_gib"] = max(f["layer_peak_gib"] + [f.get("capture_peak_gib") or 0])

@@ -168,3 +168,27 @@ def test_import_probes_nothing():
             "assert s.mm_out_dtype_supported.cache_info().currsize == 0; "
             "assert s.addmm_out_dtype_supported.cache_info().currsize == 0")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("case", ["50%", "dead columns", "act-order", "2:4", "prune only", "scale groups"])
+def test_reported_error_is_the_output_error(case):
+    """The solver reads the numerators off its own scaled errors (‖E‖² − λ‖ΔW‖², no [R, C] x [C, C]
+    product): they must be tr(ΔW H ΔWᵀ) of the undamped H, as a direct fp64 product gives."""
+    W, H = _layer(rows=40, cols=96)
+    if case == "dead columns":
+        H[[3, 50], :] = 0
+        H[:, [3, 50]] = 0
+    C = W.shape[1]
+    kw = {"sparsity": 0.5, "blocksize": 32, "row_segments": [16, 24], "percdamp": 0.05}
+    qparams = column_params([find_grid(W, torch.zeros(C, dtype=torch.long), torch.tensor([3]))])
+    if case == "act-order":
+        kw["order"] = torch.argsort(torch.diag(H), descending=True)
+    if case == "2:4":
+        kw.update(sparsity=0.0, prunen=2, prunem=4)
+    if case == "prune only":
+        qparams = None
+    if case == "scale groups":
+        qparams, kw["grid_groups"] = None, [(0, 48, 3), (48, 96, 4)]
+    res = solve(W.clone(), H.clone(), qparams, **kw)
+    for sl, got in zip((slice(0, 16), slice(16, 40)), res.rel_error):
+        assert got == pytest.approx(relative_output_error(W[sl].double(), res.weight[sl].double(), H.double()), rel=1e-5)

@@ -1,54 +1,16 @@
 """How far a compressed layer's output moved: ‖(W − Ŵ)X‖² / ‖WX‖² from the Hessian H ∝ X Xᵀ.
 
-The solver reports this per stacked layer (row segment). tr(ΔW H ΔWᵀ) is one [R, C] x [C, C]
-GEMM per segment, a visible share of a 13B solve in fp32, so on CUDA it can use fp32-accurate
-products built from TF32 tensor-core GEMMs (``fast``).
+The solver reports this per stacked layer (row segment), its numerators read off the sweep's
+own errors (:func:`solver_rel_errors`); :func:`segment_rel_errors` computes both traces
+directly, one [R, C] x [C, C] product each, with fp32-accurate 3xTF32 GEMMs on CUDA (``fast``).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor
 
-# With SolverOptions.fast_rel_error, on CUDA the reported errors use fp32-accurate products
-# built from TF32 tensor-core GEMMs (A·B ≈ A_hi·B_hi + A_hi·B_lo + A_lo·B_hi, A_hi = A's top 10
-# mantissa bits): about 1e-6 relative, like fp32, at several times fp32's speed.
-
-
-def _tf32_hi(x: Tensor) -> Tensor:
-    """x with its 13 low mantissa bits cleared: exactly representable in TF32."""
-    return (x.contiguous().view(torch.int32) & -8192).view(torch.float32)
-
-
-@contextmanager
-def _tf32_matmul():
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):  # torch >= 2.9; never mix with the legacy flag
-        prev = m.fp32_precision
-        m.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            m.fp32_precision = prev
-    else:  # pragma: no cover - older torch
-        prev = m.allow_tf32
-        m.allow_tf32 = True
-        try:
-            yield
-        finally:
-            m.allow_tf32 = prev
-
-
-def _quadratic_form_3xtf32(X: Tensor, H_hi: Tensor, H_lo: Tensor) -> Tensor:
-    """tr(X H Xᵀ) for X [r, C] with H = H_hi + H_lo, as a 0-dim fp32 tensor."""
-    X_hi = _tf32_hi(X)
-    X_lo = X - X_hi
-    with _tf32_matmul():
-        Y = X_hi @ H_hi
-        Y.addmm_(X_hi, H_lo).addmm_(X_lo, H_hi)
-    return torch.sum(Y * X)
+from misq.algorithms.tf32 import quadratic_form_3xtf32, tf32_hi, tf32_matmul
 
 
 def segment_rel_errors(W0: Tensor, W: Tensor, H: Tensor, slices: list[slice], *,
@@ -60,10 +22,42 @@ def segment_rel_errors(W0: Tensor, W: Tensor, H: Tensor, slices: list[slice], *,
     if not (fast and W.is_cuda):
         sums = [_error_sums(W0[sl].float(), W[sl], H) for sl in slices]
     else:
-        H_hi = _tf32_hi(H)
+        H_hi = tf32_hi(H)
         H_lo = H.sub_(H_hi)
-        sums = [(_quadratic_form_3xtf32(W0[sl].float() - W[sl], H_hi, H_lo), _quadratic_form_3xtf32(W0[sl].float(), H_hi, H_lo))
+        sums = [(quadratic_form_3xtf32(W0[sl].float() - W[sl], H_hi, H_lo), quadratic_form_3xtf32(W0[sl].float(), H_hi, H_lo))
                 for sl in slices]
+    if terms is not None:
+        terms.extend((float(num), float(den)) for num, den in sums)
+    return [_ratio(num, den) for num, den in sums]
+
+
+def solver_rel_errors(W0: Tensor, W: Tensor, H: Tensor, err_sq: Tensor, damp: Tensor | float, live: Tensor,
+                      slices: list[slice], *, fast: bool = True,
+                      terms: list[tuple[float, float]] | None = None) -> list[float]:
+    """:func:`segment_rel_errors` with the numerators read off the solver's own errors.
+
+    The GPTQ/SparseGPT sweep leaves W0ₛ = Ŵ + E·U, with E [R, C] its scaled errors and U the
+    upper Cholesky factor of Hₛ⁻¹, Hₛ = H + λI + D (D: 1 on the dead columns, which the solver
+    zeroes in W0ₛ). Since U Hₛ Uᵀ = I, tr(ΔWₛ Hₛ ΔWₛᵀ) = ‖E‖² exactly, so the undamped
+    numerator is ‖E‖² − λ‖ΔW‖² over the live columns (dead ones add nothing through H): no
+    [R, C] x [C, C] product, a third of a 13B layer's error cost. The denominators tr(W0 H W0ᵀ)
+    remain one product per segment; with ``fast`` on CUDA a single TF32 GEMM (a normaliser:
+    about 1e-4 relative, where the numerators are fp32-exact).
+
+    W0 [R, C] (any float dtype), W [R, C] the solved fp32 weights, H [C, C] undamped (read
+    only), err_sq [R] Σ_j E[r, j]², damp λ (absolute), live [C] bool (diag(H) ≠ 0).
+    """
+    sums = []
+    for sl in slices:
+        w0 = W0[sl].float()
+        moved = torch.sub(w0[:, live], W[sl][:, live]).square_().sum()
+        num = torch.clamp_min(err_sq[sl].sum() - damp * moved, 0.0)
+        if fast and w0.is_cuda:
+            with tf32_matmul():
+                den = torch.sum((w0 @ H) * w0)
+        else:
+            den = torch.sum((w0 @ H) * w0)
+        sums.append((num, den))
     if terms is not None:
         terms.extend((float(num), float(den)) for num, den in sums)
     return [_ratio(num, den) for num, den in sums]

@@ -27,9 +27,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from misq.algorithms.output_error import segment_rel_errors
+from misq.algorithms.output_error import solver_rel_errors
 from misq.algorithms.pruning_mask import KeepFn, unstructured_keep
 from misq.algorithms.quantizer import FP_BITS, QuantGrid, StackedGrid, find_grid, quantize
+from misq.algorithms.tf32 import sub_product_3xtf32_
 from misq.errors import NumericalError
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,18 @@ class SolverOptions:
     hinv_method:    U = chol(H⁻¹) by "reverse" (H = V Vᵀ, V upper, the Cholesky factor of H in
                     reversed order, so U = V⁻¹) or "inverse" (chol, cholesky_inverse, chol: the
                     reference's sequence, ~2.5× slower).
-    fast_rel_error: on CUDA, reported errors from 3×TF32 tensor-core products (fp32-accurate,
-                    several times faster); False: plain fp32 GEMMs.
+    fast_rel_error: on CUDA, the reported errors' denominators tr(W H Wᵀ) are one TF32 GEMM
+                    (about 1e-4 relative; the numerators come from the sweep's own errors,
+                    :func:`misq.algorithms.output_error.solver_rel_errors`); False: fp32.
+    fast_updates:   on CUDA, the lazy block updates W[:, i2:] -= Err·U[block, i2:] are 3xTF32
+                    GEMMs (:mod:`misq.algorithms.tf32`, ~1e-6 relative, 2-3x fp32's speed).
     fused:          for the driver: take the Triton block sweep where it runs
                     (:func:`misq.algorithms.fused.get_block_fn`); ``solve`` takes ``block_fn``.
     """
 
     hinv_method: Literal["reverse", "inverse"] = "reverse"
     fast_rel_error: bool = True
+    fast_updates: bool = True
     fused: bool = True
 
 
@@ -313,6 +318,7 @@ def solve(
         raise NumericalError("the weight holds NaN/Inf before compression")
     H[dead_solve, dead_solve] = 1
     W[:, dead_solve] = 0
+    mean_diag = torch.diag(H).mean()  # λ = damp · this: the reported error takes the damping back out
     Hinv, damp = damped_inverse_cholesky(H, percdamp, method=options.hinv_method)
     del H
 
@@ -323,7 +329,9 @@ def solve(
     group_scale: list[Tensor] = []
     group_zero: list[Tensor] = []
     keep = torch.ones_like(W, dtype=torch.bool)
+    err_sq = torch.zeros(R, device=W.device)  # Σ over columns of the scaled errors², per row: the output error
     run_block = block_fn or block_loop
+    fast_updates = options.fast_updates and W.is_cuda
     # The grid of the scale group being solved, as per-row columns [R, 1] (no quantization: 1, 0, inf).
     cur_s, cur_z = torch.ones(R, 1, device=W.device), torch.zeros(R, 1, device=W.device)
     cur_q = torch.full((R, 1), float("inf"), device=W.device)
@@ -350,7 +358,11 @@ def solve(
         Q1, Err1 = run_block(W1, Hinv1, keep1, *block_grid, prunen, prunem)
         W[:, i1:i2] = Q1
         keep[:, i1:i2] = keep1
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+        err_sq += Err1.square().sum(dim=1)
+        if fast_updates:
+            sub_product_3xtf32_(W[:, i2:], Err1, Hinv[i1:i2, i2:])
+        else:
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     del Hinv, cur_s, cur_z, cur_q
     if order is not None:
@@ -363,7 +375,7 @@ def solve(
         slices.append(slice(start, start + rows))
         start += rows
     terms: list[tuple[float, float]] = []
-    rel = segment_rel_errors(W0, W, H_orig, slices, fast=options.fast_rel_error, terms=terms)
+    rel = solver_rel_errors(W0, W, H_orig, err_sq, damp * mean_diag, ~dead, slices, fast=options.fast_rel_error, terms=terms)
     spars = [1.0 - keep[sl].float().mean().item() for sl in slices]
     result = SolveResult(weight=W, keep=keep, rel_error=rel, damp=damp, seconds=time.perf_counter() - t0, sparsity=spars,
                          error_terms=terms)
