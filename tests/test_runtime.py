@@ -88,6 +88,24 @@ def test_unknown_runtime_is_refused(packed_tiny):
         misq.load(str(packed_tiny), runtime="fast")
 
 
+def test_eval_with_the_packed_runtime(packed_tiny, tiny_checkpoint, tmp_path):
+    """`misq eval PACKED --runtime packed` computes from the codes (on the CPU: one layer
+    dequantized at a time) and gives the dense runtime's perplexity; a plain checkpoint is refused."""
+    from misq.config import EvalConfig
+
+    from misq.demo.toy import synthetic_corpus
+
+    text = tmp_path / "eval.txt"  # a few windows: the CPU fallback dequantizes every layer per batch
+    text.write_text(synthetic_corpus(120, seed=4))
+    data = DataConfig(seqlen=64, cache_dir=str(tmp_path / "c"))
+    evals = EvalConfig(datasets=[str(text)], prompts="none")
+    ppl = {runtime: jobs.run_eval(ModelConfig(str(packed_tiny), device="cpu", runtime=runtime), data, evals, None)["ppl"]
+           for runtime in ("dense", "packed")}
+    assert ppl["packed"] == pytest.approx(ppl["dense"], rel=1e-4) and len(ppl["packed"]) == 1
+    with pytest.raises(MisqError, match="plain checkpoint"):
+        jobs.run_eval(ModelConfig(str(tiny_checkpoint), device="cpu", runtime="packed"), data, evals, None)
+
+
 def test_generate_streams_and_shows_the_baseline(packed_tiny, tiny_checkpoint, capsys):
     from misq.cli import main
 

@@ -48,6 +48,7 @@ from misq.errors import MisqError
 DATASETS = ("wikitext2", "ptb", "c4")
 STREAM_MODES = ("auto", "on", "off")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+RUNTIMES = ("packed", "dense")  # how a packed checkpoint's linears run (misq.runtime)
 
 
 @dataclass
@@ -74,6 +75,10 @@ class ModelConfig:
     device_map: str | None = option(
         None, "spread the model over all visible GPUs with transformers' device_map (needs accelerate)",
         choices=DEVICE_MAPS, commands=("eval",))
+    # misq generate has its own --runtime (GenerateConfig), packed by default: decoding is what it is for.
+    runtime: str = option("dense", "a packed checkpoint's linears: dense (decoded to full weights at load) or packed "
+                          "(computed from the codes: weights in about the honest size)", choices=RUNTIMES,
+                          commands=("eval",))
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
@@ -82,6 +87,8 @@ class ModelConfig:
             raise MisqError(f"stream mode {self.stream!r} is unknown: use one of {', '.join(STREAM_MODES)}")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
             raise MisqError(f"--device-map {self.device_map!r} is unknown: use one of {', '.join(DEVICE_MAPS)}")
+        if self.runtime not in RUNTIMES:
+            raise MisqError(f"--runtime {self.runtime!r} is unknown: use packed or dense")
         if self.stream == "on" and self.layerwise is False:
             raise MisqError("--stream runs one decoder layer at a time: drop --layerwise 0 or --stream")
         if self.stream == "on" and self.device_map is not None:
@@ -176,7 +183,6 @@ def resolved(*configs: Any) -> dict[str, Any]:
     return out
 
 
-RUNTIMES = ("packed", "dense")
 
 
 @dataclass

@@ -437,9 +437,11 @@ def check_layer_tensors(weights: CheckpointTensors, module: nn.Linear, name: str
         weights.check(f"{name}.{suffix}", shape, dt)
 
 
-def load_packed_with_tokenizer(path: str | os.PathLike, **kwargs: Any) -> tuple[nn.Module, Any]:
-    """(model, tokenizer); the tokenizer is None when the folder holds no tokenizer files."""
-    model = load_packed(path, **kwargs)
+def load_packed_with_tokenizer(path: str | os.PathLike, *, loader: Any = None, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """(model, tokenizer); the tokenizer is None when the folder holds no tokenizer files.
+    ``loader(path, **kwargs)`` builds the model (default :func:`load_packed`, dense weights;
+    ``misq.runtime.load_packed_runtime`` keeps the codes)."""
+    model = (loader or load_packed)(path, **kwargs)
     path = Path(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         log.warning("%s holds no tokenizer files: returning no tokenizer", path)

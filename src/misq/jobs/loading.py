@@ -58,8 +58,14 @@ def load(model_cfg: ModelConfig, data_cfg: DataConfig) -> LoadedModel:
             raise MisqError("--device-map loads plain Hugging Face checkpoints; a packed checkpoint is small: "
                             "evaluate it on one GPU (--layerwise 1 if it does not fit)")
         loading.read_model_config(model_cfg)  # a damaged config or missing layers: one line, before loading
-        model, tokenizer = load_packed_with_tokenizer(model_cfg.model, dtype=model_cfg.dtype)  # None: as saved
+        loader = None
+        if model_cfg.runtime == "packed":
+            from misq.runtime.load import load_packed_runtime as loader
+        model, tokenizer = load_packed_with_tokenizer(model_cfg.model, dtype=model_cfg.dtype, loader=loader)  # None: as saved
     else:
+        if model_cfg.runtime == "packed":
+            raise MisqError(f"--runtime packed computes from a misq packed checkpoint's codes; {model_cfg.model} is a plain "
+                            "checkpoint: drop --runtime, or compress it with `misq compress ... --save DIR` first")
         model, tokenizer = loading.load_model(model_cfg)
     seqlen = data_cfg.seqlen or layout.default_seqlen(model)
     layout.check_seqlen(model, seqlen)
