@@ -241,7 +241,7 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, step
     try:
         marks["start"] = now()
         out = driver.compress_model(model, calib, cfg, device, on_layer_done=on_layer_done, block_fn=block_fn,
-                                    solver=sparsegpt.SolverOptions(hinv_method=args.hinv, fast_updates=not args.no_fast_updates))
+                                    solver=sparsegpt.SolverOptions(hinv_method=args.hinv))
         total = now() - marks["start"]
         if prof is not None:
             write_trace(prof, trace_dir)
@@ -535,8 +535,6 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--hinv", choices=("inverse", "reverse"), default=None,
                     help="SolverOptions.hinv_method of the compress runs (default: the solver's)")
-    ap.add_argument("--no-fast-updates", action="store_true",
-                    help="SolverOptions.fast_updates=False: the lazy block updates as plain fp32 GEMMs, not 3xTF32")
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--sweep-configs", default="4,4;8,4;8,2;16,4;4,2", help="rows,warps;... for the block-sweep micro-benchmark")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test, CPU too)")

@@ -92,7 +92,6 @@ def test_eval_with_the_packed_runtime(packed_tiny, tiny_checkpoint, tmp_path):
     """`misq eval PACKED --runtime packed` computes from the codes (on the CPU: one layer
     dequantized at a time) and gives the dense runtime's perplexity; a plain checkpoint is refused."""
     from misq.config import EvalConfig
-
     from misq.demo.toy import synthetic_corpus
 
     text = tmp_path / "eval.txt"  # a few windows: the CPU fallback dequantizes every layer per batch

@@ -30,7 +30,6 @@ from torch import Tensor
 from misq.algorithms.output_error import solver_rel_errors
 from misq.algorithms.pruning_mask import KeepFn, unstructured_keep
 from misq.algorithms.quantizer import FP_BITS, QuantGrid, StackedGrid, find_grid, quantize
-from misq.algorithms.tf32 import sub_product_3xtf32_
 from misq.errors import NumericalError
 
 log = logging.getLogger(__name__)
@@ -46,15 +45,12 @@ class SolverOptions:
     fast_rel_error: on CUDA, the reported errors' denominators tr(W H Wᵀ) are one TF32 GEMM
                     (about 1e-4 relative; the numerators come from the sweep's own errors,
                     :func:`misq.algorithms.output_error.solver_rel_errors`); False: fp32.
-    fast_updates:   on CUDA, the lazy block updates W[:, i2:] -= Err·U[block, i2:] are 3xTF32
-                    GEMMs (:mod:`misq.algorithms.tf32`, ~1e-6 relative, 2-3x fp32's speed).
     fused:          for the driver: take the Triton block sweep where it runs
                     (:func:`misq.algorithms.fused.get_block_fn`); ``solve`` takes ``block_fn``.
     """
 
     hinv_method: Literal["reverse", "inverse"] = "reverse"
     fast_rel_error: bool = True
-    fast_updates: bool = True
     fused: bool = True
 
 
@@ -331,7 +327,6 @@ def solve(
     keep = torch.ones_like(W, dtype=torch.bool)
     err_sq = torch.zeros(R, device=W.device)  # Σ over columns of the scaled errors², per row: the output error
     run_block = block_fn or block_loop
-    fast_updates = options.fast_updates and W.is_cuda
     # The grid of the scale group being solved, as per-row columns [R, 1] (no quantization: 1, 0, inf).
     cur_s, cur_z = torch.ones(R, 1, device=W.device), torch.zeros(R, 1, device=W.device)
     cur_q = torch.full((R, 1), float("inf"), device=W.device)
@@ -359,10 +354,7 @@ def solve(
         W[:, i1:i2] = Q1
         keep[:, i1:i2] = keep1
         err_sq += Err1.square().sum(dim=1)
-        if fast_updates:
-            sub_product_3xtf32_(W[:, i2:], Err1, Hinv[i1:i2, i2:])
-        else:
-            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     del Hinv, cur_s, cur_z, cur_q
     if order is not None:
