@@ -118,6 +118,21 @@ def test_each_linear_runs_about_once_per_window(reuse, monkeypatch):
         assert counts["self_attn.q_proj"] == 4 * 3 and counts["mlp.gate_proj"] == 2 * 3
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])
+def test_a_norm_that_only_feeds_a_stub_is_skipped(model_type, monkeypatch):
+    """Three calls per pass (5 windows in batches of 2) and five passes per layer: the attention's
+    norm runs in the q/k/v and o passes only, the MLP's in the gate/up and down passes only (the
+    output pass serves both modules from their caches); the stepwise path runs them every time."""
+    model = copy.deepcopy(_family(model_type))
+    layer = model.model.layers[0]
+    counts: collections.Counter = collections.Counter()
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        getattr(layer, name).register_forward_hook(lambda *_a, name=name: counts.update([name]))
+    driver.compress_model(model, CALIB, CompressConfig(grouping="uniform", wbits=4, nsamples=5, batch_size=2, groupsize=0,
+                                                       act_order=False, mse=False), "cpu")
+    assert counts == {"input_layernorm": 2 * 3, "post_attention_layernorm": 2 * 3}
+
+
 def test_an_attention_that_changes_o_projs_output_is_run_in_full(monkeypatch, caplog):
     """A layer that breaks the stubs' assumption is detected on the first batch and run in full
     (a stub serving o_proj's output would lose the halving, and the results would differ)."""
