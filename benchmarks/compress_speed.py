@@ -535,8 +535,6 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--hinv", choices=("inverse", "reverse"), default=None,
                     help="SolverOptions.hinv_method of the compress runs (default: the solver's)")
-    ap.add_argument("--no-hessian-tiles", action="store_true",
-                    help="accumulate whole Hessians (the GEMM before misq.algorithms.hessian_tiles), for a side-by-side")
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--sweep-configs", default="4,4;8,4;8,2;16,4;4,2", help="rows,warps;... for the block-sweep micro-benchmark")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test, CPU too)")
@@ -547,10 +545,7 @@ def main() -> int:
     args.sweep_configs = [c.strip() for c in args.sweep_configs.split(";") if c.strip()]
 
     compress = import_misq()
-    from misq.algorithms import hessian_tiles, sparsegpt
-
-    if args.no_hessian_tiles:
-        hessian_tiles.MIN_COLUMNS = 1 << 62
+    from misq.algorithms import sparsegpt
 
     args.hinv = args.hinv or sparsegpt.DEFAULT_OPTIONS.hinv_method
     result: dict = {"args": {k: v for k, v in vars(args).items()}, "env": env_info(), "notes": NOTES}

@@ -27,7 +27,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from misq.algorithms import hessian_tiles
 from misq.algorithms.output_error import solver_rel_errors
 from misq.algorithms.pruning_mask import KeepFn, unstructured_keep
 from misq.algorithms.quantizer import FP_BITS, QuantGrid, StackedGrid, find_grid, quantize
@@ -68,7 +67,6 @@ class HessianAccumulator:
     def __init__(self, columns: int, device: torch.device | str, dtype: torch.dtype = torch.float32):
         self.H = torch.zeros(columns, columns, device=device, dtype=dtype)
         self.nsamples = 0
-        self.tiles: list[int] | None = None  # set at the first fp16 CUDA batch of a wide layer: upper tiles only
 
     @torch.no_grad()
     def add(self, x: Tensor) -> None:
@@ -80,11 +78,7 @@ class HessianAccumulator:
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.H.dtype == torch.float32 and mm_out_dtype_supported():
             # Tensor-core product with fp32 accumulation *and* fp32 output: the products of
             # fp16 inputs are exact in fp32, so this matches upcasting first, several times faster.
-            if self.tiles is None and x.shape[-1] >= hessian_tiles.MIN_COLUMNS and hessian_tiles.view_out_supported():
-                self.tiles = hessian_tiles.tile_edges(x.shape[-1])
-            if self.tiles is not None:  # the symmetric half: (k + 1)/2k of the GEMM (hessian_tiles)
-                hessian_tiles.add_upper(self.H, x, beta, scale * scale, self.tiles)
-            elif addmm_out_dtype_supported():
+            if addmm_out_dtype_supported():
                 # One GEMM, H = beta·H + alpha·xᵀx in its epilogue: no [C, C] temporary, no extra passes.
                 torch.addmm(self.H, x.t(), x, out_dtype=torch.float32, beta=beta, alpha=scale * scale, out=self.H)
             else:
@@ -97,7 +91,7 @@ class HessianAccumulator:
 
     def free(self) -> Tensor:
         H, self.H = self.H, None
-        return H if self.tiles is None else hessian_tiles.mirror_upper(H, self.tiles)
+        return H
 
 
 # The probes run at first use, not at import: importing must not touch (or initialize) CUDA,
