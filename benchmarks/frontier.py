@@ -73,6 +73,8 @@ RECIPES = {
     # turns MSE off by default (min-max was better at 50% + 3-bit on the CPU); so the sparse rows
     # come in min-max form, the reference's own, and mixed widths at the 50% + 3-bit sizes.
     "sparse50 3b": {**_PLAIN, "grouping": "uniform", "wbits": 3, "sparsity": 0.5},
+    # Session 6: per-row scales refit after the solve (the default now); this is the grids as found before it.
+    "sparse50 3b no refit": {**_PLAIN, "grouping": "uniform", "wbits": 3, "sparsity": 0.5, "refit_scales": False},
     "sparse50 4b": {**_PLAIN, "grouping": "uniform", "wbits": 4, "sparsity": 0.5},
     "sparse50 mixed 2.56": {**_MIXED, "sparsity": 0.5, "target_size": 2.56},
     "sparse50 mixed 2.75": {**_MIXED, "sparsity": 0.5, "target_size": 2.75},

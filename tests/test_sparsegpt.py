@@ -119,13 +119,39 @@ def test_mse_grid_counts_only_the_kept_weights():
 def test_stacked_solve_equals_separate_solves():
     Wa, H = _layer(rows=32, seed=1)
     Wb = torch.randn(16, Wa.shape[1])
-    ga, gb = uniform_grid(Wa, 4), find_grid(Wb, torch.arange(Wa.shape[1]) % 2, torch.tensor([3, 4]))
+    def grids():  # fresh each time: a solve refits one-group grids' scales in place
+        return uniform_grid(Wa, 4), find_grid(Wb, torch.arange(Wa.shape[1]) % 2, torch.tensor([3, 4]))
+
+    ga, gb = grids()
     stacked = solve(torch.cat([Wa, Wb]), H.clone(), column_params([ga, gb]), sparsity=0.5, row_segments=[32, 16], blocksize=32)
+    ga, gb = grids()
     a = solve(Wa, H.clone(), column_params([ga]), sparsity=0.5, blocksize=32)
     b = solve(Wb, H.clone(), column_params([gb]), sparsity=0.5, blocksize=32)
     torch.testing.assert_close(stacked.weight, torch.cat([a.weight, b.weight]), rtol=0, atol=1e-5)
     assert torch.equal(stacked.keep, torch.cat([a.keep, b.keep]))
     assert stacked.rel_error == pytest.approx([a.rel_error[0], b.rel_error[0]], rel=1e-4)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_refit_lowers_error_and_updates_the_grid(sparsity):
+    """One-group grids get least-squares scales for the sweep's codes: lower error, same codes
+    and zeros, and the caller's grid (updated in place) reproduces the returned weights."""
+    W, H = _layer(seed=3)
+    g0 = uniform_grid(W, 3)
+    plain = solve(W, H.clone(), column_params([g0]), sparsity=sparsity, blocksize=32, refit=False)
+    assert torch.equal(g0.scale, uniform_grid(W, 3).scale)  # refit=False leaves the grid alone
+    g1 = uniform_grid(W, 3)
+    fit = solve(W, H.clone(), column_params([g1]), sparsity=sparsity, blocksize=32)
+    assert fit.rel_error[0] < plain.rel_error[0]
+    assert not torch.equal(g1.scale, g0.scale) and torch.equal(g1.zero, g0.zero)
+    assert torch.equal(g1.scale, g1.scale.half().float())  # storable in fp16
+    torch.testing.assert_close(quantize_with_grid(fit.weight, g1) * fit.keep, fit.weight, rtol=0, atol=1e-6)
+    assert torch.equal(to_codes(fit.weight, g1), to_codes(plain.weight, g0))  # same codes, new scales
+    # Grids of several groups are left as they are.
+    gm = find_grid(W, torch.arange(W.shape[1]) % 2, torch.tensor([3, 4]))
+    before = gm.scale.clone()
+    solve(W, H.clone(), column_params([gm]), sparsity=sparsity, blocksize=32)
+    assert torch.equal(gm.scale, before)
 
 
 def test_dead_channels_zeroed_and_damping_retried(caplog):

@@ -92,16 +92,18 @@ def test_per_segment_sparsity_equals_separate_solves():
     acc.add(X.unsqueeze(0))
     H = acc.free()
     Wa, Wb = torch.randn(32, cols, generator=g), torch.randn(16, cols, generator=g)
-    ga, gb = uniform_grid(Wa, 4), find_grid(Wb, torch.arange(cols) % 2, torch.tensor([3, 4]))
-    stacked = solve(torch.cat([Wa, Wb]), H.clone(), column_params([ga, gb]), sparsity=[0.4, 0.6], row_segments=[32, 16], blocksize=32)
-    a = solve(Wa, H.clone(), column_params([ga]), sparsity=0.4, blocksize=32)
-    b = solve(Wb, H.clone(), column_params([gb]), sparsity=0.6, blocksize=32)
+    def grids():  # fresh for every solve: a solve refits one-group grids' scales in place
+        return column_params([uniform_grid(Wa, 4), find_grid(Wb, torch.arange(cols) % 2, torch.tensor([3, 4]))])
+
+    stacked = solve(torch.cat([Wa, Wb]), H.clone(), grids(), sparsity=[0.4, 0.6], row_segments=[32, 16], blocksize=32)
+    a = solve(Wa, H.clone(), column_params([uniform_grid(Wa, 4)]), sparsity=0.4, blocksize=32)
+    b = solve(Wb, H.clone(), column_params([find_grid(Wb, torch.arange(cols) % 2, torch.tensor([3, 4]))]), sparsity=0.6, blocksize=32)
     torch.testing.assert_close(stacked.weight, torch.cat([a.weight, b.weight]), rtol=0, atol=1e-5)
     assert torch.equal(stacked.keep, torch.cat([a.keep, b.keep]))
     assert stacked.sparsity == pytest.approx([0.4, 0.6], abs=0.02)
     # equal values per segment are the scalar path, bit for bit
-    same = solve(torch.cat([Wa, Wb]), H.clone(), column_params([ga, gb]), sparsity=[0.5, 0.5], row_segments=[32, 16], blocksize=32)
-    one = solve(torch.cat([Wa, Wb]), H.clone(), column_params([ga, gb]), sparsity=0.5, row_segments=[32, 16], blocksize=32)
+    same = solve(torch.cat([Wa, Wb]), H.clone(), grids(), sparsity=[0.5, 0.5], row_segments=[32, 16], blocksize=32)
+    one = solve(torch.cat([Wa, Wb]), H.clone(), grids(), sparsity=0.5, row_segments=[32, 16], blocksize=32)
     assert torch.equal(same.weight, one.weight)
 
 

@@ -100,6 +100,12 @@ class CompressConfig:
                                                     "(default without pruning)"),
                                       "no-mse": (False, "plain min-max grids, as the GPTQ/SparseGPT reference code "
                                                         "(default with --sparsity or N:M)")})
+    # Least-squares scales for the codes the sweep chose (misq.algorithms.scale_refit), rows with one grid per row.
+    refit_scales: bool = option(True, "refit each per-row grid's scale to the codes the solver chose (least squares)",
+                                switch={"refit-scales": (True, "refit each per-row grid's scale to the codes the solver "
+                                                               "chose, where that lowers the row's output error (default)"),
+                                        "no-refit-scales": (False, "keep the grids found before the solve, as the "
+                                                                   "GPTQ/SparseGPT reference code does")})
     mi_estimator: str = option("gaussian", "mutual-information estimator of --grouping mi", choices=MI_ESTIMATORS)
     offload_activations: bool = option(False, "keep calibration activations on the CPU")
     # 1 is the reference's own scheme: same rounding, so parity with the public SparseGPT/GPTQ

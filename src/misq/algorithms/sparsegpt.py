@@ -30,6 +30,7 @@ from torch import Tensor
 from misq.algorithms.output_error import solver_rel_errors
 from misq.algorithms.pruning_mask import KeepFn, unstructured_keep
 from misq.algorithms.quantizer import FP_BITS, QuantGrid, StackedGrid, find_grid, quantize
+from misq.algorithms.scale_refit import refit_row_scales
 from misq.errors import NumericalError
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ def solve(
     grid_groups: Sequence[tuple[int, int, int]] | None = None,
     grid_mse: bool = False,
     keep_fn: KeepFn | None = None,
+    refit: bool = True,
 ) -> SolveResult:
     """Prune and quantize W [R, C] against H [C, C] (H is consumed: modified in place).
 
@@ -288,6 +290,12 @@ def solve(
     the earlier columns' error updates; pruned weights of the block excluded), as GPTQ does
     with ``groupsize``. Their grids come back in ``group_scale``/``group_zero``; they must cover
     every column, and ``qparams`` must then be None. Blocks are cut at every group start.
+
+    ``refit``: after the sweep, every row whose grid is one scale for the whole row (one group,
+    quantized) gets the scale that minimises its output error for the codes the sweep chose
+    (:mod:`misq.algorithms.scale_refit`). **The new scales are written into ``qparams``' grids,
+    in place**, so the grids the caller holds (and stores) describe the returned weights; pass
+    fresh grids to each solve.
     """
     t0 = time.perf_counter()
     R, C = W.shape
@@ -368,6 +376,10 @@ def solve(
         start += rows
     terms: list[tuple[float, float]] = []
     rel = solver_rel_errors(W0, W, H_orig, err_sq, damp * mean_diag, ~dead, slices, fast=options.fast_rel_error, terms=terms)
+    delta = refit_row_scales(W0, W, keep, H_orig, qparams, fast=options.fast_rel_error) if refit and qparams is not None else None
+    if delta is not None:  # each refit row's error moved by exactly its delta (scale_refit)
+        terms = [(max(num + float(delta[sl].sum()), 0.0), den) for (num, den), sl in zip(terms, slices)]
+        rel = [num / den if den > 0 else 0.0 for num, den in terms]
     spars = [1.0 - keep[sl].float().mean().item() for sl in slices]
     result = SolveResult(weight=W, keep=keep, rel_error=rel, damp=damp, seconds=time.perf_counter() - t0, sparsity=spars,
                          error_terms=terms)
@@ -390,3 +402,4 @@ def _group_grid(Wg: Tensor, keep1: Tensor, bits: int, mse: bool) -> tuple[Tensor
     cols = torch.zeros(Wg.shape[1], dtype=torch.long, device=Wg.device)
     grid = find_grid(Wg, cols, torch.tensor([bits], device=Wg.device), mse=mse)
     return grid.scale[:, 0], grid.zero[:, 0]
+
