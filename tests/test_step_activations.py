@@ -194,3 +194,18 @@ def test_no_copy_ahead_off_cuda():
     layer = torch.nn.Linear(4, 4)
     assert execution.Prefetcher("cpu").start(layer) is None
     assert execution.Prefetcher("cuda", enabled=False).start(layer) is None
+
+
+def test_refit_scales_describe_the_stored_weights():
+    """After the driver's solves, every per-row grid it keeps reproduces the model's weights:
+    the refit (misq.algorithms.scale_refit) wrote its scales into those grids."""
+    from misq.algorithms.quantizer import quantize_with_grid
+
+    model = copy.deepcopy(_family("llama"))
+    cfg = CompressConfig(grouping="uniform", wbits=3, sparsity=0.5, nsamples=5, batch_size=1, blocksize=32, groupsize=0,
+                         act_order=False, mse=False)
+    out = driver.compress_model(model, CALIB, cfg, "cpu")
+    weights = dict(model.named_parameters())
+    for name, grid in out.grids.items():
+        W = weights[name + ".weight"].detach()
+        torch.testing.assert_close(quantize_with_grid(W, grid) * (W != 0), W, rtol=0, atol=1e-6)
