@@ -157,7 +157,7 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, step
     """compress_model over every layer of ``model``; returns per-layer times, peaks and breakdowns.
     ``stepwise``: every step's forward starts from the layer's input (the path before issue 17).
     ``trace_dir``: torch.profiler runs over the last layer only; its tables are written there."""
-    from misq.algorithms import sparsegpt
+    from misq.algorithms import hessian, sparsegpt
     from misq.config import CompressConfig
     from misq.models import execution, step_activations
 
@@ -211,7 +211,7 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, step
     timers.wrap(driver, "column_params", "plan+grid")
     timers.wrap(execution, "run_layer", "final forward")
     if fine:  # these add synchronisations inside the loops
-        timers.wrap(sparsegpt.HessianAccumulator, "add", "hessian GEMM")
+        timers.wrap(hessian.HessianAccumulator, "add", "hessian GEMM")
         timers.wrap(sparsegpt, "damped_inverse_cholesky", "solve: inverse Cholesky")
         timers.wrap(sparsegpt, "solver_rel_errors", "solve: rel. error")
         timers.wrap(sparsegpt, "unstructured_keep", "solve: masks")
@@ -316,7 +316,7 @@ def bench(fn, reps: int = 5) -> float:
 
 
 def micro(args) -> dict:
-    from misq.algorithms import fused, output_error, sparsegpt
+    from misq.algorithms import fused, hessian, output_error, sparsegpt
     from misq.algorithms.quantizer import find_grid
 
     dev = "cuda" if cuda() else "cpu"
@@ -371,12 +371,12 @@ def micro(args) -> dict:
         F = args.ffn
         x = torch.randn(n, F, device=dev, generator=g).half()
         Hf = torch.zeros(F, F, device=dev)
-        hess = {"tokens": n, "columns": F, "addmm_out_dtype": sparsegpt.addmm_out_dtype_supported(),
-                "mm_out_dtype": sparsegpt.mm_out_dtype_supported()}
+        hess = {"tokens": n, "columns": F, "addmm_out_dtype": hessian.addmm_out_dtype_supported(),
+                "mm_out_dtype": hessian.mm_out_dtype_supported()}
         hess["fp16_mm_fp16_out_ms"] = 1e3 * bench(lambda: torch.mm(x.t(), x))
-        if sparsegpt.mm_out_dtype_supported():
+        if hessian.mm_out_dtype_supported():
             hess["mm_out_fp32_plus_add_ms"] = 1e3 * bench(lambda: (Hf.mul_(0.5), Hf.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=1e-3)))
-        if sparsegpt.addmm_out_dtype_supported():
+        if hessian.addmm_out_dtype_supported():
             hess["addmm_out_fp32_inplace_ms"] = 1e3 * bench(lambda: torch.addmm(Hf, x.t(), x, out_dtype=torch.float32, beta=0.5, alpha=1e-3, out=Hf))
         xs = x[: n // 4].float()
         hess["fp32_upcast_addmm_quarter_ms"] = 1e3 * bench(lambda: Hf.addmm_(xs.t(), xs, alpha=1e-3), reps=3)
@@ -490,7 +490,7 @@ def micro(args) -> dict:
 
 
 def env_info() -> dict:
-    from misq.algorithms import fused, sparsegpt
+    from misq.algorithms import fused, hessian
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     try:
@@ -506,8 +506,8 @@ def env_info() -> dict:
         info["gpu"] = p.name
         info["gpu_mem_gib"] = round(p.total_memory / GIB, 1)
         info["sms"] = p.multi_processor_count
-    info["mm_out_dtype"] = sparsegpt.mm_out_dtype_supported()
-    info["addmm_out_dtype"] = sparsegpt.addmm_out_dtype_supported()
+    info["mm_out_dtype"] = hessian.mm_out_dtype_supported()
+    info["addmm_out_dtype"] = hessian.addmm_out_dtype_supported()
     info["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     return info
 

@@ -28,8 +28,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from misq import distributed
+from misq.algorithms.hessian import HessianAccumulator
 from misq.algorithms.pruning_mask import RowSplitKeep, split_segments, unstructured_keep
-from misq.algorithms.sparsegpt import HessianAccumulator
 from misq.compress import driver
 from misq.config import CompressConfig
 from misq.errors import MisqError

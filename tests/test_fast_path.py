@@ -15,8 +15,8 @@ import copy
 
 import torch
 
+from misq.algorithms.hessian import HessianAccumulator
 from misq.algorithms.sparsegpt import (
-    HessianAccumulator,
     block_loop,
     column_params,
     solve,

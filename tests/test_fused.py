@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from misq.algorithms import fused
+from misq.algorithms.hessian import HessianAccumulator
 from misq.algorithms.pruning_mask import unstructured_keep
 from misq.algorithms.quantizer import find_grid
 from misq.algorithms.sparsegpt import (
-    HessianAccumulator,
     block_loop,
     column_params,
     damped_inverse_cholesky,

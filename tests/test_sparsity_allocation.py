@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from misq import jobs
+from misq.algorithms.hessian import HessianAccumulator
 from misq.algorithms.quantizer import find_grid, uniform_grid
-from misq.algorithms.sparsegpt import HessianAccumulator, column_params, solve
+from misq.algorithms.sparsegpt import column_params, solve
 from misq.algorithms.sparsity_allocation import LayerOptions, allocate_sparsity, outlier_ratio, owl_sparsities
 from misq.compress import sparsity_plan
 from misq.config import CompressConfig, DataConfig, ModelConfig

@@ -9,7 +9,7 @@ device, as the single-process driver does. What is split:
   only its own forward passes (layer-0 capture, the passes up to each step's input, the final
   pass of the compressed layer);
 * the Hessian: each rank accumulates H_r = 2/n_r Σ xxᵀ over its n_r windows (the running-mean
-  form of :class:`~misq.algorithms.sparsegpt.HessianAccumulator`), and
+  form of :class:`~misq.algorithms.hessian.HessianAccumulator`), and
   :meth:`Dist.reduce_hessian` all-reduces Σ n_r·H_r and Σ n_r, so every rank gets the same
   H = Σ n_r·H_r / N = 2/N Σ xxᵀ, the single-process H up to summation order;
 * the plans (``--budget layer``, and the measuring pass of ``--budget model``): they need a

@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 
 from misq.algorithms.column_layout import ColumnLayout
 from misq.algorithms.fused import get_block_fn
+from misq.algorithms.hessian import HessianAccumulator
 from misq.algorithms.quantizer import QuantGrid
 from misq.algorithms.sparsegpt import (
     DEFAULT_OPTIONS,
-    HessianAccumulator,
     SolverOptions,
     column_params,
     solve,
