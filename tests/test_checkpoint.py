@@ -14,9 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import misq
 from misq.algorithms.quantizer import find_grid, quantize_with_grid
-from misq.checkpoint import (
-    packed as packed_module,  # not `packed`: that is the fixture below
-)
+from misq.checkpoint import folder_writing
 from misq.checkpoint.accounting import storage_accounting
 from misq.checkpoint.packed import (
     export_dense,
@@ -229,28 +227,28 @@ def test_refuses_to_overwrite_a_foreign_folder(packed, tiny_checkpoint: Path, tm
 
 def test_interrupted_save_leaves_nothing_complete(packed, tmp_path: Path, monkeypatch) -> None:
     _, model = packed
-    real_save = packed_module.save_file
+    real_save = folder_writing.save_file
 
     def crash(tensors, path, metadata=None):
         real_save(tensors, path, metadata=metadata)
         assert not is_packed_checkpoint(Path(path).parent)  # config.json comes last
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(packed_module, "save_file", crash)
+    monkeypatch.setattr(folder_writing, "save_file", crash)
     target = tmp_path / "new"
     with pytest.raises(KeyboardInterrupt):
         save_packed(model, {}, target, compress_config={}, pattern="dense")
     assert list(tmp_path.iterdir()) == []  # no target, no leftover staging folder
 
     # Replacing an existing checkpoint: a failed save keeps the old one whole.
-    monkeypatch.setattr(packed_module, "save_file", real_save)
+    monkeypatch.setattr(folder_writing, "save_file", real_save)
     save_packed(model, {}, target, compress_config={"v": 1}, pattern="dense")
-    monkeypatch.setattr(packed_module, "save_file", crash)
+    monkeypatch.setattr(folder_writing, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_packed(model, {}, target, compress_config={"v": 2}, pattern="dense")
     assert [p.name for p in tmp_path.iterdir()] == ["new"]
     assert json.loads((target / "config.json").read_text())["misq"]["compress_config"] == {"v": 1}
-    monkeypatch.setattr(packed_module, "save_file", real_save)
+    monkeypatch.setattr(folder_writing, "save_file", real_save)
     save_packed(model, {}, target, compress_config={"v": 3}, pattern="dense")  # replaces a misq checkpoint
     assert json.loads((target / "config.json").read_text())["misq"]["compress_config"] == {"v": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["new"]

@@ -45,19 +45,17 @@ from torch import Tensor
 
 from misq import __version__
 from misq.algorithms.quantizer import QuantGrid, from_codes, to_codes
+from misq.checkpoint.folder_writing import ShardWriter, check_target_folder, staged_folder
 from misq.checkpoint.gptq_format import ZERO_OFFSET, GptqLayout, GptqUnsupported, encode_gptq, gptq_layout
 from misq.checkpoint.layer_format import decode_layer, expected_shapes, run_table
 from misq.checkpoint.packed import (
     EXPORT_MARKER,
     MAX_SHARD_BYTES,
     CheckpointTensors,
-    ShardWriter,
-    check_target_folder,
     checked_misq_section,
     is_misq_export,
     read_config_json,
     section_fields,
-    staged_folder,
 )
 from misq.checkpoint.packing import Pattern, unpack_bits
 from misq.errors import MisqError

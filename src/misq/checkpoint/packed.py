@@ -23,21 +23,18 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from misq import __version__
 from misq.algorithms.quantizer import QuantGrid
-from misq.atomic import fsync_path
 from misq.checkpoint.accounting import KINDS, kind_of, stored_tensors
+from misq.checkpoint.folder_writing import ShardWriter, check_target_folder, staged_folder
 from misq.checkpoint.layer_format import decode_layer, encode_layer, expected_shapes
 from misq.checkpoint.packing import Pattern, parse_pattern
 from misq.dtypes import DTYPE_NAMES, torch_dtype
@@ -48,11 +45,10 @@ from misq.models.loading import check_finite, misq_section_of
 from misq.models.safetensors_files import (
     INDEX_NAME,
     SAFETENSORS_CODES,
-    WEIGHTS_NAME,
     SafetensorsFiles,
     TensorInfo,
 )
-from misq.ownership import apply_umask, check_not_input, write_error
+from misq.ownership import check_not_input
 
 log = logging.getLogger(__name__)
 
@@ -161,101 +157,9 @@ def linear_module(model: nn.Module, name: str) -> nn.Linear:
     return module
 
 
-class ShardWriter:
-    """Writes tensors to shards of at most ``max_bytes`` (a larger tensor gets one of its own) as
-    they come, then names the shards as transformers does: one ``model.safetensors``, or
-    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``. :meth:`add` each
-    tensor, then :meth:`finish` once; ``folder`` is normally the one :func:`staged_folder` yields."""
-
-    def __init__(self, folder: Path, max_bytes: int) -> None:
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, Tensor] = {}
-        self.pending_bytes = self.total_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
-
-    def add(self, name: str, t: Tensor) -> None:
-        """Queue ``t`` under ``name``; the pending shard is written first when ``t`` would overflow it."""
-        n = t.numel() * t.element_size()
-        if self.pending and self.pending_bytes + n > self.max_bytes:
-            self._flush()
-        self.pending[name] = t
-        self.pending_bytes += n
-        self.total_bytes += n
-
-    def _flush(self) -> None:
-        path = self.folder / f".shard-{len(self.shards) + 1:05d}.safetensors"  # renamed once the count is known
-        save_file(self.pending, path, metadata={"format": "pt"})
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> None:
-        """Write what is pending (an empty model still gets one file), name the shards, write the index."""
-        if self.pending or not self.shards:
-            self._flush()
-        if len(self.shards) == 1:
-            self.shards[0][0].rename(self.folder / WEIGHTS_NAME)
-            return
-        weight_map = {}
-        for i, (path, names) in enumerate(self.shards, 1):
-            fname = f"model-{i:05d}-of-{len(self.shards):05d}.safetensors"
-            path.rename(self.folder / fname)
-            weight_map.update(dict.fromkeys(names, fname))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
 def check_save_target(save_dir: str | os.PathLike) -> None:
     """Refuse (before any work) a ``--save`` folder that is neither new, empty nor a misq packed checkpoint."""
     check_target_folder(Path(save_dir).expanduser(), is_packed_checkpoint)
-
-
-def check_target_folder(target: Path, replaceable: Callable[[Path], bool]) -> None:
-    """Refuse an output folder ``target`` that is a file, an unusable path, or a non-empty folder
-    for which ``replaceable`` (e.g. :func:`is_packed_checkpoint`, :func:`is_misq_export`) is False."""
-    try:
-        target.exists()
-    except OSError as err:
-        raise MisqError(f"cannot use {str(target)!r} ({err.strerror or err}): give a shorter or valid path") from None
-    if target.is_file():
-        raise MisqError(f"{target} is a file: give a folder path for the checkpoint")
-    if target.is_dir() and any(target.iterdir()) and not replaceable(target):
-        raise MisqError(f"{target} exists and is not a misq output: choose a new or empty folder (misq only replaces its own)")
-
-
-@contextmanager
-def staged_folder(target: Path, replaceable: Callable[[Path], bool]) -> Iterator[Path]:
-    """Yield a hidden sibling folder to write into; on success fsync it and swap it in for ``target``
-    (checked again with ``replaceable``); on any error remove it and raise one clear error."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    except OSError as err:
-        raise write_error(err, target) from None
-    try:
-        try:
-            yield tmp
-            apply_umask(tmp)  # mkdtemp made it 0700: give the folder and its files the modes of a plain mkdir/open
-            for p in tmp.rglob("*"):
-                if p.is_file():
-                    fsync_path(p)
-            fsync_path(tmp)
-        except OSError as err:
-            raise write_error(err, target) from None
-        except SafetensorError as err:  # safetensors' own wrapper of a failed write (a full disk ...)
-            raise MisqError(f"cannot write {str(target)!r} ({err}): free some space or choose another folder; "
-                            "nothing partial was kept") from None
-        check_target_folder(target, replaceable)  # again: it may have changed while we wrote
-        old = None
-        if target.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / "x")  # moved aside, then dropped once the new one is in place
-        os.rename(tmp, target)
-        fsync_path(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- load
