@@ -203,7 +203,7 @@ def solve(
     keep_fn: KeepFn | None = None,
     refit: bool = True,
 ) -> SolveResult:
-    """Prune and quantize W [R, C] against H [C, C] (H is consumed: modified in place).
+    """Prune and quantize W [R, C] against H [C, C] (read only: the solve works on its own copy).
 
     ``qparams``: the layers' grids (:func:`column_params`), expanded to per-weight (scale, zero,
     maxq) one block of columns at a time; None means no quantization. ``row_segments`` lists the row counts of stacked

@@ -109,10 +109,10 @@ def _layer_steps(i: int, passes: step_activations.LayerPasses, device: str, dist
     """The per-step sequence of decoder layer ``i`` (``passes.layer``), shared by measuring and compressing.
 
     For each step of ``layout.SEQUENTIAL_STEPS``: H [C, C] of the step's input (all-reduced
-    under torchrun) -> ``work(step, linears, H, turn)`` on every rank (H may be consumed;
-    ``turn`` numbers the step in the model), which leaves every rank with the same results and,
-    when it solves, the same new weights, before the next step's inputs are computed from them
-    (each pass continues from the previous one's activations: :mod:`misq.models.step_activations`).
+    under torchrun) -> ``work(step, linears, H, turn)`` on every rank (``turn`` numbers the step
+    in the model), which leaves every rank with the same results and, when it solves, the same
+    new weights, before the next step's inputs are computed from them (each pass continues from
+    the previous one's activations: :mod:`misq.models.step_activations`).
     Yields (step, short name -> result for every layer of the step), in step order;
     ``passes.output`` comes after.
     """
@@ -297,7 +297,7 @@ def _solve_layers(i: int, names: tuple[str, ...], linears: dict[str, nn.Linear],
                   store_dtype: torch.dtype, solver: SolverOptions = DEFAULT_OPTIONS, *, dist: Dist = LOCAL,
                   turn: int = 0) -> dict[str, _Solved]:
     """Plan, grid and solve layers ``names`` of one step of layer ``i`` against their shared
-    H [C, C] (consumed), and write their weights back.
+    H [C, C] (read only), and write their weights back.
 
     Layers that are solved in the same column order are stacked into one matrix (all of them,
     without ``--act-order``/``--groupsize``). Returns name -> (grid on the CPU, plan, record).
@@ -314,9 +314,8 @@ def _solve_layers(i: int, names: tuple[str, ...], linears: dict[str, nn.Linear],
         step_plans = _plan_layers(weights, H, cfg, dist, turn)
     batches = bitplan.solve_batches(step_plans, H, cfg, names)
     solved = {}
-    for k, (batch, col_layout) in enumerate(batches):
-        H_batch = H if k == len(batches) - 1 else H.clone()  # solve consumes its H
-        solved.update(_solve_batch(batch, col_layout, weights, step_plans, full, linears, H_batch, cfg, block_fn,
+    for batch, col_layout in batches:  # solve leaves H as it is: every batch reads the same one
+        solved.update(_solve_batch(batch, col_layout, weights, step_plans, full, linears, H, cfg, block_fn,
                                    store_dtype, solver, dist))
     return {name: solved[name] for name in names}
 
