@@ -154,8 +154,7 @@ class LayerPasses:
             raise execution.StopForward
 
         handles = [linear.register_forward_pre_hook(before)]
-        watching = self._watch_norms(first)
-        handles += watching
+        watching = self._watch_norms(first)  # removed after the first batch (or on an error, below)
         if tail is not None and tail.enabled and tail.arity == _UNKNOWN:
             handles.append(linear.register_forward_hook(lambda _m, _a, out: seen.__setitem__("linear", out)))
             handles.append(self.layer.get_submodule(tail.module).register_forward_hook(
@@ -171,13 +170,12 @@ class LayerPasses:
                         pass
                     for h in watching:  # one batch shows which norm feeds which module
                         h.remove()
-                    watching = []
-                    if len(handles) > 1 and tail is not None and tail.arity != _UNKNOWN:
+                    if len(handles) > 1 and tail.arity != _UNKNOWN:
                         for h in handles[1:]:
                             h.remove()
                         del handles[1:]
         finally:
-            for h in handles:
+            for h in handles + watching:  # removing a handle twice is harmless
                 h.remove()
 
     @torch.no_grad()
