@@ -1,8 +1,8 @@
 """How far a compressed layer's output moved: ‖(W − Ŵ)X‖² / ‖WX‖² from the Hessian H ∝ X Xᵀ.
 
 The solver reports this per stacked layer (row segment), its numerators read off the sweep's
-own errors (:func:`solver_rel_errors`); :func:`segment_rel_errors` computes both traces
-directly, one [R, C] x [C, C] product each, with fp32-accurate 3xTF32 GEMMs on CUDA (``fast``).
+own errors (:func:`solver_rel_errors`); :func:`relative_output_error` is the direct formula,
+one [R, C] x [C, C] product per trace.
 """
 
 from __future__ import annotations
@@ -10,31 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from misq.algorithms.tf32 import quadratic_form_3xtf32, tf32_hi, tf32_matmul
-
-
-def segment_rel_errors(W0: Tensor, W: Tensor, H: Tensor, slices: list[slice], *,
-                        fast: bool = True,
-                        terms: list[tuple[float, float]] | None = None) -> list[float]:
-    """relative_output_error of each row segment of W0 (any float dtype), W [R, C] against H [C, C] (solve's own
-    copy, may be overwritten); ``fast``: 3×TF32 products on CUDA. ``terms``: each segment's
-    (numerator, denominator) are appended to it (row slices of one segment add up)."""
-    if not (fast and W.is_cuda):
-        sums = [_error_sums(W0[sl].float(), W[sl], H) for sl in slices]
-    else:
-        H_hi = tf32_hi(H)
-        H_lo = H.sub_(H_hi)
-        sums = [(quadratic_form_3xtf32(W0[sl].float() - W[sl], H_hi, H_lo), quadratic_form_3xtf32(W0[sl].float(), H_hi, H_lo))
-                for sl in slices]
-    if terms is not None:
-        terms.extend((float(num), float(den)) for num, den in sums)
-    return [_ratio(num, den) for num, den in sums]
+from misq.algorithms.tf32 import tf32_matmul
 
 
 def solver_rel_errors(W0: Tensor, W: Tensor, H: Tensor, err_sq: Tensor, damp: Tensor | float, live: Tensor,
                       slices: list[slice], *, fast: bool = True,
                       terms: list[tuple[float, float]] | None = None) -> list[float]:
-    """:func:`segment_rel_errors` with the numerators read off the solver's own errors.
+    """The relative output error of each row segment ``slices`` of W0 against W, with the
+    numerators read off the solver's own errors.
 
     The GPTQ/SparseGPT sweep leaves W0ₛ = Ŵ + E·U, with E [R, C] its scaled errors and U the
     upper Cholesky factor of Hₛ⁻¹, Hₛ = H + λI + D (D: 1 on the dead columns, which the solver
@@ -52,10 +35,7 @@ def solver_rel_errors(W0: Tensor, W: Tensor, H: Tensor, err_sq: Tensor, damp: Te
         w0 = W0[sl].float()
         moved = torch.sub(w0[:, live], W[sl][:, live]).square_().sum()
         num = torch.clamp_min(err_sq[sl].sum() - damp * moved, 0.0)
-        if fast and w0.is_cuda:
-            with tf32_matmul():
-                den = torch.sum((w0 @ H) * w0)
-        else:
+        with tf32_matmul(fast and w0.is_cuda):
             den = torch.sum((w0 @ H) * w0)
         sums.append((num, den))
     if terms is not None:

@@ -47,10 +47,7 @@ def refit_row_scales(W0: Tensor, W: Tensor, keep: Tensor, H: Tensor, qparams: St
         found = True
         s0 = g.scale[:, 0].to(W.device, torch.float32)
         v = torch.round(W[sl] / s0.unsqueeze(1)) * keep[sl]  # the sweep's weights are exactly s0·(q − z)
-        if fast and W.is_cuda:
-            with tf32_matmul():
-                Hv = v @ H
-        else:
+        with tf32_matmul(fast and W.is_cuda):
             Hv = v @ H
         a = torch.sum(Hv * v, dim=1)
         b = torch.sum(Hv * W0[sl].float(), dim=1)
