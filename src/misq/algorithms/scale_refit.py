@@ -8,10 +8,10 @@ range, which pruning and the error updates have moved (1-3% of the kept weights 
 s* is rounded to fp16 (what the checkpoint stores) and kept only where it lowers the row's
 error; zeros and codes are unchanged, so the grid keeps its width and its size on disk.
 
-Measured (CPU, fp32, 50% + 3-bit per row, c4 uncut): every one of stories260K's 35 layer
-errors drops, by 3.2% on average; llama-9m goes from 133.42 / 282.10 / 160.59 to
-131.44 / 277.78 / 160.20 (wikitext2 / PTB / c4), below the SparseGPT reference's
-133.10 / 284.19 / 160.61. Grids with several scale groups are left as they are.
+Measured (H200, fp16, 50% + 3-bit per row, c4 uncut; BENCHMARKS.md, `benchmarks/frontier.py`):
+llama-9m goes from 132.03 / 160.75 / 277.36 to 131.46 / 160.14 / 273.11 (wikitext2 / c4 / PTB),
+below the SparseGPT reference's 133.10 / 160.61 / 284.19; stories260K's 35 layer errors drop
+3.2% on average (CPU). Grids with several scale groups are left as they are.
 """
 
 from __future__ import annotations
