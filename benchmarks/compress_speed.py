@@ -161,8 +161,10 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, step
     from misq.config import CompressConfig
     from misq.models import execution, step_activations
 
+    # SparseGPT's own recipe, as every earlier row of this benchmark: no descent passes after the
+    # solve (misq's default with pruning adds 4; benchmarks/refine_speed.py times one pass).
     cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, groupsize=0, act_order=False, mse=False, nsamples=calib.shape[0],
-                         batch_size=1 if straight else args.batch_size)
+                         batch_size=1 if straight else args.batch_size, refine_passes=0)
     device = "cuda" if cuda() else "cpu"
     timers = Timers()
     marks: dict[str, float] = {}

@@ -83,6 +83,13 @@ RECIPES = {
     # `misq compress MODEL` with no flags (4-bit, static groups of 128, act-order, MSE).
     "default": {},
 }
+# Pruning alone (fp16 weights): the reference's unquantized 50% row, and misq's own for models without one.
+RECIPES["sparse50"] = {**_PLAIN, "grouping": "uniform", "wbits": 16, "sparsity": 0.5}
+# Session 7: coordinate descent on the kept weights after the solve (--refine-passes N), on the
+# recipes it should move most: pruned rows, per-row 3-bit, and the default.
+for _p in (2, 4, 8, 16):
+    for _base in ("sparse50 4b", "sparse50 3b", "gptq3 mse", "default", "gptq3 g128 static act mse", "sparse50"):
+        RECIPES[f"{_base} cd{_p}"] = {**RECIPES[_base], "refine_passes": _p}
 
 
 def main() -> None:

@@ -197,6 +197,7 @@ def run_misq(spec: dict) -> dict:
     wbits = r.get("wbits", 16)
     cfg = CompressConfig(grouping="uniform", wbits=wbits, groupsize=r.get("groupsize", 0) if wbits < 16 else 0,
                          act_order=r.get("act", False), mse=False, static_groups=False, sparsity=r.get("sparsity", 0.0),
+                         refine_passes=0,  # the peer's algorithm: no descent after the solve (misq's pruning default adds 4)
                          prunen=r.get("prunen", 0), prunem=r.get("prunem", 0), nsamples=calib.shape[0], seed=0,
                          percdamp=0.01, blocksize=128, **({"batch_size": spec["misq_batch_size"]} if spec["misq_batch_size"] else {}))
     layer_s: list[float] = []

@@ -46,7 +46,8 @@ def straightforward(model: torch.nn.Module, calib: torch.Tensor, cfg: CompressCo
                 plan = bitplan.plan_step({name: W}, H, cfg)[name]
                 grid = bitplan.grid_for(W, plan, cfg)
                 res = solve(W, H, column_params([grid]), sparsity=cfg.sparsity, blocksize=cfg.blocksize,
-                            percdamp=cfg.percdamp, block_fn=block_loop, refit=cfg.refit_scales)
+                            percdamp=cfg.percdamp, block_fn=block_loop, refit=cfg.refit_scales,
+                            refine_passes=cfg.refine_passes)
                 lin.weight.data.copy_(res.weight)
         execution.run_layer(layer, inputs, "cpu", out=inputs.hidden)
 
@@ -57,10 +58,10 @@ def _setup():
     return model, calib
 
 
-def _both(model, calib, batch_size, refit_scales=True):
+def _both(model, calib, batch_size, refit_scales=True, refine_passes=None):
     # the stacked legacy path (one grid per row, natural order); group-wise grids: test_groupwise_solve
     cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, nsamples=16, batch_size=batch_size, blocksize=32,
-                         groupsize=0, act_order=False, mse=False, refit_scales=refit_scales)
+                         groupsize=0, act_order=False, mse=False, refit_scales=refit_scales, refine_passes=refine_passes)
     fast, plain = copy.deepcopy(model), copy.deepcopy(model)
     driver.compress_model(fast, calib, cfg, "cpu")
     straightforward(plain, calib, cfg)
@@ -84,9 +85,12 @@ def test_batched_forwards_differ_only_by_rounding():
 
     Without the scale refit (--no-refit-scales): a refit scale is b/a from H rounded to fp16, so
     batching moves a few rows' scales by one fp16 step and with them whole rows; that adds its own
-    spread (0.34 of the compression error on this 2-layer model), which this test would not isolate."""
+    spread (0.34 of the compression error on this 2-layer model), which this test would not isolate.
+    Without the coordinate descent (--refine-passes 0) for the same reason: its passes re-round every
+    kept weight against H, so layer 0's o_proj (whose H the batched attention moves by rounding)
+    no longer comes out bit for bit. Both are exact at one window per forward (the test above)."""
     model, calib = _setup()
-    fast, plain = _both(model, calib, batch_size=8, refit_scales=False)
+    fast, plain = _both(model, calib, batch_size=8, refit_scales=False, refine_passes=0)
     a = dict(fast.named_parameters())
     for name, p in plain.named_parameters():
         if ".layers.0." in name or "layers" not in name:

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from misq.algorithms.coordinate_descent import GridFn, coordinate_descent
 from misq.algorithms.output_error import solver_rel_errors
 from misq.algorithms.pruning_mask import KeepFn, unstructured_keep
 from misq.algorithms.quantizer import FP_BITS, QuantGrid, StackedGrid, find_grid, quantize
@@ -202,6 +203,7 @@ def solve(
     grid_mse: bool = False,
     keep_fn: KeepFn | None = None,
     refit: bool = True,
+    refine_passes: int = 0,
 ) -> SolveResult:
     """Prune and quantize W [R, C] against H [C, C] (read only: the solve works on its own copy).
 
@@ -226,6 +228,10 @@ def solve(
     (:mod:`misq.algorithms.scale_refit`). **The new scales are written into ``qparams``' grids,
     in place**, so the grids the caller holds (and stores) describe the returned weights; pass
     fresh grids to each solve.
+
+    ``refine_passes``: after the sweep (before the refit), this many passes of coordinate descent
+    over the kept weights, mask and grids fixed (:mod:`misq.algorithms.coordinate_descent`), on
+    the damped H; with a ``block_fn`` (the caller wants fused kernels) its blocks are fused too.
     """
     t0 = time.perf_counter()
     R, C = W.shape
@@ -254,7 +260,8 @@ def solve(
     W[:, dead_solve] = 0
     mean_diag = torch.diag(H).mean()  # λ = damp · this: the reported error takes the damping back out
     Hinv, damp = damped_inverse_cholesky(H, percdamp, method=options.hinv_method)
-    del H
+    if not refine_passes:
+        del H  # else kept (damped) for the coordinate descent after the sweep
 
     group_at = {s: (e, b) for s, e, b in (grid_groups or ())}
     if group_at and (qparams is not None or 0 not in group_at):
@@ -295,6 +302,13 @@ def solve(
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     del Hinv, cur_s, cur_z, cur_q
+    if refine_passes:
+        W0s = W0[:, order].float() if order is not None else W0.float()
+        W0s[:, dead_solve] = 0  # the sweep zeroed the dead columns; keep them there
+        grid = _solve_order_grid(qparams, order, grid_groups, group_scale, group_zero, R, W.device)
+        err_sq += coordinate_descent(W, W0s, H, keep, grid, passes=refine_passes, blocksize=blocksize,
+                                     fused=block_fn is not None)
+        del H, W0s
     if order is not None:
         W = torch.empty_like(W).index_copy_(1, order, W)
         keep = torch.empty_like(keep).index_copy_(1, order, keep)
@@ -317,6 +331,24 @@ def solve(
         result.group_scale = torch.stack(group_scale, dim=1)
         result.group_zero = torch.stack(group_zero, dim=1)
     return result
+
+
+def _solve_order_grid(qparams: StackedGrid | None, order: Tensor | None, grid_groups: Sequence[tuple[int, int, int]] | None,
+                      group_scale: list[Tensor], group_zero: list[Tensor], R: int, device: torch.device) -> GridFn:
+    """(scale, zero, maxq) [R, n] of solve positions [i1, i2), from whichever grids the solve used."""
+    if qparams is not None:
+        return lambda i1, i2: qparams.columns(slice(i1, i2) if order is None else order[i1:i2], device)
+    if grid_groups:
+        C = max(e for _s, e, _b in grid_groups)
+        col_group = torch.empty(C, dtype=torch.long, device=device)
+        maxq = torch.empty(C, device=device)
+        for k, (s, e, bits) in enumerate(sorted(grid_groups)):
+            col_group[s:e] = k
+            maxq[s:e] = float(2**bits - 1) if bits < FP_BITS else float("inf")
+        S, Z = torch.stack(group_scale, dim=1), torch.stack(group_zero, dim=1)
+        return lambda i1, i2: (S[:, col_group[i1:i2]], Z[:, col_group[i1:i2]], maxq[i1:i2].expand(R, -1))
+    return lambda i1, i2: (torch.ones(R, i2 - i1, device=device), torch.zeros(R, i2 - i1, device=device),
+                           torch.full((R, i2 - i1), float("inf"), device=device))
 
 
 def _group_grid(Wg: Tensor, keep1: Tensor, bits: int, mse: bool) -> tuple[Tensor, Tensor]:

@@ -351,7 +351,7 @@ def _solve_batch(names: tuple[str, ...], col_layout: ColumnLayout | None, weight
                     row_segments=seg_rows, block_fn=block_fn, options=solver,
                     order=None if col_layout is None else col_layout.perm,
                     grid_groups=col_layout.scale_groups() if dynamic else None, grid_mse=cfg.mse,
-                    keep_fn=keep_fn, refit=cfg.refit_scales)  # refit: writes the new scales into the grids
+                    keep_fn=keep_fn, refit=cfg.refit_scales, refine_passes=cfg.refine_passes)  # refit: writes the new scales into the grids
     except NumericalError as err:  # the solver does not know which layers it solved
         raise NumericalError(f"{'+'.join(full[n] for n in names)}: {err}") from None
     if res.damp != cfg.percdamp:

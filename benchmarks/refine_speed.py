@@ -1,0 +1,94 @@
+"""Seconds per coordinate-descent pass (``--refine-passes``) on a 13B-shaped decoder layer.
+
+Times :func:`misq.algorithms.coordinate_descent.coordinate_descent` on random weights and a
+random positive-definite Hessian for each solve of a LLaMA-13B layer (q/k/v stacked, o, gate/up
+stacked, down), 50% + 4-bit per-row grids, next to the sweep itself (:func:`solve`, fused
+kernel where it runs) so the ratio says what a pass costs against the solve. Writes
+``refine_speed.json`` under --out.
+
+    python benchmarks/refine_speed.py --out "$OUT"            # one H200
+    python benchmarks/refine_speed.py --small --device cpu    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from misq.algorithms.coordinate_descent import coordinate_descent
+from misq.algorithms.fused import get_block_fn
+from misq.algorithms.quantizer import find_grid
+from misq.algorithms.sparsegpt import column_params, solve
+from misq.atomic import atomic_write_json
+
+log = logging.getLogger("refine_speed")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_solve(rows: int, cols: int, device: str, passes: int) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+    X = torch.randn(4 * cols, cols, device=device, generator=g)
+    H = X.T @ X / X.shape[0]
+    del X
+    W = torch.randn(rows, cols, device=device, generator=g)
+    grid = find_grid(W, torch.zeros(cols, dtype=torch.long, device=device), torch.tensor([4], device=device))
+    block_fn = get_block_fn(device) if device.startswith("cuda") else None
+    _sync(device)
+    t0 = time.perf_counter()
+    res = solve(W, H, column_params([grid]), sparsity=0.5, block_fn=block_fn, refit=False)
+    _sync(device)
+    t_solve = time.perf_counter() - t0
+    Hd = H.clone()
+    Hd.diagonal().add_(0.01 * H.diagonal().mean())
+    Wq = res.weight.clone()
+
+    def cols_of(i1: int, i2: int):
+        s, z, m = grid.column_grid(i1, i2)
+        return s, z, m.unsqueeze(0).expand(rows, -1)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    change = coordinate_descent(Wq, W, Hd, res.keep, cols_of, passes=passes)
+    _sync(device)
+    t_cd = (time.perf_counter() - t0) / passes
+    before = float(res.error_terms[0][0]) if res.error_terms else float("nan")
+    return {"rows": rows, "cols": cols, "solve_s": round(t_solve, 4), "pass_s": round(t_cd, 4),
+            "pass_over_solve": round(t_cd / t_solve, 2), "error_change_rel": float(change.sum()) / before if before else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--hidden", type=int, default=5120)
+    ap.add_argument("--ffn", type=int, default=13824)
+    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    d, f = (128, 352) if args.small else (args.hidden, args.ffn)
+    shapes = {"qkv": (3 * d, d), "o": (d, d), "gate_up": (2 * f, d), "down": (d, f)}
+    time_solve(64, 256, args.device, 1)  # warm-up: kernels compiled, allocator primed
+    rows = {}
+    for name, (r, c) in shapes.items():
+        rows[name] = time_solve(r, c, args.device, args.passes)
+        log.info("%s %s", name, rows[name])
+    total = {k: round(sum(v[k] for v in rows.values()), 4) for k in ("solve_s", "pass_s")}
+    log.info("layer: solves %.3f s, one pass %.3f s", total["solve_s"], total["pass_s"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "refine_speed.json", {"device": torch.cuda.get_device_name() if args.device.startswith("cuda")
+                                                  else "cpu", "shapes": rows, "layer": total, "passes": args.passes})
+
+
+if __name__ == "__main__":
+    main()
