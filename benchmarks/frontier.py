@@ -29,7 +29,8 @@ DATASETS = ("wikitext2", "ptb", "c4")
 # Every recipe names all its grid settings: misq's defaults (g128, act-order, MSE) are one of them.
 # Groups along the solve order unless a recipe says static (session 4 made static the default;
 # the recipes keep the grids their recorded rows were measured with).
-_PLAIN = {"sparsity": 0.0, "groupsize": 0, "act_order": False, "mse": False, "static_groups": False}
+_PLAIN = {"sparsity": 0.0, "groupsize": 0, "act_order": False, "mse": False, "static_groups": False,
+          "refine_passes": 0}  # no descent after the solve (session 7's default: 4 passes; the "cdN" recipes)
 # Mixed widths: one width per scale group of 128 channels (sorted by sensitivity), chosen over
 # the whole model to meet an honest size; the same grids as GPTQ g128 act-order.
 _MIXED = {**_PLAIN, "grouping": "hessian", "budget": "model", "groupsize": 128, "act_order": True, "bits": (2, 3, 4, 5, 6, 8)}
@@ -80,16 +81,33 @@ RECIPES = {
     "sparse50 mixed 2.75": {**_MIXED, "sparsity": 0.5, "target_size": 2.75},
     # More calibration windows: the one thing the 50% sparsity goal has left to try cheaply.
     "sparse50 4b n512": {**_PLAIN, "grouping": "uniform", "wbits": 4, "sparsity": 0.5, "nsamples": 512},
-    # `misq compress MODEL` with no flags (4-bit, static groups of 128, act-order, MSE).
+    # `misq compress MODEL` with no flags (4-bit, static groups of 128, act-order, MSE; from session 7
+    # 4 descent passes: before it, the "default" rows were what "default" with refine_passes 0 gives).
     "default": {},
 }
 # Pruning alone (fp16 weights): the reference's unquantized 50% row, and misq's own for models without one.
 RECIPES["sparse50"] = {**_PLAIN, "grouping": "uniform", "wbits": 16, "sparsity": 0.5}
+# One width per linear (--n-groups 1, per-row grids: no column order, no group table), chosen over
+# the model to meet a size just under a per-row reference's: stories260K's GPTQ 4-bit is 4.265
+# bits, and misq's own 4-bit per-row file 4.2655 (bit-planes pad two 172-row zero tensors per layer).
+RECIPES["layer widths 4.26 mse"] = {**_PLAIN, "grouping": "hessian", "budget": "model", "n_groups": 1, "bits": (3, 4),
+                                    "target_size": 4.26, "mse": True}
+# ... and under stories260K's GPTQ 3-bit (3.252; misq's own 3-bit per-row file is 3.2525, padded as above).
+RECIPES["layer widths 3.24 mse"] = {**_PLAIN, "grouping": "hessian", "budget": "model", "n_groups": 1, "bits": (2, 3, 4),
+                                    "target_size": 3.24, "mse": True}
 # Session 7: coordinate descent on the kept weights after the solve (--refine-passes N), on the
 # recipes it should move most: pruned rows, per-row 3-bit, and the default.
 for _p in (2, 4, 8, 16):
-    for _base in ("sparse50 4b", "sparse50 3b", "gptq3 mse", "default", "gptq3 g128 static act mse", "sparse50"):
+    for _base in ("sparse50 4b", "sparse50 3b", "gptq3 mse", "default", "gptq3 g128 static act mse", "sparse50", "gptq4 mse"):
         RECIPES[f"{_base} cd{_p}"] = {**RECIPES[_base], "refine_passes": _p}
+RECIPES["default cd0"] = {"refine_passes": 0}  # the default of sessions 5-6
+# Variants of 50% + 4-bit with the descent, for the 50% goal on stories260K (session 7).
+_S4 = RECIPES["sparse50 4b cd4"]
+RECIPES["sparse50 4b cd4 n512"] = {**_S4, "nsamples": 512}
+RECIPES["sparse50 4b cd4 no refit"] = {**_S4, "refit_scales": False}
+RECIPES["sparse50 4b cd4 act"] = {**_S4, "act_order": True}
+RECIPES["sparse50 4b cd4 damp0.1"] = {**_S4, "percdamp": 0.1}
+RECIPES["sparse50 n512"] = {**RECIPES["sparse50"], "nsamples": 512}
 
 
 def main() -> None:

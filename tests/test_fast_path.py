@@ -58,7 +58,7 @@ def _setup():
     return model, calib
 
 
-def _both(model, calib, batch_size, refit_scales=True, refine_passes=None):
+def _both(model, calib, batch_size, refit_scales=True, refine_passes=4):
     # the stacked legacy path (one grid per row, natural order); group-wise grids: test_groupwise_solve
     cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, nsamples=16, batch_size=batch_size, blocksize=32,
                          groupsize=0, act_order=False, mse=False, refit_scales=refit_scales, refine_passes=refine_passes)

@@ -45,7 +45,7 @@ def test_uniform_parity_with_reference(llama9m_dir, shared_data_dir, tmp_path, s
     # (measured on an H200) is in BENCHMARKS.md.
     # The reference recipe: one min-max grid per row, natural column order (not misq's defaults).
     cfg = CompressConfig(dataset="c4", nsamples=128, seed=0, sparsity=sparsity, grouping="uniform", wbits=4, batch_size=16,
-                         groupsize=0, act_order=False, mse=False)
+                         groupsize=0, act_order=False, mse=False, refine_passes=0)
     res = jobs.run_compress(ModelConfig(str(llama9m_dir), device="cpu"), DataConfig(data_dir=str(shared_data_dir), cache_dir=str(tmp_path)),
                                 cfg, EvalConfig(datasets=("wikitext2",), batch_size=4, prompts="none"), str(tmp_path / "run"))
     reference = {"wikitext2": reference["wikitext2"]}
@@ -60,7 +60,7 @@ def test_groupwise_parity_with_reference(llama9m_dir, shared_data_dir, tmp_path,
     # GPTQ 3-bit with groups of 128 (and act-order): grids found as the solver reaches each group.
     # wikitext2 only on the CPU; the H200 figures for all three datasets are in BENCHMARKS.md.
     cfg = CompressConfig(dataset="c4", nsamples=128, seed=0, sparsity=0.0, grouping="uniform", wbits=3, batch_size=16,
-                         groupsize=128, act_order=act_order, mse=False,
+                         groupsize=128, act_order=act_order, mse=False, refine_passes=0,
                          static_groups=False)  # GPTQ's reference forms groups along the solve order
     res = jobs.run_compress(ModelConfig(str(llama9m_dir), device="cpu"), DataConfig(data_dir=str(shared_data_dir), cache_dir=str(tmp_path)),
                             cfg, EvalConfig(datasets=("wikitext2",), batch_size=4, prompts="none"), str(tmp_path / "run"))

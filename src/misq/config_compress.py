@@ -109,11 +109,11 @@ class CompressConfig:
     # Coordinate descent on the kept weights after the sweep (misq.algorithms.coordinate_descent).
     # With pruning it pays on every recipe measured (llama-9m 50% + 4-bit: 128.50 / 156.33 ->
     # 125.16 / 154.30 wikitext2 / c4, below the unquantized 50% row; stories260K 50% + 3-bit
-    # -11% wikitext2); on dense grids it wins c4 (the calibration set) but not always wikitext2,
-    # so it is off there (BENCHMARKS.md, "Coordinate descent after the solve").
-    refine_passes: int | None = option(None, "passes of coordinate descent over the kept weights after the solve, mask "
-                                             "and grids fixed: each lowers the layer's output error and costs ~0.7 solve "
-                                             "on a GPU (default: 4 with --sparsity or N:M, else 0)")
+    # -6% wikitext2); on dense grids it lowers c4 (the calibration set) everywhere and wikitext2
+    # in 3 of 4 llama-9m recipes, at about 0.7 of a solve's time per pass on a GPU
+    # (BENCHMARKS.md, "Coordinate descent after the solve").
+    refine_passes: int = option(4, "passes of coordinate descent over the kept weights after the solve, mask and grids "
+                                   "fixed: each lowers every layer's output error (0: the GPTQ/SparseGPT sweep alone)")
     mi_estimator: str = option("gaussian", "mutual-information estimator of --grouping mi", choices=MI_ESTIMATORS)
     offload_activations: bool = option(False, "keep calibration activations on the CPU")
     # 1 is the reference's own scheme: same rounding, so parity with the public SparseGPT/GPTQ
@@ -169,8 +169,6 @@ class CompressConfig:
                                 "use --groupsize 0 with --grouping mi/hessian, or --grouping uniform")
         if self.mse is None:  # the default: MSE grids for dense weights, min-max with pruning
             self.mse = not (self.structured or self.sparsity > 0)
-        if self.refine_passes is None:  # the default: descent after pruning only
-            self.refine_passes = 4 if (self.structured or self.sparsity > 0) else 0
         if self.refine_passes < 0:
             raise MisqError(f"--refine-passes {self.refine_passes} must be 0 (off) or more, e.g. 4")
         if self.static_groups is None:  # the default: static wherever it applies

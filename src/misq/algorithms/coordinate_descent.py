@@ -28,46 +28,71 @@ GridFn = Callable[[int, int], tuple[Tensor, Tensor, Tensor]]
 
 
 @torch.no_grad()
-def coordinate_descent(W: Tensor, W0: Tensor, H: Tensor, keep: Tensor, grid: GridFn, *, passes: int = 1,
-                       blocksize: int = 128, fused: bool = True) -> Tensor:
-    """Lower tr((W − W0) H (W − W0)ᵀ) over W's grid points, in place; returns the change per row [R] (≤ 0).
+def coordinate_descent(W: Tensor, W0: Tensor, H: Tensor, keep: Tensor, grid: GridFn, *, damp: float = 0.0, passes: int = 1,
+                       blocksize: int = 128, fused: bool = True, chunk_elems: int = 1 << 26) -> Tensor:
+    """Lower tr((W − W0)(H + damp·I)(W − W0)ᵀ) over W's grid points, in place; returns the change per row [R] (≤ 0).
 
-    W [R, C] fp32, the sweep's weights (every kept weight on its grid, pruned ones 0); W0 [R, C]
-    the weights before the solve, H [C, C] the damped Hessian, keep [R, C] bool, all in the
-    solve's column order. ``grid(i1, i2)`` gives (scale, zero, maxq), each [R, i2 − i1], of those
-    columns (maxq inf: not quantized, the weight takes its continuous optimum). ``fused``: on CUDA
-    each block is one Triton launch (:mod:`misq.algorithms.fused_descent`), else the eager loop.
+    W [R, C] fp32, the sweep's weights (every kept weight on its grid, the others 0); W0 [R, C]
+    the weights before the solve (any float dtype), H [C, C] the undamped Hessian, keep [R, C]
+    bool (False: the weight stays 0). ``grid(i1, i2)`` gives (scale, zero, maxq), each [R, i2 − i1],
+    of columns [i1, i2) (maxq inf: not quantized, the weight takes its continuous optimum).
+    ``damp`` is added to H's diagonal for the descent and taken off again (the diagonal is
+    restored bit for bit). Rows are independent, so they are taken ``chunk_elems // C`` at a time:
+    the descent's own memory, P = (W − W0)(H + damp·I) [rows, C] fp32, stays bounded. ``fused``: on
+    CUDA each block is one Triton launch (:mod:`misq.algorithms.fused_descent`), else the eager loop.
     """
+    R, C = W.shape
+    change = torch.zeros(R, device=W.device, dtype=W.dtype)
+    diag = H.diagonal().clone()
+    H.diagonal().add_(damp)
+    try:
+        step = max(1, chunk_elems // max(C, 1))
+        for r0 in range(0, R, step):
+            sl = slice(r0, min(R, r0 + step))
+            rows_grid = _rows_of(grid, sl)
+            change[sl] = _descend(W[sl], W0[sl], H, keep[sl], rows_grid, passes, blocksize, fused)
+    finally:
+        H.diagonal().copy_(diag)
+    return change
+
+
+def _rows_of(grid: GridFn, sl: slice) -> GridFn:
+    return lambda i1, i2: tuple(t[sl] for t in grid(i1, i2))
+
+
+def _descend(W: Tensor, W0: Tensor, H: Tensor, keep: Tensor, grid: GridFn, passes: int, blocksize: int,
+             fused: bool) -> Tensor:
+    """:func:`coordinate_descent` on rows W [r, C] (a view, updated in place) against H (damped)."""
     from misq.algorithms.fused_descent import fused_descent_block  # Triton only loads where it runs
 
     R, C = W.shape
     hdiag = torch.diag(H)
     with tf32_matmul(False):
-        P = (W - W0.to(W.dtype)) @ H  # [R, C]: half the gradient of f, kept current as W moves
-        before = torch.sum(P * (W - W0.to(W.dtype)), dim=1)
+        diff = W - W0.to(W.dtype)
+        P = diff @ H  # [r, C]: half the gradient of f, kept current as W moves
+        before = torch.sum(P * diff, dim=1)
+        del diff
     for _ in range(passes):
         for i1 in range(0, C, blocksize):
             i2 = min(i1 + blocksize, C)
             scale, zero, maxq = grid(i1, i2)
             Hb = H[i1:i2, i1:i2]
             D = fused_descent_block(W[:, i1:i2], P[:, i1:i2], Hb, keep[:, i1:i2], scale, zero, maxq) if fused else None
-            if D is not None:
-                _update_outside(P, D, H, i1, i2)
-                continue
-            D = torch.zeros(R, i2 - i1, device=W.device, dtype=W.dtype)
-            for jj in range(i2 - i1):
-                j = i1 + jj
-                if hdiag[j] <= 0:
-                    continue
-                target = W[:, j] - P[:, j] / hdiag[j]
-                q = quantize(target, scale[:, jj], zero[:, jj], maxq[:, jj]) * keep[:, j]
-                d = q - W[:, j]
-                W[:, j] = q
-                D[:, jj] = d
-                P[:, i1:i2].addr_(d, Hb[jj])
+            if D is None:
+                D = torch.zeros(R, i2 - i1, device=W.device, dtype=W.dtype)
+                for jj in range(i2 - i1):
+                    j = i1 + jj
+                    if hdiag[j] <= 0:
+                        continue
+                    target = W[:, j] - P[:, j] / hdiag[j]
+                    q = quantize(target, scale[:, jj], zero[:, jj], maxq[:, jj]) * keep[:, j]
+                    d = q - W[:, j]
+                    W[:, j] = q
+                    D[:, jj] = d
+                    P[:, i1:i2].addr_(d, Hb[jj])
             _update_outside(P, D, H, i1, i2)
-    after = torch.sum(P * (W - W0.to(W.dtype)), dim=1)
-    return after - before
+    diff = W - W0.to(W.dtype)
+    return torch.sum(P * diff, dim=1) - before
 
 
 def _update_outside(P: Tensor, D: Tensor, H: Tensor, i1: int, i2: int) -> None:

@@ -205,7 +205,7 @@ def solve(
     refit: bool = True,
     refine_passes: int = 0,
 ) -> SolveResult:
-    """Prune and quantize W [R, C] against H [C, C] (read only: the solve works on its own copy).
+    """Prune and quantize W [R, C] against H [C, C] (left as it was: the solve works on its own copy).
 
     ``qparams``: the layers' grids (:func:`column_params`), expanded to per-weight (scale, zero,
     maxq) one block of columns at a time; None means no quantization. ``row_segments`` lists the row counts of stacked
@@ -232,6 +232,7 @@ def solve(
     ``refine_passes``: after the sweep (before the refit), this many passes of coordinate descent
     over the kept weights, mask and grids fixed (:mod:`misq.algorithms.coordinate_descent`), on
     the damped H; with a ``block_fn`` (the caller wants fused kernels) its blocks are fused too.
+    H's diagonal is damped in place for the descent and restored bit for bit.
     """
     t0 = time.perf_counter()
     R, C = W.shape
@@ -260,8 +261,7 @@ def solve(
     W[:, dead_solve] = 0
     mean_diag = torch.diag(H).mean()  # λ = damp · this: the reported error takes the damping back out
     Hinv, damp = damped_inverse_cholesky(H, percdamp, method=options.hinv_method)
-    if not refine_passes:
-        del H  # else kept (damped) for the coordinate descent after the sweep
+    del H
 
     group_at = {s: (e, b) for s, e, b in (grid_groups or ())}
     if group_at and (qparams is not None or 0 not in group_at):
@@ -302,16 +302,18 @@ def solve(
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     del Hinv, cur_s, cur_z, cur_q
-    if refine_passes:
-        W0s = W0[:, order].float() if order is not None else W0.float()
-        W0s[:, dead_solve] = 0  # the sweep zeroed the dead columns; keep them there
-        grid = _solve_order_grid(qparams, order, grid_groups, group_scale, group_zero, R, W.device)
-        err_sq += coordinate_descent(W, W0s, H, keep, grid, passes=refine_passes, blocksize=blocksize,
-                                     fused=block_fn is not None)
-        del H, W0s
     if order is not None:
         W = torch.empty_like(W).index_copy_(1, order, W)
         keep = torch.empty_like(keep).index_copy_(1, order, keep)
+    if refine_passes:
+        # In the original column order, on the caller's H (its diagonal damped for the descent and
+        # restored), so the descent holds no second [C, C] matrix: its peak stays under the sweep's.
+        # The change it reports is the change of ‖E‖² (the damped objective), which the reported
+        # error below reads; dead columns are held at 0 (their weights do not reach the output).
+        grid = _original_order_grid(qparams, order, grid_groups, group_scale, group_zero, R, W.device)
+        err_sq += coordinate_descent(W, W0, H_orig, keep & ~dead if bool(dead.any()) else keep, grid,
+                                     damp=float(damp * mean_diag), passes=refine_passes, blocksize=blocksize,
+                                     fused=block_fn is not None)
     if not torch.isfinite(W).all():
         raise NumericalError("the solved weight holds NaN/Inf")
     slices, start = [], 0
@@ -333,18 +335,23 @@ def solve(
     return result
 
 
-def _solve_order_grid(qparams: StackedGrid | None, order: Tensor | None, grid_groups: Sequence[tuple[int, int, int]] | None,
-                      group_scale: list[Tensor], group_zero: list[Tensor], R: int, device: torch.device) -> GridFn:
-    """(scale, zero, maxq) [R, n] of solve positions [i1, i2), from whichever grids the solve used."""
+def _original_order_grid(qparams: StackedGrid | None, order: Tensor | None,
+                         grid_groups: Sequence[tuple[int, int, int]] | None, group_scale: list[Tensor],
+                         group_zero: list[Tensor], R: int, device: torch.device) -> GridFn:
+    """(scale, zero, maxq) [R, n] of original columns [i1, i2), from whichever grids the solve used."""
     if qparams is not None:
-        return lambda i1, i2: qparams.columns(slice(i1, i2) if order is None else order[i1:i2], device)
-    if grid_groups:
+        return lambda i1, i2: qparams.columns(slice(i1, i2), device)
+    if grid_groups:  # groups are runs of solve positions: map each original column to its group
         C = max(e for _s, e, _b in grid_groups)
-        col_group = torch.empty(C, dtype=torch.long, device=device)
-        maxq = torch.empty(C, device=device)
+        in_solve = torch.empty(C, dtype=torch.long, device=device)
+        maxq_solve = torch.empty(C, device=device)
         for k, (s, e, bits) in enumerate(sorted(grid_groups)):
-            col_group[s:e] = k
-            maxq[s:e] = float(2**bits - 1) if bits < FP_BITS else float("inf")
+            in_solve[s:e] = k
+            maxq_solve[s:e] = float(2**bits - 1) if bits < FP_BITS else float("inf")
+        col_group, maxq = in_solve, maxq_solve
+        if order is not None:
+            col_group, maxq = torch.empty_like(in_solve), torch.empty_like(maxq_solve)
+            col_group[order], maxq[order] = in_solve, maxq_solve
         S, Z = torch.stack(group_scale, dim=1), torch.stack(group_zero, dim=1)
         return lambda i1, i2: (S[:, col_group[i1:i2]], Z[:, col_group[i1:i2]], maxq[i1:i2].expand(R, -1))
     return lambda i1, i2: (torch.ones(R, i2 - i1, device=device), torch.zeros(R, i2 - i1, device=device),
