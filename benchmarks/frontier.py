@@ -101,6 +101,10 @@ for _p in (2, 4, 8, 16):
     for _base in ("sparse50 4b", "sparse50 3b", "gptq3 mse", "default", "gptq3 g128 static act mse", "sparse50", "gptq4 mse"):
         RECIPES[f"{_base} cd{_p}"] = {**RECIPES[_base], "refine_passes": _p}
 RECIPES["default cd0"] = {"refine_passes": 0}  # the default of sessions 5-6
+# MI grouping against Hessian sensitivity, re-measured with MSE grids and the descent (session 7).
+RECIPES["mi mixed 3.15 mse"] = {**_MIXED, "grouping": "mi", "target_size": 3.15, "mse": True}
+for _base in ("mixed 3.15 mse", "mi mixed 3.15 mse"):
+    RECIPES[f"{_base} cd4"] = {**RECIPES[_base], "refine_passes": 4}
 # Variants of 50% + 4-bit with the descent, for the 50% goal on stories260K (session 7).
 _S4 = RECIPES["sparse50 4b cd4"]
 RECIPES["sparse50 4b cd4 n512"] = {**_S4, "nsamples": 512}
