@@ -40,33 +40,33 @@ except Exception:
 
 MAX_BLOCK = 256  # wider blocks fall back to the eager loop (registers)
 # Rows per program and warps, by padded block width; tuned on an H200 (see BENCHMARKS.md).
-_CONFIGS = {16: (32, 4), 32: (16, 4), 64: (16, 4), 128: (8, 4), 256: (8, 4)}
+BLOCK_CONFIGS = {16: (32, 4), 32: (16, 4), 64: (16, 4), 128: (8, 4), 256: (8, 4)}
 
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1, for debugging the kernel without a GPU) has no
 # inline PTX: plain numpy-float32 division and a magic-number round-half-to-even stand in.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-if HAVE_TRITON and _INTERPRET:
+if HAVE_TRITON and INTERPRET:
 
     @triton.jit
-    def _div_rn(a, b):
+    def div_rn(a, b):
         return a / b
 
     @triton.jit
-    def _rint(x):
+    def rint(x):
         # exact for |x| < 2**22, far beyond any code here
         return tl.where(tl.abs(x) < 4194304.0, (x + 12582912.0) - 12582912.0, x)
 
 elif HAVE_TRITON:
 
     @triton.jit
-    def _div_rn(a, b):
+    def div_rn(a, b):
         # IEEE round-to-nearest division, as ATen's a / b (Triton's `/` may be approximate).
         return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
 
     @triton.jit
-    def _rint(x):
+    def rint(x):
         # Round half to even, as torch.round.
         return tl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
 
@@ -123,7 +123,7 @@ if HAVE_TRITON:
                 if i % PRUNE_M == 0:
                     # Rank each column of the group by saliency (ties: lower column first) and
                     # drop the PRUNE_N lowest, as block_loop's topk(largest=False).
-                    sal = _div_rn(w * w, hd2)
+                    sal = div_rn(w * w, hd2)
                     grp = (cols >= i) & (cols < i + PRUNE_M) & cmask
                     rank = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.int32)
                     for k in tl.static_range(PRUNE_M):
@@ -136,10 +136,10 @@ if HAVE_TRITON:
                 kc = kc_l
             wc = tl.sum(tl.where(sel, w, 0.0), axis=1)
             wk = wc * kc.to(tl.float32)
-            code = _rint(_div_rn(wk, sc)) + zc
+            code = rint(div_rn(wk, sc)) + zc
             code = tl.minimum(tl.maximum(code, 0.0), mq)
             qv = tl.where(mq > 1.0e38, wk, sc * (code - zc))
-            err = _div_rn(wc - qv, d)
+            err = div_rn(wc - qv, d)
             w = w - err[:, None] * h[None, :]
             q_t = tl.where(sel, qv[:, None], q_t)
             e_t = tl.where(sel, err[:, None], e_t)
@@ -154,7 +154,7 @@ if HAVE_TRITON:
 def _launch_config(B: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
     """(padded block width, rows per program, warps) for a block of B columns."""
     block_b = max(16, triton.next_power_of_2(B))
-    rows, warps = launch or _CONFIGS[block_b]
+    rows, warps = launch or BLOCK_CONFIGS[block_b]
     return block_b, rows, warps
 
 
@@ -170,7 +170,7 @@ def fused_block_loop(W1: Tensor, Hinv1: Tensor, keep1: Tensor, scale1: Tensor, z
     from misq.algorithms.sparsegpt import block_loop
 
     R, B = W1.shape
-    if not (HAVE_TRITON and (W1.is_cuda or _INTERPRET)) or B > MAX_BLOCK or R == 0 or B == 0:
+    if not (HAVE_TRITON and (W1.is_cuda or INTERPRET)) or B > MAX_BLOCK or R == 0 or B == 0:
         return block_loop(W1, Hinv1, keep1, scale1, zero1, maxq1, prunen, prunem)
     if W1.dtype != torch.float32:
         raise TypeError(f"fused_block_loop needs float32 weights, got {W1.dtype}")

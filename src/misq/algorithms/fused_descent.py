@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from misq.algorithms.fused import _CONFIGS, _INTERPRET, HAVE_TRITON, MAX_BLOCK, _div_rn, _rint
+from misq.algorithms.fused import BLOCK_CONFIGS, HAVE_TRITON, INTERPRET, MAX_BLOCK, div_rn, rint
 
 if HAVE_TRITON:
     import triton
@@ -54,8 +54,8 @@ if HAVE_TRITON:
             kc = tl.load(K + rows * s_kr + j * s_kc, mask=rmask, other=0).to(tl.float32)
             wc = tl.sum(tl.where(sel, w, 0.0), axis=1)
             pc = tl.sum(tl.where(sel, p, 0.0), axis=1)
-            target = wc - _div_rn(pc, tl.maximum(hjj, 1e-30) + tl.zeros_like(pc))
-            code = tl.minimum(tl.maximum(_rint(_div_rn(target, sc)) + zc, 0.0), mq)
+            target = wc - div_rn(pc, tl.maximum(hjj, 1e-30) + tl.zeros_like(pc))
+            code = tl.minimum(tl.maximum(rint(div_rn(target, sc)) + zc, 0.0), mq)
             qv = tl.where(mq > 1.0e38, target, sc * (code - zc)) * kc
             dv = tl.where(hjj > 0.0, qv - wc, 0.0)
             w = tl.where(sel, (wc + dv)[:, None], w)
@@ -73,7 +73,7 @@ def fused_descent_block(W1: Tensor, P1: Tensor, Hb: Tensor, keep1: Tensor, scale
     cannot run (no Triton, not CUDA, wider than 256 columns, not fp32, W1 and P1 of different
     strides): the caller then takes the eager loop."""
     R, B = W1.shape
-    if not (HAVE_TRITON and (W1.is_cuda or _INTERPRET)) or B > MAX_BLOCK or R == 0 or B == 0:
+    if not (HAVE_TRITON and (W1.is_cuda or INTERPRET)) or B > MAX_BLOCK or R == 0 or B == 0:
         return None
     if W1.dtype != torch.float32 or P1.dtype != torch.float32:
         return None
@@ -84,7 +84,7 @@ def fused_descent_block(W1: Tensor, P1: Tensor, Hb: Tensor, keep1: Tensor, scale
     keep8 = keep1.contiguous().view(torch.uint8)
     D = torch.empty((R, B), device=W1.device, dtype=torch.float32)
     block_b = max(16, triton.next_power_of_2(B))
-    block_r, warps = _CONFIGS[block_b]
+    block_r, warps = BLOCK_CONFIGS[block_b]
     _descent_kernel[(triton.cdiv(R, block_r),)](
         W1, P1, W1.stride(0), W1.stride(1),
         D, D.stride(0), D.stride(1),

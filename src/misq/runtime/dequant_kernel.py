@@ -5,7 +5,7 @@ for the caller's one cuBLAS matmul.
 
 Program (blk, pid_n): one layout block (16 T columns) and BN features, a chunk of TC tiles at a
 time. Widths of at most 10 bits (PK) make the weights two per 32-bit operation
-(triton_common._pk_halves: [TC/2 / HA, 16, BN, HA] pairs of columns 16 T/2 apart); wider ones
+(triton_common.pk_halves: [TC/2 / HA, 16, BN, HA] pairs of columns 16 T/2 apart); wider ones
 code by code: ``_chunk_codes`` ORs the pieces' bits into int32 codes [16 TC, BN] in the columns'
 own order and ``_chunk_w`` scales them in float32 (the exponent trick) and rounds to fp16. Either
 way the weights are the decoder's, bit for bit.
@@ -19,7 +19,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from misq.runtime.triton_common import MAGIC, _exact_w, _load_pieces, _pk_halves, _pk_scales
+    from misq.runtime.triton_common import MAGIC, exact_w, load_pieces, pk_halves, pk_scales
 
     @triton.jit
     def _piece_chunk(w, c: tl.constexpr, P: tl.constexpr, PMIN: tl.constexpr, BITS: tl.constexpr, TC: tl.constexpr):
@@ -65,7 +65,7 @@ if HAVE_TRITON:
                 g = k // GROUP
             else:
                 g = tl.load(g_ptr + k, mask=k_ok, other=0)
-            w = _exact_w(code, g, k_ok, s_ptr, z_ptr, offs_n, n_ok, N)
+            w = exact_w(code, g, k_ok, s_ptr, z_ptr, offs_n, n_ok, N)
         return w
 
     @triton.jit
@@ -74,7 +74,7 @@ if HAVE_TRITON:
                          GROUP: tl.constexpr, BN: tl.constexpr, TC: tl.constexpr, PK: tl.constexpr):
         """out[k, n] = the weight of column k, feature n (fp16, as the decoder's), for one layout
         block (program axis 0) and BN features (axis 1), a chunk of TC tiles at a time: PK (codes
-        under 1024), two weights per 32-bit operation (_pk_halves); else code by code."""
+        under 1024), two weights per 32-bit operation (pk_halves); else code by code."""
         PMIN: tl.constexpr = PD if PD > 0 else (PC if PC > 0 else (PB if PB > 0 else PA))
         T: tl.constexpr = 32 // PMIN
         HA: tl.constexpr = PA // PMIN
@@ -82,11 +82,11 @@ if HAVE_TRITON:
         blk = tl.program_id(0)
         offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
         n_ok = offs_n < N
-        wA, wB, wC, wD = _load_pieces(wa, wb, wc, wd, blk, 0, PA, PB, PC, PD, PMIN, True, offs_n, n_ok, N)
+        wA, wB, wC, wD = load_pieces(wa, wb, wc, wd, blk, 0, PA, PB, PC, PD, PMIN, True, offs_n, n_ok, N)
         for c in tl.static_range(T // TC):
             if PK:
-                zz, ss = _pk_scales(blk, c, s_ptr, z_ptr, g_ptr, n_cols, n_groups, offs_n, n_ok, N, GROUP, T, TC, HA)
-                lo, hi = _pk_halves(wA, wB, wC, wD, c, zz, ss, BITS, PA, PB, PC, PD, PMIN, TC)
+                zz, ss = pk_scales(blk, c, s_ptr, z_ptr, g_ptr, n_cols, n_groups, offs_n, n_ok, N, GROUP, T, TC, HA)
+                lo, hi = pk_halves(wA, wB, wC, wD, c, zz, ss, BITS, PA, PB, PC, PD, PMIN, TC)
                 t = c * (TC // 2) + tl.arange(0, TC // 2 // HA)[:, None] * HA + tl.arange(0, HA)[None, :]  # [SA, HA]
                 k = (blk * (16 * T) + 16 * t)[:, None, None, :] + tl.arange(0, 16)[None, :, None, None]  # [SA, 16, 1, HA]
                 nn = offs_n[None, None, :, None]

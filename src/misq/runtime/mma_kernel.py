@@ -5,7 +5,7 @@ path (M = 2..16 rows padded to BM = 16, and M = 1 for widths of several pieces) 
 One launch covers one or two segments (widths): y [M, N] = x @ W^T, W never written to memory.
 Per layout block a program loads all of its word rows (per piece [16, BN, H]); per chunk of TC
 tiles (up to 8: 16 TC columns) it makes the decoder's fp16 weights, bit for bit, two per 32-bit
-operation (triton_common._pk_halves), laid out in the kernel's column order (``_pk_chunk``: fp16
+operation (triton_common.pk_halves), laid out in the kernel's column order (``_pk_chunk``: fp16
 [BN, 16 TC], layout.kernel_order), and multiplies them, as the left operand in registers, with the
 x tile [BM, 16 TC] on the tensor cores (wgmma), into acc float32 [BN, BM].
 
@@ -26,13 +26,13 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from misq.runtime.triton_common import _load_pieces, _pk_halves, _pk_scales, _write_out
+    from misq.runtime.triton_common import load_pieces, pk_halves, pk_scales, write_out
 
     @triton.jit
     def _pk_chunk(wA, wB, wC, wD, c, zz, ss, BITS: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr,
                   PC: tl.constexpr, PD: tl.constexpr, PMIN: tl.constexpr, TC: tl.constexpr):
-        """fp16 [BLOCK_N, 16 TC]: _pk_halves' weights in the kernel's order (layout.kernel_order)."""
-        lo, hi = _pk_halves(wA, wB, wC, wD, c, zz, ss, BITS, PA, PB, PC, PD, PMIN, TC)
+        """fp16 [BLOCK_N, 16 TC]: pk_halves' weights in the kernel's order (layout.kernel_order)."""
+        lo, hi = pk_halves(wA, wB, wC, wD, c, zz, ss, BITS, PA, PB, PC, PD, PMIN, TC)
         e = tl.permute(tl.join(lo, hi), (2, 0, 3, 1, 4))  # [BN, SA, HA, 16, 2]
         return tl.reshape(e, (e.shape[0], 16 * TC))
 
@@ -56,7 +56,7 @@ if HAVE_TRITON:
             col = blk * (16 * T) + 16 * (c * (TC // 2) + offs_k // 32) + (offs_k // 2) % 16 + (offs_k % 2) * (8 * T)
             xm = m_ok[:, None] & (col < n_cols)[None, :]
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + idx[None, :], mask=xm, other=0.0)
-        zz, ss = _pk_scales(blk, c, s_ptr, z_ptr, g_ptr, n_cols, n_groups, offs_n, n_ok, N, GROUP, T, TC, PA // PMIN)
+        zz, ss = pk_scales(blk, c, s_ptr, z_ptr, g_ptr, n_cols, n_groups, offs_n, n_ok, N, GROUP, T, TC, PA // PMIN)
         e = _pk_chunk(wA, wB, wC, wD, c, zz, ss, BITS, PA, PB, PC, PD, PMIN, TC)
         return tl.dot(e, tl.trans(xt), acc)
 
@@ -77,13 +77,13 @@ if HAVE_TRITON:
         if FLAT:  # one loop step a chunk: software pipelining buffers one x tile a stage, not a block's
             for u in range(b_lo * (T // TC), b_hi * (T // TC)):
                 blk = u // (T // TC)
-                wA, wB, wC, wD = _load_pieces(wa, wb, wc, wd, blk, 0, PA, PB, PC, PD, PMIN, True, offs_n, n_ok, N)
+                wA, wB, wC, wD = load_pieces(wa, wb, wc, wd, blk, 0, PA, PB, PC, PD, PMIN, True, offs_n, n_ok, N)
                 acc = _mma_tile(acc, wA, wB, wC, wD, x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr,
                                 blk, u % (T // TC), offs_k, n_cols, n_groups, offs_n, n_ok, N,
                                 BITS, PA, PB, PC, PD, GROUP, TC, EVEN, GATHER)
         else:  # a block's words loaded once, its chunks unrolled
             for blk in range(b_lo, b_hi):
-                wA, wB, wC, wD = _load_pieces(wa, wb, wc, wd, blk, 0, PA, PB, PC, PD, PMIN, True, offs_n, n_ok, N)
+                wA, wB, wC, wD = load_pieces(wa, wb, wc, wd, blk, 0, PA, PB, PC, PD, PMIN, True, offs_n, n_ok, N)
                 for c in tl.static_range(T // TC):
                     acc = _mma_tile(acc, wA, wB, wC, wD, x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr,
                                     blk, c, offs_k, n_cols, n_groups, offs_n, n_ok, N,
@@ -126,5 +126,5 @@ if HAVE_TRITON:
             lo = tl.maximum(lo, 0)
             acc = _mma_segment(acc, x2, q2, stride_xm, offs_m, m_ok, a2, b2, c2, d2, s2, z2, g2, lo, hi, n2, k2,
                                offs_n, n_ok, N, BITS2, PA2, PB2, PC2, PD2, GROUP2, TC2, EVEN2, GATHER, BM > 16)
-        _write_out(tl.trans(acc), offs_m, m_ok, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr,
+        write_out(tl.trans(acc), offs_m, m_ok, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr,
                    HAS_BIAS, MODE)

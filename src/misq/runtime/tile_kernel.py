@@ -19,7 +19,7 @@ run pid_s of blocks_per_split layout blocks (16 T columns each, T = 32 // the sm
 
 GROUP is the scale groups' length when groups are whole tiles lined up with the blocks
 (kernels.kernel_group), else 0: then (and on the dot path for widths over 11 bits) each column's
-group is read from gidx and each weight rounded to fp16 as the decoder does (triton_common ``_exact_w``).
+group is read from gidx and each weight rounded to fp16 as the decoder does (triton_common ``exact_w``).
 
 MODE 0 stores the fp16 output (+ bias); 1 adds the partial sums into the float32 split-K
 workspace [M, N]; 2 adds them too, and the last program of each BN slice (an int32 counter per
@@ -34,7 +34,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from misq.runtime.triton_common import MAGIC, _exact_w, _load_pieces, _write_out
+    from misq.runtime.triton_common import MAGIC, exact_w, load_pieces, write_out
 
     TWO23 = tl.constexpr(8388608.0)
 
@@ -88,7 +88,7 @@ if HAVE_TRITON:
         b_hi = tl.minimum(b_lo + blocks_per_split, nblk)
         for blk in range(b_lo, b_hi):
             for h in range(HA):  # a runtime loop: less code to compile
-                wA, wB, wC, wD = _load_pieces(wa, wb, wc, wd, blk, h, PA, PB, PC, PD, PMIN, False, offs_n, n_ok, N)
+                wA, wB, wC, wD = load_pieces(wa, wb, wc, wd, blk, h, PA, PB, PC, PD, PMIN, False, offs_n, n_ok, N)
                 if SINGLE and not DOT and not EXACT:
                     wAhi = wA >> 16
                 if DOT:
@@ -110,7 +110,7 @@ if HAVE_TRITON:
                         xt = tl.load(x_ptr + idx, mask=k_ok, other=0.0).to(tl.float32)
                     if EXACT:
                         code = _code(wA, wB, wC, wD, s, h, BITS, PA, PB, PC, PD, PMIN)
-                        w = _exact_w(code, tl.load(g_ptr + k, mask=k_ok, other=0), k_ok, s_ptr, z_ptr, offs_n, n_ok, N)
+                        w = exact_w(code, tl.load(g_ptr + k, mask=k_ok, other=0), k_ok, s_ptr, z_ptr, offs_n, n_ok, N)
                         if DOT:
                             acc = tl.dot(xt, w, acc)
                         else:
@@ -160,4 +160,4 @@ if HAVE_TRITON:
             y = tl.sum(acc, axis=0)[None, :]
             om = tl.arange(0, 1)
             mo = om < 1
-        _write_out(y, om, mo, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)
+        write_out(y, om, mo, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)

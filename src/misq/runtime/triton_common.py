@@ -9,11 +9,11 @@ operation. Shapes follow :mod:`misq.runtime.layout`: per piece of a width, int32
   dequantizes layer by layer instead (so ``import misq.runtime`` needs no Triton). Triton's CPU
   interpreter (``TRITON_INTERPRET=1``) has no inline PTX: plain fp16 operations stand in for
   ``_f16x2_sub_mul``'s.
-* ``_load_pieces``: every kernel loads a block's code pieces through it (int32 [16, BLOCK_N] word
+* ``load_pieces``: every kernel loads a block's code pieces through it (int32 [16, BLOCK_N] word
   rows of one tile run, or all of a block's rows, [16, BLOCK_N, H]). A width has one to four pieces
   (layout.pieces: PA >= PB >= PC >= PD bits, 0 for a piece it does not have); pointers for absent
   pieces get a dummy tensor (kernels._pieces_args) and the constexpr piece widths prune their code.
-* ``_pk_halves`` / ``_pk_scales``: the weights ``(code - zero) * scale`` of a chunk of up to 8
+* ``pk_halves`` / ``pk_scales``: the weights ``(code - zero) * scale`` of a chunk of up to 8
   tiles, bit for bit, two per 32-bit operation: a column and the one 16 T/2 columns on sit 16 bits
   apart in the same words, so one funnel shift and one mask per piece, OR 0x6400 makes fp16
   1024 + code, then one ``sub.f16x2`` of 1024 + zero and one ``mul.f16x2`` by the scale (codes
@@ -77,7 +77,7 @@ if HAVE_TRITON:
         return w
 
     @triton.jit
-    def _load_pieces(wa, wb, wc, wd, blk, h, PA: tl.constexpr, PB: tl.constexpr, PC: tl.constexpr,
+    def load_pieces(wa, wb, wc, wd, blk, h, PA: tl.constexpr, PB: tl.constexpr, PC: tl.constexpr,
                      PD: tl.constexpr, PMIN: tl.constexpr, WHOLE: tl.constexpr, offs_n, n_ok, N):
         """Every piece's word rows of block blk (see _piece_rows): (wA, wB, wC, wD); the pieces a
         width does not have repeat wA and are never read."""
@@ -138,13 +138,13 @@ if HAVE_TRITON:
         return v.to(tl.int32, bitcast=True)
 
     @triton.jit
-    def _pk_halves(wA, wB, wC, wD, c, zz, ss, BITS: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr,
+    def pk_halves(wA, wB, wC, wD, c, zz, ss, BITS: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr,
                    PC: tl.constexpr, PD: tl.constexpr, PMIN: tl.constexpr, TC: tl.constexpr):
         """(lo, hi) fp16 [TC/2 / HA, 16, BLOCK_N, HA]: the decoder's weights (code - zero) * scale
         of chunk c, bit for bit, at _pk_piece's element order (lo: column 16 t + r, hi: 16 T/2
         columns on), two per 32-bit operation: codes ORed into 0x6400 are fp16 1024 + code, minus
         zz (fp16 1024 + zero, twice) is exact, times ss (the scales, twice) rounds as the decoder
-        does. zz, ss: int32 broadcastable to that shape (_pk_scales)."""
+        does. zz, ss: int32 broadcastable to that shape (pk_scales)."""
         HA: tl.constexpr = PA // PMIN
         # (v & mask) | t per piece: one LOP3 each
         t = (_pk_piece(wA, c, PA, PMIN, HA, BITS, TC) & ((((1 << PA) - 1) << (BITS & (PA - 1))) * 0x10001)) | 0x64006400
@@ -157,7 +157,7 @@ if HAVE_TRITON:
         return _f16x2_sub_mul(t, tl.broadcast_to(zz, t.shape), tl.broadcast_to(ss, t.shape))
 
     @triton.jit
-    def _pk_scales(blk, c, s_ptr, z_ptr, g_ptr, n_cols, n_groups, offs_n, n_ok, N,
+    def pk_scales(blk, c, s_ptr, z_ptr, g_ptr, n_cols, n_groups, offs_n, n_ok, N,
                    GROUP: tl.constexpr, T: tl.constexpr, TC: tl.constexpr, HA: tl.constexpr):
         """(zz, ss) for chunk c of block blk: int32 pairs (low: column 16 t + r, high: its partner
         16 T/2 columns on) of fp16 1024 + zero and of the scale, indexed as _pk_piece's result
@@ -203,7 +203,7 @@ if HAVE_TRITON:
         return zz, ss
 
     @triton.jit
-    def _write_out(y, om, mo, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr,
+    def write_out(y, om, mo, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr,
                    HAS_BIAS: tl.constexpr, MODE: tl.constexpr):
         """Store y [rows, BN] (fp32) for output rows ``om`` (valid: ``mo``) and features ``offs_n``.
 
@@ -233,7 +233,7 @@ if HAVE_TRITON:
                     tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
     @triton.jit
-    def _exact_w(code, g, k_ok, s_ptr, z_ptr, offs_n, n_ok, N):
+    def exact_w(code, g, k_ok, s_ptr, z_ptr, offs_n, n_ok, N):
         """fp16 [n, BLOCK_N]: (code - zero) * scale in float32, rounded to fp16 (the decoder's
         weight, bit for bit), for columns k (valid: ``k_ok`` [n]) of groups ``g`` [n]."""
         m = k_ok[:, None] & n_ok[None, :]
