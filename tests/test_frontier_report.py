@@ -61,3 +61,11 @@ def test_a_packed_checkpoints_own_eval_compares_with_its_baseline(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(packed))
     out = compare(base, [tmp_path / "p.json"], tmp_path / "report2")
     assert [w for w in out["runs"][0]["warnings"] if "model differs" in w]
+
+
+def test_dominated_by_can_allow_a_dataset_some_slack():
+    ref = {"name": "r", "size": 3.0, "ppl": {"wikitext2": 10.0, "c4": 20.0, "ptb": 30.0}}
+    a = {"name": "a", "size": 2.9, "ppl": {"wikitext2": 9.0, "c4": 19.0, "ptb": 30.5}}  # PTB +1.7%
+    b = {"name": "b", "size": 2.9, "ppl": {"wikitext2": 9.0, "c4": 19.0, "ptb": 31.0}}  # PTB +3.3%
+    assert dominated_by(ref, [a, b], ("wikitext2", "c4")) == ["a", "b"]
+    assert dominated_by(ref, [a, b], ("wikitext2", "c4"), within={"ptb": 0.02}) == ["a"]

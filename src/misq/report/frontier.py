@@ -44,13 +44,17 @@ def run_point(name: str, results: dict[str, Any]) -> dict[str, Any] | None:
     return {"name": name, "size": float(size), "ppl": {k: float(v) for k, v in ppl.items()}, "reference": False}
 
 
-def dominated_by(point: dict[str, Any], others: list[dict[str, Any]], datasets: tuple[str, ...]) -> list[str]:
-    """Names of ``others`` at most ``point``'s size with lower PPL on every one of ``datasets``."""
+def dominated_by(point: dict[str, Any], others: list[dict[str, Any]], datasets: tuple[str, ...],
+                 within: dict[str, float] | None = None) -> list[str]:
+    """Names of ``others`` at most ``point``'s size with lower PPL on every one of ``datasets``,
+    and no more than (1 + slack)× its PPL on each dataset of ``within`` (e.g. {"ptb": 0.02}, the
+    frontier goal's allowance for the noisier set)."""
     out = []
     for o in others:
-        if o["size"] <= point["size"] + 1e-9 and all(
-            d in o["ppl"] and d in point["ppl"] and o["ppl"][d] < point["ppl"][d] for d in datasets
-        ):
+        lower = all(d in o["ppl"] and d in point["ppl"] and o["ppl"][d] < point["ppl"][d] for d in datasets)
+        close = all(d in o["ppl"] and d in point["ppl"] and o["ppl"][d] <= point["ppl"][d] * (1 + slack)
+                    for d, slack in (within or {}).items())
+        if o["size"] <= point["size"] + 1e-9 and lower and close:
             out.append(o["name"])
     return out
 
