@@ -33,7 +33,8 @@ def make_run(**changes) -> dict:
         "model": {"name_or_path": "llama-7b"},
         "protocol": dict(BASELINE["protocol"]),
         "config": {"dataset": "c4", "nsamples": 128, "seed": 0, "sparsity": 0.5, "prunen": 0, "prunem": 0, "grouping": "mi",
-                   "wbits": 4, "n_groups": 10, "target_avg_bits": 4.0, "bits": [2, 3, 4, 6, 8], "budget": "layer"},
+                   "wbits": 4, "n_groups": 10, "target_avg_bits": 4.0, "bits": [2, 3, 4, 6, 8], "budget": "layer",
+                   "refine_passes": 4},
         "ppl": {"wikitext2": 105.0, "ptb": 210.0, "c4": 52.0},
         "timing": {"compress_s": 640.0, "eval_s": {"wikitext2": 12.3, "ptb": 5.0, "c4": 20.0}},
         "bits": {"target_avg_bits": 4.0, "actual_avg_bits": 4.003, "exact": True, "histogram": {
@@ -251,6 +252,8 @@ def test_each_suggestion_appears_only_when_triggered():
     assert ids(make_run(ppl={"wikitext2": 105.0, "ptb": 260.0, "c4": 52.0})) == ["dataset_degrades_ptb"]
     assert ids(make_run(storage={"bits_per_stored_weight": 4.6})) == ["scale_overhead"]
     assert ids(make_run(sparsity={"actual": 0.45})) == ["sparsity_missed"]
+    assert ids(make_run(config={"refine_passes": 0})) == ["refine_off"]
+    assert ids(make_run(config={"refine_passes": 0, "sparsity": 0.0}, sparsity={"target": 0.0, "actual": 0.0})) == []
     top = {"2": {"weight_share": 0.1}, "4": {"weight_share": 0.3}, "8": {"weight_share": 0.6}}
     assert ids(make_run(bits={"histogram": top})) == ["saturated_top"]
     bottom = {"2": {"weight_share": 0.7}, "4": {"weight_share": 0.1}, "8": {"weight_share": 0.2}}

@@ -344,6 +344,8 @@ def _config_summary(res: dict[str, Any]) -> dict[str, Any]:
         "budget": cfg.get("budget") if grouping != "uniform" else None,
         "seqlen": _seqlen(res),
         "seed": cfg.get("seed"),
+        # Descent passes after the solve; results files from before the option ran none.
+        "refine_passes": cfg.get("refine_passes", 0) if cfg and res.get("kind") != "baseline" else None,
     }
     summary["sparsity"] = sparsity_text(summary)
     return summary

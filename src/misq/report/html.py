@@ -105,6 +105,7 @@ def build_sections(c: dict[str, Any], plots: dict[str, bytes] | None = None) -> 
         ["Calibration samples", DASH, _or_dash(cfg["nsamples"])],
         ["Groups (K)", DASH, _or_dash(cfg["n_groups"])],
         ["Budget scope", DASH, _or_dash(cfg["budget"])],
+        ["Descent passes after the solve", DASH, _or_dash(cfg.get("refine_passes"))],
         ["Seqlen", _or_dash(base["seqlen"]), _or_dash(cfg["seqlen"])],
     ])  # fmt: skip
 
