@@ -11,7 +11,7 @@ from misq.runtime.linear import PackedLinear
 
 
 def random_layer(rows: int, cols: int, widths: tuple[int, ...], groupsize: int, pattern: str, *,
-                 act_order: bool = False, seed: int = 0):
+                 act_order: bool = False, seed: int = 0, pruned: float = 0.5):
     """(PackedLinear, dense fp16 weight [rows, cols] as decode_layer gives it). Groups of
     ``groupsize`` columns (0: one group per width), widths cycled over the groups."""
     g = torch.Generator().manual_seed(seed)
@@ -35,7 +35,7 @@ def random_layer(rows: int, cols: int, widths: tuple[int, ...], groupsize: int, 
     zero[:, bits >= FP_BITS] = 0.0
     W = W.half()
     if pattern == "unstructured":
-        W = W * (torch.rand(rows, cols, generator=g) > 0.5)
+        W = W * (torch.rand(rows, cols, generator=g) > pruned)
     elif pattern == "2:4":
         r = torch.rand(rows, cols // 4, 4, generator=g).argsort(-1)
         W = (W.reshape(rows, cols // 4, 4) * (r < 2)).reshape(rows, cols)

@@ -129,8 +129,9 @@ def test_layer_round_trip_bit_exact(rows: int, blocks: int, widths: list[int], p
     packed = encode_layer(W, grid, pattern)
     out = decode_layer(packed.tensors, packed.meta, pattern)
     assert out.dtype == dtype and torch.equal(out, W)
-    # Only survivors are stored: pruned weights cost nothing but the mask.
-    assert sum(packed.meta["survivors"].values()) == (int((W != 0).sum()) if pattern == "unstructured" else
+    # Only survivors are stored: pruned weights cost nothing but the mask (unless coding the zeros is cheaper).
+    masked = "mask" in packed.tensors
+    assert sum(packed.meta["survivors"].values()) == (int((W != 0).sum()) if masked else
                                                       W.numel() * (parse_pattern(pattern).n / 4 if ":" in pattern else 1))
 
 
@@ -175,6 +176,29 @@ def test_groupwise_layout_round_trip_and_exact_size(rows, cols, n_groups, groups
     actual = {k: t.numel() * t.element_size() for k, t in packed.tensors.items()}
     assert layer_nbytes(describe_layer(Wq, grid, pattern), pattern, 2) == actual
     assert ("perm" in packed.tensors) == lay.permuted
+
+
+@pytest.mark.parametrize("pruned,masked", [(0.02, False), (0.5, True)])
+def test_unstructured_layer_stores_a_mask_only_where_it_is_cheaper(pruned, masked) -> None:
+    """Under an unstructured pattern a layer with few zeros (one the sparsity allocation left dense)
+    codes them at the zero point and stores no mask; a half-pruned layer stores its mask. Both
+    reload bit for bit, the accounting counts the file to the byte, and files written before the
+    choice (a mask, no ``masked`` key) still read."""
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(48, 96, generator=gen)
+    W[torch.rand(48, 96, generator=gen) < pruned] = 0
+    grid = find_grid(W, torch.zeros(96, dtype=torch.long), torch.tensor([4]))
+    Wq = torch.where(W != 0, quantize_with_grid(W, grid), 0.0).half()
+    packed = encode_layer(Wq, grid, "unstructured")
+    assert ("mask" in packed.tensors) == masked and packed.meta.get("masked", True) == masked
+    assert torch.equal(decode_layer(packed.tensors, packed.meta, "unstructured"), Wq)
+    actual = {k: t.numel() * t.element_size() for k, t in packed.tensors.items()}
+    assert layer_nbytes(describe_layer(Wq, grid, "unstructured"), "unstructured", 2) == actual
+    n_zero = int((Wq == 0).sum())
+    with_mask = 48 * 96 // 8 + 4 * math.ceil((Wq.numel() - n_zero) / 8)  # codes: 4 bit-planes of whole bytes
+    without = 4 * math.ceil(Wq.numel() / 8)
+    codes = actual["codes_w4"]
+    assert codes + actual.get("mask", 0) == min(with_mask, without)
 
 
 def test_zeros_are_stored_at_the_code_width() -> None:

@@ -70,6 +70,14 @@ def packed_tiny(tiny_checkpoint, tiny_corpus_file, tmp_path_factory):
     return tmp / "packed"
 
 
+def test_lightly_pruned_layer_without_a_mask_dequantizes_exactly():
+    """Under an unstructured pattern a layer with 2% zeros stores no mask (its zeros are codes at
+    the zero point): the runtime's layout reads it as dense and computes the same weight."""
+    lin, dense, packed = random_layer(40, 200, (4,), 32, "unstructured", pruned=0.02)
+    assert "mask" not in packed.tensors and packed.meta["masked"] is False
+    assert torch.equal(lin.dequantize(torch.float16), dense)
+
+
 def test_packed_runtime_logits_equal_dense(packed_tiny):
     dense = misq.load(str(packed_tiny))
     packed = misq.load(str(packed_tiny), runtime="packed")

@@ -17,7 +17,10 @@ and width. Per layer (``R`` rows, ``C`` columns, widths ``b``):
 ``group_bits``      uint8 [K] each run's width; ``group_len`` int32 [K] each run's length
                     (absent when the layer is *regular*: one width, runs of G; config.json's
                     ``regular_groupsize`` and ``group_bits`` say so, as GPTQ's quantize config does)
-``mask``/``nm_index``  the sparsity pattern (:mod:`misq.checkpoint.packing`), original order
+``mask``/``nm_index``  the sparsity pattern (:mod:`misq.checkpoint.packing`), original order;
+                    under an unstructured pattern a layer whose zeros cost fewer bits as codes
+                    at the zero point than a mask does (few pruned weights, e.g. a layer the
+                    sparsity allocation left dense) stores none (meta ``masked: false``)
 ==================  =======================================================================
 
 Zeros at the code width and no per-column group ids are what make group-wise grids cheap:
@@ -104,6 +107,22 @@ def _row_chunks(R: int, n_cols: int) -> list[slice]:
     return [slice(r, min(r + step, R)) for r in range(0, R, step)]
 
 
+def _stored_keep(W: Tensor, pat: Pattern, col_bits: Tensor) -> tuple[Tensor, bool]:
+    """(keep [R, C] of the weights stored as codes or values, whether a mask is stored).
+
+    Under an unstructured pattern the mask costs one bit per weight; without it every zero is
+    stored like any weight (a code at the zero point, or a 16-bit value). The cheaper wins, the
+    mask on a tie (so 50% at 2 bits stores one, as before). ``col_bits`` [C]: each column's width.
+    """
+    keep = keep_mask(W, pat)
+    if pat.kind != "unstructured":
+        return keep, False
+    zero_cost = int(((~keep).sum(0).long() * col_bits.long()).sum())
+    if mask_nbytes(keep.numel()) * 8 <= zero_cost:
+        return keep, True
+    return torch.ones_like(keep), False
+
+
 def encode_layer(weight: Tensor, grid: QuantGrid, pattern: str | Pattern, *, verify: bool = True) -> PackedLayer:
     """Encode weight [R, C] (pruned and quantized on ``grid``) for ``pattern``.
 
@@ -123,7 +142,7 @@ def encode_layer(weight: Tensor, grid: QuantGrid, pattern: str | Pattern, *, ver
     bits = g.bits[run_group]
     pos_group = torch.repeat_interleave(torch.arange(run_group.numel()), run_len)
     sg = QuantGrid(scale=g.scale[:, run_group], zero=g.zero[:, run_group], groups=pos_group, bits=bits)
-    keep = keep_mask(W, pat)
+    keep, masked = _stored_keep(W, pat, g.bits[g.groups])
     Wp, kp = W[:, perm], keep[:, perm]
     out = PackedLayer()
     survivors: dict[str, int] = {}
@@ -156,7 +175,7 @@ def encode_layer(weight: Tensor, grid: QuantGrid, pattern: str | Pattern, *, ver
     quantized = bits < FP_BITS
     if bool(quantized.any()):
         out.tensors["scales"] = sg.scale[:, quantized].to(torch.float16).contiguous()
-    if pat.kind == "unstructured":
+    if masked:
         out.tensors["mask"] = pack_mask(keep)
     elif pat.kind == "nm":
         out.tensors["nm_index"] = encode_nm(keep, pat.n, pat.m)
@@ -165,6 +184,8 @@ def encode_layer(weight: Tensor, grid: QuantGrid, pattern: str | Pattern, *, ver
         out.tensors["perm"] = perm.to(_perm_dtype(C))
     out.meta = {"rows": R, "cols": C, "groups": int(bits.numel()), "group_bits": bits.tolist(), "permuted": permuted,
                 "dtype": str(W.dtype).replace("torch.", ""), "survivors": survivors, "layer_format": LAYER_FORMAT}
+    if pat.kind == "unstructured" and not masked:
+        out.meta["masked"] = False  # absent means a mask, as in every file before this choice
     regular = regular_groupsize(bits, run_len)
     if regular:  # one width, runs of G: the table follows from (width, G), which meta holds
         out.meta["regular_groupsize"] = regular
@@ -237,11 +258,16 @@ def expected_shapes(meta: dict[str, Any], pattern: Pattern) -> dict[str, tuple[t
             continue
         shapes[f"codes_w{b}"] = ((packed_nbytes(n, b),), torch.uint8)
         shapes[f"zeros_w{b}"] = ((packed_nbytes(R * bits.count(b), b),), torch.uint8)
-    if pattern.kind == "unstructured":
+    if pattern.kind == "unstructured" and has_mask(meta):
         shapes["mask"] = ((mask_nbytes(R * C),), torch.uint8)
     elif pattern.kind == "nm":
         shapes["nm_index"] = ((nm_nbytes(R, C, pattern.n, pattern.m),), torch.uint8)
     return shapes
+
+
+def has_mask(meta: dict[str, Any]) -> bool:
+    """Whether a layer of an unstructured pattern stores its mask (files before the choice always do)."""
+    return bool(meta.get("masked", True))
 
 
 def layer_nbytes(meta: dict[str, Any], pattern: str | Pattern, weight_element_size: int = 2) -> dict[str, int]:
@@ -264,11 +290,14 @@ def describe_layer(weight: Tensor, grid: QuantGrid, pattern: str | Pattern) -> d
     perm, run_group, run_len = storage_order(g)
     bits = g.bits[run_group]
     pos_bits = torch.repeat_interleave(bits, run_len)
-    kept = keep_mask(W, pat)[:, perm].sum(0)  # [C] survivors per position
+    keep, masked = _stored_keep(W, pat, g.bits[g.groups])
+    kept = keep[:, perm].sum(0)  # [C] survivors per position
     survivors = {str(b): int(kept[pos_bits == b].sum()) for b in sorted(set(bits.tolist()))}
     meta = {"rows": R, "cols": C, "groups": int(bits.numel()), "group_bits": bits.tolist(),
             "permuted": not torch.equal(perm, torch.arange(C)), "dtype": str(W.dtype).replace("torch.", ""),
             "survivors": survivors, "layer_format": LAYER_FORMAT}
+    if pat.kind == "unstructured" and not masked:
+        meta["masked"] = False
     regular = regular_groupsize(bits, run_len)
     if regular:
         meta["regular_groupsize"] = regular
@@ -304,7 +333,7 @@ def decode_layer(tensors: dict[str, Tensor], meta: dict[str, Any], pattern: str 
     if pat.kind == "dense":
         keep = torch.ones(R, C, dtype=torch.bool)
     elif pat.kind == "unstructured":
-        keep = unpack_mask(tensors["mask"], (R, C))
+        keep = unpack_mask(tensors["mask"], (R, C)) if has_mask(meta) else torch.ones(R, C, dtype=torch.bool)
     else:
         keep = decode_nm(tensors["nm_index"], pat.n, pat.m, (R, C))
     kp = keep[:, perm]

@@ -151,8 +151,14 @@ def option_sizes(keep: Tensor, groups: Tensor, n_groups: int, cfg: CompressConfi
     for k, n in enumerate(counts):
         density = float(kept[k]) / (R * n) if n else 1.0
         for j, b in enumerate(cfg.bits):
-            out[k, j] = segment_bits(R, n, b, groupsize=cfg.groupsize, density=density, mask_bits_per_weight=mask,
-                                     permuted=permuted) / (R * n) if n else float(b)
+            if not n:
+                out[k, j] = float(b)
+                continue
+            bits = segment_bits(R, n, b, groupsize=cfg.groupsize, density=density, mask_bits_per_weight=mask, permuted=permuted)
+            if mask == 1.0:  # a layer with few zeros stores them as codes and no mask (layer_format._stored_keep)
+                bits = min(bits, segment_bits(R, n, b, groupsize=cfg.groupsize, density=1.0, mask_bits_per_weight=0.0,
+                                              permuted=permuted))
+            out[k, j] = bits / (R * n)
     return out
 
 

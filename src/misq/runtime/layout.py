@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from misq.algorithms.quantizer import FP_BITS
-from misq.checkpoint.layer_format import run_table
+from misq.checkpoint.layer_format import has_mask, run_table
 from misq.checkpoint.packing import Pattern, decode_nm, parse_pattern, unpack_bits, unpack_mask
 
 WORD_BITS = 32
@@ -143,8 +143,8 @@ def unpack_words(words: dict[int, Tensor], bits: int, n: int) -> Tensor:
     return code
 
 
-def _keep(tensors: dict[str, Tensor], pattern: Pattern, R: int, C: int) -> Tensor:
-    if pattern.kind == "dense":
+def _keep(tensors: dict[str, Tensor], meta: dict[str, Any], pattern: Pattern, R: int, C: int) -> Tensor:
+    if pattern.kind == "dense" or (pattern.kind == "unstructured" and not has_mask(meta)):
         return torch.ones(R, C, dtype=torch.bool)
     if pattern.kind == "unstructured":
         return unpack_mask(tensors["mask"], (R, C))
@@ -171,7 +171,7 @@ def build_segments(tensors: dict[str, Tensor], meta: dict[str, Any], pattern: st
     perm = tensors["perm"].long() if "perm" in tensors else torch.arange(C)
     if not torch.equal(torch.sort(perm).values, torch.arange(C)):
         raise ValueError("the stored column order is not a permutation of the columns")
-    kp = _keep(tensors, pat, R, C)[:, perm]  # storage order
+    kp = _keep(tensors, meta, pat, R, C)[:, perm]  # storage order
     pos_bits = torch.repeat_interleave(bits, run_len)
     quantized = bits < FP_BITS
     scale_col = torch.cumsum(quantized.long(), 0) - 1  # run -> its column in ``scales``
