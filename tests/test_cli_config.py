@@ -159,6 +159,7 @@ def test_mse_grids_by_default_only_without_pruning():
     (("--use_mi_grouping", "0", "--grouping", "mi"), "contradicts --grouping mi"),
     (("c4", "--dataset", "ptb"), "two calibration datasets given"),
     (("--nsamples", "0"), "--nsamples 0 must be at least 1"),
+    (("--refine-passes", "-1"), "--refine-passes -1 must be 0 (off) or more"),
 ])
 def test_bad_input_is_a_misq_error(flags, message):
     with pytest.raises(MisqError, match=message.replace("(", r"\(").replace(")", r"\)")):
