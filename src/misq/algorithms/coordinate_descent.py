@@ -67,6 +67,7 @@ def _descend(W: Tensor, W0: Tensor, H: Tensor, keep: Tensor, grid: GridFn, passe
 
     R, C = W.shape
     hdiag = torch.diag(H)
+    live = (hdiag > 0).tolist()  # once, not a device sync per column in the eager loop
     with tf32_matmul(False):
         diff = W - W0.to(W.dtype)
         P = diff @ H  # [r, C]: half the gradient of f, kept current as W moves
@@ -82,7 +83,7 @@ def _descend(W: Tensor, W0: Tensor, H: Tensor, keep: Tensor, grid: GridFn, passe
                 D = torch.zeros(R, i2 - i1, device=W.device, dtype=W.dtype)
                 for jj in range(i2 - i1):
                     j = i1 + jj
-                    if hdiag[j] <= 0:
+                    if not live[j]:
                         continue
                     target = W[:, j] - P[:, j] / hdiag[j]
                     q = quantize(target, scale[:, jj], zero[:, jj], maxq[:, jj]) * keep[:, j]

@@ -151,7 +151,13 @@ if HAVE_TRITON:
             tl.store(K + rows[:, None] * s_kr + cols[None, :] * s_kc, keep_t.to(tl.uint8), mask=m2)
 
 
-def _launch_config(B: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
+def block_kernel_runs(W1: Tensor) -> bool:
+    """Whether a block kernel can take W1 [R, B] (Triton, CUDA or the interpreter, 1..256 columns)."""
+    R, B = W1.shape
+    return HAVE_TRITON and (W1.is_cuda or INTERPRET) and 0 < B <= MAX_BLOCK and R > 0
+
+
+def launch_config(B: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
     """(padded block width, rows per program, warps) for a block of B columns."""
     block_b = max(16, triton.next_power_of_2(B))
     rows, warps = launch or BLOCK_CONFIGS[block_b]
@@ -170,7 +176,7 @@ def fused_block_loop(W1: Tensor, Hinv1: Tensor, keep1: Tensor, scale1: Tensor, z
     from misq.algorithms.sparsegpt import block_loop
 
     R, B = W1.shape
-    if not (HAVE_TRITON and (W1.is_cuda or INTERPRET)) or B > MAX_BLOCK or R == 0 or B == 0:
+    if not block_kernel_runs(W1):
         return block_loop(W1, Hinv1, keep1, scale1, zero1, maxq1, prunen, prunem)
     if W1.dtype != torch.float32:
         raise TypeError(f"fused_block_loop needs float32 weights, got {W1.dtype}")
@@ -181,7 +187,7 @@ def fused_block_loop(W1: Tensor, Hinv1: Tensor, keep1: Tensor, scale1: Tensor, z
     Q1 = torch.empty((R, B), device=W1.device, dtype=torch.float32)
     Err1 = torch.empty((R, B), device=W1.device, dtype=torch.float32)
     nm = bool(prunen and prunem)
-    block_b, block_r, warps = _launch_config(B, launch)
+    block_b, block_r, warps = launch_config(B, launch)
     grid = (triton.cdiv(R, block_r),)
     _block_kernel[grid](
         W1, W1.stride(0), W1.stride(1),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from misq.algorithms.fused import BLOCK_CONFIGS, HAVE_TRITON, INTERPRET, MAX_BLOCK, div_rn, rint
+from misq.algorithms.fused import HAVE_TRITON, block_kernel_runs, div_rn, launch_config, rint
 
 if HAVE_TRITON:
     import triton
@@ -73,18 +73,13 @@ def fused_descent_block(W1: Tensor, P1: Tensor, Hb: Tensor, keep1: Tensor, scale
     cannot run (no Triton, not CUDA, wider than 256 columns, not fp32, W1 and P1 of different
     strides): the caller then takes the eager loop."""
     R, B = W1.shape
-    if not (HAVE_TRITON and (W1.is_cuda or INTERPRET)) or B > MAX_BLOCK or R == 0 or B == 0:
-        return None
-    if W1.dtype != torch.float32 or P1.dtype != torch.float32:
-        return None
-    if W1.stride() != P1.stride():
+    if not block_kernel_runs(W1) or W1.dtype != torch.float32 or P1.dtype != torch.float32 or W1.stride() != P1.stride():
         return None
     S, Z, MQ = (t.float().contiguous() for t in torch.broadcast_tensors(scale1, zero1, maxq1))
     Hb = Hb.float()
     keep8 = keep1.contiguous().view(torch.uint8)
     D = torch.empty((R, B), device=W1.device, dtype=torch.float32)
-    block_b = max(16, triton.next_power_of_2(B))
-    block_r, warps = BLOCK_CONFIGS[block_b]
+    block_b, block_r, warps = launch_config(B)
     _descent_kernel[(triton.cdiv(R, block_r),)](
         W1, P1, W1.stride(0), W1.stride(1),
         D, D.stride(0), D.stride(1),

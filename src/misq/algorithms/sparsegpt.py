@@ -28,7 +28,7 @@ from torch import Tensor
 from misq.algorithms.coordinate_descent import GridFn, coordinate_descent
 from misq.algorithms.output_error import solver_rel_errors
 from misq.algorithms.pruning_mask import KeepFn, unstructured_keep
-from misq.algorithms.quantizer import FP_BITS, QuantGrid, StackedGrid, find_grid, quantize
+from misq.algorithms.quantizer import FP_BITS, QuantGrid, StackedGrid, find_grid, maxq_of, quantize
 from misq.algorithms.scale_refit import refit_row_scales
 from misq.errors import NumericalError
 
@@ -341,17 +341,13 @@ def _original_order_grid(qparams: StackedGrid | None, order: Tensor | None,
     """(scale, zero, maxq) [R, n] of original columns [i1, i2), from whichever grids the solve used."""
     if qparams is not None:
         return lambda i1, i2: qparams.columns(slice(i1, i2), device)
-    if grid_groups:  # groups are runs of solve positions: map each original column to its group
-        C = max(e for _s, e, _b in grid_groups)
-        in_solve = torch.empty(C, dtype=torch.long, device=device)
-        maxq_solve = torch.empty(C, device=device)
-        for k, (s, e, bits) in enumerate(sorted(grid_groups)):
-            in_solve[s:e] = k
-            maxq_solve[s:e] = float(2**bits - 1) if bits < FP_BITS else float("inf")
-        col_group, maxq = in_solve, maxq_solve
+    if grid_groups:  # groups are runs of solve positions (in start order, as group_scale): map columns to them
+        runs = sorted(grid_groups)
+        col_group = torch.repeat_interleave(torch.arange(len(runs), device=device),
+                                            torch.tensor([e - s for s, e, _b in runs], device=device))
         if order is not None:
-            col_group, maxq = torch.empty_like(in_solve), torch.empty_like(maxq_solve)
-            col_group[order], maxq[order] = in_solve, maxq_solve
+            col_group = torch.empty_like(col_group).index_copy_(0, order, col_group)
+        maxq = maxq_of(torch.tensor([b for _s, _e, b in runs], device=device))[col_group]
         S, Z = torch.stack(group_scale, dim=1), torch.stack(group_zero, dim=1)
         return lambda i1, i2: (S[:, col_group[i1:i2]], Z[:, col_group[i1:i2]], maxq[i1:i2].expand(R, -1))
     return lambda i1, i2: (torch.ones(R, i2 - i1, device=device), torch.zeros(R, i2 - i1, device=device),

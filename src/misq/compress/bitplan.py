@@ -155,7 +155,7 @@ def option_sizes(keep: Tensor, groups: Tensor, n_groups: int, cfg: CompressConfi
                 out[k, j] = float(b)
                 continue
             bits = segment_bits(R, n, b, groupsize=cfg.groupsize, density=density, mask_bits_per_weight=mask, permuted=permuted)
-            if mask == 1.0:  # a layer with few zeros stores them as codes and no mask (layer_format._stored_keep)
+            if not cfg.structured and mask:  # few zeros: stored as codes, no mask (layer_format._stored_keep)
                 bits = min(bits, segment_bits(R, n, b, groupsize=cfg.groupsize, density=1.0, mask_bits_per_weight=0.0,
                                               permuted=permuted))
             out[k, j] = bits / (R * n)
