@@ -68,17 +68,25 @@ class CompressionOutput:
     seconds: float = 0.0
 
 
+def hessian_batch_rows(cfg: CompressConfig) -> int:
+    """Input rows per Hessian product (:class:`HessianAccumulator`): four 2048-token windows, or
+    one product per window under ``--offload-activations``, whose point is the least device
+    memory (the buffer is 0.47 GB at a 70B FFN width)."""
+    return 0 if cfg.offload_activations else 4 * 2048
+
+
 def _accumulate_step_hessian(passes: step_activations.LayerPasses, first: str, name: str, device: str,
-                             dist: Dist = LOCAL) -> Tensor:
+                             dist: Dist = LOCAL, batch_rows: int = 0) -> Tensor:
     """H [C, C] of the input of linear ``first`` (dotted inside the layer; full name ``name``, for
     errors) over all windows, from the pass of ``passes`` that reaches it. Under torchrun the
-    passes hold this rank's windows and H is all-reduced over the ranks."""
+    passes hold this rank's windows and H is all-reduced over the ranks. ``batch_rows``: see
+    :class:`HessianAccumulator`."""
     acc: HessianAccumulator | None = None
 
     def add(x: Tensor) -> None:
         nonlocal acc
         if acc is None:
-            acc = HessianAccumulator(x.shape[-1], device)
+            acc = HessianAccumulator(x.shape[-1], device, batch_rows=batch_rows)
         acc.add(x)
 
     passes.step_inputs(first, add)
@@ -104,7 +112,7 @@ _Solved = tuple[QuantGrid, bitplan.ModulePlan, dict[str, Any]]  # (grid on the C
 
 def _layer_steps(i: int, passes: step_activations.LayerPasses, device: str, dist: Dist,
                  work: Callable[[tuple[str, ...], dict[str, nn.Linear], Tensor, int], dict[str, T]], *,
-                 before_step: Callable[[tuple[str, ...]], None] | None = None,
+                 before_step: Callable[[tuple[str, ...]], None] | None = None, hessian_rows: int = 0,
                  ) -> Iterator[tuple[tuple[str, ...], dict[str, T]]]:
     """The per-step sequence of decoder layer ``i`` (``passes.layer``), shared by measuring and compressing.
 
@@ -120,7 +128,7 @@ def _layer_steps(i: int, passes: step_activations.LayerPasses, device: str, dist
     for j, step in enumerate(layout.SEQUENTIAL_STEPS):
         if before_step is not None:
             before_step(step)
-        H = _accumulate_step_hessian(passes, step[0], linear_name(i, step[0]), device, dist)
+        H = _accumulate_step_hessian(passes, step[0], linear_name(i, step[0]), device, dist, hessian_rows)
         done = work(step, linears, H, i * len(layout.SEQUENTIAL_STEPS) + j)
         del H  # its [C, C] is the largest buffer alive
         passes.solved(step)  # every rank holds the step's final weights now: its cached outputs may be made
@@ -156,7 +164,7 @@ def measure_model_plan(model: nn.Module, calib: Tensor, cfg: CompressConfig, dev
     for i, layer in enumerate(tqdm(layers, desc="measure layers", unit="layer", leave=False)):
         with execution.layer_weights(layer_source, i, ahead=_ahead(i, layers)), execution.on_device(layer, device, dtype), \
                 step_activations.LayerPasses(layer, inputs, device) as passes:
-            for step, part in _layer_steps(i, passes, device, dist, measure):
+            for step, part in _layer_steps(i, passes, device, dist, measure, hessian_rows=hessian_batch_rows(cfg)):
                 for name in step:
                     plans[linear_name(i, name)] = part[name]
             passes.output(out=inputs.hidden)
@@ -213,6 +221,7 @@ def compress_model(
     # over, so their buffers are free); a streamed model's next layer is still being read, and
     # --offload-activations keeps one layer on the device at a time (a 70B layer is 1.7 GB).
     prefetcher = execution.Prefetcher(device, enabled=layer_source is None and not cfg.offload_activations)
+    staging = execution.HostStaging()  # compressed layers go back to the host through one pinned buffer
     ready: execution.DeviceCopy | None = None
     bar = tqdm(range(len(layers)), desc="compress", unit="layer")
     for i in bar:
@@ -223,7 +232,7 @@ def compress_model(
             ready = prefetcher.start(layers[i + 1], dtype) if i + 1 < len(layers) else None
 
         with execution.layer_weights(layer_source, i, ahead=_ahead(i, layers)):  # streaming: i + 1 is read meanwhile
-            with execution.on_device(layer, device, dtype, ready=ready):
+            with execution.on_device(layer, device, dtype, ready=ready, staging=staging):
                 ready = None
                 if i >= start_layer:  # also runs the compressed layer: its outputs replace inputs.hidden
                     _compress_layer(i, layer, inputs, cfg, device, plans, out, progress, block_fn, store_dtype, dist=dist,
@@ -267,7 +276,8 @@ def _compress_layer(i: int, layer: nn.Module, inputs: execution.LayerInputs, cfg
         progress.update("compress", layer=i + 1, sublayer="+".join(n.split(".")[-1] for n in step))
 
     with step_activations.LayerPasses(layer, inputs, device) as passes:
-        for step, solved in _layer_steps(i, passes, device, dist, work, before_step=announce):
+        for step, solved in _layer_steps(i, passes, device, dist, work, before_step=announce,
+                                         hessian_rows=hessian_batch_rows(cfg)):
             for name in step:
                 full = linear_name(i, name)
                 out.grids[full], out.plans[full], record = solved[name]
