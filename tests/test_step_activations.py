@@ -190,6 +190,33 @@ def test_copying_the_next_layer_ahead_changes_nothing(monkeypatch):
         assert torch.equal(t, states[1][name]), name
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the device machine)")
+def test_pinned_write_back_puts_the_device_values_home(monkeypatch):
+    """on_device with a HostStaging: the changed device values land in the original host
+    tensors (same storage), through the pinned buffer, grown when a larger layer comes; with
+    the limit at 0 the pageable path does the same."""
+    staging = execution.HostStaging()
+    for limit in (execution.PINNED_MAX_BYTES, 0):
+        monkeypatch.setattr(execution, "PINNED_MAX_BYTES", limit)
+        for width in (8, 40):
+            layer = torch.nn.Sequential(torch.nn.Linear(width, 6).half(), torch.nn.LayerNorm(6).half())
+            ptrs = [p.data_ptr() for p in layer.parameters()]
+            with execution.on_device(layer, "cuda", staging=staging) as mod:
+                for p in mod.parameters():
+                    p.data.mul_(3).add_(1)
+                want = [p.detach().cpu() for p in mod.parameters()]
+            assert [p.data_ptr() for p in layer.parameters()] == ptrs
+            for p, w in zip(layer.parameters(), want, strict=True):
+                assert p.device.type == "cpu" and torch.equal(p.data, w)
+    assert staging._buf is not None and staging._buf.is_pinned()
+
+
+def test_no_pinned_write_back_off_cuda():
+    host = torch.zeros(3)
+    assert not execution.HostStaging().copy_back([(torch.ones(3), host)]) and torch.equal(host, torch.zeros(3))
+
+
 def test_no_copy_ahead_off_cuda():
     layer = torch.nn.Linear(4, 4)
     assert execution.Prefetcher("cpu").start(layer) is None
