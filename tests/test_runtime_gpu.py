@@ -57,6 +57,18 @@ def test_kernel_matches_dequantize_then_matmul(widths, groupsize, pattern, rows)
     _check(lin, dense, rows, lin, bias=rows in (13, 300))
 
 
+@pytest.mark.parametrize("widths", [(4,), (3, 4)])
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_maskless_unstructured_layer(widths, rows):
+    """A lightly pruned layer stores no mask (its zeros are codes at the zero point, cheaper than
+    a bit per weight): the kernels read the same codes and must still match."""
+    from misq.checkpoint.layer_format import has_mask
+
+    lin, dense, packed = random_layer(72, 389, widths, 128, "unstructured", seed=rows, pruned=0.05)
+    assert not has_mask(packed.meta)
+    _check(lin.cuda(), dense, rows, lin)
+
+
 @pytest.mark.parametrize("widths,groupsize,pattern", CASES)
 @pytest.mark.parametrize("rows,cfg", [
     (1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"),
