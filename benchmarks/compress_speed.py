@@ -187,7 +187,9 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, step
     if trace_dir is not None:
         from torch.profiler import ProfilerActivity, profile
 
-        prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else []))
+        # Shapes and stacks say which line of misq (or of the model) issues each copy and kernel.
+        prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else []),
+                       record_shapes=True, with_stack=True)
 
     def on_layer_done(i, _layer_state, _out):
         if prof is not None and i == n_layers - 1:
@@ -291,6 +293,20 @@ def write_trace(prof, out_dir: Path) -> None:
     if cuda():
         (out_dir / "trace_cuda.txt").write_text(avg.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
     (out_dir / "trace_cpu.txt").write_text(avg.table(sort_by="cpu_time_total", row_limit=45, max_name_column_width=70))
+    if cuda():
+        key = "self_cuda_time_total"
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        (out_dir / "trace_shapes.txt").write_text(by_shape.table(sort_by=key, row_limit=70, max_name_column_width=40,
+                                                                  max_shapes_column_width=90))
+        # The GPU's idle gaps, charged to the host code that caused them (benchmarks/gpu_gaps.py).
+        from gpu_gaps import format_gaps, gaps
+
+        chrome = out_dir / "trace_chrome.json"
+        prof.export_chrome_trace(str(chrome))
+        try:
+            (out_dir / "trace_gaps.txt").write_text(format_gaps(gaps(json.loads(chrome.read_text())), top=40))
+        finally:
+            chrome.unlink()
 
 
 # --------------------------------------------------------------------------- micro-benchmarks
@@ -511,6 +527,48 @@ def env_info() -> dict:
     return info
 
 
+@contextlib.contextmanager
+def _patched(owner, attr: str, value):
+    old = getattr(owner, attr)
+    setattr(owner, attr, value)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, old)
+
+
+def _variant(name: str):
+    """The code before one of the speed changes, for an A/B in the same process (``--variants``)."""
+    import torch as _torch
+
+    from misq.compress import driver
+    from misq.models import execution
+
+    if name == "hessian-per-window":  # one Hessian GEMM per calibration window
+        return _patched(driver, "hessian_batch_rows", lambda cfg: 0)
+    if name == "full-hessian-gemm":  # cuBLAS over all of H instead of its lower triangle
+        from misq.algorithms import hessian
+
+        return _patched(hessian, "syrk_runs", lambda x, H: False)
+    if name == "sorted-threshold":  # every mask threshold from a full sort
+        from misq.algorithms import pruning_mask
+
+        return _patched(pruning_mask, "_sorted_at", lambda parts, k: _torch.sort(parts, dim=1)[0][:, k])
+    if name == "pageable-prefetch":  # the next layer copied ahead straight from pageable memory
+        return _patched(execution, "PINNED_PREFETCH", False)
+    if name == "no-prefetch":  # each layer copied to the GPU when its turn comes
+        return _patched(execution.Prefetcher, "start", lambda self, module, dtype=None: None)
+    if name == "pageable-writeback":  # the layer copied straight back into pageable host memory
+        return _patched(execution, "PINNED_MAX_BYTES", 0)
+    if name == "all-before":
+        stack = contextlib.ExitStack()
+        for part in ("full-hessian-gemm", "hessian-per-window", "sorted-threshold", "pageable-writeback",
+                     "pageable-prefetch"):
+            stack.enter_context(_variant(part))
+        return stack
+    raise SystemExit(f"unknown variant {name!r}")
+
+
 def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -534,6 +592,11 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--hinv", choices=("inverse", "reverse"), default=None,
                     help="SolverOptions.hinv_method of the compress runs (default: the solver's)")
+    ap.add_argument("--variants", default="",
+                    help="comma-separated earlier versions of the speed changes to time after the fused run, each on "
+                         "a fresh copy of the same model: full-hessian-gemm, hessian-per-window, sorted-threshold, pageable-writeback, pageable-prefetch, no-prefetch, all-before")
+    ap.add_argument("--syrk-config", default=None,
+                    help="BLOCK,BLOCK_K,warps,stages of the Hessian's lower-triangle kernel (default: fused_hessian.SYRK_CONFIG)")
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--sweep-configs", default="4,4;8,4;8,2;16,4;4,2", help="rows,warps;... for the block-sweep micro-benchmark")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test, CPU too)")
@@ -544,6 +607,10 @@ def main() -> int:
     args.sweep_configs = [c.strip() for c in args.sweep_configs.split(";") if c.strip()]
 
     compress = import_misq()
+    if args.syrk_config:
+        from misq.algorithms import fused_hessian
+
+        fused_hessian.SYRK_CONFIG = tuple(int(v) for v in args.syrk_config.split(","))
     from misq.algorithms import sparsegpt
 
     args.hinv = args.hinv or sparsegpt.DEFAULT_OPTIONS.hinv_method
@@ -599,6 +666,15 @@ def main() -> int:
 
     section("fused", fused_run)
     print("fused:", json.dumps(result["fused"], indent=1, default=str), flush=True)
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        def variant_run(name: str = name):
+            model = build_model(args, args.layers, seed=0)
+            with _variant(name):
+                r = run_compress(args, model, calib, straight=False, fine=False, driver=compress)
+            del model
+            return r
+
+        section(f"variant {name}", variant_run)
     if args.profile_layers:
         section("profile", profile_run)
         print("profile:", json.dumps(result["profile"].get("breakdown", result["profile"]), indent=1, default=str), flush=True)
@@ -619,6 +695,10 @@ def main() -> int:
         summary["fused_s_per_layer"] = mean(steady)
         summary["fused_first_layer_s"] = f["layer_s"][0]
         summary["fused_peak_gib"] = max(f["layer_peak_gib"] + [f.get("capture_peak_gib") or 0])
+    variants = {k.split(" ", 1)[1]: v for k, v in result.items() if k.startswith("variant ") and "layer_s" in v}
+    if variants and "fused_s_per_layer" in summary:
+        summary["variants_s_per_layer"] = {k: mean(v["layer_s"][1:] or v["layer_s"]) for k, v in variants.items()}
+        summary["variants_vs_default"] = {k: t / summary["fused_s_per_layer"] for k, t in summary["variants_s_per_layer"].items()}
     if "layer_s" in s:
         summary["straight_s_per_layer"] = mean(s["layer_s"])
         summary["straight_peak_gib"] = max(s["layer_peak_gib"] + [s.get("capture_peak_gib") or 0])
@@ -653,6 +733,9 @@ def main() -> int:
     rows.append(("SparseGPT reference", "15.9", "-", "8.6"))
     for r in rows:
         print(f"{r[0]:<22}{r[1]:>10}{r[2]:>16}{r[3]:>10}")
+    for k, t in summary.get("variants_s_per_layer", {}).items():
+        rows_v = f"{k:<22}{t:>10.3f}  ({summary['variants_vs_default'][k]:.3f}x the default's time)"
+        print(rows_v)
     for k in ("forwards_s_per_layer", "peak_gib"):
         if k in summary:
             print(f"{k}: {json.dumps({a: round(b, 3) for a, b in summary[k].items()})}")
