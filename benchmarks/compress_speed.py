@@ -164,7 +164,7 @@ def run_compress(args, model, calib, *, straight: bool, fine: bool, driver, step
     # SparseGPT's own recipe, as every earlier row of this benchmark: no descent passes after the
     # solve (misq's default with pruning adds 4; benchmarks/refine_speed.py times one pass).
     cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, groupsize=0, act_order=False, mse=False, nsamples=calib.shape[0],
-                         batch_size=1 if straight else args.batch_size, refine_passes=0)
+                         batch_size=1 if straight else args.batch_size, refine_passes=args.refine_passes)
     device = "cuda" if cuda() else "cpu"
     timers = Timers()
     marks: dict[str, float] = {}
@@ -597,6 +597,9 @@ def main() -> int:
                          "a fresh copy of the same model: full-hessian-gemm, hessian-per-window, sorted-threshold, pageable-writeback, pageable-prefetch, no-prefetch, all-before")
     ap.add_argument("--syrk-config", default=None,
                     help="BLOCK,BLOCK_K,warps,stages of the Hessian's lower-triangle kernel (default: fused_hessian.SYRK_CONFIG)")
+    ap.add_argument("--refine-passes", type=int, default=0,
+                    help="coordinate-descent passes after each solve (0, SparseGPT's own recipe, as every earlier row; "
+                         "misq's default with pruning is 4)")
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--sweep-configs", default="4,4;8,4;8,2;16,4;4,2", help="rows,warps;... for the block-sweep micro-benchmark")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test, CPU too)")

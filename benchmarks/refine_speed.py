@@ -34,7 +34,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_solve(rows: int, cols: int, device: str, passes: int) -> dict:
+def time_solve(rows: int, cols: int, device: str, passes: int, trace_dir: Path | None = None) -> dict:
+    """Seconds of the solve and of one descent pass on a random [rows, cols] layer; without
+    ``trace_dir``, how many weights each further pass moves; with it, a profile of one pass."""
     g = torch.Generator(device=device).manual_seed(0)
     X = torch.randn(4 * cols, cols, device=device, generator=g)
     H = X.T @ X / X.shape[0]
@@ -60,8 +62,26 @@ def time_solve(rows: int, cols: int, device: str, passes: int) -> dict:
     change = coordinate_descent(Wq, W, Hd, res.keep, cols_of, passes=passes)
     _sync(device)
     t_cd = (time.perf_counter() - t0) / passes
+    moved = []  # per pass: share of weights that moved, and of (row, block) pairs with any move
+    Wm = res.weight.clone()
+    for _ in range(passes if trace_dir is None else 0):
+        before_w = Wm.clone()
+        coordinate_descent(Wm, W, Hd, res.keep, cols_of, passes=1)
+        d = (Wm != before_w)
+        blocks = d[:, : cols // 128 * 128].reshape(rows, -1, 128).any(-1)
+        moved.append({"weights": round(d.float().mean().item(), 5), "row_blocks": round(blocks.float().mean().item(), 5)})
+    if trace_dir is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            coordinate_descent(Wq, W, Hd, res.keep, cols_of, passes=1)
+            _sync(device)
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        (trace_dir / f"refine_trace_{rows}x{cols}.txt").write_text(
+            prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+            + "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))
     before = float(res.error_terms[0][0]) if res.error_terms else float("nan")
-    return {"rows": rows, "cols": cols, "solve_s": round(t_solve, 4), "pass_s": round(t_cd, 4),
+    return {"rows": rows, "cols": cols, "solve_s": round(t_solve, 4), "pass_s": round(t_cd, 4), "moved_per_pass": moved,
             "pass_over_solve": round(t_cd / t_solve, 2), "error_change_rel": float(change.sum()) / before if before else None}
 
 
@@ -72,6 +92,7 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=13824)
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--trace", action="store_true", help="profile one pass per shape (refine_trace_*.txt in --out)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -80,7 +101,7 @@ def main() -> None:
     time_solve(64, 256, args.device, 1)  # warm-up: kernels compiled, allocator primed
     rows = {}
     for name, (r, c) in shapes.items():
-        rows[name] = time_solve(r, c, args.device, args.passes)
+        rows[name] = time_solve(r, c, args.device, args.passes, Path(args.out) if args.trace else None)
         log.info("%s %s", name, rows[name])
     total = {k: round(sum(v[k] for v in rows.values()), 4) for k in ("solve_s", "pass_s")}
     log.info("layer: solves %.3f s, one pass %.3f s", total["solve_s"], total["pass_s"])

@@ -193,16 +193,19 @@ def test_copying_the_next_layer_ahead_changes_nothing(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the device machine)")
 def test_pinned_write_back_puts_the_device_values_home(monkeypatch):
-    """on_device with a HostStaging: the changed device values land in the original host
-    tensors (same storage), through the pinned buffer, grown when a larger layer comes; with
-    the limit at 0 the pageable path does the same."""
+    """on_device with a HostStaging: the layer goes in through the pinned buffer, and the
+    changed device values land in the original host tensors (same storage) on the way out,
+    the buffer grown when a larger layer comes; with the limit at 0 the pageable path does the same."""
     staging = execution.HostStaging()
     for limit in (execution.PINNED_MAX_BYTES, 0):
         monkeypatch.setattr(execution, "PINNED_MAX_BYTES", limit)
         for width in (8, 40):
             layer = torch.nn.Sequential(torch.nn.Linear(width, 6).half(), torch.nn.LayerNorm(6).half())
             ptrs = [p.data_ptr() for p in layer.parameters()]
+            before = [p.detach().clone() for p in layer.parameters()]
             with execution.on_device(layer, "cuda", staging=staging) as mod:
+                for p, b in zip(mod.parameters(), before, strict=True):  # in through the same buffer
+                    assert p.device.type == "cuda" and torch.equal(p.cpu(), b)
                 for p in mod.parameters():
                     p.data.mul_(3).add_(1)
                 want = [p.detach().cpu() for p in mod.parameters()]

@@ -282,7 +282,7 @@ def on_device(module: nn.Module, device: torch.device | str, dtype: torch.dtype 
             module.to(device=home_device, dtype=home_dtype)
         return
     homes = [(t, t.data) for t in itertools.chain(module.parameters(), module.buffers())]
-    copies = ready.take() if ready is not None else [host.to(device) for _t, host in homes]
+    copies = ready.take() if ready is not None else _copy_in([host for _t, host in homes], device, staging)
     for (t, _host), copy in zip(homes, copies, strict=True):
         t.data = copy
     try:
@@ -293,6 +293,18 @@ def on_device(module: nn.Module, device: torch.device | str, dtype: torch.dtype 
                 host.copy_(t.data)
         for t, host in homes:
             t.data = host
+
+
+def _copy_in(hosts: list[Tensor], device: torch.device | str, staging: HostStaging | None) -> list[Tensor]:
+    """Device copies of host tensors: through ``staging``'s pinned buffer where it applies (the
+    DMAs are queued on the current stream, which later work on the copies follows; the buffer is
+    next written by the write-back, after a sync), else straight from pageable memory."""
+    views = staging.views(hosts) if staging is not None and torch.device(device).type == "cuda" else None
+    if views is None:
+        return [host.to(device) for host in hosts]
+    for view, host in zip(views, hosts):
+        view.copy_(host)
+    return [view.to(device, non_blocking=True) for view in views]
 
 
 class LayerSource(Protocol):
