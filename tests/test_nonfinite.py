@@ -154,3 +154,23 @@ def test_explicit_float16_applies_to_a_bfloat16_packed_checkpoint(tmp_path, tiny
     asked = load(ModelConfig(model=str(tmp_path / "packed"), dtype="float16", device="cpu"), DataConfig(seqlen=32))
     assert {p.dtype for p in asked.model.parameters()} == {torch.float16}
     assert ModelConfig(model="m").weight_dtype == "float16"  # a plain checkpoint's default is unchanged
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_the_finite_check_finds_every_kind_of_bad_value(dtype, bad):
+    """check_finite reads a tensor's least and greatest values (float8: of a float32 copy): a
+    NaN, +Inf or -Inf anywhere is refused with the count, a clean tensor passes."""
+    from misq.errors import MisqError
+    from misq.models.loading import check_finite
+
+    t = torch.randn(64, 33).to(dtype)
+    if bad is None:
+        check_finite([("w", t)], "here")
+        return
+    if dtype == torch.float8_e4m3fn and bad == bad:
+        pytest.skip("float8_e4m3fn has NaN but no infinity")
+    t[17, 5] = bad
+    t[40, 0] = bad
+    with pytest.raises(MisqError, match="tensor w holds 2 NaN/Inf"):
+        check_finite([("w", t)], "here")
