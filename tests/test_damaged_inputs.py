@@ -188,6 +188,7 @@ def interrupted(tmp_path_factory, tiny_checkpoint):
             self.grids, self.records = {}, [{"name": "x"}]
 
     state.layer_done(0, tensors, Output())
+    state.wait()  # the layer is written in the background
     return root / "run", model
 
 

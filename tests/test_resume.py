@@ -270,3 +270,47 @@ def test_resume_with_model_budget_matches_uninterrupted(tiny_checkpoint, tiny_co
     assert "resuming after 1 finished layer(s)" in log
     assert_same_results(ref_root / "run" / "results.json", root / "run" / "results.json")
     assert_same_packed(ref_root / "packed", root / "packed")
+
+
+def test_layers_are_written_in_the_background_and_errors_come_back(tmp_path, monkeypatch):
+    """layer_done returns before the layer is on disk; the next layer_done (or wait) finishes it
+    first, so the state never counts a layer whose file is not complete, and a failed write is
+    raised in the caller's thread, the state still at the layers before it."""
+    import threading
+
+    import torch
+
+    from misq.runs import resume
+    from misq.runs.resume import ResumeState
+
+    class Output:
+        def __init__(self, n):
+            self.grids, self.records = {}, [{"name": f"layer {i}"} for i in range(n)]
+
+    state = ResumeState(tmp_path / "run", {"model": {"model": "m"}, "compress": {}})
+    state.start_fresh()
+    gate = threading.Event()
+    real = resume._save_tensors
+
+    def slow_then_failing(tensors, path):
+        gate.wait(10)
+        if path.name == "layer_002.safetensors":
+            raise OSError(28, "No space left on device", str(path))
+        real(tensors, path)
+
+    monkeypatch.setattr(resume, "_save_tensors", slow_then_failing)
+    w = {"model.layers.0.mlp.up_proj.weight": torch.ones(3, 2)}
+    state.layer_done(0, w, Output(1))
+    assert not state.layer_path(0).exists()  # still being written
+    gate.set()
+    state.layer_done(1, w, Output(2))  # finishes layer 0 first
+    assert state.layer_path(0).exists()
+    state.wait()
+    assert json.loads(state.state_path.read_text())["done_layers"] == 2
+    state.layer_done(2, w, Output(3))
+    with pytest.raises(OSError, match="No space left"):
+        state.wait()
+    assert json.loads(state.state_path.read_text())["done_layers"] == 2
+    state.layer_done(3, w, Output(4))
+    state.wait(quiet=True)  # nothing pending is lost or raised twice
+    assert json.loads(state.state_path.read_text())["done_layers"] == 4

@@ -143,9 +143,14 @@ def _compress(loaded: LoadedModel, data_cfg: DataConfig, cfg: CompressConfig, de
             state.save_plans(plans)
     start_layer, prior = state.restore(model, calib, source=source)
     _check_same_start(dist, start_layer, state)
-    output = driver.compress_model(model, calib, cfg, device, progress=progress, plans=plans, start_layer=start_layer,
-                                   on_layer_done=_layer_sink(state, source) if dist.is_main else None,
-                                   prior=prior, dist=dist, layer_source=source)
+    try:
+        output = driver.compress_model(model, calib, cfg, device, progress=progress, plans=plans, start_layer=start_layer,
+                                       on_layer_done=_layer_sink(state, source) if dist.is_main else None,
+                                       prior=prior, dist=dist, layer_source=source)
+    except BaseException:
+        state.wait(quiet=True)  # the finished layers reach the disk, so that --resume can continue after them
+        raise
+    state.wait()  # before anything reads a layer back from its resume file (a streamed model's evaluation, save)
     processes = dist.describe() if dist.active else None
     dist.close()  # the collectives are over; rank 0 evaluates and saves alone
     return output, time.perf_counter() - t0 + state.previous_seconds, processes
@@ -168,7 +173,7 @@ def _layer_sink(state: ResumeState, source: streaming.StreamedModel | None) -> C
     def done(i: int, layer_state: dict[str, Tensor], output: Any) -> None:
         state.layer_done(i, layer_state, output)
         if source is not None:
-            source.use_file(i, state.layer_path(i))
+            source.use_file(i, state.layer_path(i), written=state.wait)
 
     return done
 

@@ -32,7 +32,7 @@ import logging
 import os
 import resource
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from contextlib import contextmanager
@@ -223,6 +223,8 @@ class StreamedModel:
         self.model = model.eval()
         self.layers = layout.decoder_layers(model)
         self._layer_files: dict[int, SafetensorsFiles] = {}
+        # Layers whose file is still being written: (its path, what to call before reading it).
+        self._coming: dict[int, tuple[Path, Callable[[], None]]] = {}
         # The one layer read ahead in the background (prefetch): (index, the files it is read from, its tensors).
         self._ahead: tuple[int, SafetensorsFiles, Future[dict[str, Tensor]]] | None = None
         self._reader: ThreadPoolExecutor | None = None
@@ -257,7 +259,7 @@ class StreamedModel:
         those a :meth:`prefetch` of ``i`` read already, and any error it met, are taken here."""
         layer, prefix = self.layers[i], layer_prefix(i)
         params = [(n, p) for n, p in layer.named_parameters()]
-        files = self._layer_files.get(i) or self.files
+        files = self._files_of(i)
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == i and ahead[1] is files:
             tensors = ahead[2].result()  # re-raises the reader's error (a damaged file, NaN) as a direct read would
@@ -277,9 +279,12 @@ class StreamedModel:
         for name, p in list(layer.named_parameters()):
             _set_parameter(layer, name, torch.empty_like(p, device="meta"), p.requires_grad)
 
-    def use_file(self, i: int, path: Path) -> None:
-        """From now on, layer ``i`` is read from ``path`` (a compressed layer's safetensors file)."""
-        self._layer_files[i] = SafetensorsFiles([Path(path)])
+    def use_file(self, i: int, path: Path, written: Callable[[], None] | None = None) -> None:
+        """From now on, layer ``i`` is read from ``path`` (a compressed layer's safetensors file).
+        ``written``: the file may still be being written; this is called (and must return once
+        it is complete) before the first read of it."""
+        self._layer_files.pop(i, None)
+        self._coming[i] = (Path(path), written or (lambda: None))
         if self._ahead is not None and self._ahead[0] == i:  # read from the old file: stale
             _drop(self._ahead)
             self._ahead = None
@@ -290,7 +295,7 @@ class StreamedModel:
         the loaded layer plus this one): an earlier read that was not loaded is dropped."""
         if not 0 <= i < len(self.layers):
             return
-        files = self._layer_files.get(i) or self.files
+        files = self._files_of(i)
         if self._ahead is not None:
             if self._ahead[0] == i and self._ahead[1] is files:
                 return
@@ -300,6 +305,14 @@ class StreamedModel:
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="misq-layer-reader")
         names = [layer_prefix(i) + n for n, _ in self.layers[i].named_parameters()]  # here: the thread touches no module
         self._ahead = (i, files, self._reader.submit(self._read_layer, names, files))
+
+    def _files_of(self, i: int) -> SafetensorsFiles:
+        """Where layer ``i`` is read from now: its own file (once complete) or the checkpoint's."""
+        if i in self._coming:
+            path, written = self._coming.pop(i)
+            written()
+            self._layer_files[i] = SafetensorsFiles([path])
+        return self._layer_files.get(i) or self.files
 
     def _read_layer(self, names: list[str], files: SafetensorsFiles) -> dict[str, Tensor]:
         """The tensors ``names`` from ``files`` in host memory, checked finite (any thread: the copies release the GIL)."""
