@@ -78,9 +78,9 @@ def check_finite(tensors: Any, where: str) -> None:
 def _all_finite(t: Any) -> bool:
     """No NaN or ±Inf in the floating tensor t, from its least and greatest values (a NaN
     propagates into both, an infinity lands at its end): one fused reduction with no temporary,
-    25x faster on a CPU than ``isfinite(t).all()``, which writes a bool per element and kept
-    every core busy for about a second per streamed 13B layer. Where the reduction is not
-    implemented for the dtype (float8), it runs on a float32 copy."""
+    25x faster on a CPU than ``isfinite(t).all()``, which writes a bool per element (a 13B layer:
+    0.11 s against 1.9-2.9 s of both cores of a 2-core machine, in the streamed run's reader
+    thread). Where the reduction is not implemented for the dtype (float8), it runs on a float32 copy."""
     import torch
 
     try:
