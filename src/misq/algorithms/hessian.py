@@ -79,9 +79,7 @@ class HessianAccumulator:
             syrk_lower_(self.H, x, scale * scale, beta)
             self._mirror = True
         elif self._tensor_cores(x):
-            if self._mirror:  # a mix of paths (not the driver's): make H whole before a full GEMM
-                mirror_lower_(self.H)
-                self._mirror = False
+            self._make_whole()  # a mix of paths (not the driver's): H whole before a full GEMM
             # Tensor-core product with fp32 accumulation *and* fp32 output: the products of
             # fp16 inputs are exact in fp32, so this matches upcasting first, several times faster.
             if addmm_out_dtype_supported():
@@ -91,9 +89,7 @@ class HessianAccumulator:
                 self.H *= beta
                 self.H.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=scale * scale)
         else:
-            if self._mirror:
-                mirror_lower_(self.H)
-                self._mirror = False
+            self._make_whole()
             self.H *= beta
             xs = x.to(self.H.dtype)
             self.H.addmm_(xs.t(), xs, alpha=scale * scale)
@@ -101,11 +97,15 @@ class HessianAccumulator:
     def free(self) -> Tensor:
         """H [C, C], with any buffered inputs added; the accumulator lets go of it."""
         self._flush()
+        self._make_whole()
+        H, self.H, self._buf = self.H, None, None
+        return H
+
+    def _make_whole(self) -> None:
+        """Copy the lower triangle onto the upper one if the lower-triangle kernel left it stale."""
         if self._mirror:
             mirror_lower_(self.H)
             self._mirror = False
-        H, self.H, self._buf = self.H, None, None
-        return H
 
 
 # The probes run at first use, not at import: importing must not touch (or initialize) CUDA,

@@ -179,6 +179,18 @@ class HostStaging:
             offset += size
         return out
 
+    def copy_in(self, hosts: list[Tensor], device: torch.device | str) -> list[Tensor] | None:
+        """Copies of ``hosts`` on CUDA ``device``: host copies into the pinned buffer, then one
+        DMA each, queued on the current stream (the buffer must not be written again before
+        they are done); None (nothing done) where pinned memory does not apply: off CUDA, or
+        too large."""
+        views = self.views(hosts) if torch.device(device).type == "cuda" else None
+        if views is None:
+            return None
+        for view, host in zip(views, hosts):
+            view.copy_(host)
+        return [view.to(device, non_blocking=True) for view in views]
+
     def copy_back(self, pairs: list[tuple[Tensor, Tensor]]) -> bool:
         """Copy each (device tensor, its host storage) pair's device values into the host
         tensor; False (nothing done) where pinned memory does not apply: off CUDA, or too large."""
@@ -218,16 +230,13 @@ class DeviceCopy:
 
     def _copy(self) -> tuple[list[Tensor], torch.cuda.Event]:
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            staged = self.staging.views(self.hosts) if self.staging is not None else None
-            if staged is None:
-                copies = [h.to(self.device) for h in self.hosts]  # pageable memory: each returns once it is there
-            else:  # host copies into pinned memory, then one DMA each that never blocks a launch
-                for view, host in zip(staged, self.hosts):
-                    view.copy_(host)
-                copies = [view.to(self.device, non_blocking=True) for view in staged]
+            copies = self.staging.copy_in(self.hosts, self.device) if self.staging is not None else None
+            staged = copies is not None  # else pageable memory: each copy returns once it is there
+            if not staged:
+                copies = [h.to(self.device) for h in self.hosts]
             done = torch.cuda.Event()
             done.record(self.stream)
-            if staged is not None:
+            if staged:
                 done.synchronize()  # the buffer is free for the next layer once this returns
         return copies, done
 
@@ -282,7 +291,14 @@ def on_device(module: nn.Module, device: torch.device | str, dtype: torch.dtype 
             module.to(device=home_device, dtype=home_dtype)
         return
     homes = [(t, t.data) for t in itertools.chain(module.parameters(), module.buffers())]
-    copies = ready.take() if ready is not None else _copy_in([host for _t, host in homes], device, staging)
+    hosts = [host for _t, host in homes]
+    copies = None
+    if ready is not None:
+        copies = ready.take()
+    elif staging is not None:  # the buffer's next writer, the write-back below, syncs first
+        copies = staging.copy_in(hosts, device)
+    if copies is None:  # straight from pageable memory
+        copies = [host.to(device) for host in hosts]
     for (t, _host), copy in zip(homes, copies, strict=True):
         t.data = copy
     try:
@@ -293,18 +309,6 @@ def on_device(module: nn.Module, device: torch.device | str, dtype: torch.dtype 
                 host.copy_(t.data)
         for t, host in homes:
             t.data = host
-
-
-def _copy_in(hosts: list[Tensor], device: torch.device | str, staging: HostStaging | None) -> list[Tensor]:
-    """Device copies of host tensors: through ``staging``'s pinned buffer where it applies (the
-    DMAs are queued on the current stream, which later work on the copies follows; the buffer is
-    next written by the write-back, after a sync), else straight from pageable memory."""
-    views = staging.views(hosts) if staging is not None and torch.device(device).type == "cuda" else None
-    if views is None:
-        return [host.to(device) for host in hosts]
-    for view, host in zip(views, hosts):
-        view.copy_(host)
-    return [view.to(device, non_blocking=True) for view in views]
 
 
 class LayerSource(Protocol):
