@@ -181,6 +181,23 @@ def _errors(lin, x, y) -> tuple[float, float]:
     return d.max().item(), (d / tol).max().item()
 
 
+def gathers(shapes: dict, batches: tuple) -> list[dict]:
+    """The column gather before the kernels (x[:, perm]): torch's index_select against
+    kernels.gather_columns, per input width and batch."""
+    from misq.runtime.kernels import gather_columns
+
+    out = []
+    for C in sorted({c for _, c in shapes.values()}):
+        idx = torch.randperm(C, device="cuda").to(torch.int32)
+        for M in batches:
+            x = torch.randn(M, C, device="cuda", dtype=torch.float16)
+            r = {"cols": C, "batch": M, "index_select_us": bench(lambda x=x, idx=idx: x.index_select(1, idx)),
+                 "gather_columns_us": bench(lambda x=x, idx=idx: gather_columns(x, idx))}
+            print(json.dumps(r), flush=True)
+            out.append(r)
+    return out
+
+
 def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple = (1, 16)) -> list[dict]:
     rows_out = []
     for shape_name, (R, C) in shapes.items():
@@ -368,6 +385,7 @@ def main() -> None:
         res["tune"] = tune(SHAPES, batches, pf_rows)
         save()
     if not args.skip_linears:
+        res["gathers"] = gathers(SHAPES, batches)
         res["linears"] = linears(SHAPES, formats, batches)
         save()
     if pf_rows:

@@ -153,3 +153,16 @@ def test_generate_on_gpu(packed_tiny, capsys):
 
     texts = run_generate(str(packed_tiny), GenerateConfig(prompt="the cat", max_new_tokens=8), device="cuda")
     assert len(texts) == 1 and capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("rows,cols,k", [(1, 389, 389), (16, 5120, 5120), (13, 13824, 7000), (300, 392, 392)])
+def test_gather_columns_matches_index_select(rows, cols, k):
+    """The column gather every packed linear runs first: equal to index_select, also for rows
+    that are not contiguous (a view into a wider tensor)."""
+    from misq.runtime.kernels import gather_columns
+
+    torch.manual_seed(rows)
+    wide = torch.randn(rows, cols + 8, device="cuda", dtype=torch.float16)
+    x = wide[:, 4:cols + 4]
+    idx = torch.randperm(cols, device="cuda")[:k].to(torch.int32)
+    assert torch.equal(gather_columns(x, idx), x.index_select(1, idx))

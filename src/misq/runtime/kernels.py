@@ -49,6 +49,7 @@ if HAVE_TRITON:
     import triton
 
     from misq.runtime.dequant_kernel import _segment_dequant
+    from misq.runtime.gather_kernel import _gather_cols
     from misq.runtime.mma_kernel import _mma_mm
     from misq.runtime.tile_kernel import _decode_mm
 
@@ -57,7 +58,20 @@ DECODE_MAX_ROWS = 16  # above this, prefill: prefill_matmul or dequantize + cuBL
 # benchmarks/decode_speed.py's prefill section measures both: on an H200 the fused kernel was the
 # slower at 512 and 2048 rows on every 13B shape, so it is off by default
 PREFILL_FUSED_MAX_ROWS = 0
+GATHER_BLOCK = 256  # columns a program of the gather kernel: many small programs, all loads in flight
 DEQUANT_CONFIG = (128, 8)  # prefill's dequantize kernel: BLOCK_N, warps (fastest of 4 on every 13B shape, H200)
+
+
+def gather_columns(x: Tensor, idx: Tensor) -> Tensor:
+    """x [M, C] (unit column stride), idx int32 [K] on x's device -> x[:, idx], [M, K] (one launch;
+    torch's index_select where Triton cannot run it, see gather_kernel.py for why)."""
+    if not (HAVE_TRITON and x.is_cuda and x.stride(-1) == 1 and idx.dtype == torch.int32):
+        return x.index_select(1, idx)
+    M, K = x.shape[0], idx.numel()
+    out = torch.empty(M, K, dtype=x.dtype, device=x.device)
+    if M and K:
+        _gather_cols[(triton.cdiv(K, GATHER_BLOCK), M)](x, idx, out, K, x.stride(0), out.stride(0), BLOCK=GATHER_BLOCK)
+    return out
 
 
 @dataclass(frozen=True)
@@ -238,7 +252,7 @@ def decode_matmul(x: Tensor, perm: Tensor, segments: list, rows: int, bias: Tens
                 kperm = kernel_perm(perm, segments)
             if lc.cfg.pregather:
                 if xq is None:
-                    xq = x.index_select(1, kperm)
+                    xq = gather_columns(x, kperm)
                 _run_mma(lc, xq, [xq[:, base[id(s)]:] for s in lc.segs], [None] * len(lc.segs), out, ws, cnt, bias,
                          mode, False)
             else:
@@ -275,7 +289,7 @@ def prefill_matmul(x: Tensor, kperm: Tensor, segments: list, rows: int, bias: Te
     M = x.shape[0]
     bits = next((s.bits for s in segments if len(pieces(s.bits)) > 1), segments[0].bits)  # the widest words
     cfg = config or config_for(M, bits, rows, x.shape[1])
-    xq = x.index_select(1, kperm)
+    xq = gather_columns(x, kperm)
     out = torch.empty(M, rows, dtype=x.dtype, device=x.device)
     lc = _Launch(segments, cfg, triton.cdiv(rows, cfg.block_n), 1,
                  [triton.cdiv(s.n, block_cols(s.bits)) for s in segments], 0)

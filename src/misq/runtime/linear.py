@@ -116,7 +116,7 @@ class PackedLinear(nn.Module):
                 x2 = x2.contiguous()
             extra = None
             if self.fp_cols is not None:
-                extra = (x2.index_select(1, self.perm[self.fp_start:]) @ self.fp_cols.to(x.dtype).t()).float()
+                extra = (kernels.gather_columns(x2, self.perm[self.fp_start:]) @ self.fp_cols.to(x.dtype).t()).float()
             y = kernels.decode_matmul(x2, self.perm, self.segments, R, self.bias, extra, kperm=self.kperm)
             return y.reshape(*shape[:-1], R)
         if M <= kernels.PREFILL_FUSED_MAX_ROWS and self.fused_prefill_ok():
@@ -133,7 +133,7 @@ class PackedLinear(nn.Module):
     def _prefill_dequant(self, x2: Tensor) -> Tensor:
         """x2 fp16 [M, C] on CUDA -> [M, R]: the layer dequantized into the shared buffer, cuBLAS."""
         R = self.out_features
-        xp = x2.index_select(1, self.perm)  # once per layer: every width becomes a contiguous segment
+        xp = kernels.gather_columns(x2, self.perm)  # once per layer: every width becomes a contiguous segment
         wt = _buffer(x2.device, self.in_features * R).view(self.in_features, R)
         kernels.dequantize_into(wt, self.segments, R)
         if self.fp_cols is not None:

@@ -10,7 +10,7 @@ operation (triton_common.pk_halves), laid out in the kernel's column order (``_p
 x tile [BM, 16 TC] on the tensor cores (wgmma), into acc float32 [BN, BM].
 
 x (fp16, rows stride_xm apart) is read at positions of the kernel's column order: either already
-gathered into it (GATHER false: the decode ``pregather`` path and prefill, one index_select by
+gathered into it (GATHER false: the decode ``pregather`` path and prefill, one kernels.gather_columns by
 layout.kernel_perm, since gathering 2-byte elements in the kernel cost 2-3x at M = 16), or gathered
 here through q, layout.kernel_perm's slice for the segment (GATHER true). Program (pid, s): output
 tile pid (BM rows fastest, then BN features); with two segments, split-K programs take about equal
