@@ -83,15 +83,16 @@ def tinygemm(rows: int, cols: int):
 
 
 def candidates(M: int) -> list:
+    """Launch settings --tune sweeps at M rows (the runtime's default first). At M = 1 the CUDA-core
+    kernel with x gathered in it or before it (pregather: float32, pre-scaled)."""
     from misq.runtime.kernels import Config
 
     if M == 1:
-        return [Config("fma", 64, 2112, 4), Config("fma", 128, 2112, 4), Config("mma", 64, 1056, 4),
-                Config("mma", 64, 1056, 4, pregather=True), Config("mma", 64, 2112, 4, pregather=True)]
+        return [Config("fma", 64, 2112, 4), Config("fma", 128, 2112, 4), Config("mma", 64, 2112, 4, pregather=True),
+                *(Config("fma", bn, t, w, pregather=True) for bn, t, w in
+                  ((64, 2112, 4), (128, 2112, 4), (64, 1056, 4), (128, 1056, 4), (32, 2112, 2), (256, 2112, 8)))]
     if M <= 16:
-        return [Config("mma", 64, 1056, 4), Config("mma", 64, 2112, 4), Config("mma", 128, 1056, 8),
-                Config("mma", 64, 528, 4), Config("mma", 64, 1056, 4, pregather=True),
-                Config("mma", 64, 2112, 4, pregather=True), Config("mma", 128, 1056, 8, pregather=True),
+        return [Config("mma", 64, 2112, 4, pregather=True), Config("mma", 64, 1056, 4, pregather=True),
                 Config("mma", 64, 1056, 4, 2, pregather=True)]
     return [Config("mma", 64, 1, 4, 3, block_m=128), Config("mma", 128, 1, 8, 3, block_m=128),
             Config("mma", 64, 1, 4, 3, block_m=256), Config("mma", 128, 1, 8, 3, block_m=256),

@@ -71,17 +71,18 @@ def test_maskless_unstructured_layer(widths, rows):
 
 @pytest.mark.parametrize("widths,groupsize,pattern", CASES)
 @pytest.mark.parametrize("rows,cfg", [
-    (1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"),
+    (1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"), (1, "fma_pregather"),
 ])
 def test_decode_paths(widths, groupsize, pattern, rows, cfg):
     """Every decode path and launch shape: CUDA cores at M = 1, tensor cores with x gathered in the
-    kernel or before it, deep split-K (workspace), the previous per-tile dot path."""
+    kernel or before it (for the CUDA cores: float32, pre-scaled), deep split-K (workspace), the
+    previous per-tile dot path."""
     from misq.runtime import kernels
     from misq.runtime.kernels import Config
 
     config = {"fma": Config("fma", 64, 2112, 4), "mma": Config("mma", 32, 64, 4),
               "mma_pregather": Config("mma", 64, 2112, 4, pregather=True), "mma_split": Config("mma", 64, 4096, 4),
-              "dot": Config("dot", 128, 2112, 4)}[cfg]
+              "dot": Config("dot", 128, 2112, 4), "fma_pregather": Config("fma", 64, 2112, 4, pregather=True)}[cfg]
     lin, dense = _layer(widths, groupsize, pattern, rows)
 
     def run(x):

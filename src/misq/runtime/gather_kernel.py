@@ -26,3 +26,20 @@ if HAVE_TRITON:
         idx = tl.load(idx_ptr + cols, mask=ok, other=0)
         v = tl.load(x_ptr + row * stride_xm + idx, mask=ok, other=0.0)
         tl.store(out_ptr + row * stride_om + cols, v, mask=ok)
+
+    @triton.jit
+    def _gather_scaled(x_ptr, idx_ptr, out_ptr, n_out, P: tl.constexpr, BLOCK: tl.constexpr):
+        """One row, for the batch-1 CUDA-core kernel's pre-gathered input (tile_kernel XPREP):
+        out float32 [n_out], out[j] = x[idx[j]] * 2**-q(j), q the bit position at which the
+        kernel leaves column j's P-bit code in its word (layout block of 16 * 32 / P columns,
+        slot s = (j % block) // 16 at bit P s, or P s - 16 for slots read from the high half,
+        see tile_kernel: the code ends below bit 23). Scaling here saves the kernel a convert and a
+        multiply per x value."""
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < n_out
+        idx = tl.load(idx_ptr + cols, mask=ok, other=0)
+        x = tl.load(x_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        sh = P * ((cols % (16 * (32 // P))) // 16)
+        q = tl.where(sh + P <= 23, sh, sh - 16)
+        scale = ((127 - q) << 23).to(tl.float32, bitcast=True)  # 2**-q, exactly
+        tl.store(out_ptr + cols, x * scale, mask=ok)

@@ -11,9 +11,10 @@ one needs Triton.
   Paths (:class:`Config`, picked by :func:`config_for`):
 
   - ``fma`` (``_decode_mm``, CUDA cores, M = 1, the default for one-piece widths such as 4
-    bits): x gathered through ``perm`` in the kernel; codes become float32 through the exponent
-    trick and each scale group's dot product is scaled once (so its outputs differ from the
-    dense fp16 weights' by at most their fp16 rounding);
+    bits): x gathered first as float32 times each slot's 2**-q (``pregather``, one small kernel;
+    else through ``perm`` in the kernel); codes become float32 through the exponent trick and
+    each scale group's dot product is scaled once (so its outputs differ from the dense fp16
+    weights' by at most their fp16 rounding);
   - ``mma`` (``_mma_mm``, tensor cores, M = 2..16 padded to 16, and M = 1 for widths of several
     pieces): x gathered once into the kernel's column order (layout.kernel_perm; ``pregather``,
     one small kernel) or in the kernel; per chunk of up to 8 tiles the decoder's fp16 weights,
@@ -49,7 +50,7 @@ if HAVE_TRITON:
     import triton
 
     from misq.runtime.dequant_kernel import _segment_dequant
-    from misq.runtime.gather_kernel import _gather_cols
+    from misq.runtime.gather_kernel import _gather_cols, _gather_scaled
     from misq.runtime.mma_kernel import _mma_mm
     from misq.runtime.tile_kernel import _decode_mm
 
@@ -58,8 +59,20 @@ DECODE_MAX_ROWS = 16  # above this, prefill: prefill_matmul or dequantize + cuBL
 # benchmarks/decode_speed.py's prefill section measures both: on an H200 the fused kernel was the
 # slower at 512 and 2048 rows on every 13B shape, so it is off by default
 PREFILL_FUSED_MAX_ROWS = 0
+# float32 bits of 2**23, passed to the CUDA-core kernel at run time: as a register, (w & mask) | magic
+# compiles to one LOP3 (two immediates cannot), about one instruction a weight fewer (sm_90 SASS)
+MAGIC_BITS = 0x4B000000
 GATHER_BLOCK = 256  # columns a program of the gather kernel: many small programs, all loads in flight
 DEQUANT_CONFIG = (128, 8)  # prefill's dequantize kernel: BLOCK_N, warps (fastest of 4 on every 13B shape, H200)
+
+
+def gather_scaled(x: Tensor, idx: Tensor, bits: int) -> Tensor:
+    """x fp16 [1, C] on CUDA, idx int32 [K] (a one-piece segment's columns) -> float32 [K]:
+    x[0, idx] times each column's 2**-q for the batch-1 CUDA-core kernel (gather_kernel._gather_scaled)."""
+    K = idx.numel()
+    out = torch.empty(K, dtype=torch.float32, device=x.device)
+    _gather_scaled[(triton.cdiv(K, GATHER_BLOCK),)](x, idx, out, K, P=bits, BLOCK=GATHER_BLOCK)
+    return out
 
 
 def gather_columns(x: Tensor, idx: Tensor) -> Tensor:
@@ -82,7 +95,10 @@ class Config:
     num_warps: int
     num_stages: int = 1
     block_m: int = 16  # mma: rows of x a program (prefill: 64 to 256)
-    pregather: bool = False  # mma, decode: gather x into the kernel's column order first (one small kernel)
+    # gather x first (one small kernel): mma, into the kernel's column order; fma (one-piece widths), as
+    # float32 times each slot's 2**-q (gather_kernel._gather_scaled), which saves the kernel a
+    # convert, a multiply and the index arithmetic per x value
+    pregather: bool = False
 
 
 # Launch settings: (bucket "m1" (M = 1) / "m16" (M = 2..16) / "pf" (prefill), bits, N, K) ->
@@ -99,8 +115,8 @@ def default_config(M: int, bits: int, N: int, K: int, mma: bool = True) -> Confi
     H200 (BENCHMARKS.md). Many small programs: the loads of a block are one round trip, so the
     memory system needs many warps per SM in flight."""
     single = len(pieces(bits)) == 1
-    if M == 1 and (single or not mma):  # one piece a code (4-bit): CUDA cores
-        return Config("fma", 64, 16 * 132, 4)
+    if M == 1 and (single or not mma):  # one piece a code (4-bit): CUDA cores, x gathered first (1.1-1.15x faster)
+        return Config("fma", 64, 16 * 132, 4, pregather=single)
     if not mma:  # over 10 bits
         return Config("dot", 128, 16 * 132, 4)
     if M <= DECODE_MAX_ROWS:  # x gathered in the kernel cost 2-3x at M = 16 (scattered 2-byte loads)
@@ -262,12 +278,14 @@ def decode_matmul(x: Tensor, perm: Tensor, segments: list, rows: int, bias: Tens
         seg, cfg = lc.segs[0], lc.cfg
         ptrs, pc = _pieces_args(seg)
         dot = cfg.path == "dot" or M > 1
+        xprep = cfg.pregather and not dot and len(pieces(seg.bits)) == 1 and kernel_group(seg) > 0
+        xs = gather_scaled(x, perm[seg.start:seg.start + seg.n], seg.bits) if xprep else x
         _decode_mm[(lc.n_nblk, lc.split)](
-            x, perm[seg.start:], out, ws if ws is not None else out, cnt if cnt is not None else seg.gidx,
+            xs, perm[seg.start:], out, ws if ws is not None else out, cnt if cnt is not None else seg.gidx,
             bias if bias is not None else out, *ptrs, seg.scales, seg.zeros, seg.gidx,
-            M, rows, seg.n, seg.scales.shape[0], x.stride(0), out.stride(0), lc.bps[0],
+            M, rows, seg.n, seg.scales.shape[0], x.stride(0), out.stride(0), lc.bps[0], MAGIC_BITS,
             BITS=seg.bits, **pc, GROUP=kernel_group(seg), BM=16 if dot else 1, BN=cfg.block_n, DOT=dot,
-            MODE=mode, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            MODE=mode, HAS_BIAS=bias is not None, XPREP=xprep, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if not segments:  # only 16-bit columns
         y = extra if extra is not None else torch.zeros(M, rows, dtype=torch.float32, device=x.device)
         out = (y + (bias.float() if bias is not None else 0)).to(x.dtype)
