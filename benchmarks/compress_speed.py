@@ -560,6 +560,10 @@ def _variant(name: str):
         return _patched(execution.Prefetcher, "start", lambda self, module, dtype=None: None)
     if name == "pageable-writeback":  # the layer copied straight back into pageable host memory
         return _patched(execution, "PINNED_MAX_BYTES", 0)
+    if name == "fp32-descent-update":  # the descent's update outside each block as one fp32 GEMM
+        from misq.algorithms import coordinate_descent
+
+        return _patched(coordinate_descent, "SPLIT_TF32", False)
     if name == "all-before":
         stack = contextlib.ExitStack()
         for part in ("full-hessian-gemm", "hessian-per-window", "sorted-threshold", "pageable-writeback",
@@ -594,7 +598,7 @@ def main() -> int:
                     help="SolverOptions.hinv_method of the compress runs (default: the solver's)")
     ap.add_argument("--variants", default="",
                     help="comma-separated earlier versions of the speed changes to time after the fused run, each on "
-                         "a fresh copy of the same model: full-hessian-gemm, hessian-per-window, sorted-threshold, pageable-writeback, pageable-prefetch, no-prefetch, all-before")
+                         "a fresh copy of the same model: full-hessian-gemm, hessian-per-window, sorted-threshold, pageable-writeback, pageable-prefetch, no-prefetch, fp32-descent-update, all-before")
     ap.add_argument("--syrk-config", default=None,
                     help="BLOCK,BLOCK_K,warps,stages of the Hessian's lower-triangle kernel (default: fused_hessian.SYRK_CONFIG)")
     ap.add_argument("--refine-passes", type=int, default=0,
