@@ -1,0 +1,282 @@
+"""The packed runtime's Triton kernels run by Triton's CPU interpreter, against
+dequantize-then-matmul: the arithmetic of every kernel path, checked without a GPU (CI).
+
+tests/test_runtime_gpu.py checks the same paths on a GPU, but is skipped wherever there is none.
+With ``TRITON_INTERPRET=1`` Triton runs each program of a launch in numpy, on CPU tensors, so
+every decode config (CUDA-core fma, tensor-core mma with x gathered in the kernel or before it,
+deep split-K through the workspace, per-tile dot, words loaded a block ahead), the fused prefill,
+the dequantize kernel and the column gathers can be checked here for wrong numbers; not for
+speed, nor for what only the compiler does (inline PTX, which misq.runtime.triton_common
+replaces with plain fp16 operations under the interpreter).
+
+The interpreter must be chosen before triton and misq.runtime are imported, so this runs as a
+script in processes of its own (tests/test_kernels_interpreted.py starts it)::
+
+    python tests/kernels_interpreted.py OUT.json [--jobs N]
+
+OUT.json: ``{"meta": {...}, "cases": {case id: {"ratio": max error / fp16 tolerance (gather:
+0, or inf where it differs from index_select), "error": exception or null, "skipped": reason or
+null}}}``. Importing this module sets nothing up: :func:`cases` is pure, so the test module
+builds its parameters from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# (widths, group size, pattern), as tests/test_runtime_gpu.py's CASES: the fast paths (3/4-bit g128,
+# 50% sparse, mixed, act-order g32, 2:4) and the exact path (uneven groups, 5/6/8 bits, 16-bit columns).
+LAYERS: list[tuple[tuple[int, ...], int, str]] = [
+    ((4,), 128, "dense"), ((3,), 128, "dense"), ((4,), 128, "unstructured"), ((3,), 32, "2:4"),
+    ((3, 4), 128, "dense"), ((2, 3, 4, 6, 8, 16), 32, "unstructured"), ((8,), 0, "dense"), ((6,), 32, "dense"),
+    ((5,), 0, "dense"), ((2,), 128, "dense")]
+# Decode configs, name -> kernels.Config arguments: the GPU tests' (fma at M = 1 with x gathered in
+# the kernel or before it, float32 and pre-scaled; mma with x gathered in the kernel or before it;
+# deep split-K; per-tile dot), and a tensor-core run with no split-K at all.
+DECODE_CONFIGS: dict[str, tuple[tuple[Any, ...], dict[str, bool]]] = {
+    "fma": (("fma", 64, 2112, 4), {}), "mma": (("mma", 32, 64, 4), {}),
+    "mma_pregather": (("mma", 64, 2112, 4), {"pregather": True}), "mma_split": (("mma", 64, 4096, 4), {}),
+    "dot": (("dot", 128, 2112, 4), {}), "fma_pregather": (("fma", 64, 2112, 4), {"pregather": True}),
+    "mma_nosplit": (("mma", 32, 1, 4), {})}
+DECODE_RUNS = [(1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"),
+               (1, "fma_pregather"), (5, "mma_nosplit")]
+PREFILL_ROWS = 40
+LAYER_ROWS = 72  # output features: two BLOCK_N slices of 64, the second partial
+GATHERS = [(1, 389, 389), (16, 5120, 5120), (13, 13824, 7000)]  # (rows, columns of x, indices)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One layer, one kernel path, one number of rows of x."""
+
+    path: str  # "forward" (PackedLinear's dispatch), "decode:<config>", "prefill_fused", "prefill_dequant"
+    rows: int
+    widths: tuple[int, ...]
+    groupsize: int
+    pattern: str
+    bias: bool = False
+    maskless: bool = False  # lightly pruned: zeros stored as codes at the zero point, no mask
+
+    @property
+    def id(self) -> str:
+        layer = f"w{'.'.join(map(str, self.widths))}-g{self.groupsize}-{self.pattern}{'-maskless' * self.maskless}"
+        return f"{self.path}-m{self.rows}{'-bias' * self.bias}-{layer}"
+
+
+@dataclass(frozen=True)
+class GatherCase:
+    """The column gather (kernels.gather_columns) of ``picks`` of a row view's ``cols`` columns."""
+
+    rows: int
+    cols: int
+    picks: int
+
+    @property
+    def id(self) -> str:
+        return f"gather-m{self.rows}-c{self.cols}-k{self.picks}"
+
+
+def cases() -> list[Case | GatherCase]:
+    """Every check the script runs, in order (ids unique)."""
+    out: list[Case | GatherCase] = []
+    for layer in LAYERS:
+        # the layer's own dispatch (default configs; at 5 rows that is decode:mma_pregather)
+        out += [Case("forward", rows, *layer, bias=rows == 16) for rows in (1, 16)]
+        out += [Case(f"decode:{name}", rows, *layer, bias=rows == 5) for rows, name in DECODE_RUNS]
+        out += [Case(path, PREFILL_ROWS, *layer, bias=True) for path in ("prefill_fused", "prefill_dequant")]
+    for widths in ((4,), (3, 4)):
+        out += [Case("forward", rows, widths, 128, "unstructured", maskless=True) for rows in (1, 16)]
+        out.append(Case("prefill_dequant", PREFILL_ROWS, widths, 128, "unstructured", maskless=True))
+    return out + [GatherCase(*g) for g in GATHERS]
+
+
+def fp16_tolerance(x, W, ref):
+    """What the fp16 roundings allow (as in tests/test_runtime_gpu.py): each dense weight is within
+    half an fp16 ulp (2**-11 relative) of ``scale * (code - zero)``, which the decode kernel uses
+    unrounded, so the outputs may differ by up to 2**-11 * (|x| @ |W|^T); the output itself is
+    rounded to fp16 (half an ulp, doubled for the float32 sums' order)."""
+    return 2.0 ** -11 * (x.abs().double() @ W.abs().double().t()) + 2.0 ** -10 * ref.abs() + 1e-5
+
+
+def install_interpreter() -> dict[str, Any]:
+    """Select Triton's CPU interpreter in this process (before triton and misq.runtime are
+    imported) and mend one incompatibility: Triton 3.6's interpreter turns a tensor into a Python
+    int (``range(lo, hi)`` over program-id arithmetic) with ``int(ndarray of shape (1,))``, which
+    numpy >= 2.4 refuses; take the element instead (only where the interpreter has that hook).
+    Returns what was set up, for OUT.json's "meta"."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton
+    import triton.runtime.interpreter as interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is not None and not getattr(patch_tensor, "misq_index_shim", False):
+
+        def patch_with_scalar_index(tensor, scope) -> None:
+            patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        patch_with_scalar_index.misq_index_shim = True
+        interpreter._patch_lang_tensor = patch_with_scalar_index
+    # Masked-off lanes (x's padding rows, what a masked atomic returns) hold whatever the
+    # interpreter left there, so arithmetic on them (the bias added, the cast to fp16) warns; they
+    # are never stored. A valid lane's overflow or NaN shows as an infinite ratio.
+    warnings.filterwarnings("ignore", "(overflow|invalid value) encountered", RuntimeWarning, r"triton\.runtime\.interpreter")
+    tests_dir = str(Path(__file__).resolve().parent)
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)  # runtime_layers
+    from misq.runtime import tile_kernel, triton_common
+
+    return {"interpreted": os.environ.get("TRITON_INTERPRET") == "1" and triton_common._INTERPRET,
+            "have_triton": triton_common.HAVE_TRITON, "kernel_type": type(tile_kernel._decode_mm).__name__,
+            "index_shim": patch_tensor is not None, "triton": triton.__version__}
+
+
+def _layer(case: Case, cache: dict) -> tuple[Any, Any]:
+    """(PackedLinear, dense fp16 weight), shaped as the GPU tests' (odd column counts, partial last
+    groups and blocks); a fresh copy each case, as a case may set its bias."""
+    from runtime_layers import random_layer
+
+    key = (case.widths, case.groupsize, case.pattern, case.maskless, case.rows)
+    if key not in cache:
+        cols = 392 if case.pattern == "2:4" else 389
+        kind = {"pruned": 0.05} if case.maskless else {"act_order": case.groupsize == 32}
+        cache[key] = random_layer(LAYER_ROWS, cols, case.widths, case.groupsize, case.pattern, seed=case.rows, **kind)[:2]
+    lin, dense = cache[key]
+    return copy.deepcopy(lin), dense
+
+
+def _runner(case: Case, lin) -> tuple[Any, str | None]:
+    """(x -> y through the case's kernel path, None) or (None, why the path does not apply)."""
+    from misq.runtime import kernels
+
+    if case.path == "forward":  # the layer's own dispatch, as on CUDA
+        lin._kernel_ok = lambda x: True
+        return lin, None
+    if case.path == "prefill_fused":
+        ok = lin.fused_prefill_ok()
+        return (lin._prefill_fused, None) if ok else (None, "the fused prefill kernel does not take this layer "
+                                                            "(16-bit columns, > 2 widths or > 10 bits)")
+    if case.path == "prefill_dequant":
+        return lin._prefill_dequant, None
+    args, flags = DECODE_CONFIGS[case.path.removeprefix("decode:")]
+    config = kernels.Config(*args, **flags)
+
+    def decode(x):
+        extra = None
+        if lin.fp_cols is not None:
+            extra = (x.index_select(1, lin.perm[lin.fp_start:]) @ lin.fp_cols.t()).float()
+        return kernels.decode_matmul(x, lin.perm, lin.segments, lin.out_features, lin.bias, extra,
+                                     configs=[config] * len(lin.segments), kperm=lin.kperm)
+
+    return decode, None
+
+
+def _run_gather(case: GatherCase) -> dict[str, Any]:
+    """kernels.gather_columns' launch (on CPU it calls index_select instead) on a view into a
+    wider x, against index_select."""
+    import torch
+    import triton
+
+    from misq.runtime import kernels
+
+    torch.manual_seed(case.rows)
+    x = torch.randn(case.rows, case.cols + 8, dtype=torch.float16)[:, 4:case.cols + 4]
+    idx = torch.randperm(case.cols)[:case.picks].to(torch.int32)
+    out = torch.empty(case.rows, case.picks, dtype=x.dtype)
+    kernels._gather_cols[(triton.cdiv(case.picks, kernels.GATHER_BLOCK), case.rows)](
+        x, idx, out, case.picks, x.stride(0), out.stride(0), BLOCK=kernels.GATHER_BLOCK)
+    return {"ratio": 0.0 if torch.equal(out, x.index_select(1, idx)) else float("inf"), "error": None, "skipped": None}
+
+
+def run_case(case: Case | GatherCase, cache: dict) -> dict[str, Any]:
+    """{"ratio", "error", "skipped"}: max |y - ref| / tolerance over the calls (decode twice: the
+    second finds the split-K workspace as the first left it)."""
+    import torch
+
+    if isinstance(case, GatherCase):
+        return _run_gather(case)
+    torch.manual_seed(case.rows)
+    lin, dense = _layer(case, cache)
+    if case.bias:
+        lin.bias = torch.randn(lin.out_features, dtype=torch.float16)
+    run, why_not = _runner(case, lin)
+    if run is None:
+        return {"ratio": None, "error": None, "skipped": why_not}
+    x = torch.randn(case.rows, lin.in_features, dtype=torch.float16)
+    ref = x.double() @ dense.double().t()
+    if lin.bias is not None:
+        ref += lin.bias.double()
+    tolerance = fp16_tolerance(x, dense, ref)
+    ratio = 0.0
+    for _ in range(1 if case.path.startswith("prefill") else 2):
+        y = run(x)
+        if y.dtype != torch.float16 or tuple(y.shape) != (case.rows, lin.out_features):
+            return {"ratio": None, "error": f"output {y.dtype} {tuple(y.shape)}, expected float16 "
+                                            f"{(case.rows, lin.out_features)}", "skipped": None}
+        err = ((y.double() - ref).abs() / tolerance).nan_to_num(nan=float("inf"))
+        ratio = max(ratio, err.max().item())
+    return {"ratio": ratio, "error": None, "skipped": None}
+
+
+def _failure(exc: Exception) -> str:
+    """The exception and the innermost misq frame it passed through (a kernel line, usually)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = next((f for f in reversed(frames) if "misq" in f.filename or "kernels_interpreted" in f.filename), frames[-1])
+    return f"{type(exc).__name__}: {str(exc)[:500]} ({Path(where.filename).name}:{where.lineno})"
+
+
+def run_cases(batch: list[Case | GatherCase]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """({case id: result}, interpreter state) for one batch (in a worker process)."""
+    state = install_interpreter()
+    results, cache = {}, {}
+    for case in batch:
+        try:
+            results[case.id] = run_case(case, cache)
+        except Exception as exc:  # one failing path must not hide the others
+            results[case.id] = {"ratio": None, "error": _failure(exc), "skipped": None}
+    return results, state
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="where to write the results (JSON)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="worker processes (the interpreter is single-threaded Python)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    batches: dict[Any, list[Case | GatherCase]] = {}  # a layer's cases share a worker (and its copy of the layer)
+    for case in cases():
+        key = (case.widths, case.groupsize, case.pattern, case.maskless) if isinstance(case, Case) else "gather"
+        batches.setdefault(key, []).append(case)
+    ordered = sorted(batches.values(), key=lambda b: -sum(len(getattr(c, "widths", ())) for c in b))  # longest first
+    if args.jobs <= 1:
+        done = [run_cases(b) for b in ordered]
+    else:  # spawned, not forked: each worker selects the interpreter before it imports triton
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            done = pool.map(run_cases, ordered, chunksize=1)
+    by_id = {k: v for batch_results, _ in done for k, v in batch_results.items()}
+    results = {case.id: by_id[case.id] for case in cases()}
+    states = [state for _, state in done]
+    meta = {**states[0], "interpreted": all(s["interpreted"] for s in states), "jobs": args.jobs,
+            "seconds": round(time.perf_counter() - started, 1)}
+    args.out.write_text(json.dumps({"meta": meta, "cases": results}, indent=1))
+    failed = [k for k, r in results.items() if r["error"] is not None or (r["ratio"] is not None and r["ratio"] > 1.0)]
+    skipped = sum(r["skipped"] is not None for r in results.values())
+    print(f"{len(results)} cases, {len(failed)} failed, {skipped} skipped, {meta['seconds']} s "
+          f"({args.jobs} jobs, interpreted: {meta['interpreted']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
