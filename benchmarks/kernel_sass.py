@@ -1,0 +1,82 @@
+"""Instructions a weight in the batch-1 decode kernel's main loop, from sm_90 SASS compiled on any
+machine (no GPU needed): Triton compiles ``tile_kernel._decode_mm`` for ``GPUTarget("cuda", 90, 32)``,
+its bundled cuobjdump disassembles the cubin, and the loop is the span of the backward branch.
+
+The fma kernel is issue-bound on an H200 (ncu, BENCHMARKS.md session 9), so this count is the
+figure to watch when changing it:
+
+    python3 benchmarks/kernel_sass.py                 # 4-bit, BLOCK_N 64, 4 warps, both x paths
+    python3 benchmarks/kernel_sass.py --bits 2 --block-n 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import tempfile
+
+
+def loop_sass(bits: int, block_n: int, warps: int, xprep: bool) -> list[str]:
+    """The SASS lines of _decode_mm's main loop (fma path, groups of 128, split-K MODE 2)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from misq.runtime import kernels
+
+    kern = kernels._decode_mm
+    ptrs = dict(x_ptr="*fp32" if xprep else "*fp16", perm_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32",
+                bias_ptr="*fp16", wa="*i32", wb="*i32", wc="*i32", wd="*i32", s_ptr="*fp16", z_ptr="*u8", g_ptr="*i32")
+    consts = dict(BITS=bits, PA=bits, PB=0, PC=0, PD=0, GROUP=128, BM=1, BN=block_n, DOT=False, MODE=2, HAS_BIAS=False,
+                  XPREP=xprep)
+    sig = {n: ("constexpr" if n in consts else ptrs.get(n, "i32")) for n in kern.arg_names}
+    aligned = [i for i, n in enumerate(kern.arg_names) if n in ptrs or n in ("N", "n_cols", "stride_xm", "stride_om", "magic")]
+    src = ASTSource(fn=kern, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    lines = [ln for ln in sass.splitlines() if ln.strip().startswith("/*") and "*/" in ln and len(ln.split("*/")[1].split()) > 0]
+
+    def addr(ln: str) -> int:
+        return int(ln.split("*/")[0].strip()[2:], 16)
+
+    def target(ln: str) -> int | None:
+        body = ln.split("*/")[1]
+        return int(body.split("BRA")[1].split()[0].rstrip(";"), 16) if " BRA " in f" {body} " else None
+
+    back = [ln for ln in lines if target(ln) is not None and target(ln) < addr(ln)]
+    if not back:
+        raise SystemExit("no loop found in the SASS")
+    lo, hi = target(back[0]), addr(back[0])
+    return [ln for ln in lines if lo <= addr(ln) <= hi]
+
+
+def opcode(ln: str) -> str:
+    words = ln.split("*/")[1].split()
+    word = words[1] if words[0].startswith("@") else words[0]
+    return word.split(".")[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", type=int, default=4, choices=(2, 4, 8))
+    ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--warps", type=int, default=4)
+    args = ap.parse_args()
+    weights = 16 * args.block_n * (32 // args.bits) / (32 * args.warps)  # a layout block's weights a thread
+    for xprep in (False, True):
+        body = loop_sass(args.bits, args.block_n, args.warps, xprep)
+        ops = collections.Counter(opcode(ln) for ln in body).most_common(8)
+        how = "x pregathered (float32, pre-scaled)" if xprep else "x gathered in the kernel"
+        print(f"{how:<38} {len(body)} instructions a thread a block, {weights:.0f} weights: "
+              f"{len(body) / weights:.2f} a weight  {ops}")
+
+
+if __name__ == "__main__":
+    main()
