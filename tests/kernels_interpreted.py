@@ -170,16 +170,8 @@ def _runner(case: Case, lin) -> tuple[Any, str | None]:
     if case.path == "prefill_dequant":
         return lin._prefill_dequant, None
     args, flags = DECODE_CONFIGS[case.path.removeprefix("decode:")]
-    config = kernels.Config(*args, **flags)
-
-    def decode(x):
-        extra = None
-        if lin.fp_cols is not None:
-            extra = (x.index_select(1, lin.perm[lin.fp_start:]) @ lin.fp_cols.t()).float()
-        return kernels.decode_matmul(x, lin.perm, lin.segments, lin.out_features, lin.bias, extra,
-                                     configs=[config] * len(lin.segments), kperm=lin.kperm)
-
-    return decode, None
+    configs = [kernels.Config(*args, **flags)] * len(lin.segments)
+    return (lambda x: lin._decode(x, configs)), None
 
 
 def _run_gather(case: GatherCase) -> dict[str, Any]:

@@ -77,22 +77,13 @@ def test_decode_paths(widths, groupsize, pattern, rows, cfg):
     """Every decode path and launch shape: CUDA cores at M = 1, tensor cores with x gathered in the
     kernel or before it (for the CUDA cores: float32, pre-scaled), deep split-K (workspace), the
     previous per-tile dot path."""
-    from misq.runtime import kernels
     from misq.runtime.kernels import Config
 
     config = {"fma": Config("fma", 64, 2112, 4), "mma": Config("mma", 32, 64, 4),
               "mma_pregather": Config("mma", 64, 2112, 4, pregather=True), "mma_split": Config("mma", 64, 4096, 4),
               "dot": Config("dot", 128, 2112, 4), "fma_pregather": Config("fma", 64, 2112, 4, pregather=True)}[cfg]
     lin, dense = _layer(widths, groupsize, pattern, rows)
-
-    def run(x):
-        extra = None
-        if lin.fp_cols is not None:
-            extra = (x.index_select(1, lin.perm[lin.fp_start:]) @ lin.fp_cols.t()).float()
-        return kernels.decode_matmul(x, lin.perm, lin.segments, lin.out_features, lin.bias, extra,
-                                     configs=[config] * len(lin.segments), kperm=lin.kperm)
-
-    _check(lin, dense, rows, run, bias=rows == 5)
+    _check(lin, dense, rows, lambda x: lin._decode(x, [config] * len(lin.segments)), bias=rows == 5)
 
 
 @pytest.mark.parametrize("widths,groupsize,pattern", CASES)

@@ -112,16 +112,20 @@ class PackedLinear(nn.Module):
         R = self.out_features
         M = x2.shape[0]
         if M <= kernels.DECODE_MAX_ROWS:  # one fused launch per width or two: gather, dot, bias, fp16
-            if x2.stride(1) != 1:
-                x2 = x2.contiguous()
-            extra = None
-            if self.fp_cols is not None:
-                extra = (kernels.gather_columns(x2, self.perm[self.fp_start:]) @ self.fp_cols.to(x.dtype).t()).float()
-            y = kernels.decode_matmul(x2, self.perm, self.segments, R, self.bias, extra, kperm=self.kperm)
-            return y.reshape(*shape[:-1], R)
+            return self._decode(x2 if x2.stride(1) == 1 else x2.contiguous()).reshape(*shape[:-1], R)
         if M <= kernels.PREFILL_FUSED_MAX_ROWS and self.fused_prefill_ok():
             return self._prefill_fused(x2).reshape(*shape[:-1], R)
         return self._prefill_dequant(x2).reshape(*shape[:-1], R)
+
+    def _decode(self, x2: Tensor, configs: list | None = None) -> Tensor:
+        """x2 fp16 [M <= 16, C] (unit column stride) -> [M, R]: decode_matmul over the quantized
+        widths, the 16-bit columns' product added. ``configs``: one kernels.Config per segment
+        (default: the tuned or default settings)."""
+        extra = None
+        if self.fp_cols is not None:
+            extra = (kernels.gather_columns(x2, self.perm[self.fp_start:]) @ self.fp_cols.to(x2.dtype).t()).float()
+        return kernels.decode_matmul(x2, self.perm, self.segments, self.out_features, self.bias, extra, configs=configs,
+                                     kperm=self.kperm)
 
     def fused_prefill_ok(self) -> bool:
         return kernels.prefill_ok(self.segments, self.fp_cols is not None)
