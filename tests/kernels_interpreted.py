@@ -109,14 +109,13 @@ def fp16_tolerance(x, W, ref):
     return 2.0 ** -11 * (x.abs().double() @ W.abs().double().t()) + 2.0 ** -10 * ref.abs() + 1e-5
 
 
-def install_interpreter() -> dict[str, Any]:
-    """Select Triton's CPU interpreter in this process (before triton and misq.runtime are
-    imported) and mend one incompatibility: Triton 3.6's interpreter turns a tensor into a Python
-    int (``range(lo, hi)`` over program-id arithmetic) with ``int(ndarray of shape (1,))``, which
-    numpy >= 2.4 refuses; take the element instead (only where the interpreter has that hook).
-    Returns what was set up, for OUT.json's "meta"."""
+def select_interpreter() -> bool:
+    """Select Triton's CPU interpreter in this process (before triton and any misq kernel module
+    are imported) and mend one incompatibility: Triton 3.6's interpreter turns a tensor into a
+    Python int (``range(lo, hi)`` over program-id arithmetic) with ``int(ndarray of shape (1,))``,
+    which numpy >= 2.4 refuses; take the element instead (only where the interpreter has that
+    hook). Returns whether the hook was there (shimmed)."""
     os.environ["TRITON_INTERPRET"] = "1"
-    import triton
     import triton.runtime.interpreter as interpreter
 
     patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
@@ -128,6 +127,14 @@ def install_interpreter() -> dict[str, Any]:
 
         patch_with_scalar_index.misq_index_shim = True
         interpreter._patch_lang_tensor = patch_with_scalar_index
+    return patch_tensor is not None
+
+
+def install_interpreter() -> dict[str, Any]:
+    """:func:`select_interpreter`, quieter warnings, and tests/ on the path; returns what was set
+    up, for OUT.json's "meta"."""
+    shimmed = select_interpreter()
+    import triton
     # Masked-off lanes (x's padding rows, what a masked atomic returns) hold whatever the
     # interpreter left there, so arithmetic on them (the bias added, the cast to fp16) warns; they
     # are never stored. A valid lane's overflow or NaN shows as an infinite ratio.
@@ -139,7 +146,7 @@ def install_interpreter() -> dict[str, Any]:
 
     return {"interpreted": os.environ.get("TRITON_INTERPRET") == "1" and triton_common._INTERPRET,
             "have_triton": triton_common.HAVE_TRITON, "kernel_type": type(tile_kernel._decode_mm).__name__,
-            "index_shim": patch_tensor is not None, "triton": triton.__version__}
+            "index_shim": shimmed, "triton": triton.__version__}
 
 
 def _layer(case: Case, cache: dict) -> tuple[Any, Any]:
