@@ -40,7 +40,7 @@ except Exception:
 
 MAX_BLOCK = 256  # wider blocks fall back to the eager loop (registers)
 # Rows per program and warps, by padded block width; tuned on an H200 (see BENCHMARKS.md).
-BLOCK_CONFIGS = {16: (32, 4), 32: (16, 4), 64: (16, 4), 128: (8, 4), 256: (8, 4)}
+BLOCK_CONFIGS = {16: (8, 1), 32: (8, 1), 64: (8, 1), 128: (8, 1), 256: (8, 1)}
 
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1, for debugging the kernel without a GPU) has no
@@ -73,7 +73,10 @@ elif HAVE_TRITON:
 
 if HAVE_TRITON:
 
-    @triton.jit
+    # s_wc is not specialized (Triton would make a stride of 1 a constant): a tile whose columns it
+    # cannot see as contiguous is laid out with rows across lanes, so each row's per-column work is
+    # done by 4 lanes, not by all 32 (fused_descent.py says why and what it saves).
+    @triton.jit(do_not_specialize=["s_wc"])
     def _block_kernel(
         W, s_wr, s_wc,  # [R, B] fp32, in/out (the final sweep state, as block_loop leaves it)
         Hinv, s_hr, s_hc,  # [B, B] fp32, upper Cholesky block of H^-1
@@ -93,23 +96,21 @@ if HAVE_TRITON:
         cmask = cols < B
         m2 = rmask[:, None] & cmask[None, :]
         w = tl.load(W + rows[:, None] * s_wr + cols[None, :] * s_wc, mask=m2, other=0.0)
-        q_t = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.float32)
-        e_t = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.float32)
-        zero_r = tl.zeros([BLOCK_R], dtype=tl.float32)
         if PRUNE_M > 0:
             keep_t = tl.load(K + rows[:, None] * s_kr + cols[None, :] * s_kc, mask=m2, other=0).to(tl.int32)
             hd = tl.load(Hinv + cols * (s_hr + s_hc), mask=cmask, other=1.0)
             hd2 = tl.broadcast_to((hd * hd)[None, :], [BLOCK_R, BLOCK_B])
-        # Column i's per-row parameters and H^-1 row are loaded one iteration ahead (software
-        # prefetch), so their latency hides behind the previous column's dependent chain.
+        # Column i's per-row parameters, H^-1 row and diagonal element are loaded one iteration
+        # ahead (software prefetch), so their latency hides behind the previous column's dependent
+        # chain.
         sc_n = tl.load(S + rows * s_sr, mask=rmask, other=1.0)
         zc_n = tl.load(Z + rows * s_zr, mask=rmask, other=0.0)
         mq_n = tl.load(MQ + rows * s_mr, mask=rmask, other=1.0)
         kc_n = tl.load(K + rows * s_kr, mask=rmask, other=0).to(tl.int32)
         h_n = tl.load(Hinv + cols * s_hc, mask=cmask, other=0.0)
+        d_n = tl.load(Hinv)
         for i in range(B):
-            sc, zc, mq, kc_l, h = sc_n, zc_n, mq_n, kc_n, h_n
-            d = tl.sum(tl.where(cols == i, h, 0.0), axis=0) + zero_r
+            sc, zc, mq, kc_l, h, d = sc_n, zc_n, mq_n, kc_n, h_n, d_n
             nxt = i + 1
             more = nxt < B
             sc_n = tl.load(S + rows * s_sr + nxt * s_sc, mask=rmask & more, other=1.0)
@@ -118,6 +119,7 @@ if HAVE_TRITON:
             if PRUNE_M == 0:
                 kc_n = tl.load(K + rows * s_kr + nxt * s_kc, mask=rmask & more, other=0).to(tl.int32)
             h_n = tl.load(Hinv + nxt * s_hr + cols * s_hc, mask=cmask & (cols >= nxt) & more, other=0.0)
+            d_n = tl.load(Hinv + nxt * (s_hr + s_hc), mask=more, other=1.0)
             sel = cols[None, :] == i
             if PRUNE_M > 0:
                 if i % PRUNE_M == 0:
@@ -139,13 +141,11 @@ if HAVE_TRITON:
             code = rint(div_rn(wk, sc)) + zc
             code = tl.minimum(tl.maximum(code, 0.0), mq)
             qv = tl.where(mq > 1.0e38, wk, sc * (code - zc))
-            err = div_rn(wc - qv, d)
+            err = div_rn(wc - qv, d + tl.zeros_like(wc))
             w = w - err[:, None] * h[None, :]
-            q_t = tl.where(sel, qv[:, None], q_t)
-            e_t = tl.where(sel, err[:, None], e_t)
-        out = rows[:, None] * s_or + cols[None, :] * s_oc
-        tl.store(Q + out, q_t, mask=m2)
-        tl.store(E + out, e_t, mask=m2)
+            # column i's outputs go straight to memory (nothing reads them back here)
+            tl.store(Q + rows * s_or + i * s_oc, qv, mask=rmask)
+            tl.store(E + rows * s_or + i * s_oc, err, mask=rmask)
         tl.store(W + rows[:, None] * s_wr + cols[None, :] * s_wc, w, mask=m2)
         if PRUNE_M > 0:
             tl.store(K + rows[:, None] * s_kr + cols[None, :] * s_kc, keep_t.to(tl.uint8), mask=m2)
