@@ -8,6 +8,10 @@ kernel where it runs) so the ratio says what a pass costs against the solve. Wri
 
     python benchmarks/refine_speed.py --out "$OUT"            # one H200
     python benchmarks/refine_speed.py --small --device cpu    # smoke test
+    python benchmarks/refine_speed.py --launch 8,4 4,4 4,2    # the descent kernel's launch settings
+
+``--launch R,W ...`` times one pass per shape under each (rows per program, warps) of the
+descent kernel (fused_descent.DESCENT_CONFIGS for 128-column blocks), after the default run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from misq.algorithms import fused_descent
 from misq.algorithms.coordinate_descent import coordinate_descent
 from misq.algorithms.fused import get_block_fn
 from misq.algorithms.quantizer import find_grid
@@ -57,6 +62,7 @@ def time_solve(rows: int, cols: int, device: str, passes: int, trace_dir: Path |
         s, z, m = grid.column_grid(i1, i2)
         return s, z, m.unsqueeze(0).expand(rows, -1)
 
+    coordinate_descent(Wq.clone(), W, Hd, res.keep, cols_of, passes=1)  # warm-up: Triton compiles for these strides
     _sync(device)
     t0 = time.perf_counter()
     change = coordinate_descent(Wq, W, Hd, res.keep, cols_of, passes=passes)
@@ -93,6 +99,8 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--trace", action="store_true", help="profile one pass per shape (refine_trace_*.txt in --out)")
+    ap.add_argument("--launch", nargs="*", default=[], metavar="R,W",
+                    help="also time one pass under each (rows per program, warps) of the descent kernel")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -105,10 +113,20 @@ def main() -> None:
         log.info("%s %s", name, rows[name])
     total = {k: round(sum(v[k] for v in rows.values()), 4) for k in ("solve_s", "pass_s")}
     log.info("layer: solves %.3f s, one pass %.3f s", total["solve_s"], total["pass_s"])
+    launches = {}
+    default = fused_descent.DESCENT_CONFIGS[128] if args.launch else None
+    for spec in args.launch:
+        fused_descent.DESCENT_CONFIGS[128] = tuple(int(v) for v in spec.split(","))
+        per = {name: time_solve(r, c, args.device, 1)["pass_s"] for name, (r, c) in shapes.items()}
+        launches[spec] = {"shapes": per, "layer_pass_s": round(sum(per.values()), 4)}
+        log.info("launch %s: one pass %.3f s %s", spec, launches[spec]["layer_pass_s"], per)
+    if args.launch:
+        fused_descent.DESCENT_CONFIGS[128] = default
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "refine_speed.json", {"device": torch.cuda.get_device_name() if args.device.startswith("cuda")
-                                                  else "cpu", "shapes": rows, "layer": total, "passes": args.passes})
+                                                  else "cpu", "shapes": rows, "layer": total, "passes": args.passes,
+                                                  "default_launch": list(default or ()), "launches": launches})
 
 
 if __name__ == "__main__":
