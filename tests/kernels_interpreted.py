@@ -27,6 +27,7 @@ import copy
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -107,6 +108,26 @@ def fp16_tolerance(x, W, ref):
     unrounded, so the outputs may differ by up to 2**-11 * (|x| @ |W|^T); the output itself is
     rounded to fp16 (half an ulp, doubled for the float32 sums' order)."""
     return 2.0 ** -11 * (x.abs().double() @ W.abs().double().t()) + 2.0 ** -10 * ref.abs() + 1e-5
+
+
+# The interpreter these scripts were written against: Triton 3.9's refuses masks that 3.6 and the
+# compiled kernels take ("mask has unsupported dtype"); .ci/run installs 3.6.
+TRITON_SERIES = "3.6."
+
+
+def run_script(script: Path, out: Path, timeout_s: float = 300) -> dict[str, Any]:
+    """Run an interpreted-kernel script (this one, or tests/solver_kernels_interpreted.py) as
+    ``python SCRIPT OUT`` in a child process with the repository's src/ on PYTHONPATH (the
+    interpreter must be chosen before triton is imported, which a pytest process may have done)
+    and return OUT's JSON; RuntimeError with the child's output if it fails."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo / "src"), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, str(script), str(out)], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+    if proc.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"{script.name} exited with {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
 
 
 def select_interpreter() -> bool:

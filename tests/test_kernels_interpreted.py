@@ -8,39 +8,27 @@ kernel path shows by name, its error against the fp16 tolerance in the message."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kernels_interpreted import cases  # pure: importing it sets up no interpreter
+from kernels_interpreted import TRITON_SERIES, cases, run_script  # pure: importing it sets up no interpreter
 
 triton = pytest.importorskip("triton")
-# The interpreter these tests were written against: Triton 3.9's refuses masks that 3.6 and the
-# compiled kernels take ("mask has unsupported dtype"); .ci/run installs 3.6.
-if not triton.__version__.startswith("3.6."):
-    pytest.skip(f"interpreted kernel tests need Triton 3.6.x, not {triton.__version__}", allow_module_level=True)
+if not triton.__version__.startswith(TRITON_SERIES):
+    pytest.skip(f"interpreted kernel tests need Triton {TRITON_SERIES}x, not {triton.__version__}", allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "kernels_interpreted.py"
-TIMEOUT_S = 300
+SCRIPT = Path(__file__).resolve().parent / "kernels_interpreted.py"
 CASE_IDS = [case.id for case in cases()]
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict[str, Any]:
     """The script's OUT.json: {"meta": ..., "cases": {case id: result}}."""
-    out = tmp_path_factory.mktemp("kernels_interpreted") / "results.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
-    if proc.returncode != 0 or not out.is_file():
-        pytest.fail(f"{SCRIPT.name} exited with {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    try:
+        return run_script(SCRIPT, tmp_path_factory.mktemp("kernels_interpreted") / "results.json")
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 def test_kernels_ran_in_the_interpreter(interpreted):

@@ -5,34 +5,27 @@ child process (the interpreter must be chosen before import); each case is one t
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kernels_interpreted import TRITON_SERIES, run_script
 from solver_kernels_interpreted import descent_ids, sweep_ids  # pure: importing it sets up no interpreter
 
 triton = pytest.importorskip("triton")
-if not triton.__version__.startswith("3.6."):  # as tests/test_kernels_interpreted.py
-    pytest.skip(f"interpreted kernel tests need Triton 3.6.x, not {triton.__version__}", allow_module_level=True)
+if not triton.__version__.startswith(TRITON_SERIES):
+    pytest.skip(f"interpreted kernel tests need Triton {TRITON_SERIES}x, not {triton.__version__}", allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "solver_kernels_interpreted.py"
+SCRIPT = Path(__file__).resolve().parent / "solver_kernels_interpreted.py"
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("solver_kernels_interpreted") / "results.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    if proc.returncode != 0 or not out.is_file():
-        pytest.fail(f"{SCRIPT.name} exited with {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    """The script's OUT.json: {"meta": ..., "cases": {case id: result}}."""
+    try:
+        return run_script(SCRIPT, tmp_path_factory.mktemp("solver_kernels_interpreted") / "results.json")
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 def _case(interpreted, case_id: str) -> dict[str, Any]:

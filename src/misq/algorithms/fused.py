@@ -157,10 +157,12 @@ def block_kernel_runs(W1: Tensor) -> bool:
     return HAVE_TRITON and (W1.is_cuda or INTERPRET) and 0 < B <= MAX_BLOCK and R > 0
 
 
-def launch_config(B: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
-    """(padded block width, rows per program, warps) for a block of B columns."""
+def launch_config(B: int, launch: tuple[int, int] | None = None,
+                  table: dict[int, tuple[int, int]] | None = None) -> tuple[int, int, int]:
+    """(padded block width, rows per program, warps) for a block of B columns: ``launch``, else
+    ``table`` (by padded width; default BLOCK_CONFIGS, the sweep's)."""
     block_b = max(16, triton.next_power_of_2(B))
-    rows, warps = launch or BLOCK_CONFIGS[block_b]
+    rows, warps = launch or (BLOCK_CONFIGS if table is None else table)[block_b]
     return block_b, rows, warps
 
 

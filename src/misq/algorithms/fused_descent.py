@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from misq.algorithms.fused import HAVE_TRITON, block_kernel_runs, div_rn, rint
+from misq.algorithms.fused import HAVE_TRITON, block_kernel_runs, div_rn, launch_config, rint
 
 # (rows per program, warps) by padded block width: one warp a program, 4 lanes a row at 8 rows
 # (benchmarks/refine_speed.py --launch, one H200).
@@ -98,12 +98,11 @@ def fused_descent_block(W1: Tensor, P1: Tensor, Hb: Tensor, keep1: Tensor, scale
     R, B = W1.shape
     if not block_kernel_runs(W1) or W1.dtype != torch.float32 or P1.dtype != torch.float32:
         return None
-    S, Z, MQ = (t if t.dtype == torch.float32 else t.float() for t in torch.broadcast_tensors(scale1, zero1, maxq1))
+    S, Z, MQ = (t.float() for t in torch.broadcast_tensors(scale1, zero1, maxq1))  # no copy when already fp32
     Hb = Hb.float()
     keep8 = keep1.view(torch.uint8) if keep1.dtype == torch.bool else keep1.to(torch.uint8)
     D = torch.empty((R, B), device=W1.device, dtype=torch.float32)
-    block_b = max(16, triton.next_power_of_2(B))
-    block_r, warps = launch or DESCENT_CONFIGS[block_b]
+    block_b, block_r, warps = launch_config(B, launch, DESCENT_CONFIGS)
     _descent_kernel[(triton.cdiv(R, block_r),)](
         W1, W1.stride(0), W1.stride(1),
         P1, P1.stride(0), P1.stride(1),
