@@ -18,23 +18,39 @@ import subprocess
 import tempfile
 
 
-def loop_sass(bits: int, block_n: int, warps: int, xprep: bool) -> list[str]:
-    """The SASS lines of _decode_mm's main loop (fma path, groups of 128, split-K MODE 2)."""
+def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...], warps: int):
+    """Triton's compile of ``kern`` for sm_90 (no GPU needed), pointers and ``aligned`` ints taken
+    as 16-divisible as on the GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    sig = {n: ("constexpr" if n in consts else ptrs.get(n, "i32")) for n in kern.arg_names}
+    idx = [i for i, n in enumerate(kern.arg_names) if n in ptrs or n in aligned]
+    src = ASTSource(fn=kern, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in idx})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+
+
+def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False) -> list[str]:
+    # h2: xprep False = x gathered in the kernel (FUSED)
+    """The SASS lines of the batch-1 kernel's main loop (groups of 128, split-K MODE 2):
+    _decode_mm's fma path, or (h2) half2_kernel._decode_h2 (3 and 4 bits)."""
+    import triton
+
     from misq.runtime import kernels
 
-    kern = kernels._decode_mm
-    ptrs = dict(x_ptr="*fp32" if xprep else "*fp16", perm_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32",
-                bias_ptr="*fp16", wa="*i32", wb="*i32", wc="*i32", wd="*i32", s_ptr="*fp16", z_ptr="*u8", g_ptr="*i32")
-    consts = dict(BITS=bits, PA=bits, PB=0, PC=0, PD=0, GROUP=128, BM=1, BN=block_n, DOT=False, MODE=2, HAS_BIAS=False,
-                  XPREP=xprep)
-    sig = {n: ("constexpr" if n in consts else ptrs.get(n, "i32")) for n in kern.arg_names}
-    aligned = [i for i, n in enumerate(kern.arg_names) if n in ptrs or n in ("N", "n_cols", "stride_xm", "stride_om", "magic")]
-    src = ASTSource(fn=kern, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    if h2:
+        ptrs = dict(xp_ptr="*i32", xs_ptr="*fp32", x_ptr="*fp16", q_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32",
+                    cnt_ptr="*i32", bias_ptr="*fp16", wa="*i32", wb="*i32", s_ptr="*fp16", z_ptr="*u8")
+        consts = dict(BITS=bits, BN=block_n, MODE=2, HAS_BIAS=False, FUSED=not xprep, LIMIT_LOG2=8)
+        compiled = _compile(kernels._decode_h2, ptrs, consts, ("N", "stride_om"), warps)
+    else:
+        ptrs = dict(x_ptr="*fp32" if xprep else "*fp16", perm_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32",
+                    cnt_ptr="*i32", bias_ptr="*fp16", wa="*i32", wb="*i32", wc="*i32", wd="*i32", s_ptr="*fp16",
+                    z_ptr="*u8", g_ptr="*i32")
+        consts = dict(BITS=bits, PA=bits, PB=0, PC=0, PD=0, GROUP=128, BM=1, BN=block_n, DOT=False, MODE=2,
+                      HAS_BIAS=False, XPREP=xprep)
+        compiled = _compile(kernels._decode_mm, ptrs, consts, ("N", "n_cols", "stride_xm", "stride_om", "magic"), warps)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
@@ -65,15 +81,18 @@ def opcode(ln: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bits", type=int, default=4, choices=(2, 4, 8))
+    ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--warps", type=int, default=4)
     args = ap.parse_args()
-    weights = 16 * args.block_n * (32 // args.bits) / (32 * args.warps)  # a layout block's weights a thread
-    for xprep in (False, True):
-        body = loop_sass(args.bits, args.block_n, args.warps, xprep)
-        ops = collections.Counter(opcode(ln) for ln in body).most_common(8)
-        how = "x pregathered (float32, pre-scaled)" if xprep else "x gathered in the kernel"
+    from misq.runtime.layout import block_cols
+
+    weights = block_cols(args.bits) * args.block_n / (32 * args.warps)  # a layout block's weights a thread
+    runs = [(False, False), (True, False)] * (args.bits != 3) + [(True, True), (False, True)] * (args.bits in (3, 4))
+    for xprep, h2 in runs:
+        body = loop_sass(args.bits, args.block_n, args.warps, xprep, h2)
+        ops = collections.Counter(opcode(ln) for ln in body).most_common(10)
+        how = f"h2 (fp16 pairs, x {'pregathered' if xprep else 'gathered in it'})" if h2 else ("x pregathered (float32, pre-scaled)" if xprep else "x gathered in the kernel")
         print(f"{how:<38} {len(body)} instructions a thread a block, {weights:.0f} weights: "
               f"{len(body) / weights:.2f} a weight  {ops}")
 

@@ -44,14 +44,16 @@ LAYERS: list[tuple[tuple[int, ...], int, str]] = [
     ((5,), 0, "dense"), ((2,), 128, "dense")]
 # Decode configs, name -> kernels.Config arguments: the GPU tests' (fma at M = 1 with x gathered in
 # the kernel or before it, float32 and pre-scaled; mma with x gathered in the kernel or before it;
-# deep split-K; per-tile dot), and a tensor-core run with no split-K at all.
+# deep split-K; per-tile dot; the fp16 pairs kernel with x gathered before it or in it), and a
+# tensor-core run with no split-K at all.
 DECODE_CONFIGS: dict[str, tuple[tuple[Any, ...], dict[str, bool]]] = {
     "fma": (("fma", 64, 2112, 4), {}), "mma": (("mma", 32, 64, 4), {}),
     "mma_pregather": (("mma", 64, 2112, 4), {"pregather": True}), "mma_split": (("mma", 64, 4096, 4), {}),
     "dot": (("dot", 128, 2112, 4), {}), "fma_pregather": (("fma", 64, 2112, 4), {"pregather": True}),
-    "mma_nosplit": (("mma", 32, 1, 4), {})}
+    "mma_nosplit": (("mma", 32, 1, 4), {}), "h2": (("h2", 128, 2112, 4), {"pregather": True}),
+    "h2_nosplit": (("h2", 64, 1, 4), {"pregather": True}), "h2_fused": (("h2", 128, 2112, 4), {})}
 DECODE_RUNS = [(1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"),
-               (1, "fma_pregather"), (5, "mma_nosplit")]
+               (1, "fma_pregather"), (5, "mma_nosplit"), (1, "h2"), (1, "h2_nosplit"), (1, "h2_fused")]
 PREFILL_ROWS = 40
 LAYER_ROWS = 72  # output features: two BLOCK_N slices of 64, the second partial
 GATHERS = [(1, 389, 389), (16, 5120, 5120), (13, 13824, 7000)]  # (rows, columns of x, indices)
@@ -68,11 +70,13 @@ class Case:
     pattern: str
     bias: bool = False
     maskless: bool = False  # lightly pruned: zeros stored as codes at the zero point, no mask
+    x_scale: float = 1.0  # x is randn times this (4096: the h2 kernel's per-block scaling of large x)
 
     @property
     def id(self) -> str:
         layer = f"w{'.'.join(map(str, self.widths))}-g{self.groupsize}-{self.pattern}{'-maskless' * self.maskless}"
-        return f"{self.path}-m{self.rows}{'-bias' * self.bias}-{layer}"
+        big = f"-x{self.x_scale:g}" if self.x_scale != 1.0 else ""
+        return f"{self.path}-m{self.rows}{'-bias' * self.bias}{big}-{layer}"
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ def cases() -> list[Case | GatherCase]:
         out += [Case("forward", rows, *layer, bias=rows == 16) for rows in (1, 16)]
         out += [Case(f"decode:{name}", rows, *layer, bias=rows == 5) for rows, name in DECODE_RUNS]
         out += [Case(path, PREFILL_ROWS, *layer, bias=True) for path in ("prefill_fused", "prefill_dequant")]
+    for widths, pattern in (((4,), "dense"), ((4,), "unstructured"), ((3,), "dense")):
+        out += [Case(f"decode:{cfg}", 1, widths, 128, pattern, x_scale=4096.0)  # x past fp16's range for its sums
+                for cfg in ("h2", "h2_fused")]
     for widths in ((4,), (3, 4)):
         out += [Case("forward", rows, widths, 128, "unstructured", maskless=True) for rows in (1, 16)]
         out.append(Case("prefill_dequant", PREFILL_ROWS, widths, 128, "unstructured", maskless=True))
@@ -233,7 +240,7 @@ def run_case(case: Case | GatherCase, cache: dict) -> dict[str, Any]:
     run, why_not = _runner(case, lin)
     if run is None:
         return {"ratio": None, "error": None, "skipped": why_not}
-    x = torch.randn(case.rows, lin.in_features, dtype=torch.float16)
+    x = (torch.randn(case.rows, lin.in_features) * case.x_scale).to(torch.float16)
     ref = x.double() @ dense.double().t()
     if lin.bias is not None:
         ref += lin.bias.double()

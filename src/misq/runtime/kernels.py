@@ -1,17 +1,23 @@
 """Launching the Triton kernels over the runtime layout of :mod:`misq.runtime.layout`: launch
 settings, split-K planning, and the dispatch :mod:`misq.runtime.linear`, the tests and
 benchmarks/decode_speed.py call. The kernels live in :mod:`misq.runtime.tile_kernel`,
-:mod:`misq.runtime.mma_kernel` and :mod:`misq.runtime.dequant_kernel` (their shared Triton helpers
-and the ``HAVE_TRITON`` probe in :mod:`misq.runtime.triton_common`); everything here that launches
-one needs Triton.
+:mod:`misq.runtime.half2_kernel`, :mod:`misq.runtime.mma_kernel` and
+:mod:`misq.runtime.dequant_kernel` (their shared Triton helpers and the ``HAVE_TRITON`` probe in
+:mod:`misq.runtime.triton_common`); everything here that launches one needs Triton.
 
 * :func:`decode_matmul` (decode: x fp16 [M, C], M <= 16 rows) computes ``y = x[:, perm] @ W^T``,
   fp16 [M, N], straight from the codes; the last launch of a layer writes the fp16 output (bias
   added). Each program takes BLOCK_N output features and a split-K run of blocks of the layout.
   Paths (:class:`Config`, picked by :func:`config_for`):
 
-  - ``fma`` (``_decode_mm``, CUDA cores, M = 1, the default for one-piece widths such as 4
-    bits): x gathered first as float32 times each slot's 2**-q (``pregather``, one small kernel;
+  - ``h2`` (``half2_kernel._decode_h2``, CUDA cores, M = 1, the default for 3- and 4-bit
+    segments whose groups are multiples of 128 columns): codes become fp16 pairs with one LOP3
+    and are multiplied by x's pairs two at a time, eight products summed in fp16 before each
+    float32 add (about 2.2-3.3 instructions a weight against 5.3); x is gathered first into
+    fp16 pairs, each layout block scaled by a power of two so the sums stay finite (``pregather``,
+    one small kernel; else each program gathers its own blocks, which measured slower);
+  - ``fma`` (``_decode_mm``, CUDA cores, M = 1, the default for other one-piece widths such as 2
+    and 8 bits): x gathered first as float32 times each slot's 2**-q (``pregather``, one small kernel;
     else through ``perm`` in the kernel); codes become float32 through the exponent trick and
     each scale group's dot product is scaled once (so its outputs differ from the dense fp16
     weights' by at most their fp16 rounding);
@@ -43,6 +49,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from misq.runtime.half2_kernel import GROUP_COLS as H2_GROUP_COLS
+from misq.runtime.half2_kernel import X_LIMIT_LOG2
 from misq.runtime.layout import Segment, block_cols, chunk_tiles, kernel_perm, pieces
 from misq.runtime.triton_common import HAVE_TRITON
 
@@ -51,6 +59,7 @@ if HAVE_TRITON:
 
     from misq.runtime.dequant_kernel import _segment_dequant
     from misq.runtime.gather_kernel import _gather_cols, _gather_scaled
+    from misq.runtime.half2_kernel import _decode_h2, _gather_pairs
     from misq.runtime.mma_kernel import _mma_mm
     from misq.runtime.tile_kernel import _decode_mm
 
@@ -75,6 +84,17 @@ def gather_scaled(x: Tensor, idx: Tensor, bits: int) -> Tensor:
     return out
 
 
+def gather_pairs(x: Tensor, idx: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """x fp16 [1, C] on CUDA, idx int32 [K] (a 3- or 4-bit segment's columns) -> (xp int32
+    [nblk * B / 2], xs float32 [nblk]), B = block_cols(bits): x[0, idx] as the h2 kernel's fp16
+    pairs, each layout block scaled by its xs**-1 (half2_kernel._gather_pairs)."""
+    nblk = triton.cdiv(idx.numel(), block_cols(bits))
+    xp = torch.empty(nblk * block_cols(bits) // 2, dtype=torch.int32, device=x.device)
+    xs = torch.empty(nblk, dtype=torch.float32, device=x.device)
+    _gather_pairs[(nblk,)](x, idx, xp, xs, idx.numel(), BITS=bits, LIMIT_LOG2=X_LIMIT_LOG2)
+    return xp, xs
+
+
 def gather_columns(x: Tensor, idx: Tensor) -> Tensor:
     """x [M, C] (unit column stride), idx int32 [K] on x's device -> x[:, idx], [M, K] (one launch;
     torch's index_select where Triton cannot run it, see gather_kernel.py for why)."""
@@ -89,7 +109,9 @@ def gather_columns(x: Tensor, idx: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Config:
-    path: str  # "fma" (M = 1 only), "mma" (tensor cores, block tiles) or "dot" (per-tile dots, > 10 bits)
+    # "h2" (M = 1, 4 bits, groups of whole blocks: fp16 pairs), "fma" (M = 1 only), "mma" (tensor
+    # cores, block tiles) or "dot" (per-tile dots, > 10 bits)
+    path: str
     block_n: int
     target_programs: int  # split-K deep enough for about this many programs
     num_warps: int
@@ -110,11 +132,16 @@ def bucket(M: int) -> str:
     return "m1" if M == 1 else ("m16" if M <= DECODE_MAX_ROWS else "pf")
 
 
-def default_config(M: int, bits: int, N: int, K: int, mma: bool = True) -> Config:
+def default_config(M: int, bits: int, N: int, K: int, mma: bool = True, h2: bool = True) -> Config:
     """Settings benchmarks/decode_speed.py --tune picked (or came close to) on every 13B shape on an
     H200 (BENCHMARKS.md). Many small programs: the loads of a block are one round trip, so the
-    memory system needs many warps per SM in flight."""
+    memory system needs many warps per SM in flight. ``h2``: whether the segment can take the fp16
+    pairs kernel (:func:`h2_ok`; 3 and 4 bits at M = 1)."""
     single = len(pieces(bits)) == 1
+    if M == 1 and bits == 4 and h2:  # fp16 pairs, x gathered first (in-kernel gather: slower everywhere)
+        return Config("h2", 256, 8 * 132, 4, pregather=True)
+    if M == 1 and bits == 3 and h2:
+        return Config("h2", 128, 16 * 132, 4, pregather=True)
     if M == 1 and (single or not mma):  # one piece a code (4-bit): CUDA cores, x gathered first (1.1-1.15x faster)
         return Config("fma", 64, 16 * 132, 4, pregather=single)
     if not mma:  # over 10 bits
@@ -127,7 +154,7 @@ def default_config(M: int, bits: int, N: int, K: int, mma: bool = True) -> Confi
 
 def config_for(M: int, bits: int, N: int, K: int) -> Config:
     cfg = TUNED.get((bucket(M), bits, N, K))
-    if cfg is None or (cfg.path == "fma" and M > 1) or (cfg.path != "mma" and M > DECODE_MAX_ROWS):
+    if cfg is None or (cfg.path in ("fma", "h2") and M > 1) or (cfg.path != "mma" and M > DECODE_MAX_ROWS):
         cfg = default_config(M, bits, N, K)
     return cfg
 
@@ -199,6 +226,31 @@ def _kbase(segments: list) -> list[int]:
     return out
 
 
+def h2_ok(seg: Segment) -> bool:
+    """The fp16 pairs kernel (half2_kernel) takes 3- and 4-bit segments whose scale groups are
+    multiples of 128 columns, or one group."""
+    g = seg.group_len
+    return seg.bits in (3, 4) and (seg.scales.shape[0] == 1 or (g > 0 and g % H2_GROUP_COLS == 0))
+
+
+def _run_h2(launch: _Launch, x: Tensor, perm: Tensor, out: Tensor, ws: Tensor | None, cnt: Tensor | None,
+            bias: Tensor | None, mode: int) -> None:
+    """One _decode_h2 launch over launch.segs[0] (x [1, C], not gathered): x gathered first into
+    fp16 pairs (cfg.pregather, one small kernel) or by each program for its own blocks."""
+    seg, cfg = launch.segs[0], launch.cfg
+    q = perm[seg.start:seg.start + seg.n]
+    nblk = triton.cdiv(seg.n, block_cols(seg.bits))
+    xp, xs = gather_pairs(x, q, seg.bits) if cfg.pregather else (q, x)
+    group_cols = nblk * block_cols(seg.bits) if seg.scales.shape[0] == 1 else seg.group_len
+    words = [seg.words[p] for p in pieces(seg.bits)]
+    _decode_h2[(launch.n_nblk, launch.split)](
+        xp, xs, x, q, out, ws if ws is not None else out, cnt if cnt is not None else seg.gidx,
+        bias if bias is not None else out, words[0], words[-1], seg.scales, seg.zeros, out.shape[1], seg.n, nblk,
+        group_cols, seg.scales.shape[0], out.stride(0), launch.bps[0], BITS=seg.bits, BN=cfg.block_n, MODE=mode,
+        HAS_BIAS=bias is not None, FUSED=not cfg.pregather, LIMIT_LOG2=X_LIMIT_LOG2, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+
+
 def mma_ok(seg: Segment) -> bool:
     """The tensor-core kernel's fp16 trick (0x6400 | code is 1024 + code) needs codes < 1024."""
     return seg.bits <= 10
@@ -248,6 +300,8 @@ def decode_matmul(x: Tensor, perm: Tensor, segments: list, rows: int, bias: Tens
     for i, s in enumerate(segments):
         if cfgs[i].path == "mma" and not mma_ok(s):
             cfgs[i] = default_config(M, s.bits, rows, s.n, mma=False)
+        if cfgs[i].path == "h2" and (M > 1 or not h2_ok(s)):
+            cfgs[i] = default_config(M, s.bits, rows, s.n, mma=mma_ok(s), h2=False)
     launches, i = [], 0
     while i < len(segments):
         two = cfgs[i].path == "mma" and i + 1 < len(segments) and mma_ok(segments[i + 1])
@@ -274,6 +328,9 @@ def decode_matmul(x: Tensor, perm: Tensor, segments: list, rows: int, bias: Tens
             else:
                 _run_mma(lc, x, [x] * len(lc.segs), [kperm[base[id(s)]:] for s in lc.segs], out, ws, cnt, bias,
                          mode, True)
+            continue
+        if lc.cfg.path == "h2":
+            _run_h2(lc, x, perm, out, ws, cnt, bias, mode)
             continue
         seg, cfg = lc.segs[0], lc.cfg
         ptrs, pc = _pieces_args(seg)

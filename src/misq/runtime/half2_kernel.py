@@ -1,0 +1,392 @@
+"""``_decode_h2``: the batch-1 decode kernel for 3- and 4-bit segments on the CUDA cores' packed
+fp16 pipes, two weights an instruction, for :func:`misq.runtime.kernels.decode_matmul`'s ``h2`` path.
+
+Why: the float32 kernel (tile_kernel, ``fma``) issues about 5.3 instructions a weight and is
+bound by instruction issue on an H200 (ncu, BENCHMARKS.md session 9), far from the memory floor.
+
+4 bits: two 32-bit words of eight codes each (layout.py: the code of tile t of word row r at bits
+4 t; rows r and r + 8 of a block, same output features) cost about 30 instructions:
+
+* ``(w & 0x000F000F) | 0x64006400`` is the fp16 pair (1024 + c0, 1024 + c4); with the mask
+  0x00F000F0 it is (1024 + 16 c1, 1024 + 16 c5); the same on ``w >> 8`` for tiles 2, 6, 3, 7.
+  One LOP3 per pair of codes.
+* plus the pair -(1024 + z), or times 1/16 plus -(64 + z): exactly ``c - z`` (small integers
+  are exact in fp16). One HADD2 / HFMA2 per pair.
+* times x's pair and summed, eight pairs over the two words, in fp16 (HMUL2 + 7 HFMA2); then the
+  two halves are converted and added in float32, and that sum times the group's scale is added
+  to the float32 accumulator.
+
+3 bits (a 2-bit and a 1-bit piece, blocks of 512 columns): per word row, the 2-bit words of tile
+runs h = 0, 1 and the 1-bit word, shifted once per half block so that both pieces of a code pair
+land at mantissa bits q .. q + 2 (q = 0, 2, 4, 6): two LOP3 a pair, then one HFMA2 (times 2**-q,
+plus -(2**(10 - q) + z)) for ``c - z`` and one for the product. Tiles t and t + 16 pair up; their
+groups differ, so each half keeps its own scale.
+
+sm_90 SASS of the loop (benchmarks/kernel_sass.py): 2.2-3.0 instructions a weight at 4 bits
+(BLOCK_N 512 to 128, 4 warps) and about 3.3 at 3 bits, against 5.3 for the float32 kernel.
+Each product ``(c - z) * x`` and each eight-term sum is rounded to fp16 (relative 2**-11 each,
+random in sign), where the float32 kernel is exact until its output: the outputs stay within the
+fp16 tolerance the tests hold every path to (tests/test_runtime_gpu.py). To keep those sums
+finite, each layout block's x is scaled by a power of two so that |x| < 256 (the block's 2**k
+goes back in with the scale; k = 0 unless some |x| >= 256), which bounds an eight-term sum by
+8 * 15 * 256 < 65504.
+
+x comes in pre-gathered (``_gather_pairs``, one small kernel): int32 [nblk, B / 2] pairs in the
+kernel's order (4 bits: element (blk, j, r) = fp16 (x[16 j + r], x[16 (j + 4) + r]) of block
+blk), plus each block's 2**k; or (FUSED) each program gathers and scales its own blocks, which
+saves a launch but doubles the instructions, and measured slower on an H200. Scale groups must be
+multiples of 128 columns, or one group for the segment (kernels.h2_ok).
+
+Under Triton's CPU interpreter (no inline PTX) ``_words_dot`` and ``_pairs3_dot`` run the same
+steps as plain fp16 operations (a multiply and an add, two roundings, where the PTX fuses them).
+"""
+
+from __future__ import annotations
+
+from misq.runtime.triton_common import _INTERPRET, HAVE_TRITON
+
+GROUP_COLS = 128  # scale groups must be multiples of this (the 3-bit kernel's runs of 8 tiles)
+X_LIMIT_LOG2 = 8  # x is scaled per block below 2**8: eight products of |c - z| <= 15 stay finite in fp16
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from misq.runtime.triton_common import write_out
+
+    if _INTERPRET:
+
+        @triton.jit
+        def _halves(u):
+            """int32 -> (low, high) fp16 halves."""
+            lo = (u & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            hi = ((u >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            return lo, hi
+
+        @triton.jit
+        def _word_sum(h_lo, h_hi, w, x0, x1, x2, x3, za, zb):
+            """The fp16 running sums (low, high) plus one word's four products each (PTX below)."""
+            w8 = w >> 8
+            a_lo, a_hi = _halves((w & 0x000F000F) | 0x64006400)
+            b_lo, b_hi = _halves((w & 0x00F000F0) | 0x64006400)
+            c_lo, c_hi = _halves((w8 & 0x000F000F) | 0x64006400)
+            d_lo, d_hi = _halves((w8 & 0x00F000F0) | 0x64006400)
+            za_lo, za_hi = _halves(za)
+            zb_lo, zb_hi = _halves(zb)
+            x0_lo, x0_hi = _halves(x0)
+            x1_lo, x1_hi = _halves(x1)
+            x2_lo, x2_hi = _halves(x2)
+            x3_lo, x3_hi = _halves(x3)
+            sixteenth = 0.0625
+            h_lo = h_lo + (a_lo + za_lo) * x0_lo
+            h_hi = h_hi + (a_hi + za_hi) * x0_hi
+            h_lo = h_lo + (b_lo * sixteenth + zb_lo) * x1_lo
+            h_hi = h_hi + (b_hi * sixteenth + zb_hi) * x1_hi
+            h_lo = h_lo + (c_lo + za_lo) * x2_lo
+            h_hi = h_hi + (c_hi + za_hi) * x2_hi
+            h_lo = h_lo + (d_lo * sixteenth + zb_lo) * x3_lo
+            h_hi = h_hi + (d_hi * sixteenth + zb_hi) * x3_hi
+            return h_lo, h_hi
+
+        @triton.jit
+        def _words_dot(v, u, x0, x1, x2, x3, y0, y1, y2, y3, za, zb):
+            """float32: sum over two words' 16 codes of (c - z) * x, as the PTX below computes it."""
+            zero = tl.zeros(v.shape, tl.float16)
+            h_lo, h_hi = _word_sum(zero, zero, v, x0, x1, x2, x3, za, zb)
+            h_lo, h_hi = _word_sum(h_lo, h_hi, u, y0, y1, y2, y3, za, zb)
+            return h_lo.to(tl.float32) + h_hi.to(tl.float32)
+
+        @triton.jit
+        def _pairs3_dot(a0, a1, b0, b1, p0, p1, p2, p3, p4, p5, p6, p7, z0, z2, z4, z6):
+            """(low, high) float32: eight 3-bit code pairs' sum of (c - z) * x (PTX below)."""
+            h_lo = tl.zeros(a0.shape, tl.float16)
+            h_hi = tl.zeros(a0.shape, tl.float16)
+            for hh in tl.static_range(2):
+                a = a0 if hh == 0 else a1
+                b = b0 if hh == 0 else b1
+                for sp in tl.static_range(4):
+                    v = (a & ((6 << (2 * sp)) * 0x10001)) | (b & ((1 << (2 * sp)) * 0x10001)) | 0x64006400
+                    v_lo, v_hi = _halves(v)
+                    zq = z0 if sp == 0 else (z2 if sp == 1 else (z4 if sp == 2 else z6))
+                    z_lo, z_hi = _halves(zq)
+                    p = (p0 if sp == 0 else (p1 if sp == 1 else (p2 if sp == 2 else p3))) if hh == 0 else \
+                        (p4 if sp == 0 else (p5 if sp == 1 else (p6 if sp == 2 else p7)))
+                    x_lo, x_hi = _halves(p)
+                    m = 1.0 / (1 << (2 * sp))
+                    h_lo = h_lo + (v_lo * m + z_lo) * x_lo
+                    h_hi = h_hi + (v_hi * m + z_hi) * x_hi
+            return h_lo.to(tl.float32), h_hi.to(tl.float32)
+    else:
+
+        @triton.jit
+        def _words_dot(v, u, x0, x1, x2, x3, y0, y1, y2, y3, za, zb):
+            """float32: sum over two words' 16 codes of (c - z) * x (module docstring): v and u the
+            words, x0..x3 and y0..y3 x's fp16 pairs for each, za = -(1024 + z) and zb = -(64 + z)
+            as fp16 pairs, all int32."""
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 a, b, c, d, t, h, k;
+                .reg .b16 lo, hi;
+                .reg .f32 flo, fhi;
+                mov.b32 k, 0x2C002C00;
+                lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xEA;
+                shr.u32 t, $1, 8;
+                lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
+                add.rn.f16x2 a, a, $11;
+                fma.rn.f16x2 b, b, k, $12;
+                add.rn.f16x2 c, c, $11;
+                fma.rn.f16x2 d, d, k, $12;
+                mul.rn.f16x2 h, a, $3;
+                fma.rn.f16x2 h, b, $4, h;
+                fma.rn.f16x2 h, c, $5, h;
+                fma.rn.f16x2 h, d, $6, h;
+                lop3.b32 a, $2, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 b, $2, 0x00F000F0, 0x64006400, 0xEA;
+                shr.u32 t, $2, 8;
+                lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
+                add.rn.f16x2 a, a, $11;
+                fma.rn.f16x2 b, b, k, $12;
+                add.rn.f16x2 c, c, $11;
+                fma.rn.f16x2 d, d, k, $12;
+                fma.rn.f16x2 h, a, $7, h;
+                fma.rn.f16x2 h, b, $8, h;
+                fma.rn.f16x2 h, c, $9, h;
+                fma.rn.f16x2 h, d, $10, h;
+                mov.b32 {lo, hi}, h;
+                cvt.f32.f16 flo, lo;
+                cvt.f32.f16 fhi, hi;
+                add.rn.f32 $0, flo, fhi;
+                }""",
+                "=r,r,r,r,r,r,r,r,r,r,r,r,r", [v, u, x0, x1, x2, x3, y0, y1, y2, y3, za, zb], dtype=tl.float32,
+                is_pure=True, pack=1)
+
+    if not _INTERPRET:
+
+        @triton.jit
+        def _pairs3_dot(a0, a1, b0, b1, p0, p1, p2, p3, p4, p5, p6, p7, z0, z2, z4, z6):
+            """(low, high) float32: the sums over eight 3-bit code pairs of (c - z) * x, each half
+            in fp16 (module docstring). a0, a1: the 2-bit words of tile runs h = 0, 1 and b0, b1
+            the 1-bit words, shifted so that slot s' of the run holds the code at bits 2 s' .. 2 s'
+            + 2 of each half; p0..p7 x's pairs (h, s'); z0..z6 the pairs -(2**(10 - q) + z), q =
+            2 s'. Per pair: two LOP3 (both pieces into 1024 + c 2**q), one HFMA2 (times 2**-q,
+            plus z's constant: c - z exactly), one HFMA2 (the product)."""
+            return tl.inline_asm_elementwise(
+                """{
+                    .reg .b32 v, h, m1, m2, m3;
+                    .reg .b16 lo, hi;
+                    mov.b32 m1, 0x34003400;
+                    mov.b32 m2, 0x2C002C00;
+                    mov.b32 m3, 0x24002400;
+                    lop3.b32 v, $2, 0x00060006, 0x64006400, 0xEA;
+                    lop3.b32 v, $4, 0x00010001, v, 0xEA;
+                    add.rn.f16x2 v, v, $14;
+                    mul.rn.f16x2 h, v, $6;
+                    lop3.b32 v, $2, 0x00180018, 0x64006400, 0xEA;
+                    lop3.b32 v, $4, 0x00040004, v, 0xEA;
+                    fma.rn.f16x2 v, v, m1, $15;
+                    fma.rn.f16x2 h, v, $7, h;
+                    lop3.b32 v, $2, 0x00600060, 0x64006400, 0xEA;
+                    lop3.b32 v, $4, 0x00100010, v, 0xEA;
+                    fma.rn.f16x2 v, v, m2, $16;
+                    fma.rn.f16x2 h, v, $8, h;
+                    lop3.b32 v, $2, 0x01800180, 0x64006400, 0xEA;
+                    lop3.b32 v, $4, 0x00400040, v, 0xEA;
+                    fma.rn.f16x2 v, v, m3, $17;
+                    fma.rn.f16x2 h, v, $9, h;
+                    lop3.b32 v, $3, 0x00060006, 0x64006400, 0xEA;
+                    lop3.b32 v, $5, 0x00010001, v, 0xEA;
+                    add.rn.f16x2 v, v, $14;
+                    fma.rn.f16x2 h, v, $10, h;
+                    lop3.b32 v, $3, 0x00180018, 0x64006400, 0xEA;
+                    lop3.b32 v, $5, 0x00040004, v, 0xEA;
+                    fma.rn.f16x2 v, v, m1, $15;
+                    fma.rn.f16x2 h, v, $11, h;
+                    lop3.b32 v, $3, 0x00600060, 0x64006400, 0xEA;
+                    lop3.b32 v, $5, 0x00100010, v, 0xEA;
+                    fma.rn.f16x2 v, v, m2, $16;
+                    fma.rn.f16x2 h, v, $12, h;
+                    lop3.b32 v, $3, 0x01800180, 0x64006400, 0xEA;
+                    lop3.b32 v, $5, 0x00400040, v, 0xEA;
+                    fma.rn.f16x2 v, v, m3, $17;
+                    fma.rn.f16x2 h, v, $13, h;
+                    mov.b32 {lo, hi}, h;
+                    cvt.f32.f16 $0, lo;
+                    cvt.f32.f16 $1, hi;
+                }""",
+                "=r,=r" + ",r" * 16, [a0, a1, b0, b1, p0, p1, p2, p3, p4, p5, p6, p7, z0, z2, z4, z6],
+                dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+    @triton.jit
+    def _gather_pairs(x_ptr, idx_ptr, xp_ptr, xs_ptr, n_cols, BITS: tl.constexpr, LIMIT_LOG2: tl.constexpr):
+        """One program per layout block (B = 128 columns at 4 bits, 512 at 3): xp int32 [nblk, B / 2]
+        of fp16 pairs of x[idx] * 2**-k in the kernel's order (module docstring), and xs [nblk]
+        float32 = 2**k, k >= 0 the least that brings the block's |x| below 2**LIMIT_LOG2.
+        Columns past n_cols are zero."""
+        T: tl.constexpr = 8 if BITS == 4 else 32  # tiles of 16 columns a block
+        blk = tl.program_id(0)
+        t = tl.arange(0, T)
+        r = tl.arange(0, 16)
+        col = blk * (16 * T) + 16 * t[:, None] + r[None, :]  # [T, 16]
+        ok = col < n_cols
+        idx = tl.load(idx_ptr + col, mask=ok, other=0)
+        x = tl.load(x_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 amax) (amax >= 2**-126)
+        k = tl.maximum(e + 1 - LIMIT_LOG2, 0)
+        xs = ((127 - k) << 23).to(tl.float32, bitcast=True)  # 2**-k, exactly
+        bits = (x * xs).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF  # [T, 16]
+        out = xp_ptr + blk * (8 * T)
+        if BITS == 4:  # pair j: tiles j and j + 4, at 16 j + r
+            lo, hi = tl.split(tl.permute(tl.reshape(bits, (2, 4, 16)), (1, 2, 0)))  # [4, 16]
+            tl.store(out + 16 * tl.arange(0, 4)[:, None] + r[None, :], lo | (hi << 16))
+        else:  # pair (sg, h, s'): tiles t = 8 sg + 2 s' + h and t + 16, at ((2 sg + h) 4 + s') 16 + r
+            lo, hi = tl.split(tl.permute(tl.reshape(bits, (2, 2, 4, 2, 16)), (1, 3, 2, 4, 0)))  # [sg, h, s', r]
+            q = tl.arange(0, 4)
+            pos = (tl.arange(0, 2)[:, None, None, None] * 2 + tl.arange(0, 2)[None, :, None, None]) * 64 \
+                + 16 * q[None, None, :, None] + r[None, None, None, :]
+            tl.store(out + pos, lo | (hi << 16))
+        tl.store(xs_ptr + blk, ((127 + k) << 23).to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def _zero_pair(z_lo, z_hi, Q: tl.constexpr):
+        """int32 [BN]: the fp16 pair -(2**(10 - Q) + z) of two groups' zeros (int32 [BN] each)."""
+        top: tl.constexpr = 0x8000 | ((25 - Q) << 10)  # sign and exponent of 2**(10 - Q); z lands at bit Q
+        return ((z_lo << Q) | top) | (((z_hi << Q) | top) << 16)
+
+    @triton.jit
+    def _block_shift(x_ptr, q_ptr, blk, n_cols, B: tl.constexpr, LIMIT_LOG2: tl.constexpr):
+        """k >= 0 (int32): the least power of two that brings layout block blk's |x[q[...]]|
+        (B columns) below 2**LIMIT_LOG2 (the fused gather's share of _gather_pairs)."""
+        col = blk * B + tl.arange(0, B)
+        ok = col < n_cols
+        x = tl.load(x_ptr + tl.load(q_ptr + col, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
+        e = ((tl.max(tl.abs(x), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        return tl.maximum(e + 1 - LIMIT_LOG2, 0)
+
+    @triton.jit
+    def _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, T: tl.constexpr, P: tl.constexpr,
+               TILE: tl.constexpr, FUSED: tl.constexpr):
+        """int32 [R]: x's fp16 pairs for word rows r of block blk, pair slot P: from the
+        pregathered pairs (_gather_pairs' order), or (FUSED) gathered here through q and scaled
+        by ``down`` = 2**-k. Slot P pairs tile TILE with tile TILE + T/2: TILE = P at 4 bits
+        (T = 8), 8 sg + 2 s' + h for P = (2 sg + h) 4 + s' at 3 bits (T = 32)."""
+        if FUSED:
+            c = blk * (16 * T) + 16 * TILE + r
+            c2 = c + 8 * T
+            lo = tl.load(x_ptr + tl.load(q_ptr + c, mask=c < n_cols, other=0), mask=c < n_cols, other=0.0)
+            hi = tl.load(x_ptr + tl.load(q_ptr + c2, mask=c2 < n_cols, other=0), mask=c2 < n_cols, other=0.0)
+            lo = (lo.to(tl.float32) * down).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            hi = (hi.to(tl.float32) * down).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+            return lo | (hi << 16)
+        else:
+            return tl.load(xp_ptr + blk * (8 * T) + 16 * P + r)
+
+    @triton.jit
+    def _block4(acc, blk, wa, xp_ptr, x_ptr, q_ptr, n_cols, down, xsc, s_ptr, z_ptr, group_cols, offs_n, n_ok, N,
+                FUSED: tl.constexpr):
+        """acc [8, BN] += one 4-bit layout block: word rows r and r + 8, summed together in fp16."""
+        r = tl.arange(0, 8)
+        wp = wa + (blk * 16 + r)[:, None] * N + offs_n[None, :]
+        v = tl.load(wp, mask=n_ok[None, :], other=0)
+        u = tl.load(wp + 8 * N, mask=n_ok[None, :], other=0)
+        g = (blk * 128) // group_cols
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32) * xsc
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.int32)
+        za = _zero_pair(z, z, 0)[None, :]  # fp16 -(1024 + z), twice
+        zb = _zero_pair(z, z, 4)[None, :]  # fp16 -(64 + z), twice
+        d = _words_dot(v, u, _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 8, 0, 0, FUSED)[:, None],
+                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 8, 1, 1, FUSED)[:, None],
+                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 8, 2, 2, FUSED)[:, None],
+                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 8, 3, 3, FUSED)[:, None],
+                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r + 8, n_cols, down, 8, 0, 0, FUSED)[:, None],
+                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r + 8, n_cols, down, 8, 1, 1, FUSED)[:, None],
+                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r + 8, n_cols, down, 8, 2, 2, FUSED)[:, None],
+                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r + 8, n_cols, down, 8, 3, 3, FUSED)[:, None], za, zb)
+        return acc + d * s[None, :]
+
+    @triton.jit
+    def _block3(acc, blk, wa, wb, xp_ptr, x_ptr, q_ptr, n_cols, down, xsc, s_ptr, z_ptr, group_cols, n_groups,
+                offs_n, n_ok, N, FUSED: tl.constexpr):
+        """acc [16, BN] += one 3-bit layout block (512 columns): per word row r, the 2-bit words of
+        tile runs h = 0, 1 and the 1-bit word; tiles 0-15 pair with 16-31, in two halves sg
+        (tiles 8 sg .. 8 sg + 7 and 16 more) whose groups may differ (groups of 128 columns)."""
+        r = tl.arange(0, 16)
+        m = n_ok[None, :]
+        pa = wa + (blk * 32 + r)[:, None] * N + offs_n[None, :]
+        A0 = tl.load(pa, mask=m, other=0)
+        A1 = tl.load(pa + 16 * N, mask=m, other=0)
+        B = tl.load(wb + (blk * 16 + r)[:, None] * N + offs_n[None, :], mask=m, other=0)
+        for sg in tl.static_range(2):
+            g_lo = (blk * 512 + 128 * sg) // group_cols
+            g_hi = (blk * 512 + 256 + 128 * sg) // group_cols
+            m_lo = n_ok & (g_lo < n_groups)  # a partial last block's tiles past the columns: no group
+            m_hi = n_ok & (g_hi < n_groups)
+            s_lo = tl.load(s_ptr + g_lo * N + offs_n, mask=m_lo, other=0.0).to(tl.float32) * xsc
+            s_hi = tl.load(s_ptr + g_hi * N + offs_n, mask=m_hi, other=0.0).to(tl.float32) * xsc
+            z_lo = tl.load(z_ptr + g_lo * N + offs_n, mask=m_lo, other=0).to(tl.int32)
+            z_hi = tl.load(z_ptr + g_hi * N + offs_n, mask=m_hi, other=0).to(tl.int32)
+            if sg == 0:  # slot s = s' at 2 s' (+ 1 for the 2-bit piece)
+                a0 = A0 << 1
+                a1 = A1 << 1
+                b0 = B
+                b1 = B >> 1
+            else:  # slot s = 4 + s'
+                a0 = A0 >> 7
+                a1 = A1 >> 7
+                b0 = B >> 8
+                b1 = B >> 9
+            P0 = 8 * sg  # the half's first pair slot and first tile (constexpr, as sg)
+            lo, hi = _pairs3_dot(a0, a1, b0, b1,
+                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0, P0, FUSED)[:, None],
+                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 1, P0 + 2, FUSED)[:, None],
+                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 2, P0 + 4, FUSED)[:, None],
+                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 3, P0 + 6, FUSED)[:, None],
+                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 4, P0 + 1, FUSED)[:, None],
+                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 5, P0 + 3, FUSED)[:, None],
+                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 6, P0 + 5, FUSED)[:, None],
+                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 7, P0 + 7, FUSED)[:, None],
+                                 _zero_pair(z_lo, z_hi, 0)[None, :], _zero_pair(z_lo, z_hi, 2)[None, :],
+                                 _zero_pair(z_lo, z_hi, 4)[None, :], _zero_pair(z_lo, z_hi, 6)[None, :])
+            acc += lo * s_lo[None, :] + hi * s_hi[None, :]
+        return acc
+
+    @triton.jit
+    def _decode_h2(xp_ptr, xs_ptr, x_ptr, q_ptr, out_ptr, ws_ptr, cnt_ptr, bias_ptr, wa, wb, s_ptr, z_ptr,
+                   N, n_cols, n_blocks, group_cols, n_groups, stride_om, blocks_per_split,
+                   BITS: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr):
+        """y [1, N] (+)= x @ W^T for one 3- or 4-bit segment (words wa: the 4-bit, or the 3-bit's
+        2-bit piece; wb: the 3-bit's 1-bit piece). x: pregathered pairs xp and block scales xs
+        (_gather_pairs), or (FUSED) gathered here, each program for its own blocks, from x_ptr
+        (fp16, one row) through q_ptr (the segment's perm; n_cols columns). Program (pid_n,
+        pid_s): BN output features and split-K run pid_s of blocks_per_split layout blocks. acc
+        float32 [rows, BN] holds scaled sums per word row, added once at the end. group_cols: the
+        scale groups' length (a multiple of 128); n_groups: their count. MODE as tile_kernel's."""
+        T: tl.constexpr = 8 if BITS == 4 else 32
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        acc = tl.zeros((8 if BITS == 4 else 16, BN), dtype=tl.float32)
+        b_lo = pid_s * blocks_per_split
+        b_hi = tl.minimum(b_lo + blocks_per_split, n_blocks)
+        for blk in range(b_lo, b_hi):
+            if FUSED:
+                k = _block_shift(x_ptr, q_ptr, blk, n_cols, 16 * T, LIMIT_LOG2)
+                down = ((127 - k) << 23).to(tl.float32, bitcast=True)  # 2**-k
+                xsc = ((127 + k) << 23).to(tl.float32, bitcast=True)
+            else:
+                down = 1.0
+                xsc = tl.load(xs_ptr + blk)
+            if BITS == 4:
+                acc = _block4(acc, blk, wa, xp_ptr, x_ptr, q_ptr, n_cols, down, xsc, s_ptr, z_ptr, group_cols,
+                              offs_n, n_ok, N, FUSED)
+            else:
+                acc = _block3(acc, blk, wa, wb, xp_ptr, x_ptr, q_ptr, n_cols, down, xsc, s_ptr, z_ptr, group_cols,
+                              n_groups, offs_n, n_ok, N, FUSED)
+        y = tl.sum(acc, axis=0)[None, :]
+        om = tl.arange(0, 1)
+        write_out(y, om, om < 1, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)
