@@ -83,14 +83,17 @@ def tinygemm(rows: int, cols: int):
 
 
 def candidates(M: int) -> list:
-    """Launch settings --tune sweeps at M rows (the runtime's default first). At M = 1 the CUDA-core
-    kernel with x gathered in it or before it (pregather: float32, pre-scaled)."""
+    """Launch settings --tune sweeps at M rows (the runtime's default first). At M = 1: the fp16
+    pairs kernel (h2, 4-bit layers; others fall back to their default), the float32 CUDA-core
+    kernel with x gathered before it (pregather: float32, pre-scaled) and the tensor cores."""
     from misq.runtime.kernels import Config
 
-    if M == 1:
-        return [Config("fma", 64, 2112, 4), Config("fma", 128, 2112, 4), Config("mma", 64, 2112, 4, pregather=True),
-                *(Config("fma", bn, t, w, pregather=True) for bn, t, w in
-                  ((64, 2112, 4), (128, 2112, 4), (64, 1056, 4), (128, 1056, 4), (32, 2112, 2), (256, 2112, 8)))]
+    if M == 1:  # h2: x gathered first into fp16 pairs (pregather) or by each program for its own blocks
+        return [*(Config("h2", bn, t, w, st, pregather=True) for bn, t, w, st in
+                  ((128, 2112, 4, 1), (512, 2112, 4, 1), (256, 1056, 4, 1), (256, 2112, 2, 1), (512, 4224, 8, 1),
+                   (128, 4224, 4, 1), (256, 1056, 4, 2), (512, 1056, 4, 2))),
+                *(Config("h2", bn, t, w) for bn, t, w in ((256, 1056, 4), (512, 2112, 4), (128, 2112, 4))),
+                Config("mma", 64, 2112, 4, pregather=True), Config("fma", 64, 2112, 4, pregather=True)]
     if M <= 16:
         return [Config("mma", 64, 2112, 4, pregather=True), Config("mma", 64, 1056, 4, pregather=True),
                 Config("mma", 64, 1056, 4, 2, pregather=True)]
@@ -319,7 +322,16 @@ def decode_tps(model, steps: int = 64, prompt: int = 16) -> tuple[float, str]:
     return steps / (time.perf_counter() - t), how
 
 
-def end_to_end(layers: int) -> list[dict]:
+def _compiled(model, compile_forward: bool):
+    """model, its forward wrapped in torch.compile (afresh: the layers may have been swapped) when
+    asked; PackedLinear enters the graph as one opaque op (misq::packed_linear)."""
+    if compile_forward:
+        torch._dynamo.reset()
+        model.forward = torch.compile(type(model).forward.__get__(model))
+    return model
+
+
+def end_to_end(layers: int, compile_forward: bool = False) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
@@ -327,7 +339,11 @@ def end_to_end(layers: int) -> list[dict]:
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).half().eval()
     out = []
-    tps, how = decode_tps(model)
+    loop = "torch.compile + " if compile_forward else ""
+    t0 = time.time()
+    tps, how = decode_tps(_compiled(model, compile_forward))
+    how = loop + how
+    print(f"fp16 model timed in {time.time() - t0:.0f}s", flush=True)
     dense_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "layers." in n)
     out.append({"model": f"13B-shaped, {layers} layers, fp16", "tokens_per_s": tps, "loop": how,
                 "decoder_weights_gpu_bytes": dense_bytes})
@@ -342,7 +358,8 @@ def end_to_end(layers: int) -> list[dict]:
                     model.model.layers[i].set_submodule(name, lin)
                     total, honest_total = total + lin.weight_nbytes, honest_total + honest
         torch.cuda.empty_cache()
-        tps_p, how = decode_tps(model)
+        tps_p, how = decode_tps(_compiled(model, compile_forward))
+        how = loop + how
         out.append({"model": f"13B-shaped, {layers} layers, packed {fmt}", "tokens_per_s": tps_p, "loop": how,
                     "speedup_vs_fp16": tps_p / tps, "decoder_weights_gpu_bytes": total, "honest_bytes": honest_total})
         print(json.dumps(out[-1]), flush=True)
@@ -360,6 +377,8 @@ def main() -> None:
     ap.add_argument("--prefill", default="512,2048", help="prefill rows to time ('' for none)")
     ap.add_argument("--tune", action="store_true", help="sweep the kernels' launch settings first")
     ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels up front (0: none)")
+    ap.add_argument("--compile", action="store_true",
+                    help="end to end: torch.compile each model's forward (fp16 and packed alike) before the CUDA graph")
     args = ap.parse_args()
     formats, batches = args.formats.split(","), tuple(int(b) for b in args.batches.split(","))
     pf_rows = tuple(int(m) for m in args.prefill.split(",") if m)
@@ -394,7 +413,7 @@ def main() -> None:
         save()
     if not args.skip_e2e:
         try:
-            res["end_to_end"] = end_to_end(args.layers)
+            res["end_to_end"] = end_to_end(args.layers, args.compile)
         except Exception as err:  # report what failed, keep the linear results
             res["end_to_end_error"] = repr(err)
             print("end-to-end failed:", repr(err))

@@ -78,6 +78,34 @@ def test_lightly_pruned_layer_without_a_mask_dequantizes_exactly():
     assert torch.equal(lin.dequantize(torch.float16), dense)
 
 
+def test_compiled_model_calls_the_layer_as_one_opaque_op(monkeypatch):
+    """Under torch.compile the GPU forward is the custom op misq::packed_linear (the compiler
+    cannot trace the kernels' launch code): a whole graph with no break, the op called with the
+    layer's own handle (a deep copy gets its own), the same output as eager."""
+    import copy
+
+    from misq.runtime import linear
+
+    calls = []
+
+    def kernels_on_cpu(self, x):  # stands in for the Triton kernels, which need CUDA
+        calls.append(self)
+        return torch.nn.functional.linear(x, self.dequantize(x.dtype))
+
+    monkeypatch.setattr(linear.PackedLinear, "kernel_forward", kernels_on_cpu)
+    monkeypatch.setattr(linear.PackedLinear, "_kernel_ok", lambda self, x: True)
+    lin = random_layer(24, 64, (4,), 32, "dense", seed=0)[0]
+    twin = copy.deepcopy(lin)
+    assert twin._handle != lin._handle and linear._LAYERS[twin._handle] is twin
+    model = torch.nn.Sequential(twin, torch.nn.ReLU())
+    x = torch.randn(3, 64)
+    ref = model(x)
+    torch._dynamo.reset()
+    y = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(y, ref)
+    assert calls == [twin, twin]  # eager, then the compiled graph's op (tracing runs the fake, not the layer)
+
+
 def test_packed_runtime_logits_equal_dense(packed_tiny):
     dense = misq.load(str(packed_tiny))
     packed = misq.load(str(packed_tiny), runtime="packed")

@@ -27,11 +27,11 @@ def fp16_tolerance(x, W, ref):
     return 2.0 ** -11 * (x.abs().double() @ W.abs().double().t()) + 2.0 ** -10 * ref.abs() + 1e-5
 
 
-def _check(lin, dense, rows, y_fn, bias=False, calls=2):
+def _check(lin, dense, rows, y_fn, bias=False, calls=2, x_scale=1.0):
     cols = lin.in_features
     if bias:
         lin.bias = torch.randn(lin.out_features, device="cuda", dtype=torch.float16)
-    x = torch.randn(rows, cols, device="cuda", dtype=torch.float16)
+    x = (torch.randn(rows, cols, device="cuda") * x_scale).to(torch.float16)
     W = dense.cuda()
     ref = x.double() @ W.double().t()
     if lin.bias is not None:
@@ -72,6 +72,7 @@ def test_maskless_unstructured_layer(widths, rows):
 @pytest.mark.parametrize("widths,groupsize,pattern", CASES)
 @pytest.mark.parametrize("rows,cfg", [
     (1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"), (1, "fma_pregather"),
+    (1, "h2"), (1, "h2_nosplit"), (1, "h2_wide"), (1, "h2_fused"), (1, "h2_fused_nosplit"),
 ])
 def test_decode_paths(widths, groupsize, pattern, rows, cfg):
     """Every decode path and launch shape: CUDA cores at M = 1, tensor cores with x gathered in the
@@ -81,9 +82,25 @@ def test_decode_paths(widths, groupsize, pattern, rows, cfg):
 
     config = {"fma": Config("fma", 64, 2112, 4), "mma": Config("mma", 32, 64, 4),
               "mma_pregather": Config("mma", 64, 2112, 4, pregather=True), "mma_split": Config("mma", 64, 4096, 4),
-              "dot": Config("dot", 128, 2112, 4), "fma_pregather": Config("fma", 64, 2112, 4, pregather=True)}[cfg]
+              "dot": Config("dot", 128, 2112, 4), "fma_pregather": Config("fma", 64, 2112, 4, pregather=True),
+              "h2": Config("h2", 128, 2112, 4, pregather=True), "h2_nosplit": Config("h2", 64, 1, 4, pregather=True),
+              "h2_wide": Config("h2", 512, 1056, 4, pregather=True), "h2_fused": Config("h2", 256, 2112, 4),
+              "h2_fused_nosplit": Config("h2", 64, 1, 4)}[cfg]
     lin, dense = _layer(widths, groupsize, pattern, rows)
     _check(lin, dense, rows, lambda x: lin._decode(x, [config] * len(lin.segments)), bias=rows == 5)
+
+
+@pytest.mark.parametrize("widths,pattern", [((4,), "dense"), ((4,), "unstructured"), ((3,), "dense")])
+@pytest.mark.parametrize("x_scale", [1e-3, 300.0, 4096.0])
+@pytest.mark.parametrize("fused", [False, True])
+def test_h2_kernel_scales_large_and_small_x(widths, pattern, x_scale, fused):
+    """The fp16 pairs kernel (3 and 4 bits, M = 1) sums eight products in fp16: x above 256 is
+    scaled down per layout block (else the sums overflow), and small x must keep its precision."""
+    from misq.runtime.kernels import Config
+
+    lin, dense = _layer(widths, 128, pattern, 1)
+    cfg = Config("h2", 128, 2112, 4, pregather=not fused)
+    _check(lin, dense, 1, lambda x: lin._decode(x, [cfg]), x_scale=x_scale)
 
 
 @pytest.mark.parametrize("widths,groupsize,pattern", CASES)
@@ -137,6 +154,22 @@ def test_tiny_model_logits_on_gpu(packed_tiny):
         with torch.no_grad():
             a, b = dense(ids).logits.float(), packed(ids).logits.float()
         assert (a - b).abs().max().item() < 2e-2, T  # fp16 rounding of activations along the way
+
+
+def test_compiled_packed_model_on_gpu(packed_tiny):
+    """torch.compile over a packed model: each layer enters the graph as the opaque op
+    misq::packed_linear (one whole graph, no break) and the logits match eager's."""
+    import misq
+
+    packed = misq.load(str(packed_tiny), runtime="packed", dtype="float16", device="cuda")
+    torch._dynamo.reset()
+    compiled = torch.compile(packed, fullgraph=True)
+    for T in (1, 40):
+        ids = torch.randint(0, packed.config.vocab_size, (1, T), device="cuda")
+        with torch.no_grad():
+            a = packed(ids, use_cache=False).logits.float()
+            b = compiled(ids, use_cache=False).logits.float()
+        assert (a - b).abs().max().item() < 2e-2, T  # the compiled norms and activations round differently
 
 
 def test_generate_on_gpu(packed_tiny, capsys):

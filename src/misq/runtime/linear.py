@@ -15,13 +15,15 @@ Forward, for x [..., C] -> y [..., R]:
 
 The tensor-core kernel, the dequantize path and the CPU path use the weights
 :func:`misq.checkpoint.layer_format.decode_layer` produces, bit for bit (outputs differ from the
-dense model's by summation order); the M = 1 CUDA-core kernel scales each group's dot product in
-float32 instead of rounding every weight to fp16 first, so its outputs differ from the dense
-model's by at most the dense weights' fp16 rounding.
+dense model's by summation order); the M = 1 CUDA-core kernels scale each group's dot product in
+float32 instead of rounding every weight to fp16 first (the 3/4-bit one also rounds each product
+and eight-term sum to fp16), so their outputs differ from the dense model's by about the dense
+weights' fp16 rounding.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -34,6 +36,23 @@ from misq.runtime.layout import Segment, build_segments, dequantize, kernel_perm
 from misq.runtime.triton_common import HAVE_TRITON
 
 _buffers: dict[torch.device, Tensor] = {}  # prefill's dequantized weight, one per device, reused
+
+# torch.compile cannot trace the kernels' Python side (launch planning, split-K workspaces, Triton
+# grids), so under the compiler the GPU forward is one custom op, opaque to it, and the norms,
+# rotary embeddings and activations around it fuse. Custom ops take tensors and numbers, not
+# modules: hence this table of live layers by handle (their id, set at construction and copy).
+_LAYERS: weakref.WeakValueDictionary[int, PackedLinear] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("misq::packed_linear", mutates_args=())
+def packed_linear(x: Tensor, layer: int) -> Tensor:
+    """x fp16 [..., C] on CUDA -> [..., R]: PackedLinear ``layer`` (its id)'s kernels."""
+    return _LAYERS[layer].kernel_forward(x)
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x: Tensor, layer: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], _LAYERS[layer].out_features)
 
 
 def _buffer(device: torch.device, numel: int) -> Tensor:
@@ -70,6 +89,16 @@ class PackedLinear(nn.Module):
         self.fp_start = sum(s.n for s in segments)
         self.register_buffer("fp_cols", fp_cols)
         self.register_buffer("bias", bias)
+        self._register()
+
+    def _register(self) -> None:
+        """Make this layer the custom op's ``layer`` self._handle (see _LAYERS)."""
+        self._handle = id(self)
+        _LAYERS[self._handle] = self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # copies (copy.deepcopy) get their own handle
+        super().__setstate__(state)
+        self._register()
 
     @classmethod
     def from_file(cls, tensors: dict[str, Tensor], meta: dict[str, Any], pattern: str | Pattern,
@@ -107,6 +136,12 @@ class PackedLinear(nn.Module):
         """x [..., C] -> [..., R] in x's dtype."""
         if not self._kernel_ok(x):
             return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self._handle)
+        return self.kernel_forward(x)
+
+    def kernel_forward(self, x: Tensor) -> Tensor:
+        """x fp16 [..., C] on CUDA -> [..., R] through the kernels (module docstring)."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         R = self.out_features
