@@ -82,17 +82,26 @@ def tinygemm(rows: int, cols: int):
         return None
 
 
-def candidates(M: int) -> list:
+def candidates(M: int, gather_only: bool = False) -> list:
     """Launch settings --tune sweeps at M rows (the runtime's default first). At M = 1: the fp16
     pairs kernel (h2, 4-bit layers; others fall back to their default), the float32 CUDA-core
     kernel with x gathered before it (pregather: float32, pre-scaled) and the tensor cores."""
     from misq.runtime.kernels import Config
 
+    if M == 1 and gather_only:  # the runtime's h2 defaults, x gathered first or by each program
+        from dataclasses import replace
+
+        from misq.runtime.kernels import default_config
+
+        return [c for b in (4, 3) for d in [default_config(1, b, 0, 0)] for c in (d, replace(d, pregather=False))]
     if M == 1:  # h2: x gathered first into fp16 pairs (pregather) or by each program for its own blocks
+        # (fewer programs than one wave, several blocks each, loads pipelined by num_stages, against
+        # one block a program)
         return [*(Config("h2", bn, t, w, st, pregather=True) for bn, t, w, st in
-                  ((128, 2112, 4, 1), (512, 2112, 4, 1), (256, 1056, 4, 1), (256, 2112, 2, 1), (512, 4224, 8, 1),
-                   (128, 4224, 4, 1), (256, 1056, 4, 2), (512, 1056, 4, 2))),
-                *(Config("h2", bn, t, w) for bn, t, w in ((256, 1056, 4), (512, 2112, 4), (128, 2112, 4))),
+                  ((256, 1056, 4, 1), (128, 2112, 4, 1), (512, 2112, 4, 1), (256, 2112, 2, 1), (64, 2112, 2, 1),
+                   (64, 4224, 4, 1), (64, 660, 2, 3), (128, 660, 4, 3), (128, 528, 2, 3), (256, 264, 4, 3),
+                   (64, 1320, 2, 2), (128, 1320, 4, 2))),
+                Config("h2", 256, 1056, 4),
                 Config("mma", 64, 2112, 4, pregather=True), Config("fma", 64, 2112, 4, pregather=True)]
     if M <= 16:
         return [Config("mma", 64, 2112, 4, pregather=True), Config("mma", 64, 1056, 4, pregather=True),
@@ -140,7 +149,7 @@ def prewarm(jobs: list, workers: int) -> None:
     print(f"prewarm: {len(jobs)} jobs in {time.time() - t:.0f}s", *bad, sep="\n", flush=True)
 
 
-def tune(shapes: dict, batches: tuple, prefill_rows: tuple) -> dict:
+def tune(shapes: dict, batches: tuple, prefill_rows: tuple, gather_only: bool = False) -> dict:
     """Time the candidate launch settings per (batch bucket, bits, N, K) on the dense 3/4-bit g128
     layers (at the largest batch of each bucket, prefill at its smallest M) and keep the best in
     kernels.TUNED (mixed 3/4 layers take the 3-bit setting: their first segment's)."""
@@ -157,7 +166,7 @@ def tune(shapes: dict, batches: tuple, prefill_rows: tuple) -> dict:
                 key = (kernels.bucket(M), bits, R, C)
                 x = torch.randn(M, C, device="cuda", dtype=torch.float16)
                 trials = []
-                for cfg in candidates(M):
+                for cfg in candidates(M, gather_only):
                     kernels.TUNED[key] = cfg
                     try:
                         fn = lin._prefill_fused if M > 16 else lin
@@ -377,6 +386,8 @@ def main() -> None:
     ap.add_argument("--prefill", default="512,2048", help="prefill rows to time ('' for none)")
     ap.add_argument("--tune", action="store_true", help="sweep the kernels' launch settings first")
     ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels up front (0: none)")
+    ap.add_argument("--tune-gather", action="store_true",
+                    help="with --tune at batch 1: only the h2 defaults, x gathered first against gathered per program")
     ap.add_argument("--compile", action="store_true",
                     help="end to end: torch.compile each model's forward (fp16 and packed alike) before the CUDA graph")
     args = ap.parse_args()
@@ -395,14 +406,15 @@ def main() -> None:
         for R, C in SHAPES.values():
             if args.tune:
                 for M in kinds + list(pf_rows[:1]):
-                    jobs += [(R, C, f, M, cfg) for f in ("4bit_g128", "3bit_g128", "mixed_3_4_g128") for cfg in candidates(M)]
+                    jobs += [(R, C, f, M, cfg) for f in ("4bit_g128", "3bit_g128", "mixed_3_4_g128")
+                             for cfg in candidates(M, args.tune_gather)]
             jobs += [(R, C, f, M, None) for f in formats for M in kinds + list(pf_rows[:1])]
         if not args.skip_e2e:
             jobs += [(R, C, f, M, None) for R, C in SHAPES.values() for f in ("3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128")
                      for M in (1, 16)]
         prewarm(sorted(set(jobs), key=str), args.workers)
     if args.tune:
-        res["tune"] = tune(SHAPES, batches, pf_rows)
+        res["tune"] = tune(SHAPES, batches, pf_rows, args.tune_gather)
         save()
     if not args.skip_linears:
         res["gathers"] = gathers(SHAPES, batches)

@@ -33,9 +33,12 @@ goes back in with the scale; k = 0 unless some |x| >= 256), which bounds an eigh
 
 x comes in pre-gathered (``_gather_pairs``, one small kernel): int32 [nblk, B / 2] pairs in the
 kernel's order (4 bits: element (blk, j, r) = fp16 (x[16 j + r], x[16 (j + 4) + r]) of block
-blk), plus each block's 2**k; or (FUSED) each program gathers and scales its own blocks, which
-saves a launch but doubles the instructions, and measured slower on an H200. Scale groups must be
-multiples of 128 columns, or one group for the segment (kernels.h2_ok).
+blk), plus each block's 2**k. Or (FUSED) each program gathers and scales its own blocks
+(``_coop_pairs4`` / ``_coop_pairs3``: the block's x loaded once across the program's threads,
+then reshaped and split into the row vectors): one launch fewer for 6-18% more instructions; on
+an H200 it was 2-10% faster on 5120 x 5120 layers and 4-8% slower on the MLP shapes, so the
+runtime's default gathers first (BENCHMARKS.md, session 11). Scale groups must be multiples of
+128 columns, or one group for the segment (kernels.h2_ok).
 
 Under Triton's CPU interpreter (no inline PTX) ``_words_dot`` and ``_pairs3_dot`` run the same
 steps as plain fp16 operations (a multiply and an add, two roundings, where the PTX fuses them).
@@ -257,59 +260,102 @@ if HAVE_TRITON:
         return ((z_lo << Q) | top) | (((z_hi << Q) | top) << 16)
 
     @triton.jit
-    def _block_shift(x_ptr, q_ptr, blk, n_cols, B: tl.constexpr, LIMIT_LOG2: tl.constexpr):
-        """k >= 0 (int32): the least power of two that brings layout block blk's |x[q[...]]|
-        (B columns) below 2**LIMIT_LOG2 (the fused gather's share of _gather_pairs)."""
-        col = blk * B + tl.arange(0, B)
-        ok = col < n_cols
-        x = tl.load(x_ptr + tl.load(q_ptr + col, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
-        e = ((tl.max(tl.abs(x), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        return tl.maximum(e + 1 - LIMIT_LOG2, 0)
+    def _xpair(xp_ptr, blk, r, T: tl.constexpr, P: tl.constexpr):
+        """int32 [R]: the pregathered fp16 pairs (_gather_pairs' order) of pair slot P for word rows
+        r of block blk (T tiles a block)."""
+        return tl.load(xp_ptr + blk * (8 * T) + 16 * P + r)
 
     @triton.jit
-    def _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, T: tl.constexpr, P: tl.constexpr,
-               TILE: tl.constexpr, FUSED: tl.constexpr):
-        """int32 [R]: x's fp16 pairs for word rows r of block blk, pair slot P: from the
-        pregathered pairs (_gather_pairs' order), or (FUSED) gathered here through q and scaled
-        by ``down`` = 2**-k. Slot P pairs tile TILE with tile TILE + T/2: TILE = P at 4 bits
-        (T = 8), 8 sg + 2 s' + h for P = (2 sg + h) 4 + s' at 3 bits (T = 32)."""
-        if FUSED:
-            c = blk * (16 * T) + 16 * TILE + r
-            c2 = c + 8 * T
-            lo = tl.load(x_ptr + tl.load(q_ptr + c, mask=c < n_cols, other=0), mask=c < n_cols, other=0.0)
-            hi = tl.load(x_ptr + tl.load(q_ptr + c2, mask=c2 < n_cols, other=0), mask=c2 < n_cols, other=0.0)
-            lo = (lo.to(tl.float32) * down).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            hi = (hi.to(tl.float32) * down).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-            return lo | (hi << 16)
-        else:
-            return tl.load(xp_ptr + blk * (8 * T) + 16 * P + r)
+    def _half_bits(x, down):
+        """int32: the fp16 bits of x * down (float32 in), in the low half."""
+        return (x * down).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
 
     @triton.jit
-    def _block4(acc, blk, wa, xp_ptr, x_ptr, q_ptr, n_cols, down, xsc, s_ptr, z_ptr, group_cols, offs_n, n_ok, N,
-                FUSED: tl.constexpr):
+    def _coop_pairs4(x_ptr, q_ptr, blk, n_cols, LIMIT_LOG2: tl.constexpr):
+        """The fused gather, shared by the program: block blk's 128 x values loaded once (a few a
+        thread), scaled below 2**LIMIT_LOG2, paired and split into the eight [8] pair vectors of
+        _block4 (x0..x3: rows r, y0..y3: rows r + 8); plus the block's 2**k."""
+        c = blk * 128 + tl.arange(0, 128)
+        ok = c < n_cols
+        xv = tl.load(x_ptr + tl.load(q_ptr + c, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
+        e = ((tl.max(tl.abs(xv), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        k = tl.maximum(e + 1 - LIMIT_LOG2, 0)
+        b = _half_bits(xv, ((127 - k) << 23).to(tl.float32, bitcast=True))
+        # column 16 t + r = 64 half + 32 j1 + 16 j0 + 8 rh + r': pair j = 2 j1 + j0 joins tiles j, j + 4
+        b = tl.permute(tl.reshape(b, (2, 2, 2, 2, 8)), (4, 1, 2, 3, 0))  # (r', j1, j0, rh, half)
+        lo, hi = tl.split(b)
+        pv, pu = tl.split(lo | (hi << 16))  # rows r' and r' + 8: (r', j1, j0)
+        a0, a1 = tl.split(pv)
+        x0, x2 = tl.split(a0)
+        x1, x3 = tl.split(a1)
+        a0, a1 = tl.split(pu)
+        y0, y2 = tl.split(a0)
+        y1, y3 = tl.split(a1)
+        return x0, x1, x2, x3, y0, y1, y2, y3, ((127 + k) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _split4(p):
+        """[16, 2, 2] (r, s1, s0) -> its four [16] vectors, s' = 2 s1 + s0 = 0, 1, 2, 3."""
+        a0, a1 = tl.split(p)
+        q0, q2 = tl.split(a0)
+        q1, q3 = tl.split(a1)
+        return q0, q1, q2, q3
+
+    @triton.jit
+    def _coop_pairs3(x_ptr, q_ptr, blk, n_cols, LIMIT_LOG2: tl.constexpr):
+        """As _coop_pairs4 for a 3-bit block (512 columns): the sixteen [16] pair vectors of
+        _block3, slot (sg, h, s') at index (2 sg + h) 4 + s', and the block's 2**k."""
+        c = blk * 512 + tl.arange(0, 512)
+        ok = c < n_cols
+        xv = tl.load(x_ptr + tl.load(q_ptr + c, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
+        e = ((tl.max(tl.abs(xv), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        k = tl.maximum(e + 1 - LIMIT_LOG2, 0)
+        b = _half_bits(xv, ((127 - k) << 23).to(tl.float32, bitcast=True))
+        # column 16 t + r = 256 half + 128 sg + 64 s1 + 32 s0 + 16 h + r: tile t = 16 half + 8 sg + 2 s' + h
+        b = tl.permute(tl.reshape(b, (2, 2, 2, 2, 2, 16)), (5, 1, 4, 2, 3, 0))  # (r, sg, h, s1, s0, half)
+        lo, hi = tl.split(b)
+        p0, p1 = tl.split(tl.permute(lo | (hi << 16), (0, 2, 3, 4, 1)))  # sg 0, 1: (r, h, s1, s0)
+        a, b4 = tl.split(tl.permute(p0, (0, 2, 3, 1)))  # h 0, 1: (r, s1, s0)
+        p00, p01, p02, p03 = _split4(a)
+        p04, p05, p06, p07 = _split4(b4)
+        a, b4 = tl.split(tl.permute(p1, (0, 2, 3, 1)))
+        p10, p11, p12, p13 = _split4(a)
+        p14, p15, p16, p17 = _split4(b4)
+        return (p00, p01, p02, p03, p04, p05, p06, p07, p10, p11, p12, p13, p14, p15, p16, p17,
+                ((127 + k) << 23).to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def _block4(acc, blk, wa, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, s_ptr, z_ptr, group_cols, offs_n, n_ok, N,
+                FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr):
         """acc [8, BN] += one 4-bit layout block: word rows r and r + 8, summed together in fp16."""
         r = tl.arange(0, 8)
         wp = wa + (blk * 16 + r)[:, None] * N + offs_n[None, :]
         v = tl.load(wp, mask=n_ok[None, :], other=0)
         u = tl.load(wp + 8 * N, mask=n_ok[None, :], other=0)
+        if FUSED:
+            x0, x1, x2, x3, y0, y1, y2, y3, xsc = _coop_pairs4(x_ptr, q_ptr, blk, n_cols, LIMIT_LOG2)
+        else:
+            x0 = _xpair(xp_ptr, blk, r, 8, 0)
+            x1 = _xpair(xp_ptr, blk, r, 8, 1)
+            x2 = _xpair(xp_ptr, blk, r, 8, 2)
+            x3 = _xpair(xp_ptr, blk, r, 8, 3)
+            y0 = _xpair(xp_ptr, blk, r + 8, 8, 0)
+            y1 = _xpair(xp_ptr, blk, r + 8, 8, 1)
+            y2 = _xpair(xp_ptr, blk, r + 8, 8, 2)
+            y3 = _xpair(xp_ptr, blk, r + 8, 8, 3)
+            xsc = tl.load(xs_ptr + blk)
         g = (blk * 128) // group_cols
         s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32) * xsc
         z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.int32)
         za = _zero_pair(z, z, 0)[None, :]  # fp16 -(1024 + z), twice
         zb = _zero_pair(z, z, 4)[None, :]  # fp16 -(64 + z), twice
-        d = _words_dot(v, u, _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 8, 0, 0, FUSED)[:, None],
-                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 8, 1, 1, FUSED)[:, None],
-                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 8, 2, 2, FUSED)[:, None],
-                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 8, 3, 3, FUSED)[:, None],
-                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r + 8, n_cols, down, 8, 0, 0, FUSED)[:, None],
-                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r + 8, n_cols, down, 8, 1, 1, FUSED)[:, None],
-                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r + 8, n_cols, down, 8, 2, 2, FUSED)[:, None],
-                       _xpair(xp_ptr, x_ptr, q_ptr, blk, r + 8, n_cols, down, 8, 3, 3, FUSED)[:, None], za, zb)
+        d = _words_dot(v, u, x0[:, None], x1[:, None], x2[:, None], x3[:, None], y0[:, None], y1[:, None],
+                       y2[:, None], y3[:, None], za, zb)
         return acc + d * s[None, :]
 
     @triton.jit
-    def _block3(acc, blk, wa, wb, xp_ptr, x_ptr, q_ptr, n_cols, down, xsc, s_ptr, z_ptr, group_cols, n_groups,
-                offs_n, n_ok, N, FUSED: tl.constexpr):
+    def _block3(acc, blk, wa, wb, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, s_ptr, z_ptr, group_cols, n_groups,
+                offs_n, n_ok, N, FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr):
         """acc [16, BN] += one 3-bit layout block (512 columns): per word row r, the 2-bit words of
         tile runs h = 0, 1 and the 1-bit word; tiles 0-15 pair with 16-31, in two halves sg
         (tiles 8 sg .. 8 sg + 7 and 16 more) whose groups may differ (groups of 128 columns)."""
@@ -319,6 +365,27 @@ if HAVE_TRITON:
         A0 = tl.load(pa, mask=m, other=0)
         A1 = tl.load(pa + 16 * N, mask=m, other=0)
         B = tl.load(wb + (blk * 16 + r)[:, None] * N + offs_n[None, :], mask=m, other=0)
+        if FUSED:
+            p00, p01, p02, p03, p04, p05, p06, p07, p10, p11, p12, p13, p14, p15, p16, p17, xsc = _coop_pairs3(
+                x_ptr, q_ptr, blk, n_cols, LIMIT_LOG2)
+        else:
+            p00 = _xpair(xp_ptr, blk, r, 32, 0)
+            p01 = _xpair(xp_ptr, blk, r, 32, 1)
+            p02 = _xpair(xp_ptr, blk, r, 32, 2)
+            p03 = _xpair(xp_ptr, blk, r, 32, 3)
+            p04 = _xpair(xp_ptr, blk, r, 32, 4)
+            p05 = _xpair(xp_ptr, blk, r, 32, 5)
+            p06 = _xpair(xp_ptr, blk, r, 32, 6)
+            p07 = _xpair(xp_ptr, blk, r, 32, 7)
+            p10 = _xpair(xp_ptr, blk, r, 32, 8)
+            p11 = _xpair(xp_ptr, blk, r, 32, 9)
+            p12 = _xpair(xp_ptr, blk, r, 32, 10)
+            p13 = _xpair(xp_ptr, blk, r, 32, 11)
+            p14 = _xpair(xp_ptr, blk, r, 32, 12)
+            p15 = _xpair(xp_ptr, blk, r, 32, 13)
+            p16 = _xpair(xp_ptr, blk, r, 32, 14)
+            p17 = _xpair(xp_ptr, blk, r, 32, 15)
+            xsc = tl.load(xs_ptr + blk)
         for sg in tl.static_range(2):
             g_lo = (blk * 512 + 128 * sg) // group_cols
             g_hi = (blk * 512 + 256 + 128 * sg) // group_cols
@@ -328,28 +395,14 @@ if HAVE_TRITON:
             s_hi = tl.load(s_ptr + g_hi * N + offs_n, mask=m_hi, other=0.0).to(tl.float32) * xsc
             z_lo = tl.load(z_ptr + g_lo * N + offs_n, mask=m_lo, other=0).to(tl.int32)
             z_hi = tl.load(z_ptr + g_hi * N + offs_n, mask=m_hi, other=0).to(tl.int32)
+            zq = (_zero_pair(z_lo, z_hi, 0)[None, :], _zero_pair(z_lo, z_hi, 2)[None, :],
+                  _zero_pair(z_lo, z_hi, 4)[None, :], _zero_pair(z_lo, z_hi, 6)[None, :])
             if sg == 0:  # slot s = s' at 2 s' (+ 1 for the 2-bit piece)
-                a0 = A0 << 1
-                a1 = A1 << 1
-                b0 = B
-                b1 = B >> 1
+                lo, hi = _pairs3_dot(A0 << 1, A1 << 1, B, B >> 1, p00[:, None], p01[:, None], p02[:, None],
+                                     p03[:, None], p04[:, None], p05[:, None], p06[:, None], p07[:, None], *zq)
             else:  # slot s = 4 + s'
-                a0 = A0 >> 7
-                a1 = A1 >> 7
-                b0 = B >> 8
-                b1 = B >> 9
-            P0 = 8 * sg  # the half's first pair slot and first tile (constexpr, as sg)
-            lo, hi = _pairs3_dot(a0, a1, b0, b1,
-                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0, P0, FUSED)[:, None],
-                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 1, P0 + 2, FUSED)[:, None],
-                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 2, P0 + 4, FUSED)[:, None],
-                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 3, P0 + 6, FUSED)[:, None],
-                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 4, P0 + 1, FUSED)[:, None],
-                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 5, P0 + 3, FUSED)[:, None],
-                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 6, P0 + 5, FUSED)[:, None],
-                                 _xpair(xp_ptr, x_ptr, q_ptr, blk, r, n_cols, down, 32, P0 + 7, P0 + 7, FUSED)[:, None],
-                                 _zero_pair(z_lo, z_hi, 0)[None, :], _zero_pair(z_lo, z_hi, 2)[None, :],
-                                 _zero_pair(z_lo, z_hi, 4)[None, :], _zero_pair(z_lo, z_hi, 6)[None, :])
+                lo, hi = _pairs3_dot(A0 >> 7, A1 >> 7, B >> 8, B >> 9, p10[:, None], p11[:, None], p12[:, None],
+                                     p13[:, None], p14[:, None], p15[:, None], p16[:, None], p17[:, None], *zq)
             acc += lo * s_lo[None, :] + hi * s_hi[None, :]
         return acc
 
@@ -365,7 +418,6 @@ if HAVE_TRITON:
         pid_s): BN output features and split-K run pid_s of blocks_per_split layout blocks. acc
         float32 [rows, BN] holds scaled sums per word row, added once at the end. group_cols: the
         scale groups' length (a multiple of 128); n_groups: their count. MODE as tile_kernel's."""
-        T: tl.constexpr = 8 if BITS == 4 else 32
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -374,19 +426,12 @@ if HAVE_TRITON:
         b_lo = pid_s * blocks_per_split
         b_hi = tl.minimum(b_lo + blocks_per_split, n_blocks)
         for blk in range(b_lo, b_hi):
-            if FUSED:
-                k = _block_shift(x_ptr, q_ptr, blk, n_cols, 16 * T, LIMIT_LOG2)
-                down = ((127 - k) << 23).to(tl.float32, bitcast=True)  # 2**-k
-                xsc = ((127 + k) << 23).to(tl.float32, bitcast=True)
-            else:
-                down = 1.0
-                xsc = tl.load(xs_ptr + blk)
             if BITS == 4:
-                acc = _block4(acc, blk, wa, xp_ptr, x_ptr, q_ptr, n_cols, down, xsc, s_ptr, z_ptr, group_cols,
-                              offs_n, n_ok, N, FUSED)
+                acc = _block4(acc, blk, wa, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, s_ptr, z_ptr, group_cols,
+                              offs_n, n_ok, N, FUSED, LIMIT_LOG2)
             else:
-                acc = _block3(acc, blk, wa, wb, xp_ptr, x_ptr, q_ptr, n_cols, down, xsc, s_ptr, z_ptr, group_cols,
-                              n_groups, offs_n, n_ok, N, FUSED)
+                acc = _block3(acc, blk, wa, wb, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, s_ptr, z_ptr, group_cols,
+                              n_groups, offs_n, n_ok, N, FUSED, LIMIT_LOG2)
         y = tl.sum(acc, axis=0)[None, :]
         om = tl.arange(0, 1)
         write_out(y, om, om < 1, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)

@@ -15,7 +15,8 @@ benchmarks/decode_speed.py call. The kernels live in :mod:`misq.runtime.tile_ker
     and are multiplied by x's pairs two at a time, eight products summed in fp16 before each
     float32 add (about 2.2-3.3 instructions a weight against 5.3); x is gathered first into
     fp16 pairs, each layout block scaled by a power of two so the sums stay finite (``pregather``,
-    one small kernel; else each program gathers its own blocks, which measured slower);
+    one small kernel; else each program gathers its own blocks: faster on 5120 x 5120 layers,
+    slower on the MLP shapes);
   - ``fma`` (``_decode_mm``, CUDA cores, M = 1, the default for other one-piece widths such as 2
     and 8 bits): x gathered first as float32 times each slot's 2**-q (``pregather``, one small kernel;
     else through ``perm`` in the kernel); codes become float32 through the exponent trick and
@@ -138,10 +139,13 @@ def default_config(M: int, bits: int, N: int, K: int, mma: bool = True, h2: bool
     memory system needs many warps per SM in flight. ``h2``: whether the segment can take the fp16
     pairs kernel (:func:`h2_ok`; 3 and 4 bits at M = 1)."""
     single = len(pieces(bits)) == 1
-    if M == 1 and bits == 4 and h2:  # fp16 pairs, x gathered first (in-kernel gather: slower everywhere)
-        return Config("h2", 256, 8 * 132, 4, pregather=True)
+    # fp16 pairs, x gathered first (gathering in each program was 4-8% slower on the 13B MLP shapes,
+    # 2-10% faster on 5120 x 5120); narrow programs (BLOCK_N 64): within 3% of the best of 15
+    # settings on every 13B shape at 4 bits, the best at 3
+    if M == 1 and bits == 4 and h2:
+        return Config("h2", 64, 10 * 132, 2, 2, pregather=True)
     if M == 1 and bits == 3 and h2:
-        return Config("h2", 128, 16 * 132, 4, pregather=True)
+        return Config("h2", 64, 32 * 132, 4, pregather=True)
     if M == 1 and (single or not mma):  # one piece a code (4-bit): CUDA cores, x gathered first (1.1-1.15x faster)
         return Config("fma", 64, 16 * 132, 4, pregather=single)
     if not mma:  # over 10 bits
