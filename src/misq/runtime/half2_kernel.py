@@ -51,11 +51,50 @@ from misq.runtime.triton_common import _INTERPRET, HAVE_TRITON
 GROUP_COLS = 128  # scale groups must be multiples of this (the 3-bit kernel's runs of 8 tiles)
 X_LIMIT_LOG2 = 8  # x is scaled per block below 2**8: eight products of |c - z| <= 15 stay finite in fp16
 
+def _ptx_words4() -> str:
+    """PTX of _words_dot: operands $1, $2 the words, $3-$6 and $7-$10 their x pairs, $11 and $12
+    the zero pairs -(1024 + z) and -(64 + z); $0 the float32 sum. Per word: four LOP3 (codes into
+    fp16 1024 + c, or 1024 + 16 c), four HADD2/HFMA2 (c - z exactly) and four HFMA2 (products)."""
+    lines = ["mov.b32 k, 0x2C002C00;"]  # 1/16, twice
+    for word, x in ((1, 3), (2, 7)):
+        lines += [f"lop3.b32 a, ${word}, 0x000F000F, 0x64006400, 0xEA;",  # (w & mask) | 0x6400 per half
+                  f"lop3.b32 b, ${word}, 0x00F000F0, 0x64006400, 0xEA;",
+                  f"shr.u32 t, ${word}, 8;",
+                  "lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;",
+                  "lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;",
+                  "add.rn.f16x2 a, a, $11;", "fma.rn.f16x2 b, b, k, $12;",
+                  "add.rn.f16x2 c, c, $11;", "fma.rn.f16x2 d, d, k, $12;"]
+        first = "mul.rn.f16x2 h, a, $3;" if word == 1 else f"fma.rn.f16x2 h, a, ${x}, h;"
+        lines += [first] + [f"fma.rn.f16x2 h, {r}, ${x + i}, h;" for i, r in enumerate("bcd", start=1)]
+    lines += ["mov.b32 {lo, hi}, h;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.rn.f32 $0, flo, fhi;"]
+    return "{ .reg .b32 a, b, c, d, t, h, k; .reg .b16 lo, hi; .reg .f32 flo, fhi;\n" + "\n".join(lines) + "\n}"
+
+
+def _ptx_pairs3() -> str:
+    """PTX of _pairs3_dot: operands $2, $3 the 2-bit words (runs h = 0, 1), $4, $5 the 1-bit words,
+    $6-$13 x's pairs (h, s'), $14-$17 the zero pairs for q = 0, 2, 4, 6; $0, $1 the halves' sums.
+    Per pair: two LOP3 (both pieces into fp16 1024 + c 2**q), one HADD2/HFMA2 (times 2**-q, plus
+    -(2**(10 - q) + z): c - z exactly) and one HFMA2 (the product)."""
+    lines = ["mov.b32 m1, 0x34003400;", "mov.b32 m2, 0x2C002C00;", "mov.b32 m3, 0x24002400;"]  # 2**-2, -4, -6
+    for h in range(2):
+        for sp in range(4):
+            mask_a, mask_b = (6 << 2 * sp) * 0x10001, (1 << 2 * sp) * 0x10001
+            lines += [f"lop3.b32 v, ${2 + h}, 0x{mask_a:08X}, 0x64006400, 0xEA;",
+                      f"lop3.b32 v, ${4 + h}, 0x{mask_b:08X}, v, 0xEA;",
+                      "add.rn.f16x2 v, v, $14;" if sp == 0 else f"fma.rn.f16x2 v, v, m{sp}, ${14 + sp};",
+                      "mul.rn.f16x2 h, v, $6;" if h == sp == 0 else f"fma.rn.f16x2 h, v, ${6 + 4 * h + sp}, h;"]
+    lines += ["mov.b32 {lo, hi}, h;", "cvt.f32.f16 $0, lo;", "cvt.f32.f16 $1, hi;"]
+    return "{ .reg .b32 v, h, m1, m2, m3; .reg .b16 lo, hi;\n" + "\n".join(lines) + "\n}"
+
+
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     from misq.runtime.triton_common import write_out
+
+    PTX_WORDS4 = tl.constexpr(_ptx_words4())
+    PTX_PAIRS3 = tl.constexpr(_ptx_pairs3())
 
     if _INTERPRET:
 
@@ -126,47 +165,8 @@ if HAVE_TRITON:
             """float32: sum over two words' 16 codes of (c - z) * x (module docstring): v and u the
             words, x0..x3 and y0..y3 x's fp16 pairs for each, za = -(1024 + z) and zb = -(64 + z)
             as fp16 pairs, all int32."""
-            return tl.inline_asm_elementwise(
-                """{
-                .reg .b32 a, b, c, d, t, h, k;
-                .reg .b16 lo, hi;
-                .reg .f32 flo, fhi;
-                mov.b32 k, 0x2C002C00;
-                lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xEA;
-                shr.u32 t, $1, 8;
-                lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
-                add.rn.f16x2 a, a, $11;
-                fma.rn.f16x2 b, b, k, $12;
-                add.rn.f16x2 c, c, $11;
-                fma.rn.f16x2 d, d, k, $12;
-                mul.rn.f16x2 h, a, $3;
-                fma.rn.f16x2 h, b, $4, h;
-                fma.rn.f16x2 h, c, $5, h;
-                fma.rn.f16x2 h, d, $6, h;
-                lop3.b32 a, $2, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 b, $2, 0x00F000F0, 0x64006400, 0xEA;
-                shr.u32 t, $2, 8;
-                lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
-                add.rn.f16x2 a, a, $11;
-                fma.rn.f16x2 b, b, k, $12;
-                add.rn.f16x2 c, c, $11;
-                fma.rn.f16x2 d, d, k, $12;
-                fma.rn.f16x2 h, a, $7, h;
-                fma.rn.f16x2 h, b, $8, h;
-                fma.rn.f16x2 h, c, $9, h;
-                fma.rn.f16x2 h, d, $10, h;
-                mov.b32 {lo, hi}, h;
-                cvt.f32.f16 flo, lo;
-                cvt.f32.f16 fhi, hi;
-                add.rn.f32 $0, flo, fhi;
-                }""",
-                "=r,r,r,r,r,r,r,r,r,r,r,r,r", [v, u, x0, x1, x2, x3, y0, y1, y2, y3, za, zb], dtype=tl.float32,
-                is_pure=True, pack=1)
-
-    if not _INTERPRET:
+            return tl.inline_asm_elementwise(PTX_WORDS4, "=r" + ",r" * 12, [v, u, x0, x1, x2, x3, y0, y1, y2, y3, za, zb],
+                                             dtype=tl.float32, is_pure=True, pack=1)
 
         @triton.jit
         def _pairs3_dot(a0, a1, b0, b1, p0, p1, p2, p3, p4, p5, p6, p7, z0, z2, z4, z6):
@@ -174,53 +174,10 @@ if HAVE_TRITON:
             in fp16 (module docstring). a0, a1: the 2-bit words of tile runs h = 0, 1 and b0, b1
             the 1-bit words, shifted so that slot s' of the run holds the code at bits 2 s' .. 2 s'
             + 2 of each half; p0..p7 x's pairs (h, s'); z0..z6 the pairs -(2**(10 - q) + z), q =
-            2 s'. Per pair: two LOP3 (both pieces into 1024 + c 2**q), one HFMA2 (times 2**-q,
-            plus z's constant: c - z exactly), one HFMA2 (the product)."""
-            return tl.inline_asm_elementwise(
-                """{
-                    .reg .b32 v, h, m1, m2, m3;
-                    .reg .b16 lo, hi;
-                    mov.b32 m1, 0x34003400;
-                    mov.b32 m2, 0x2C002C00;
-                    mov.b32 m3, 0x24002400;
-                    lop3.b32 v, $2, 0x00060006, 0x64006400, 0xEA;
-                    lop3.b32 v, $4, 0x00010001, v, 0xEA;
-                    add.rn.f16x2 v, v, $14;
-                    mul.rn.f16x2 h, v, $6;
-                    lop3.b32 v, $2, 0x00180018, 0x64006400, 0xEA;
-                    lop3.b32 v, $4, 0x00040004, v, 0xEA;
-                    fma.rn.f16x2 v, v, m1, $15;
-                    fma.rn.f16x2 h, v, $7, h;
-                    lop3.b32 v, $2, 0x00600060, 0x64006400, 0xEA;
-                    lop3.b32 v, $4, 0x00100010, v, 0xEA;
-                    fma.rn.f16x2 v, v, m2, $16;
-                    fma.rn.f16x2 h, v, $8, h;
-                    lop3.b32 v, $2, 0x01800180, 0x64006400, 0xEA;
-                    lop3.b32 v, $4, 0x00400040, v, 0xEA;
-                    fma.rn.f16x2 v, v, m3, $17;
-                    fma.rn.f16x2 h, v, $9, h;
-                    lop3.b32 v, $3, 0x00060006, 0x64006400, 0xEA;
-                    lop3.b32 v, $5, 0x00010001, v, 0xEA;
-                    add.rn.f16x2 v, v, $14;
-                    fma.rn.f16x2 h, v, $10, h;
-                    lop3.b32 v, $3, 0x00180018, 0x64006400, 0xEA;
-                    lop3.b32 v, $5, 0x00040004, v, 0xEA;
-                    fma.rn.f16x2 v, v, m1, $15;
-                    fma.rn.f16x2 h, v, $11, h;
-                    lop3.b32 v, $3, 0x00600060, 0x64006400, 0xEA;
-                    lop3.b32 v, $5, 0x00100010, v, 0xEA;
-                    fma.rn.f16x2 v, v, m2, $16;
-                    fma.rn.f16x2 h, v, $12, h;
-                    lop3.b32 v, $3, 0x01800180, 0x64006400, 0xEA;
-                    lop3.b32 v, $5, 0x00400040, v, 0xEA;
-                    fma.rn.f16x2 v, v, m3, $17;
-                    fma.rn.f16x2 h, v, $13, h;
-                    mov.b32 {lo, hi}, h;
-                    cvt.f32.f16 $0, lo;
-                    cvt.f32.f16 $1, hi;
-                }""",
-                "=r,=r" + ",r" * 16, [a0, a1, b0, b1, p0, p1, p2, p3, p4, p5, p6, p7, z0, z2, z4, z6],
-                dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+            2 s'."""
+            return tl.inline_asm_elementwise(PTX_PAIRS3, "=r,=r" + ",r" * 16,
+                                             [a0, a1, b0, b1, p0, p1, p2, p3, p4, p5, p6, p7, z0, z2, z4, z6],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
 
     @triton.jit
     def _gather_pairs(x_ptr, idx_ptr, xp_ptr, xs_ptr, n_cols, BITS: tl.constexpr, LIMIT_LOG2: tl.constexpr):
