@@ -180,6 +180,21 @@ if HAVE_TRITON:
                                              dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
 
     @triton.jit
+    def _scale_down(x, amax, LIMIT_LOG2: tl.constexpr):
+        """(int32 like x: the fp16 bits of x * 2**-k in the low half, k) for float32 x whose largest
+        magnitude is amax: k >= 0 the least power of two that brings them below 2**LIMIT_LOG2."""
+        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 amax) (amax >= 2**-126)
+        k = tl.maximum(e + 1 - LIMIT_LOG2, 0)
+        down = ((127 - k) << 23).to(tl.float32, bitcast=True)  # 2**-k, exactly
+        return (x * down).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF, k
+
+    @triton.jit
+    def _block_x(x_ptr, q_ptr, c, n_cols):
+        """float32 x[q[c]] for a layout block's columns c (1-D; those past n_cols read as zero)."""
+        ok = c < n_cols
+        return tl.load(x_ptr + tl.load(q_ptr + c, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _gather_pairs(x_ptr, idx_ptr, xp_ptr, xs_ptr, n_cols, BITS: tl.constexpr, LIMIT_LOG2: tl.constexpr):
         """One program per layout block (B = 128 columns at 4 bits, 512 at 3): xp int32 [nblk, B / 2]
         of fp16 pairs of x[idx] * 2**-k in the kernel's order (module docstring), and xs [nblk]
@@ -193,11 +208,7 @@ if HAVE_TRITON:
         ok = col < n_cols
         idx = tl.load(idx_ptr + col, mask=ok, other=0)
         x = tl.load(x_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 amax) (amax >= 2**-126)
-        k = tl.maximum(e + 1 - LIMIT_LOG2, 0)
-        xs = ((127 - k) << 23).to(tl.float32, bitcast=True)  # 2**-k, exactly
-        bits = (x * xs).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF  # [T, 16]
+        bits, k = _scale_down(x, tl.max(tl.max(tl.abs(x), axis=1), axis=0), LIMIT_LOG2)  # [T, 16]
         out = xp_ptr + blk * (8 * T)
         if BITS == 4:  # pair j: tiles j and j + 4, at 16 j + r
             lo, hi = tl.split(tl.permute(tl.reshape(bits, (2, 4, 16)), (1, 2, 0)))  # [4, 16]
@@ -223,21 +234,12 @@ if HAVE_TRITON:
         return tl.load(xp_ptr + blk * (8 * T) + 16 * P + r)
 
     @triton.jit
-    def _half_bits(x, down):
-        """int32: the fp16 bits of x * down (float32 in), in the low half."""
-        return (x * down).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-
-    @triton.jit
     def _coop_pairs4(x_ptr, q_ptr, blk, n_cols, LIMIT_LOG2: tl.constexpr):
         """The fused gather, shared by the program: block blk's 128 x values loaded once (a few a
         thread), scaled below 2**LIMIT_LOG2, paired and split into the eight [8] pair vectors of
         _block4 (x0..x3: rows r, y0..y3: rows r + 8); plus the block's 2**k."""
-        c = blk * 128 + tl.arange(0, 128)
-        ok = c < n_cols
-        xv = tl.load(x_ptr + tl.load(q_ptr + c, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
-        e = ((tl.max(tl.abs(xv), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        k = tl.maximum(e + 1 - LIMIT_LOG2, 0)
-        b = _half_bits(xv, ((127 - k) << 23).to(tl.float32, bitcast=True))
+        xv = _block_x(x_ptr, q_ptr, blk * 128 + tl.arange(0, 128), n_cols)
+        b, k = _scale_down(xv, tl.max(tl.abs(xv), axis=0), LIMIT_LOG2)
         # column 16 t + r = 64 half + 32 j1 + 16 j0 + 8 rh + r': pair j = 2 j1 + j0 joins tiles j, j + 4
         b = tl.permute(tl.reshape(b, (2, 2, 2, 2, 8)), (4, 1, 2, 3, 0))  # (r', j1, j0, rh, half)
         lo, hi = tl.split(b)
@@ -262,12 +264,8 @@ if HAVE_TRITON:
     def _coop_pairs3(x_ptr, q_ptr, blk, n_cols, LIMIT_LOG2: tl.constexpr):
         """As _coop_pairs4 for a 3-bit block (512 columns): the sixteen [16] pair vectors of
         _block3, slot (sg, h, s') at index (2 sg + h) 4 + s', and the block's 2**k."""
-        c = blk * 512 + tl.arange(0, 512)
-        ok = c < n_cols
-        xv = tl.load(x_ptr + tl.load(q_ptr + c, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
-        e = ((tl.max(tl.abs(xv), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        k = tl.maximum(e + 1 - LIMIT_LOG2, 0)
-        b = _half_bits(xv, ((127 - k) << 23).to(tl.float32, bitcast=True))
+        xv = _block_x(x_ptr, q_ptr, blk * 512 + tl.arange(0, 512), n_cols)
+        b, k = _scale_down(xv, tl.max(tl.abs(xv), axis=0), LIMIT_LOG2)
         # column 16 t + r = 256 half + 128 sg + 64 s1 + 32 s0 + 16 h + r: tile t = 16 half + 8 sg + 2 s' + h
         b = tl.permute(tl.reshape(b, (2, 2, 2, 2, 2, 16)), (5, 1, 4, 2, 3, 0))  # (r, sg, h, s1, s0, half)
         lo, hi = tl.split(b)
