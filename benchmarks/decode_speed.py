@@ -84,7 +84,7 @@ def tinygemm(rows: int, cols: int):
 
 def candidates(M: int, gather_only: bool = False) -> list:
     """Launch settings --tune sweeps at M rows (the runtime's default first). At M = 1: the fp16
-    pairs kernel (h2, 4-bit layers; others fall back to their default), the float32 CUDA-core
+    pairs kernel (h2, 3- and 4-bit layers; others fall back to their default), the float32 CUDA-core
     kernel with x gathered before it (pregather: float32, pre-scaled) and the tensor cores."""
     from misq.runtime.kernels import Config
 

@@ -1,12 +1,13 @@
-"""Instructions a weight in the batch-1 decode kernel's main loop, from sm_90 SASS compiled on any
-machine (no GPU needed): Triton compiles ``tile_kernel._decode_mm`` for ``GPUTarget("cuda", 90, 32)``,
+"""Instructions a weight in the batch-1 decode kernels' main loop, from sm_90 SASS compiled on any
+machine (no GPU needed): Triton compiles ``tile_kernel._decode_mm`` (float32, ``fma``) and, at 3
+and 4 bits, ``half2_kernel._decode_h2`` (fp16 pairs, ``h2``) for ``GPUTarget("cuda", 90, 32)``,
 its bundled cuobjdump disassembles the cubin, and the loop is the span of the backward branch.
 
 The fma kernel is issue-bound on an H200 (ncu, BENCHMARKS.md session 9), so this count is the
 figure to watch when changing it:
 
-    python3 benchmarks/kernel_sass.py                 # 4-bit, BLOCK_N 64, 4 warps, both x paths
-    python3 benchmarks/kernel_sass.py --bits 2 --block-n 128
+    python3 benchmarks/kernel_sass.py                 # 4-bit, BLOCK_N 64, 4 warps, every x path
+    python3 benchmarks/kernel_sass.py --bits 3 --block-n 64 --warps 2
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...],
 
 
 def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False) -> list[str]:
-    # h2: xprep False = x gathered in the kernel (FUSED)
     """The SASS lines of the batch-1 kernel's main loop (groups of 128, split-K MODE 2):
-    _decode_mm's fma path, or (h2) half2_kernel._decode_h2 (3 and 4 bits)."""
+    _decode_mm's fma path, or (h2) half2_kernel._decode_h2 (3 and 4 bits; xprep false: x gathered
+    in the kernel, FUSED)."""
     import triton
 
     from misq.runtime import kernels
@@ -92,7 +93,10 @@ def main() -> None:
     for xprep, h2 in runs:
         body = loop_sass(args.bits, args.block_n, args.warps, xprep, h2)
         ops = collections.Counter(opcode(ln) for ln in body).most_common(10)
-        how = f"h2 (fp16 pairs, x {'pregathered' if xprep else 'gathered in it'})" if h2 else ("x pregathered (float32, pre-scaled)" if xprep else "x gathered in the kernel")
+        if h2:
+            how = f"h2 (fp16 pairs, x {'pregathered' if xprep else 'gathered in it'})"
+        else:
+            how = "x pregathered (float32, pre-scaled)" if xprep else "x gathered in the kernel"
         print(f"{how:<38} {len(body)} instructions a thread a block, {weights:.0f} weights: "
               f"{len(body) / weights:.2f} a weight  {ops}")
 

@@ -13,7 +13,7 @@ benchmarks/decode_speed.py call. The kernels live in :mod:`misq.runtime.tile_ker
   - ``h2`` (``half2_kernel._decode_h2``, CUDA cores, M = 1, the default for 3- and 4-bit
     segments whose groups are multiples of 128 columns): codes become fp16 pairs with one LOP3
     and are multiplied by x's pairs two at a time, eight products summed in fp16 before each
-    float32 add (about 2.2-3.3 instructions a weight against 5.3); x is gathered first into
+    float32 add (about 2.2-3.5 instructions a weight against 5.3); x is gathered first into
     fp16 pairs, each layout block scaled by a power of two so the sums stay finite (``pregather``,
     one small kernel; else each program gathers its own blocks: faster on 5120 x 5120 layers,
     slower on the MLP shapes);
@@ -110,8 +110,8 @@ def gather_columns(x: Tensor, idx: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Config:
-    # "h2" (M = 1, 4 bits, groups of whole blocks: fp16 pairs), "fma" (M = 1 only), "mma" (tensor
-    # cores, block tiles) or "dot" (per-tile dots, > 10 bits)
+    # "h2" (M = 1, 3 and 4 bits, groups of multiples of 128 columns: fp16 pairs), "fma" (M = 1
+    # only), "mma" (tensor cores, block tiles) or "dot" (per-tile dots, > 10 bits)
     path: str
     block_n: int
     target_programs: int  # split-K deep enough for about this many programs
