@@ -212,6 +212,8 @@ def gathers(shapes: dict, batches: tuple) -> list[dict]:
 
 
 def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple = (1, 16)) -> list[dict]:
+    from misq.runtime.kernels import decode_matmul
+
     rows_out = []
     for shape_name, (R, C) in shapes.items():
         Wd = torch.randn(R, C, device="cuda", dtype=torch.float16) * 0.02
@@ -233,6 +235,9 @@ def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple
                      "max_abs_err_vs_dequant": err, "err_over_fp16_tolerance": err_rel, "gpu_bytes": lin.weight_nbytes,
                      "honest_bytes": honest, "gpu_over_honest": lin.weight_nbytes / honest}
                 r["speedup_vs_fp16"] = r["fp16_cublas_us"] / r["misq_us"]
+                if M == 1 and len(lin.segments) == 2:  # side by side: the two widths in one launch or one by one
+                    r["misq_one_launch_a_width_us"] = bench(lambda x=x, lin=lin, R=R: decode_matmul(
+                        x, lin.perm, lin.segments, R, lin.bias, kperm=lin.kperm, pair_h2=False))
                 print(json.dumps(r), flush=True)
                 rows_out.append(r)
             del lin

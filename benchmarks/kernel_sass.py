@@ -41,9 +41,11 @@ def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False
     from misq.runtime import kernels
 
     if h2:
-        ptrs = dict(xp_ptr="*i32", xs_ptr="*fp32", x_ptr="*fp16", q_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32",
-                    cnt_ptr="*i32", bias_ptr="*fp16", wa="*i32", wb="*i32", s_ptr="*fp16", z_ptr="*u8")
-        consts = dict(BITS=bits, BN=block_n, MODE=2, HAS_BIAS=False, FUSED=not xprep, LIMIT_LOG2=8)
+        seg = dict(xp="*i32", xs="*fp32", q="*i32", wa="*i32", wb="*i32", s="*fp16", z="*u8")
+        ptrs = dict(x_ptr="*fp16", out_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32", bias_ptr="*fp16",
+                    **{f"{k}{i}": v for i in (1, 2) for k, v in seg.items()})
+        consts = dict(BITS1=bits, BITS2=bits, NSEG=1, BN=block_n, MODE=2, HAS_BIAS=False, FUSED=not xprep,
+                      LIMIT_LOG2=8)  # one segment: the loop is the same for either of a pair's
         compiled = _compile(kernels._decode_h2, ptrs, consts, ("N", "stride_om"), warps)
     else:
         ptrs = dict(x_ptr="*fp32" if xprep else "*fp16", perm_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32",

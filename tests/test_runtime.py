@@ -78,6 +78,29 @@ def test_lightly_pruned_layer_without_a_mask_dequantizes_exactly():
     assert torch.equal(lin.dequantize(torch.float16), dense)
 
 
+def test_decode_launches_pair_a_mixed_layers_widths():
+    """At batch 1 a mixed 3/4-bit layer (groups of 128) runs one h2 launch for both widths, its
+    split-K programs divided between them (with no split-K, one run along K each); other widths
+    and groups fall back to their own launches; at 16 rows the tensor-core path pairs them."""
+    pytest.importorskip("triton")
+    from misq.runtime.kernels import Config, config_for, plan_launches
+
+    lin, _, _ = random_layer(72, 1024, (3, 4), 128, "dense", act_order=True, seed=0)
+    segs = lin.segments
+    assert [s.bits for s in segs] == [3, 4]
+    (one,) = plan_launches(segs, [config_for(1, s.bits, 72, 1024) for s in segs], 72, 1)
+    assert one.cfg.path == "h2" and one.segs == segs and one.cfg.num_warps == 4
+    assert 0 < one.off2 < one.split and one.off2 * one.bps[0] * 512 >= segs[0].n > (one.off2 - 1) * one.bps[0] * 512
+    (whole,) = plan_launches(segs, [Config("h2", 64, 1, 4, pregather=True)] * 2, 72, 1)
+    assert (whole.split, whole.off2) == (2, 1)
+    assert len(plan_launches(segs, [config_for(1, s.bits, 72, 1024) for s in segs], 72, 1, pair_h2=False)) == 2
+    (tc,) = plan_launches(segs, [config_for(16, s.bits, 72, 1024) for s in segs], 72, 16)
+    assert tc.cfg.path == "mma" and len(tc.segs) == 2
+    g32, _, _ = random_layer(72, 1024, (3, 4), 32, "dense", act_order=True, seed=0)  # not h2's groups
+    assert all(lc.cfg.path != "h2" for lc in plan_launches(g32.segments, [config_for(1, s.bits, 72, 1024)
+                                                                            for s in g32.segments], 72, 1))
+
+
 def test_compiled_model_calls_the_layer_as_one_opaque_op(monkeypatch):
     """Under torch.compile the GPU forward is the custom op misq::packed_linear (the compiler
     cannot trace the kernels' launch code): a whole graph with no break, the op called with the

@@ -31,14 +31,17 @@ finite, each layout block's x is scaled by a power of two so that |x| < 256 (the
 goes back in with the scale; k = 0 unless some |x| >= 256), which bounds an eight-term sum by
 8 * 15 * 256 < 65504.
 
-x comes in pre-gathered (``_gather_pairs``, one small kernel): int32 [nblk, B / 2] pairs in the
-kernel's order (4 bits: element (blk, j, r) = fp16 (x[16 j + r], x[16 (j + 4) + r]) of block
-blk), plus each block's 2**k. Or (FUSED) each program gathers and scales its own blocks
-(``_coop_pairs4`` / ``_coop_pairs3``: the block's x loaded once across the program's threads,
-then reshaped and split into the row vectors): one launch fewer for 6-18% more instructions; on
-an H200 it was 2-10% faster on 5120 x 5120 layers and 4-8% slower on the MLP shapes, so the
-runtime's default gathers first (BENCHMARKS.md, session 11). Scale groups must be multiples of
-128 columns, or one group for the segment (kernels.h2_ok).
+x comes in as fp16 pairs, each layout block scaled by a power of two (:mod:`misq.runtime.half2_gather`):
+gathered first by one small launch for all of the layer's h2 segments, or (FUSED) by each program
+for its own blocks, one launch fewer for 6-18% more instructions (on an H200 2-10% faster on
+5120 x 5120 layers and 4-8% slower on the MLP shapes, so the runtime's default gathers first;
+BENCHMARKS.md, session 11). Scale groups must be multiples of 128 columns, or one group for the
+segment (kernels.h2_ok).
+
+A mixed 3/4-bit layer runs both widths in one launch (NSEG 2): its split-K programs are divided
+between the segments, each program compiled for both widths and taking one, and the split-K
+workspace's last program adds them all. Two launches, each with its partial last wave and its own
+gather, cost more (BENCHMARKS.md, session 12).
 
 Under Triton's CPU interpreter (no inline PTX) ``_words_dot`` and ``_pairs3_dot`` run the same
 steps as plain fp16 operations (a multiply and an add, two roundings, where the PTX fuses them).
@@ -49,7 +52,6 @@ from __future__ import annotations
 from misq.runtime.triton_common import _INTERPRET, HAVE_TRITON
 
 GROUP_COLS = 128  # scale groups must be multiples of this (the 3-bit kernel's runs of 8 tiles)
-X_LIMIT_LOG2 = 8  # x is scaled per block below 2**8: eight products of |c - z| <= 15 stay finite in fp16
 
 def _ptx_words4() -> str:
     """PTX of _words_dot: operands $1, $2 the words, $3-$6 and $7-$10 their x pairs, $11 and $12
@@ -91,6 +93,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from misq.runtime.half2_gather import _coop_pairs3, _coop_pairs4, _xpair
     from misq.runtime.triton_common import write_out
 
     PTX_WORDS4 = tl.constexpr(_ptx_words4())
@@ -180,104 +183,10 @@ if HAVE_TRITON:
                                              dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
 
     @triton.jit
-    def _scale_down(x, amax, LIMIT_LOG2: tl.constexpr):
-        """(int32 like x: the fp16 bits of x * 2**-k in the low half, k) for float32 x whose largest
-        magnitude is amax: k >= 0 the least power of two that brings them below 2**LIMIT_LOG2."""
-        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 amax) (amax >= 2**-126)
-        k = tl.maximum(e + 1 - LIMIT_LOG2, 0)
-        down = ((127 - k) << 23).to(tl.float32, bitcast=True)  # 2**-k, exactly
-        return (x * down).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF, k
-
-    @triton.jit
-    def _block_x(x_ptr, q_ptr, c, n_cols):
-        """float32 x[q[c]] for a layout block's columns c (1-D; those past n_cols read as zero)."""
-        ok = c < n_cols
-        return tl.load(x_ptr + tl.load(q_ptr + c, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _gather_pairs(x_ptr, idx_ptr, xp_ptr, xs_ptr, n_cols, BITS: tl.constexpr, LIMIT_LOG2: tl.constexpr):
-        """One program per layout block (B = 128 columns at 4 bits, 512 at 3): xp int32 [nblk, B / 2]
-        of fp16 pairs of x[idx] * 2**-k in the kernel's order (module docstring), and xs [nblk]
-        float32 = 2**k, k >= 0 the least that brings the block's |x| below 2**LIMIT_LOG2.
-        Columns past n_cols are zero."""
-        T: tl.constexpr = 8 if BITS == 4 else 32  # tiles of 16 columns a block
-        blk = tl.program_id(0)
-        t = tl.arange(0, T)
-        r = tl.arange(0, 16)
-        col = blk * (16 * T) + 16 * t[:, None] + r[None, :]  # [T, 16]
-        ok = col < n_cols
-        idx = tl.load(idx_ptr + col, mask=ok, other=0)
-        x = tl.load(x_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        bits, k = _scale_down(x, tl.max(tl.max(tl.abs(x), axis=1), axis=0), LIMIT_LOG2)  # [T, 16]
-        out = xp_ptr + blk * (8 * T)
-        if BITS == 4:  # pair j: tiles j and j + 4, at 16 j + r
-            lo, hi = tl.split(tl.permute(tl.reshape(bits, (2, 4, 16)), (1, 2, 0)))  # [4, 16]
-            tl.store(out + 16 * tl.arange(0, 4)[:, None] + r[None, :], lo | (hi << 16))
-        else:  # pair (sg, h, s'): tiles t = 8 sg + 2 s' + h and t + 16, at ((2 sg + h) 4 + s') 16 + r
-            lo, hi = tl.split(tl.permute(tl.reshape(bits, (2, 2, 4, 2, 16)), (1, 3, 2, 4, 0)))  # [sg, h, s', r]
-            q = tl.arange(0, 4)
-            pos = (tl.arange(0, 2)[:, None, None, None] * 2 + tl.arange(0, 2)[None, :, None, None]) * 64 \
-                + 16 * q[None, None, :, None] + r[None, None, None, :]
-            tl.store(out + pos, lo | (hi << 16))
-        tl.store(xs_ptr + blk, ((127 + k) << 23).to(tl.float32, bitcast=True))
-
-    @triton.jit
     def _zero_pair(z_lo, z_hi, Q: tl.constexpr):
         """int32 [BN]: the fp16 pair -(2**(10 - Q) + z) of two groups' zeros (int32 [BN] each)."""
         top: tl.constexpr = 0x8000 | ((25 - Q) << 10)  # sign and exponent of 2**(10 - Q); z lands at bit Q
         return ((z_lo << Q) | top) | (((z_hi << Q) | top) << 16)
-
-    @triton.jit
-    def _xpair(xp_ptr, blk, r, T: tl.constexpr, P: tl.constexpr):
-        """int32 [R]: the pregathered fp16 pairs (_gather_pairs' order) of pair slot P for word rows
-        r of block blk (T tiles a block)."""
-        return tl.load(xp_ptr + blk * (8 * T) + 16 * P + r)
-
-    @triton.jit
-    def _coop_pairs4(x_ptr, q_ptr, blk, n_cols, LIMIT_LOG2: tl.constexpr):
-        """The fused gather, shared by the program: block blk's 128 x values loaded once (a few a
-        thread), scaled below 2**LIMIT_LOG2, paired and split into the eight [8] pair vectors of
-        _block4 (x0..x3: rows r, y0..y3: rows r + 8); plus the block's 2**k."""
-        xv = _block_x(x_ptr, q_ptr, blk * 128 + tl.arange(0, 128), n_cols)
-        b, k = _scale_down(xv, tl.max(tl.abs(xv), axis=0), LIMIT_LOG2)
-        # column 16 t + r = 64 half + 32 j1 + 16 j0 + 8 rh + r': pair j = 2 j1 + j0 joins tiles j, j + 4
-        b = tl.permute(tl.reshape(b, (2, 2, 2, 2, 8)), (4, 1, 2, 3, 0))  # (r', j1, j0, rh, half)
-        lo, hi = tl.split(b)
-        pv, pu = tl.split(lo | (hi << 16))  # rows r' and r' + 8: (r', j1, j0)
-        a0, a1 = tl.split(pv)
-        x0, x2 = tl.split(a0)
-        x1, x3 = tl.split(a1)
-        a0, a1 = tl.split(pu)
-        y0, y2 = tl.split(a0)
-        y1, y3 = tl.split(a1)
-        return x0, x1, x2, x3, y0, y1, y2, y3, ((127 + k) << 23).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _split4(p):
-        """[16, 2, 2] (r, s1, s0) -> its four [16] vectors, s' = 2 s1 + s0 = 0, 1, 2, 3."""
-        a0, a1 = tl.split(p)
-        q0, q2 = tl.split(a0)
-        q1, q3 = tl.split(a1)
-        return q0, q1, q2, q3
-
-    @triton.jit
-    def _coop_pairs3(x_ptr, q_ptr, blk, n_cols, LIMIT_LOG2: tl.constexpr):
-        """As _coop_pairs4 for a 3-bit block (512 columns): the sixteen [16] pair vectors of
-        _block3, slot (sg, h, s') at index (2 sg + h) 4 + s', and the block's 2**k."""
-        xv = _block_x(x_ptr, q_ptr, blk * 512 + tl.arange(0, 512), n_cols)
-        b, k = _scale_down(xv, tl.max(tl.abs(xv), axis=0), LIMIT_LOG2)
-        # column 16 t + r = 256 half + 128 sg + 64 s1 + 32 s0 + 16 h + r: tile t = 16 half + 8 sg + 2 s' + h
-        b = tl.permute(tl.reshape(b, (2, 2, 2, 2, 2, 16)), (5, 1, 4, 2, 3, 0))  # (r, sg, h, s1, s0, half)
-        lo, hi = tl.split(b)
-        p0, p1 = tl.split(tl.permute(lo | (hi << 16), (0, 2, 3, 4, 1)))  # sg 0, 1: (r, h, s1, s0)
-        a, b4 = tl.split(tl.permute(p0, (0, 2, 3, 1)))  # h 0, 1: (r, s1, s0)
-        p00, p01, p02, p03 = _split4(a)
-        p04, p05, p06, p07 = _split4(b4)
-        a, b4 = tl.split(tl.permute(p1, (0, 2, 3, 1)))
-        p10, p11, p12, p13 = _split4(a)
-        p14, p15, p16, p17 = _split4(b4)
-        return (p00, p01, p02, p03, p04, p05, p06, p07, p10, p11, p12, p13, p14, p15, p16, p17,
-                ((127 + k) << 23).to(tl.float32, bitcast=True))
 
     @triton.jit
     def _block4(acc, blk, wa, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, s_ptr, z_ptr, group_cols, offs_n, n_ok, N,
@@ -362,21 +271,12 @@ if HAVE_TRITON:
         return acc
 
     @triton.jit
-    def _decode_h2(xp_ptr, xs_ptr, x_ptr, q_ptr, out_ptr, ws_ptr, cnt_ptr, bias_ptr, wa, wb, s_ptr, z_ptr,
-                   N, n_cols, n_blocks, group_cols, n_groups, stride_om, blocks_per_split,
-                   BITS: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr):
-        """y [1, N] (+)= x @ W^T for one 3- or 4-bit segment (words wa: the 4-bit, or the 3-bit's
-        2-bit piece; wb: the 3-bit's 1-bit piece). x: pregathered pairs xp and block scales xs
-        (_gather_pairs), or (FUSED) gathered here, each program for its own blocks, from x_ptr
-        (fp16, one row) through q_ptr (the segment's perm; n_cols columns). Program (pid_n,
-        pid_s): BN output features and split-K run pid_s of blocks_per_split layout blocks. acc
-        float32 [rows, BN] holds scaled sums per word row, added once at the end. group_cols: the
-        scale groups' length (a multiple of 128); n_groups: their count. MODE as tile_kernel's."""
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        n_ok = offs_n < N
+    def _segment_sum(pid_s, xp_ptr, xs_ptr, x_ptr, q_ptr, wa, wb, s_ptr, z_ptr, N, n_cols, n_blocks, group_cols,
+                     n_groups, blocks_per_split, offs_n, n_ok, BITS: tl.constexpr, BN: tl.constexpr,
+                     FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr):
+        """float32 [1, BN]: split-K run pid_s (blocks_per_split layout blocks) of one 3- or 4-bit
+        segment's x @ W^T for features offs_n. acc [rows, BN] holds scaled sums per word row,
+        added once at the end."""
         acc = tl.zeros((8 if BITS == 4 else 16, BN), dtype=tl.float32)
         b_lo = pid_s * blocks_per_split
         b_hi = tl.minimum(b_lo + blocks_per_split, n_blocks)
@@ -387,6 +287,36 @@ if HAVE_TRITON:
             else:
                 acc = _block3(acc, blk, wa, wb, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, s_ptr, z_ptr, group_cols,
                               n_groups, offs_n, n_ok, N, FUSED, LIMIT_LOG2)
-        y = tl.sum(acc, axis=0)[None, :]
+        return tl.sum(acc, axis=0)[None, :]
+
+    @triton.jit
+    def _decode_h2(x_ptr, out_ptr, ws_ptr, cnt_ptr, bias_ptr, N, stride_om, split1,
+                   xp1, xs1, q1, wa1, wb1, s1, z1, n1, nblk1, gc1, ng1, bps1,
+                   xp2, xs2, q2, wa2, wb2, s2, z2, n2, nblk2, gc2, ng2, bps2,
+                   BITS1: tl.constexpr, BITS2: tl.constexpr, NSEG: tl.constexpr, BN: tl.constexpr,
+                   MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr):
+        """y [1, N] (+)= x @ W^T over one or two 3- or 4-bit segments (a mixed-width layer's two
+        widths in one launch). Per segment: x as pregathered pairs xp and block scales xs
+        (half2_gather._gather_pairs), or (FUSED) gathered here, each program for its own blocks,
+        from x_ptr (fp16, one row) through q (the segment's perm; n columns); words wa (the 4-bit,
+        or the 3-bit's 2-bit piece) and wb (the 3-bit's 1-bit piece); scales and zeros s, z of
+        ng groups of gc columns (a multiple of 128); nblk layout blocks, bps a split. Program
+        (pid_n, pid_s): BN output features; split-K run pid_s of segment 1 below split1, run
+        pid_s - split1 of segment 2 from there. MODE as tile_kernel's (the split-K workspace and
+        its counter span both segments' programs)."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        if NSEG == 2:
+            if pid_s < split1:
+                y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, gc1, ng1, bps1,
+                                 offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2)
+            else:
+                y = _segment_sum(pid_s - split1, xp2, xs2, x_ptr, q2, wa2, wb2, s2, z2, N, n2, nblk2, gc2, ng2,
+                                 bps2, offs_n, n_ok, BITS2, BN, FUSED, LIMIT_LOG2)
+        else:
+            y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, gc1, ng1, bps1,
+                             offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2)
         om = tl.arange(0, 1)
         write_out(y, om, om < 1, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)

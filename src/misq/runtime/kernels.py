@@ -16,7 +16,7 @@ benchmarks/decode_speed.py call. The kernels live in :mod:`misq.runtime.tile_ker
     float32 add (about 2.2-3.5 instructions a weight against 5.3); x is gathered first into
     fp16 pairs, each layout block scaled by a power of two so the sums stay finite (``pregather``,
     one small kernel; else each program gathers its own blocks: faster on 5120 x 5120 layers,
-    slower on the MLP shapes);
+    slower on the MLP shapes); a mixed 3/4 layer's two widths share one gather and one launch;
   - ``fma`` (``_decode_mm``, CUDA cores, M = 1, the default for other one-piece widths such as 2
     and 8 bits): x gathered first as float32 times each slot's 2**-q (``pregather``, one small kernel;
     else through ``perm`` in the kernel); codes become float32 through the exponent trick and
@@ -50,8 +50,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from misq.runtime.half2_gather import X_LIMIT_LOG2
 from misq.runtime.half2_kernel import GROUP_COLS as H2_GROUP_COLS
-from misq.runtime.half2_kernel import X_LIMIT_LOG2
 from misq.runtime.layout import Segment, block_cols, chunk_tiles, kernel_perm, pieces
 from misq.runtime.triton_common import HAVE_TRITON
 
@@ -60,7 +60,8 @@ if HAVE_TRITON:
 
     from misq.runtime.dequant_kernel import _segment_dequant
     from misq.runtime.gather_kernel import _gather_cols, _gather_scaled
-    from misq.runtime.half2_kernel import _decode_h2, _gather_pairs
+    from misq.runtime.half2_gather import _gather_pairs
+    from misq.runtime.half2_kernel import _decode_h2
     from misq.runtime.mma_kernel import _mma_mm
     from misq.runtime.tile_kernel import _decode_mm
 
@@ -85,15 +86,18 @@ def gather_scaled(x: Tensor, idx: Tensor, bits: int) -> Tensor:
     return out
 
 
-def gather_pairs(x: Tensor, idx: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """x fp16 [1, C] on CUDA, idx int32 [K] (a 3- or 4-bit segment's columns) -> (xp int32
-    [nblk * B / 2], xs float32 [nblk]), B = block_cols(bits): x[0, idx] as the h2 kernel's fp16
-    pairs, each layout block scaled by its xs**-1 (half2_kernel._gather_pairs)."""
-    nblk = triton.cdiv(idx.numel(), block_cols(bits))
-    xp = torch.empty(nblk * block_cols(bits) // 2, dtype=torch.int32, device=x.device)
-    xs = torch.empty(nblk, dtype=torch.float32, device=x.device)
-    _gather_pairs[(nblk,)](x, idx, xp, xs, idx.numel(), BITS=bits, LIMIT_LOG2=X_LIMIT_LOG2)
-    return xp, xs
+def gather_pairs(x: Tensor, idxs: list[Tensor], widths: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """x fp16 [1, C] on CUDA; per segment (one or two, one launch) its columns idx int32 [K] and
+    width (3 or 4) -> (xp int32 [nblk * B / 2], xs float32 [nblk]), B = block_cols(bits): x[0, idx]
+    as the h2 kernel's fp16 pairs, each layout block scaled by its xs**-1 (half2_gather)."""
+    nblks = [triton.cdiv(i.numel(), block_cols(b)) for i, b in zip(idxs, widths, strict=True)]
+    outs = [(torch.empty(n * block_cols(b) // 2, dtype=torch.int32, device=x.device),
+             torch.empty(n, dtype=torch.float32, device=x.device)) for n, b in zip(nblks, widths, strict=True)]
+    segs = [(i, xp, xs, i.numel()) for i, (xp, xs) in zip(idxs, outs, strict=True)]
+    two = len(segs) == 2
+    _gather_pairs[(sum(nblks),)](x, nblks[0], *segs[0], *segs[1 if two else 0], BITS1=widths[0],
+                                 BITS2=widths[-1], NSEG=len(segs), LIMIT_LOG2=X_LIMIT_LOG2)
+    return outs
 
 
 def gather_columns(x: Tensor, idx: Tensor) -> Tensor:
@@ -195,12 +199,13 @@ def _workspace(device: torch.device, numel: int, slices: int) -> tuple[Tensor, T
 
 @dataclass
 class _Launch:
-    segs: list  # one segment, or two for the mma path
+    segs: list  # one segment, or two for the mma and h2 paths
     cfg: Config
     n_nblk: int  # BLOCK_N slices of the output
     split: int  # programs along K (grid axis 1)
     bps: list[int]  # layout blocks per split program, per segment
-    off2: int = 0  # mma, two segments: split programs of segment 1 (0: every program takes both)
+    # two segments: split programs of segment 1 (0, mma only: every program takes both)
+    off2: int = 0
 
 
 def _plan(segs: list, cfg: Config, rows: int, M: int) -> _Launch:
@@ -209,8 +214,9 @@ def _plan(segs: list, cfg: Config, rows: int, M: int) -> _Launch:
     n_nblk = triton.cdiv(rows, cfg.block_n)
     nblks = [triton.cdiv(s.n, block_cols(s.bits)) for s in segs]
     target = max(1, cfg.target_programs // n_nblk) if cfg.block_m >= M else 1
-    if target == 1:
-        return _Launch(segs, cfg, n_nblk, 1, nblks, 0)
+    if target == 1:  # h2 programs take one segment each: two runs along K
+        two_h2 = cfg.path == "h2" and len(segs) == 2
+        return _Launch(segs, cfg, n_nblk, 1 + two_h2, nblks, int(two_h2))
     if len(segs) == 1:
         split = min(nblks[0], target)
         bps = triton.cdiv(nblks[0], split)
@@ -239,18 +245,24 @@ def h2_ok(seg: Segment) -> bool:
 
 def _run_h2(launch: _Launch, x: Tensor, perm: Tensor, out: Tensor, ws: Tensor | None, cnt: Tensor | None,
             bias: Tensor | None, mode: int) -> None:
-    """One _decode_h2 launch over launch.segs[0] (x [1, C], not gathered): x gathered first into
-    fp16 pairs (cfg.pregather, one small kernel) or by each program for its own blocks."""
-    seg, cfg = launch.segs[0], launch.cfg
-    q = perm[seg.start:seg.start + seg.n]
-    nblk = triton.cdiv(seg.n, block_cols(seg.bits))
-    xp, xs = gather_pairs(x, q, seg.bits) if cfg.pregather else (q, x)
-    group_cols = nblk * block_cols(seg.bits) if seg.scales.shape[0] == 1 else seg.group_len
-    words = [seg.words[p] for p in pieces(seg.bits)]
+    """One _decode_h2 launch over launch.segs (one or two segments; x [1, C], not gathered): x
+    gathered first into fp16 pairs for all of them (cfg.pregather, one small kernel) or by each
+    program for its own blocks."""
+    segs, cfg = launch.segs, launch.cfg
+    qs = [perm[s.start:s.start + s.n] for s in segs]
+    xs = gather_pairs(x, qs, [s.bits for s in segs]) if cfg.pregather else [(q, x) for q in qs]
+    args = []
+    for seg, q, (xp, xsc), bps in zip(segs, qs, xs, launch.bps, strict=True):
+        nblk = triton.cdiv(seg.n, block_cols(seg.bits))
+        group_cols = nblk * block_cols(seg.bits) if seg.scales.shape[0] == 1 else seg.group_len
+        words = [seg.words[p] for p in pieces(seg.bits)]
+        args.append([xp, xsc, q, words[0], words[-1], seg.scales, seg.zeros, seg.n, nblk, group_cols,
+                     seg.scales.shape[0], bps])
+    two = len(segs) == 2
     _decode_h2[(launch.n_nblk, launch.split)](
-        xp, xs, x, q, out, ws if ws is not None else out, cnt if cnt is not None else seg.gidx,
-        bias if bias is not None else out, words[0], words[-1], seg.scales, seg.zeros, out.shape[1], seg.n, nblk,
-        group_cols, seg.scales.shape[0], out.stride(0), launch.bps[0], BITS=seg.bits, BN=cfg.block_n, MODE=mode,
+        x, out, ws if ws is not None else out, cnt if cnt is not None else segs[0].gidx,
+        bias if bias is not None else out, out.shape[1], out.stride(0), launch.off2 if two else launch.split,
+        *args[0], *args[-1], BITS1=segs[0].bits, BITS2=segs[-1].bits, NSEG=len(segs), BN=cfg.block_n, MODE=mode,
         HAS_BIAS=bias is not None, FUSED=not cfg.pregather, LIMIT_LOG2=X_LIMIT_LOG2, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
 
@@ -290,17 +302,11 @@ def _run_mma(launch: _Launch, x: Tensor, xs: list[Tensor], qs: list, out: Tensor
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def decode_matmul(x: Tensor, perm: Tensor, segments: list, rows: int, bias: Tensor | None = None,
-                  extra: Tensor | None = None, configs: list[Config] | None = None,
-                  kperm: Tensor | None = None) -> Tensor:
-    """x fp16 [M, C] (M <= 16, unit column stride; not gathered) -> fp16 [M, rows]: the sum over
-    quantized segments of x[:, perm][:, segment] @ W_segment^T, plus ``extra`` (float32 [M, rows],
-    e.g. the 16-bit columns' product) and ``bias``. ``configs``: one per segment (default: tuned);
-    the mma path takes two segments a launch (the first one's config). ``kperm``:
-    layout.kernel_perm(perm, segments) (made here when missing)."""
-    M = x.shape[0]
-    out = torch.empty(M, rows, dtype=x.dtype, device=x.device)
-    cfgs = list(configs or [config_for(M, s.bits, rows, x.shape[1]) for s in segments])
+def plan_launches(segments: list, cfgs: list[Config], rows: int, M: int, pair_h2: bool = True) -> list[_Launch]:
+    """The launches of a layer's decode, in order: each segment's config (a path its width cannot
+    take replaced by the default that it can), with neighbours paired into one launch where the
+    path takes two: mma with a width of at most 10 bits, h2 with another h2 segment (unless
+    ``pair_h2`` is false). Changes ``cfgs`` in place."""
     for i, s in enumerate(segments):
         if cfgs[i].path == "mma" and not mma_ok(s):
             cfgs[i] = default_config(M, s.bits, rows, s.n, mma=False)
@@ -308,9 +314,29 @@ def decode_matmul(x: Tensor, perm: Tensor, segments: list, rows: int, bias: Tens
             cfgs[i] = default_config(M, s.bits, rows, s.n, mma=mma_ok(s), h2=False)
     launches, i = [], 0
     while i < len(segments):
-        two = cfgs[i].path == "mma" and i + 1 < len(segments) and mma_ok(segments[i + 1])
-        launches.append(_plan(segments[i:i + 1 + two], cfgs[i], rows, M))
+        nxt = i + 1 < len(segments)
+        h2_pair = pair_h2 and nxt and cfgs[i].path == "h2" and cfgs[i + 1].path == "h2"
+        two = h2_pair or (nxt and cfgs[i].path == "mma" and mma_ok(segments[i + 1]))
+        # an h2 pair runs the settings with more warps (the 3-bit's): with two, a 3-bit program needs 255 registers
+        cfg = max(cfgs[i], cfgs[i + 1], key=lambda c: c.num_warps) if h2_pair else cfgs[i]
+        launches.append(_plan(segments[i:i + 1 + two], cfg, rows, M))
         i += 1 + two
+    return launches
+
+
+def decode_matmul(x: Tensor, perm: Tensor, segments: list, rows: int, bias: Tensor | None = None,
+                  extra: Tensor | None = None, configs: list[Config] | None = None,
+                  kperm: Tensor | None = None, pair_h2: bool = True) -> Tensor:
+    """x fp16 [M, C] (M <= 16, unit column stride; not gathered) -> fp16 [M, rows]: the sum over
+    quantized segments of x[:, perm][:, segment] @ W_segment^T, plus ``extra`` (float32 [M, rows],
+    e.g. the 16-bit columns' product) and ``bias``. ``configs``: one per segment (default: tuned);
+    the mma path takes two segments a launch (the first one's config), and so does the h2 path
+    (a mixed 3/4 layer: one gather and one launch; ``pair_h2`` false runs them one by one, for
+    benchmarks). ``kperm``: layout.kernel_perm(perm, segments) (made here when missing)."""
+    M = x.shape[0]
+    out = torch.empty(M, rows, dtype=x.dtype, device=x.device)
+    cfgs = list(configs or [config_for(M, s.bits, rows, x.shape[1]) for s in segments])
+    launches = plan_launches(segments, cfgs, rows, M, pair_h2)
     direct = len(launches) == 1 and extra is None and launches[0].split == 1
     ws = cnt = None
     if not direct:
