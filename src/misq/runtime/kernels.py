@@ -145,11 +145,13 @@ def default_config(M: int, bits: int, N: int, K: int, mma: bool = True, h2: bool
     single = len(pieces(bits)) == 1
     # fp16 pairs, x gathered first (gathering in each program was 4-8% slower on the 13B MLP shapes,
     # 2-10% faster on 5120 x 5120); narrow programs (BLOCK_N 64): within 3% of the best of 15
-    # settings on every 13B shape at 4 bits, the best at 3
+    # settings on every 13B shape at 4 bits; at 3 bits (and for a mixed 3/4 pair, which takes the
+    # 3-bit's), two blocks a program, pipelined: 14-17% faster than one on the MLP shapes, equal on
+    # 5120 x 5120 (BENCHMARKS.md, session 12)
     if M == 1 and bits == 4 and h2:
         return Config("h2", 64, 10 * 132, 2, 2, pregather=True)
     if M == 1 and bits == 3 and h2:
-        return Config("h2", 64, 32 * 132, 4, pregather=True)
+        return Config("h2", 64, 16 * 132, 4, 2, pregather=True)
     if M == 1 and (single or not mma):  # one piece a code (4-bit): CUDA cores, x gathered first (1.1-1.15x faster)
         return Config("fma", 64, 16 * 132, 4, pregather=single)
     if not mma:  # over 10 bits
