@@ -258,7 +258,7 @@ def prefill(shapes: dict, formats: list, rows: tuple, dequant_configs: tuple = (
         if dequant_configs:  # the dequantize kernel alone (4-bit): keep the fastest setting for this shape
             dl = random_packed(R, C, *FORMATS["4bit_g128"])[0]
             wt = torch.empty(C, R, device="cuda", dtype=torch.float16)
-            times = sorted((bench(lambda c=c, wt=wt, segs=dl.segments, R=R: kernels.dequantize_into(wt, segs, R, *c)), c)
+            times = sorted((bench(lambda c=c, wt=wt, perm=dl.perm, segs=dl.segments, R=R: kernels.dequantize_into(wt, perm, segs, R, *c)), c)
                            for c in dequant_configs)
             kernels.DEQUANT_CONFIG = times[0][1]
             out.append({"shape": shape_name, "dequantize_4bit_us": {f"{c[0]}x{c[1]}w": t for t, c in times},
@@ -345,13 +345,66 @@ def _compiled(model, compile_forward: bool):
     return model
 
 
-def end_to_end(layers: int, compile_forward: bool = False) -> list[dict]:
+def pack_model(model, fmt: str) -> tuple[int, int]:
+    """Replace every linear of the decoder layers (dense or packed) by a random packed one of
+    format ``fmt``; returns (GPU bytes, honest bytes) of the packed layers."""
+    widths, sp = FORMATS[fmt]
+    total = honest_total = 0
+    for block in model.model.layers:
+        for name, mod in list(block.named_modules()):
+            if isinstance(mod, (torch.nn.Linear, PackedLinear)):
+                lin, honest = random_packed(mod.out_features, mod.in_features, widths, sp)
+                block.set_submodule(name, lin)
+                total, honest_total = total + lin.weight_nbytes, honest_total + honest
+    torch.cuda.empty_cache()
+    return total, honest_total
+
+
+def _model_13b(layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
-                      num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=2048)
+                      num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).half().eval()
+        return LlamaForCausalLM(cfg).half().eval()
+
+
+def prefill_model(layers: int, rows: tuple) -> list[dict]:
+    """Prefill of a 13B-shaped model (``layers`` decoder layers, random weights): one forward of M
+    tokens, no cache, eager (as transformers runs a prompt), CUDA-event timed (median of 10),
+    fp16 against packed. Unlike the per-linear prefill rows (CUDA-graph timed, so without the
+    host's launch time), this includes what the host spends launching each layer's kernels."""
+    model = _model_13b(layers)
+
+    def ms(M: int) -> float:
+        ids = torch.randint(0, 32000, (1, M), device="cuda")
+        times = []
+        with torch.no_grad():
+            for i in range(13):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                model(ids, use_cache=False)
+                b.record()
+                torch.cuda.synchronize()
+                if i >= 3:
+                    times.append(a.elapsed_time(b))
+        return sorted(times)[len(times) // 2]
+
+    out = []
+    fp16 = {M: ms(M) for M in rows}
+    for fmt in ("4bit_g128", "3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128"):
+        pack_model(model, fmt)
+        for M in rows:
+            packed = ms(M)
+            r = {"model": f"13B-shaped, {layers} layers", "format": fmt, "rows": M, "fp16_ms": fp16[M],
+                 "packed_ms": packed, "slowdown_vs_fp16": packed / fp16[M]}
+            print(json.dumps(r), flush=True)
+            out.append(r)
+    return out
+
+
+def end_to_end(layers: int, compile_forward: bool = False) -> list[dict]:
+    model = _model_13b(layers)
     out = []
     loop = "torch.compile + " if compile_forward else ""
     t0 = time.time()
@@ -363,15 +416,7 @@ def end_to_end(layers: int, compile_forward: bool = False) -> list[dict]:
                 "decoder_weights_gpu_bytes": dense_bytes})
     print(json.dumps(out[-1]), flush=True)
     for fmt in ("3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128"):
-        widths, sp = FORMATS[fmt]
-        total = honest_total = 0
-        for i in range(layers):
-            for name, mod in list(model.model.layers[i].named_modules()):
-                if isinstance(mod, (torch.nn.Linear, PackedLinear)):
-                    lin, honest = random_packed(mod.out_features, mod.in_features, widths, sp)
-                    model.model.layers[i].set_submodule(name, lin)
-                    total, honest_total = total + lin.weight_nbytes, honest_total + honest
-        torch.cuda.empty_cache()
+        total, honest_total = pack_model(model, fmt)
         tps_p, how = decode_tps(_compiled(model, compile_forward))
         how = loop + how
         out.append({"model": f"13B-shaped, {layers} layers, packed {fmt}", "tokens_per_s": tps_p, "loop": how,
@@ -393,6 +438,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels up front (0: none)")
     ap.add_argument("--tune-gather", action="store_true",
                     help="with --tune at batch 1: only the h2 defaults, x gathered first against gathered per program")
+    ap.add_argument("--prefill-model", default="", help="prefill rows of the whole-model timing ('' for none)")
     ap.add_argument("--compile", action="store_true",
                     help="end to end: torch.compile each model's forward (fp16 and packed alike) before the CUDA graph")
     args = ap.parse_args()
@@ -427,6 +473,9 @@ def main() -> None:
         save()
     if pf_rows:
         res["prefill"] = prefill(SHAPES, formats, pf_rows)
+        save()
+    if args.prefill_model:
+        res["prefill_model"] = prefill_model(args.layers, tuple(int(m) for m in args.prefill_model.split(",")))
         save()
     if not args.skip_e2e:
         try:

@@ -1,7 +1,9 @@
 """``_segment_dequant``: prefill's dequantize kernel, for
-:func:`misq.runtime.kernels.dequantize_into`: one segment's weight, transposed, in the gathered
-column order, into out fp16 [n_cols, N] (the segment's rows of the layer's reused [C, N] buffer),
-for the caller's one cuBLAS matmul.
+:func:`misq.runtime.kernels.dequantize_into`: one segment's weight, transposed, into out fp16
+[C, N] (the layer's reused buffer) at the rows of its columns' original order (``rows_ptr``: the
+segment's slice of the layer's perm), so the caller's one cuBLAS matmul takes x as it is, with no
+gather of its columns. Each stored row is N contiguous fp16 values, so the scattered rows cost the
+writes nothing.
 
 Program (blk, pid_n): one layout block (16 T columns) and BN features, a chunk of TC tiles at a
 time. Widths of at most 10 bits (PK) make the weights two per 32-bit operation
@@ -69,12 +71,13 @@ if HAVE_TRITON:
         return w
 
     @triton.jit
-    def _segment_dequant(out_ptr, wa, wb, wc, wd, s_ptr, z_ptr, g_ptr, N, n_cols, n_groups,
+    def _segment_dequant(out_ptr, rows_ptr, wa, wb, wc, wd, s_ptr, z_ptr, g_ptr, N, n_cols, n_groups,
                          BITS: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, PC: tl.constexpr, PD: tl.constexpr,
                          GROUP: tl.constexpr, BN: tl.constexpr, TC: tl.constexpr, PK: tl.constexpr):
-        """out[k, n] = the weight of column k, feature n (fp16, as the decoder's), for one layout
-        block (program axis 0) and BN features (axis 1), a chunk of TC tiles at a time: PK (codes
-        under 1024), two weights per 32-bit operation (pk_halves); else code by code."""
+        """out[rows[k], n] = the weight of the segment's column k, feature n (fp16, as the
+        decoder's), for one layout block (program axis 0) and BN features (axis 1), a chunk of TC
+        tiles at a time: PK (codes under 1024), two weights per 32-bit operation (pk_halves); else
+        code by code."""
         PMIN: tl.constexpr = PD if PD > 0 else (PC if PC > 0 else (PB if PB > 0 else PA))
         T: tl.constexpr = 32 // PMIN
         HA: tl.constexpr = PA // PMIN
@@ -91,12 +94,15 @@ if HAVE_TRITON:
                 k = (blk * (16 * T) + 16 * t)[:, None, None, :] + tl.arange(0, 16)[None, :, None, None]  # [SA, 16, 1, HA]
                 nn = offs_n[None, None, :, None]
                 m = n_ok[None, None, :, None]
-                tl.store(out_ptr + k * N + nn, lo, mask=m & (k < n_cols))
-                tl.store(out_ptr + (k + 8 * T) * N + nn, hi, mask=m & (k + 8 * T < n_cols))
+                k_lo = tl.load(rows_ptr + k, mask=k < n_cols, other=0)
+                k_hi = tl.load(rows_ptr + k + 8 * T, mask=k + 8 * T < n_cols, other=0)
+                tl.store(out_ptr + k_lo * N + nn, lo, mask=m & (k < n_cols))
+                tl.store(out_ptr + k_hi * N + nn, hi, mask=m & (k + 8 * T < n_cols))
             else:
                 k0 = blk * (16 * T) + c * BK
                 k = k0 + tl.arange(0, BK)
                 k_ok = k < n_cols
                 code = _chunk_codes(wA, wB, wC, wD, c, BITS, PA, PB, PC, PD, PMIN, TC)
                 w = _chunk_w(code, k0, k, k_ok, s_ptr, z_ptr, g_ptr, n_groups, offs_n, n_ok, N, GROUP, BK)
-                tl.store(out_ptr + k[:, None] * N + offs_n[None, :], w, mask=k_ok[:, None] & n_ok[None, :])
+                dest = tl.load(rows_ptr + k, mask=k_ok, other=0)
+                tl.store(out_ptr + dest[:, None] * N + offs_n[None, :], w, mask=k_ok[:, None] & n_ok[None, :])

@@ -1,6 +1,7 @@
-"""``_gather_cols``: ``out[m, j] = x[m, idx[j]]``, the column gather every packed linear runs
-before its kernels (x into the stored column order, or into the tensor-core kernel's order,
-layout.kernel_perm), for :func:`misq.runtime.kernels.gather_columns`.
+"""``_gather_cols``: ``out[m, j] = x[m, idx[j]]``, the column gather the decode paths run before
+their kernels (x into the stored column order, or into the tensor-core kernel's order,
+layout.kernel_perm), for :func:`misq.runtime.kernels.gather_columns`. (Prefill needs none: its
+dequantize kernel writes the weights in x's own column order.)
 
 Why not ``torch.index_select``: on an H200 its kernel took 6.3-6.7 µs for one to sixteen rows of
 5120 columns (ncu, session 9): it launches about ten blocks that each walk their elements one after

@@ -33,9 +33,9 @@ benchmarks/decode_speed.py call. The kernels live in :mod:`misq.runtime.tile_ker
   Split-K programs add their partial sums into a float32 workspace [M, N] with atomics; the last
   program of each BLOCK_N slice (a per-slice counter) reads the sums back while zeroing them,
   adds the bias and writes fp16, so the workspace is all zeros between calls (``_workspace``).
-* :func:`dequantize_into` (prefill, M > 16): writes the layer's weight, transposed, in the
-  gathered column order, into a reused fp16 buffer [C, N] (``_segment_dequant``), and the caller
-  runs one cuBLAS matmul.
+* :func:`dequantize_into` (prefill, M > 16): writes the layer's weight, transposed, in its
+  columns' original order, into a reused fp16 buffer [C, N] (``_segment_dequant``), and the
+  caller runs one cuBLAS matmul on x as it is (no gather: the kernel scatters whole rows).
 * :func:`prefill_matmul` (prefill, one or two widths of at most 10 bits, no 16-bit columns:
   :func:`prefill_ok`): ``_mma_mm`` over [BLOCK_M, BLOCK_N] output tiles of x gathered into the
   kernel's order, each tile's weights dequantized on the fly (no weight buffer). Slower than
@@ -404,14 +404,15 @@ def prefill_matmul(x: Tensor, kperm: Tensor, segments: list, rows: int, bias: Te
     return out
 
 
-def dequantize_into(out: Tensor, segments: list, rows: int, block_n: int | None = None,
+def dequantize_into(out: Tensor, perm: Tensor, segments: list, rows: int, block_n: int | None = None,
                     num_warps: int | None = None) -> None:
-    """Write every quantized segment's weight, transposed, into out fp16 [C, rows] at its rows."""
+    """Write every quantized segment's weight, transposed, into out fp16 [C, rows] at the rows of
+    its columns' original order (perm int32 [C], the layer's): out is then W^T for x as it is."""
     bn, nw = DEQUANT_CONFIG
     block_n, num_warps = block_n or bn, num_warps or nw
     for seg in segments:
         ptrs, pc = _pieces_args(seg)
         grid = (triton.cdiv(seg.n, block_cols(seg.bits)), triton.cdiv(rows, block_n))
-        _segment_dequant[grid](out[seg.start:], *ptrs, seg.scales, seg.zeros, seg.gidx, rows, seg.n,
+        _segment_dequant[grid](out, perm[seg.start:], *ptrs, seg.scales, seg.zeros, seg.gidx, rows, seg.n,
                                seg.scales.shape[0], BITS=seg.bits, **pc, GROUP=max(seg.group_len, 0),
                                BN=block_n, TC=chunk_tiles(seg.bits), PK=mma_ok(seg), num_warps=num_warps)

@@ -4,9 +4,9 @@ Forward, for x [..., C] -> y [..., R]:
 
 * CUDA, fp16, Triton present: M <= 16 rows go through the decode kernels
   (:func:`misq.runtime.kernels.decode_matmul`: CUDA cores at M = 1 for one-piece widths, tensor
-  cores otherwise; they write the fp16 output with the bias); more rows (prefill) gather
-  ``x[:, perm]`` once, dequantize the layer into a per-device fp16 buffer shared by every layer
-  and call cuBLAS, or, up to ``kernels.PREFILL_FUSED_MAX_ROWS`` rows (0 by default: it measured
+  cores otherwise; they write the fp16 output with the bias); more rows (prefill) dequantize
+  the layer, in its columns' original order, into a per-device fp16 buffer shared by every layer
+  and call cuBLAS on x as it is, or, up to ``kernels.PREFILL_FUSED_MAX_ROWS`` rows (0 by default: it measured
   slower), go through :func:`misq.runtime.kernels.prefill_matmul` (each output tile's weights
   dequantized on the fly) when the layer has one or two widths of at most 10 bits and no 16-bit
   columns.
@@ -170,17 +170,17 @@ class PackedLinear(nn.Module):
         return kernels.prefill_matmul(x2, self.kperm, self.segments, self.out_features, self.bias)
 
     def _prefill_dequant(self, x2: Tensor) -> Tensor:
-        """x2 fp16 [M, C] on CUDA -> [M, R]: the layer dequantized into the shared buffer, cuBLAS."""
+        """x2 fp16 [M, C] on CUDA -> [M, R]: the layer dequantized into the shared buffer in its
+        columns' original order, one cuBLAS matmul (bias included). Few launches: on an H200 the
+        host's launch time, not the GPU's, set prefill's pace (BENCHMARKS.md, session 12)."""
         R = self.out_features
-        xp = kernels.gather_columns(x2, self.perm)  # once per layer: every width becomes a contiguous segment
         wt = _buffer(x2.device, self.in_features * R).view(self.in_features, R)
-        kernels.dequantize_into(wt, self.segments, R)
+        kernels.dequantize_into(wt, self.perm, self.segments, R)
         if self.fp_cols is not None:
-            wt[self.fp_start:] = self.fp_cols.t()
-        y = xp @ wt
+            wt[self.perm[self.fp_start:].long()] = self.fp_cols.t().to(wt.dtype)
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+            return torch.addmm(self.bias.to(x2.dtype), x2, wt)
+        return x2 @ wt
 
     def extra_repr(self) -> str:
         widths = ",".join(str(m[0]) for m in self._meta) + (",16" if self.fp_cols is not None else "")
