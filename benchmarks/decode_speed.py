@@ -6,8 +6,10 @@ timed (triton.testing.do_bench_cudagraph), for dense 4-bit g128, 3-bit g128, 50%
 and mixed 3/4-bit g128; the weights' GPU bytes against the honest (file) size. Prefill (--prefill,
 M = 512 and 2048 rows by default): the same linears through the fused tensor-core kernel (tiles
 dequantized on the fly) and through dequantize + cuBLAS, against fp16 cuBLAS. Then end-to-end
-greedy decode tokens/s of a small-depth 13B-shaped LLaMA (random weights) in fp16 and packed,
-in the same static-cache loop, one decode step replayed as a CUDA graph.
+greedy decode tokens/s of a 13B-shaped LLaMA (--layers decoder layers, random weights) in fp16
+and packed, in the same static-cache loop, one decode step replayed as a CUDA graph (--compile:
+both models compiled first). --prefill-model M,...: the same model's prompt forward of M tokens,
+eager and host time included, fp16 against packed.
 
     PYTHONPATH=src python3 benchmarks/decode_speed.py --skip-e2e --workers 16 --out decode.json
 
