@@ -14,7 +14,7 @@ eager and host time included, fp16 against packed.
     PYTHONPATH=src python3 benchmarks/decode_speed.py --skip-e2e --workers 16 --out decode.json
 
 (--tune first sweeps the launch settings per shape and keeps the best for the rows; without it the
-rows use kernels.default_config, as the runtime does.)
+rows use launch_plan.default_config, as the runtime does.)
 """
 
 from __future__ import annotations
@@ -88,12 +88,12 @@ def candidates(M: int, gather_only: bool = False) -> list:
     """Launch settings --tune sweeps at M rows (the runtime's default first). At M = 1: the fp16
     pairs kernel (h2, 3- and 4-bit layers; others fall back to their default), the float32 CUDA-core
     kernel with x gathered before it (pregather: float32, pre-scaled) and the tensor cores."""
-    from misq.runtime.kernels import Config
+    from misq.runtime.launch_plan import Config
 
     if M == 1 and gather_only:  # the runtime's h2 defaults, x gathered first or by each program
         from dataclasses import replace
 
-        from misq.runtime.kernels import default_config
+        from misq.runtime.launch_plan import default_config
 
         return [c for b in (4, 3) for d in [default_config(1, b, 0, 0)] for c in (d, replace(d, pregather=False))]
     if M == 1:  # h2: x gathered first into fp16 pairs (pregather) or by each program for its own blocks
@@ -114,11 +114,11 @@ def candidates(M: int, gather_only: bool = False) -> list:
 
 
 def _set(lin, M: int, cfg) -> None:
-    from misq.runtime import kernels
+    from misq.runtime import launch_plan
 
     R, C = lin.out_features, lin.in_features
     for seg in lin.segments:
-        kernels.TUNED[(kernels.bucket(M), seg.bits, R, C)] = cfg
+        launch_plan.TUNED[(launch_plan.bucket(M), seg.bits, R, C)] = cfg
 
 
 def _warm(job) -> str:
@@ -154,32 +154,32 @@ def prewarm(jobs: list, workers: int) -> None:
 def tune(shapes: dict, batches: tuple, prefill_rows: tuple, gather_only: bool = False) -> dict:
     """Time the candidate launch settings per (batch bucket, bits, N, K) on the dense 3/4-bit g128
     layers (at the largest batch of each bucket, prefill at its smallest M) and keep the best in
-    kernels.TUNED (mixed 3/4 layers take the 3-bit setting: their first segment's)."""
-    from misq.runtime import kernels
+    launch_plan.TUNED (mixed 3/4 layers take the 3-bit setting: their first segment's)."""
+    from misq.runtime import launch_plan
 
     out = {}
-    reps = sorted({max(b for b in batches if kernels.bucket(b) == k) for k in {kernels.bucket(b) for b in batches}})
+    reps = sorted({max(b for b in batches if launch_plan.bucket(b) == k) for k in {launch_plan.bucket(b) for b in batches}})
     reps += [min(prefill_rows)] if prefill_rows else []
     for R, C in shapes.values():
         for fmt in ("4bit_g128", "3bit_g128"):
             lin = random_packed(R, C, *FORMATS[fmt])[0]
             bits = lin.segments[0].bits
             for M in reps:
-                key = (kernels.bucket(M), bits, R, C)
+                key = (launch_plan.bucket(M), bits, R, C)
                 x = torch.randn(M, C, device="cuda", dtype=torch.float16)
                 trials = []
                 for cfg in candidates(M, gather_only):
-                    kernels.TUNED[key] = cfg
+                    launch_plan.TUNED[key] = cfg
                     try:
                         fn = lin._prefill_fused if M > 16 else lin
                         trials.append((bench(lambda x=x, fn=fn: fn(x), rep=12), cfg))
                     except Exception as err:  # a setting that does not compile or fit is skipped
                         print("skip", cfg, str(err).splitlines()[0][:80])
                 if not trials:
-                    kernels.TUNED.pop(key, None)
+                    launch_plan.TUNED.pop(key, None)
                     continue
                 trials.sort(key=lambda r: r[0])
-                kernels.TUNED[key] = trials[0][1]
+                launch_plan.TUNED[key] = trials[0][1]
                 out[str(key)] = [{"us": t, **vars(c)} for t, c in trials]
                 print("tuned", key, f"{trials[0][0]:.2f}us", trials[0][1], "| next", [f"{t:.2f}" for t, _ in trials[1:4]],
                       flush=True)
@@ -250,9 +250,9 @@ def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple
 def prefill(shapes: dict, formats: list, rows: tuple, dequant_configs: tuple = ((64, 4), (128, 4), (128, 8), (256, 8))
             ) -> list[dict]:
     """Per shape, format and M: the fused prefill kernel, dequantize + cuBLAS, and what the layer's
-    forward picks (kernels.PREFILL_FUSED_MAX_ROWS), against fp16 cuBLAS. First, per shape, the
+    forward picks (launch_plan.PREFILL_FUSED_MAX_ROWS), against fp16 cuBLAS. First, per shape, the
     dequantize kernel's BLOCK_N / warps (fastest kept for the rows)."""
-    from misq.runtime import kernels
+    from misq.runtime import kernels, launch_plan
 
     out = []
     for shape_name, (R, C) in shapes.items():
@@ -278,8 +278,8 @@ def prefill(shapes: dict, formats: list, rows: tuple, dequant_configs: tuple = (
                     y = lin._prefill_fused(x)
                     r["fused_us"] = bench(lambda x=x, lin=lin: lin._prefill_fused(x))
                     r["max_abs_err_vs_dequant"], r["err_over_fp16_tolerance"] = _errors(lin, x, y)
-                    r["config"] = vars(kernels.config_for(M, lin.segments[0].bits, R, C))
-                r["forward"] = "fused" if lin.fused_prefill_ok() and M <= kernels.PREFILL_FUSED_MAX_ROWS else "dequant"
+                    r["config"] = vars(launch_plan.config_for(M, lin.segments[0].bits, R, C))
+                r["forward"] = "fused" if lin.fused_prefill_ok() and M <= launch_plan.PREFILL_FUSED_MAX_ROWS else "dequant"
                 r["misq_us"] = r["fused_us"] if r["forward"] == "fused" else r["dequant_cublas_us"]
                 r["slowdown_vs_fp16"] = r["misq_us"] / t16
                 r["best_slowdown_vs_fp16"] = min(r["dequant_cublas_us"], r.get("fused_us", 1e9)) / t16

@@ -42,7 +42,7 @@ LAYERS: list[tuple[tuple[int, ...], int, str]] = [
     ((4,), 128, "dense"), ((3,), 128, "dense"), ((4,), 128, "unstructured"), ((3,), 32, "2:4"),
     ((3, 4), 128, "dense"), ((2, 3, 4, 6, 8, 16), 32, "unstructured"), ((8,), 0, "dense"), ((6,), 32, "dense"),
     ((5,), 0, "dense"), ((2,), 128, "dense")]
-# Decode configs, name -> kernels.Config arguments: the GPU tests' (fma at M = 1 with x gathered in
+# Decode configs, name -> launch_plan.Config arguments: the GPU tests' (fma at M = 1 with x gathered in
 # the kernel or before it, float32 and pre-scaled; mma with x gathered in the kernel or before it;
 # deep split-K; per-tile dot; the fp16 pairs kernel with x gathered before it or in it), and a
 # tensor-core run with no split-K at all.
@@ -193,7 +193,7 @@ def _layer(case: Case, cache: dict) -> tuple[Any, Any]:
 
 def _runner(case: Case, lin) -> tuple[Any, str | None]:
     """(x -> y through the case's kernel path, None) or (None, why the path does not apply)."""
-    from misq.runtime import kernels
+    from misq.runtime.launch_plan import Config
 
     if case.path == "forward":  # the layer's own dispatch, as on CUDA
         lin._kernel_ok = lambda x: True
@@ -205,7 +205,7 @@ def _runner(case: Case, lin) -> tuple[Any, str | None]:
     if case.path == "prefill_dequant":
         return lin._prefill_dequant, None
     args, flags = DECODE_CONFIGS[case.path.removeprefix("decode:")]
-    configs = [kernels.Config(*args, **flags)] * len(lin.segments)
+    configs = [Config(*args, **flags)] * len(lin.segments)
     return (lambda x: lin._decode(x, configs)), None
 
 

@@ -82,8 +82,7 @@ def test_decode_launches_pair_a_mixed_layers_widths():
     """At batch 1 a mixed 3/4-bit layer (groups of 128) runs one h2 launch for both widths, its
     split-K programs divided between them (with no split-K, one run along K each); other widths
     and groups fall back to their own launches; at 16 rows the tensor-core path pairs them."""
-    pytest.importorskip("triton")
-    from misq.runtime.kernels import Config, config_for, plan_launches
+    from misq.runtime.launch_plan import Config, config_for, plan_launches
 
     lin, _, _ = random_layer(72, 1024, (3, 4), 128, "dense", act_order=True, seed=0)
     segs = lin.segments

@@ -78,7 +78,7 @@ def test_decode_paths(widths, groupsize, pattern, rows, cfg):
     """Every decode path and launch shape: CUDA cores at M = 1, tensor cores with x gathered in the
     kernel or before it (for the CUDA cores: float32, pre-scaled), deep split-K (workspace), the
     previous per-tile dot path."""
-    from misq.runtime.kernels import Config
+    from misq.runtime.launch_plan import Config
 
     config = {"fma": Config("fma", 64, 2112, 4), "mma": Config("mma", 32, 64, 4),
               "mma_pregather": Config("mma", 64, 2112, 4, pregather=True), "mma_split": Config("mma", 64, 4096, 4),
@@ -96,7 +96,7 @@ def test_decode_paths(widths, groupsize, pattern, rows, cfg):
 def test_h2_kernel_scales_large_and_small_x(widths, pattern, x_scale, fused):
     """The fp16 pairs kernel (3 and 4 bits, M = 1) sums eight products in fp16: x above 256 is
     scaled down per layout block (else the sums overflow), and small x must keep its precision."""
-    from misq.runtime.kernels import Config
+    from misq.runtime.launch_plan import Config
 
     lin, dense = _layer(widths, 128, pattern, 1)
     cfg = Config("h2", 128, 2112, 4, pregather=not fused)
@@ -117,7 +117,7 @@ def test_prefill_paths(widths, groupsize, pattern, path, rows):
 def test_llama_shaped_layer(widths):
     """Whole layout blocks (no padding), several blocks a program and several programs a block row:
     every path on a 13B-like [640, 1536] layer, groups of 128."""
-    from misq.runtime.kernels import Config
+    from misq.runtime.launch_plan import Config
 
     lin, dense, _ = random_layer(640, 1536, widths, 128, "dense", act_order=True, seed=1)
     lin = lin.cuda()

@@ -36,7 +36,7 @@ gathered first by one small launch for all of the layer's h2 segments, or (FUSED
 for its own blocks, one launch fewer for 6-18% more instructions (on an H200 2-10% faster on
 5120 x 5120 layers and 4-8% slower on the MLP shapes, so the runtime's default gathers first;
 BENCHMARKS.md, session 11). Scale groups must be multiples of 128 columns, or one group for the
-segment (kernels.h2_ok).
+segment (launch_plan.h2_ok).
 
 A mixed 3/4-bit layer runs both widths in one launch (NSEG 2): its split-K programs are divided
 between the segments, each program compiled for both widths and taking one, and the split-K

@@ -1,6 +1,7 @@
-"""Launching the Triton kernels over the runtime layout of :mod:`misq.runtime.layout`: launch
-settings, split-K planning, and the dispatch :mod:`misq.runtime.linear`, the tests and
-benchmarks/decode_speed.py call. The kernels live in :mod:`misq.runtime.tile_kernel`,
+"""Launching the Triton kernels over the runtime layout of :mod:`misq.runtime.layout`, as
+:mod:`misq.runtime.launch_plan` plans them (paths, settings, split-K, which widths share a
+launch): the dispatch :mod:`misq.runtime.linear`, the tests and benchmarks/decode_speed.py call,
+and the split-K workspace. The kernels live in :mod:`misq.runtime.tile_kernel`,
 :mod:`misq.runtime.half2_kernel`, :mod:`misq.runtime.mma_kernel` and
 :mod:`misq.runtime.dequant_kernel` (their shared Triton helpers and the ``HAVE_TRITON`` probe in
 :mod:`misq.runtime.triton_common`); everything here that launches one needs Triton.
@@ -37,21 +38,19 @@ benchmarks/decode_speed.py call. The kernels live in :mod:`misq.runtime.tile_ker
   columns' original order, into a reused fp16 buffer [C, N] (``_segment_dequant``), and the
   caller runs one cuBLAS matmul on x as it is (no gather: the kernel scatters whole rows).
 * :func:`prefill_matmul` (prefill, one or two widths of at most 10 bits, no 16-bit columns:
-  :func:`prefill_ok`): ``_mma_mm`` over [BLOCK_M, BLOCK_N] output tiles of x gathered into the
+  launch_plan.prefill_ok): ``_mma_mm`` over [BLOCK_M, BLOCK_N] output tiles of x gathered into the
   kernel's order, each tile's weights dequantized on the fly (no weight buffer). Slower than
   dequantize + cuBLAS on an H200 at 512 and 2048 rows, so the layers' forward uses it only up to
-  ``PREFILL_FUSED_MAX_ROWS`` (0).
+  ``launch_plan.PREFILL_FUSED_MAX_ROWS`` (0).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from misq.runtime.half2_gather import X_LIMIT_LOG2
-from misq.runtime.half2_kernel import GROUP_COLS as H2_GROUP_COLS
+from misq.runtime.launch_plan import Config, Launch, config_for, mma_ok, plan_launches
 from misq.runtime.layout import Segment, block_cols, chunk_tiles, kernel_perm, pieces
 from misq.runtime.triton_common import HAVE_TRITON
 
@@ -65,11 +64,6 @@ if HAVE_TRITON:
     from misq.runtime.mma_kernel import _mma_mm
     from misq.runtime.tile_kernel import _decode_mm
 
-DECODE_MAX_ROWS = 16  # above this, prefill: prefill_matmul or dequantize + cuBLAS
-# prefill_matmul (tiles dequantized on the fly) up to this many rows, dequantize + cuBLAS above;
-# benchmarks/decode_speed.py's prefill section measures both: on an H200 the fused kernel was the
-# slower at 512 and 2048 rows on every 13B shape, so it is off by default
-PREFILL_FUSED_MAX_ROWS = 0
 # float32 bits of 2**23, passed to the CUDA-core kernel at run time: as a register, (w & mask) | magic
 # compiles to one LOP3 (two immediates cannot), about one instruction a weight fewer (sm_90 SASS)
 MAGIC_BITS = 0x4B000000
@@ -112,63 +106,6 @@ def gather_columns(x: Tensor, idx: Tensor) -> Tensor:
     return out
 
 
-@dataclass(frozen=True)
-class Config:
-    # "h2" (M = 1, 3 and 4 bits, groups of multiples of 128 columns: fp16 pairs), "fma" (M = 1
-    # only), "mma" (tensor cores, block tiles) or "dot" (per-tile dots, > 10 bits)
-    path: str
-    block_n: int
-    target_programs: int  # split-K deep enough for about this many programs
-    num_warps: int
-    num_stages: int = 1
-    block_m: int = 16  # mma: rows of x a program (prefill: 64 to 256)
-    # gather x first (one small kernel): mma, into the kernel's column order; fma (one-piece widths), as
-    # float32 times each slot's 2**-q (gather_kernel._gather_scaled), which saves the kernel a
-    # convert, a multiply and the index arithmetic per x value
-    pregather: bool = False
-
-
-# Launch settings: (bucket "m1" (M = 1) / "m16" (M = 2..16) / "pf" (prefill), bits, N, K) ->
-# Config, filled by benchmarks/decode_speed.py --tune results; anything else uses default_config.
-TUNED: dict[tuple[str, int, int, int], Config] = {}
-
-
-def bucket(M: int) -> str:
-    return "m1" if M == 1 else ("m16" if M <= DECODE_MAX_ROWS else "pf")
-
-
-def default_config(M: int, bits: int, N: int, K: int, mma: bool = True, h2: bool = True) -> Config:
-    """Settings benchmarks/decode_speed.py --tune picked (or came close to) on every 13B shape on an
-    H200 (BENCHMARKS.md). Many small programs: the loads of a block are one round trip, so the
-    memory system needs many warps per SM in flight. ``h2``: whether the segment can take the fp16
-    pairs kernel (:func:`h2_ok`; 3 and 4 bits at M = 1)."""
-    single = len(pieces(bits)) == 1
-    # fp16 pairs, x gathered first (gathering in each program was 4-8% slower on the 13B MLP shapes,
-    # 2-10% faster on 5120 x 5120); narrow programs (BLOCK_N 64): within 3% of the best of 15
-    # settings on every 13B shape at 4 bits; at 3 bits (and for a mixed 3/4 pair, which takes the
-    # 3-bit's), two blocks a program, pipelined: 14-17% faster than one on the MLP shapes, equal on
-    # 5120 x 5120 (BENCHMARKS.md, session 12)
-    if M == 1 and bits == 4 and h2:
-        return Config("h2", 64, 10 * 132, 2, 2, pregather=True)
-    if M == 1 and bits == 3 and h2:
-        return Config("h2", 64, 16 * 132, 4, 2, pregather=True)
-    if M == 1 and (single or not mma):  # one piece a code (4-bit): CUDA cores, x gathered first (1.1-1.15x faster)
-        return Config("fma", 64, 16 * 132, 4, pregather=single)
-    if not mma:  # over 10 bits
-        return Config("dot", 128, 16 * 132, 4)
-    if M <= DECODE_MAX_ROWS:  # x gathered in the kernel cost 2-3x at M = 16 (scattered 2-byte loads)
-        return Config("mma", 64, 16 * 132, 4, pregather=True)
-    # prefill: 256 rows of x a program; 128 for widths of several pieces (their words take shared memory)
-    return Config("mma", 128, 1, 8, 3, block_m=256 if single else 128)
-
-
-def config_for(M: int, bits: int, N: int, K: int) -> Config:
-    cfg = TUNED.get((bucket(M), bits, N, K))
-    if cfg is None or (cfg.path in ("fma", "h2") and M > 1) or (cfg.path != "mma" and M > DECODE_MAX_ROWS):
-        cfg = default_config(M, bits, N, K)
-    return cfg
-
-
 def _pieces_args(seg) -> tuple[list[Tensor], dict[str, int]]:
     ps = pieces(seg.bits)
     ptrs = [seg.words[p] for p in ps] + [seg.gidx] * (4 - len(ps))
@@ -199,36 +136,6 @@ def _workspace(device: torch.device, numel: int, slices: int) -> tuple[Tensor, T
     return ws, cnt
 
 
-@dataclass
-class _Launch:
-    segs: list  # one segment, or two for the mma and h2 paths
-    cfg: Config
-    n_nblk: int  # BLOCK_N slices of the output
-    split: int  # programs along K (grid axis 1)
-    bps: list[int]  # layout blocks per split program, per segment
-    # two segments: split programs of segment 1 (0, mma only: every program takes both)
-    off2: int = 0
-
-
-def _plan(segs: list, cfg: Config, rows: int, M: int) -> _Launch:
-    """Split-K so that about cfg.target_programs programs run (one tile of rows only). Two
-    segments split disjointly, each program taking about the same number of columns."""
-    n_nblk = triton.cdiv(rows, cfg.block_n)
-    nblks = [triton.cdiv(s.n, block_cols(s.bits)) for s in segs]
-    target = max(1, cfg.target_programs // n_nblk) if cfg.block_m >= M else 1
-    if target == 1:  # h2 programs take one segment each: two runs along K
-        two_h2 = cfg.path == "h2" and len(segs) == 2
-        return _Launch(segs, cfg, n_nblk, 1 + two_h2, nblks, int(two_h2))
-    if len(segs) == 1:
-        split = min(nblks[0], target)
-        bps = triton.cdiv(nblks[0], split)
-        return _Launch(segs, cfg, n_nblk, triton.cdiv(nblks[0], bps), [bps])
-    cols = triton.cdiv(sum(s.n for s in segs), target)  # per program
-    bps = [max(1, cols // block_cols(s.bits)) for s in segs]
-    splits = [triton.cdiv(nb, b) for nb, b in zip(nblks, bps, strict=True)]
-    return _Launch(segs, cfg, n_nblk, sum(splits), bps, splits[0])
-
-
 def _kbase(segments: list) -> list[int]:
     """Each segment's first position in layout.kernel_perm (the padded widths before it)."""
     out, pos = [], 0
@@ -238,14 +145,7 @@ def _kbase(segments: list) -> list[int]:
     return out
 
 
-def h2_ok(seg: Segment) -> bool:
-    """The fp16 pairs kernel (half2_kernel) takes 3- and 4-bit segments whose scale groups are
-    multiples of 128 columns, or one group."""
-    g = seg.group_len
-    return seg.bits in (3, 4) and (seg.scales.shape[0] == 1 or (g > 0 and g % H2_GROUP_COLS == 0))
-
-
-def _run_h2(launch: _Launch, x: Tensor, perm: Tensor, out: Tensor, ws: Tensor | None, cnt: Tensor | None,
+def _run_h2(launch: Launch, x: Tensor, perm: Tensor, out: Tensor, ws: Tensor | None, cnt: Tensor | None,
             bias: Tensor | None, mode: int) -> None:
     """One _decode_h2 launch over launch.segs (one or two segments; x [1, C], not gathered): x
     gathered first into fp16 pairs for all of them (cfg.pregather, one small kernel) or by each
@@ -269,11 +169,6 @@ def _run_h2(launch: _Launch, x: Tensor, perm: Tensor, out: Tensor, ws: Tensor | 
         num_stages=cfg.num_stages)
 
 
-def mma_ok(seg: Segment) -> bool:
-    """The tensor-core kernel's fp16 trick (0x6400 | code is 1024 + code) needs codes < 1024."""
-    return seg.bits <= 10
-
-
 def _seg_args(seg: Segment, x: Tensor, q: Tensor | None, bps: int) -> list:
     ptrs, _ = _pieces_args(seg)
     return [x, q if q is not None else seg.gidx, *ptrs, seg.scales, seg.zeros, seg.gidx, seg.n,
@@ -287,7 +182,7 @@ def _seg_consts(seg: Segment, i: int) -> dict[str, int]:
             f"TC{i}": chunk_tiles(seg.bits), f"EVEN{i}": seg.n % block_cols(seg.bits) == 0}
 
 
-def _run_mma(launch: _Launch, x: Tensor, xs: list[Tensor], qs: list, out: Tensor, ws: Tensor | None,
+def _run_mma(launch: Launch, x: Tensor, xs: list[Tensor], qs: list, out: Tensor, ws: Tensor | None,
              cnt: Tensor | None, bias: Tensor | None, mode: int, gather: bool) -> None:
     """One _mma_mm launch over launch.segs (x: the rows; xs / qs: each segment's x and kernel perm)."""
     cfg, segs = launch.cfg, launch.segs
@@ -302,28 +197,6 @@ def _run_mma(launch: _Launch, x: Tensor, xs: list[Tensor], qs: list, out: Tensor
                   *a1, *a2, **consts, NSEG=2 if two else 1, BM=cfg.block_m, BN=cfg.block_n,
                   GATHER=gather, MODE=mode, HAS_BIAS=bias is not None,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def plan_launches(segments: list, cfgs: list[Config], rows: int, M: int, pair_h2: bool = True) -> list[_Launch]:
-    """The launches of a layer's decode, in order: each segment's config (a path its width cannot
-    take replaced by the default that it can), with neighbours paired into one launch where the
-    path takes two: mma with a width of at most 10 bits, h2 with another h2 segment (unless
-    ``pair_h2`` is false). Changes ``cfgs`` in place."""
-    for i, s in enumerate(segments):
-        if cfgs[i].path == "mma" and not mma_ok(s):
-            cfgs[i] = default_config(M, s.bits, rows, s.n, mma=False)
-        if cfgs[i].path == "h2" and (M > 1 or not h2_ok(s)):
-            cfgs[i] = default_config(M, s.bits, rows, s.n, mma=mma_ok(s), h2=False)
-    launches, i = [], 0
-    while i < len(segments):
-        nxt = i + 1 < len(segments)
-        h2_pair = pair_h2 and nxt and cfgs[i].path == "h2" and cfgs[i + 1].path == "h2"
-        two = h2_pair or (nxt and cfgs[i].path == "mma" and mma_ok(segments[i + 1]))
-        # an h2 pair runs the settings with more warps (the 3-bit's): with two, a 3-bit program needs 255 registers
-        cfg = max(cfgs[i], cfgs[i + 1], key=lambda c: c.num_warps) if h2_pair else cfgs[i]
-        launches.append(_plan(segments[i:i + 1 + two], cfg, rows, M))
-        i += 1 + two
-    return launches
 
 
 def decode_matmul(x: Tensor, perm: Tensor, segments: list, rows: int, bias: Tensor | None = None,
@@ -381,16 +254,10 @@ def decode_matmul(x: Tensor, perm: Tensor, segments: list, rows: int, bias: Tens
     return out
 
 
-def prefill_ok(segments: list, has_fp: bool) -> bool:
-    """Whether :func:`prefill_matmul` takes the layer: one or two widths of at most 10 bits, no
-    16-bit columns."""
-    return not has_fp and 1 <= len(segments) <= 2 and all(mma_ok(s) for s in segments)
-
-
 def prefill_matmul(x: Tensor, kperm: Tensor, segments: list, rows: int, bias: Tensor | None = None,
                    config: Config | None = None) -> Tensor:
     """x fp16 [M, C] (not gathered), ``kperm`` = layout.kernel_perm(perm, segments), one or two
-    quantized segments covering every column (:func:`prefill_ok`) -> fp16 [M, rows] = x[:, perm]
+    quantized segments covering every column (launch_plan.prefill_ok) -> fp16 [M, rows] = x[:, perm]
     @ W^T (+ bias): x is gathered once into the kernel's column order, and each output tile's
     weights are dequantized on the fly into the tensor cores' operand (one launch, no split-K)."""
     M = x.shape[0]
@@ -398,7 +265,7 @@ def prefill_matmul(x: Tensor, kperm: Tensor, segments: list, rows: int, bias: Te
     cfg = config or config_for(M, bits, rows, x.shape[1])
     xq = gather_columns(x, kperm)
     out = torch.empty(M, rows, dtype=x.dtype, device=x.device)
-    lc = _Launch(segments, cfg, triton.cdiv(rows, cfg.block_n), 1,
+    lc = Launch(segments, cfg, triton.cdiv(rows, cfg.block_n), 1,
                  [triton.cdiv(s.n, block_cols(s.bits)) for s in segments], 0)
     _run_mma(lc, xq, [xq[:, b:] for b in _kbase(segments)], [None] * len(segments), out, None, None, bias, 0, False)
     return out

@@ -6,7 +6,7 @@ Forward, for x [..., C] -> y [..., R]:
   (:func:`misq.runtime.kernels.decode_matmul`: CUDA cores at M = 1 for one-piece widths, tensor
   cores otherwise; they write the fp16 output with the bias); more rows (prefill) dequantize
   the layer, in its columns' original order, into a per-device fp16 buffer shared by every layer
-  and call cuBLAS on x as it is, or, up to ``kernels.PREFILL_FUSED_MAX_ROWS`` rows (0 by default: it measured
+  and call cuBLAS on x as it is, or, up to ``launch_plan.PREFILL_FUSED_MAX_ROWS`` rows (0 by default: it measured
   slower), go through :func:`misq.runtime.kernels.prefill_matmul` (each output tile's weights
   dequantized on the fly) when the layer has one or two widths of at most 10 bits and no 16-bit
   columns.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from misq.checkpoint.packing import Pattern
-from misq.runtime import kernels
+from misq.runtime import kernels, launch_plan
 from misq.runtime.layout import Segment, build_segments, dequantize, kernel_perm
 from misq.runtime.triton_common import HAVE_TRITON
 
@@ -146,15 +146,15 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         R = self.out_features
         M = x2.shape[0]
-        if M <= kernels.DECODE_MAX_ROWS:  # one fused launch per width or two: gather, dot, bias, fp16
+        if M <= launch_plan.DECODE_MAX_ROWS:  # one fused launch per width or two: gather, dot, bias, fp16
             return self._decode(x2 if x2.stride(1) == 1 else x2.contiguous()).reshape(*shape[:-1], R)
-        if M <= kernels.PREFILL_FUSED_MAX_ROWS and self.fused_prefill_ok():
+        if M <= launch_plan.PREFILL_FUSED_MAX_ROWS and self.fused_prefill_ok():
             return self._prefill_fused(x2).reshape(*shape[:-1], R)
         return self._prefill_dequant(x2).reshape(*shape[:-1], R)
 
     def _decode(self, x2: Tensor, configs: list | None = None) -> Tensor:
         """x2 fp16 [M <= 16, C] (unit column stride) -> [M, R]: decode_matmul over the quantized
-        widths, the 16-bit columns' product added. ``configs``: one kernels.Config per segment
+        widths, the 16-bit columns' product added. ``configs``: one launch_plan.Config per segment
         (default: the tuned or default settings)."""
         extra = None
         if self.fp_cols is not None:
@@ -163,7 +163,7 @@ class PackedLinear(nn.Module):
                                      kperm=self.kperm)
 
     def fused_prefill_ok(self) -> bool:
-        return kernels.prefill_ok(self.segments, self.fp_cols is not None)
+        return launch_plan.prefill_ok(self.segments, self.fp_cols is not None)
 
     def _prefill_fused(self, x2: Tensor) -> Tensor:
         """x2 fp16 [M, C] on CUDA -> [M, R]: tiles of W dequantized on the fly (prefill_matmul)."""

@@ -15,7 +15,7 @@ layout.kernel_perm, since gathering 2-byte elements in the kernel cost 2-3x at M
 here through q, layout.kernel_perm's slice for the segment (GATHER true). Program (pid, s): output
 tile pid (BM rows fastest, then BN features); with two segments, split-K programs take about equal
 numbers of columns. MODE as :mod:`misq.runtime.tile_kernel`'s (split-K workspace). Codes must be
-under 1024: widths of at most 10 bits (kernels.mma_ok).
+under 1024: widths of at most 10 bits (launch_plan.mma_ok).
 """
 
 from __future__ import annotations

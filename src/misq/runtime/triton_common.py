@@ -17,7 +17,7 @@ operation. Shapes follow :mod:`misq.runtime.layout`: per piece of a width, int32
   tiles, bit for bit, two per 32-bit operation: a column and the one 16 T/2 columns on sit 16 bits
   apart in the same words, so one funnel shift and one mask per piece, OR 0x6400 makes fp16
   1024 + code, then one ``sub.f16x2`` of 1024 + zero and one ``mul.f16x2`` by the scale (codes
-  under 1024: widths of at most 10 bits, kernels.mma_ok). The tensor-core and dequantize kernels
+  under 1024: widths of at most 10 bits, launch_plan.mma_ok). The tensor-core and dequantize kernels
   use them.
 * ``MAGIC``: float32 bits of 2**23, for the exponent trick (``code | MAGIC`` is 2**23 + code as a
   float32) the per-tile and dequantize kernels turn codes into float32 with.
