@@ -102,7 +102,9 @@ def candidates(M: int, gather_only: bool = False) -> list:
         return [*(Config("h2", bn, t, w, st, pregather=True) for bn, t, w, st in
                   ((256, 1056, 4, 1), (128, 2112, 4, 1), (512, 2112, 4, 1), (256, 2112, 2, 1), (64, 2112, 2, 1),
                    (64, 4224, 4, 1), (64, 660, 2, 3), (128, 660, 4, 3), (128, 528, 2, 3), (256, 264, 4, 3),
-                   (64, 1320, 2, 2), (128, 1320, 4, 2))),
+                   (64, 1320, 2, 2), (128, 1320, 4, 2),
+                   # session 12's: two blocks a program pipelined (the 3-bit default), narrower programs
+                   (64, 2112, 4, 2), (32, 2112, 4, 2), (32, 4224, 2, 1), (32, 2640, 1, 2))),
                 Config("h2", 256, 1056, 4),
                 Config("mma", 64, 2112, 4, pregather=True), Config("fma", 64, 2112, 4, pregather=True)]
     if M <= 16:
