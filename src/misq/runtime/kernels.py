@@ -266,7 +266,7 @@ def prefill_matmul(x: Tensor, kperm: Tensor, segments: list, rows: int, bias: Te
     xq = gather_columns(x, kperm)
     out = torch.empty(M, rows, dtype=x.dtype, device=x.device)
     lc = Launch(segments, cfg, triton.cdiv(rows, cfg.block_n), 1,
-                 [triton.cdiv(s.n, block_cols(s.bits)) for s in segments], 0)
+                [triton.cdiv(s.n, block_cols(s.bits)) for s in segments], 0)
     _run_mma(lc, xq, [xq[:, b:] for b in _kbase(segments)], [None] * len(segments), out, None, None, bias, 0, False)
     return out
 
