@@ -156,7 +156,7 @@ def prewarm(jobs: list, workers: int) -> None:
 def tune(shapes: dict, batches: tuple, prefill_rows: tuple, gather_only: bool = False) -> dict:
     """Time the candidate launch settings per (batch bucket, bits, N, K) on the dense 3/4-bit g128
     layers (at the largest batch of each bucket, prefill at its smallest M) and keep the best in
-    launch_plan.TUNED (mixed 3/4 layers take the 3-bit setting: their first segment's)."""
+    launch_plan.TUNED (a mixed 3/4 layer's paired launch runs the 3-bit setting: the one with more warps)."""
     from misq.runtime import launch_plan
 
     out = {}
