@@ -124,10 +124,10 @@ def test_llama_shaped_layer(widths):
     for rows in (1, 4, 16, 200):
         _check(lin, dense, rows, lin)
     _check(lin, dense, 300, lin._prefill_fused, calls=1)
-    from misq.runtime import kernels
+    from misq.runtime.decode_plan import decode_matmul
 
     for cfg in (Config("mma", 64, 1056, 4), Config("mma", 128, 1056, 8, pregather=True)):
-        _check(lin, dense, 8, lambda x, cfg=cfg: kernels.decode_matmul(
+        _check(lin, dense, 8, lambda x, cfg=cfg: decode_matmul(
             x, lin.perm, lin.segments, 640, None, None, configs=[cfg] * len(lin.segments), kperm=lin.kperm))
 
 

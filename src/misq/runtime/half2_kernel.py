@@ -1,5 +1,5 @@
 """``_decode_h2``: the batch-1 decode kernel for 3- and 4-bit segments on the CUDA cores' packed
-fp16 pipes, two weights an instruction, for :func:`misq.runtime.kernels.decode_matmul`'s ``h2`` path.
+fp16 pipes, two weights an instruction, for :func:`misq.runtime.decode_plan.decode_matmul`'s ``h2`` path.
 
 Why: the float32 kernel (tile_kernel, ``fma``) issues about 5.3 instructions a weight and is
 bound by instruction issue on an H200 (ncu, BENCHMARKS.md session 9), far from the memory floor.

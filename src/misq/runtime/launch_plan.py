@@ -44,9 +44,39 @@ class Config:
     pregather: bool = False
 
 
+class _Settings(dict):
+    """A dict that counts its changes (``version``): layers keep their launches bound to the
+    settings they were planned with (decode_plan) and plan again when the version moves."""
+
+    version = 0
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def pop(self, *args):
+        self._changed()
+        return super().pop(*args)
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
+
+
 # Launch settings: (bucket "m1" (M = 1) / "m16" (M = 2..16) / "pf" (prefill), bits, N, K) ->
 # Config, filled by benchmarks/decode_speed.py --tune results; anything else uses default_config.
-TUNED: dict[tuple[str, int, int, int], Config] = {}
+TUNED: _Settings = _Settings()
 
 
 def bucket(M: int) -> str:
@@ -132,7 +162,7 @@ def mma_ok(seg: Segment) -> bool:
 
 
 def prefill_ok(segments: list, has_fp: bool) -> bool:
-    """Whether kernels.prefill_matmul takes the layer: one or two widths of at most 10 bits, no
+    """Whether decode_plan.prefill_matmul takes the layer: one or two widths of at most 10 bits, no
     16-bit columns."""
     return not has_fp and 1 <= len(segments) <= 2 and all(mma_ok(s) for s in segments)
 

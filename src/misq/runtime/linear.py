@@ -3,11 +3,11 @@
 Forward, for x [..., C] -> y [..., R]:
 
 * CUDA, fp16, Triton present: M <= 16 rows go through the decode kernels
-  (:func:`misq.runtime.kernels.decode_matmul`: CUDA cores at M = 1 for one-piece widths, tensor
+  (:func:`misq.runtime.decode_plan.decode_matmul`: CUDA cores at M = 1 for one-piece widths, tensor
   cores otherwise; they write the fp16 output with the bias); more rows (prefill) dequantize
   the layer, in its columns' original order, into a per-device fp16 buffer shared by every layer
   and call cuBLAS on x as it is, or, up to ``launch_plan.PREFILL_FUSED_MAX_ROWS`` rows (0 by default: it measured
-  slower), go through :func:`misq.runtime.kernels.prefill_matmul` (each output tile's weights
+  slower), go through :func:`misq.runtime.decode_plan.prefill_matmul` (each output tile's weights
   dequantized on the fly) when the layer has one or two widths of at most 10 bits and no 16-bit
   columns.
 * otherwise (CPU, other dtypes, no Triton): dequantize this one layer to a temporary dense
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from misq.checkpoint.packing import Pattern
 from misq.runtime import kernels, launch_plan
+from misq.runtime.decode_plan import DecodePlan, prefill_matmul
 from misq.runtime.layout import Segment, build_segments, dequantize, kernel_perm
 from misq.runtime.triton_common import HAVE_TRITON
 
@@ -89,6 +90,9 @@ class PackedLinear(nn.Module):
         self.fp_start = sum(s.n for s in segments)
         self.register_buffer("fp_cols", fp_cols)
         self.register_buffer("bias", bias)
+        # the kernels' launches, bound to this layer's buffers (decode_plan, kernels.dequantizer):
+        # made at the first call of each kind, dropped whenever a buffer is moved or replaced
+        self._plans: dict[Any, Any] = {}
         self._register()
 
     def _register(self) -> None:
@@ -96,9 +100,22 @@ class PackedLinear(nn.Module):
         self._handle = id(self)
         _LAYERS[self._handle] = self
 
+    def __getstate__(self) -> dict[str, Any]:  # bound launches hold this layer's addresses: never copied
+        return {k: v for k, v in self.__dict__.items() if k != "_plans"}
+
     def __setstate__(self, state: dict[str, Any]) -> None:  # copies (copy.deepcopy) get their own handle
         super().__setstate__(state)
+        self._plans = {}
         self._register()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("_buffers", ()):  # a buffer replaced: launches bound to the old one go
+            self.__dict__["_plans"] = {}
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half() ... replace the buffers
+        self._plans = {}
+        return super()._apply(fn, *args, **kwargs)
 
     @classmethod
     def from_file(cls, tensors: dict[str, Tensor], meta: dict[str, Any], pattern: str | Pattern,
@@ -153,31 +170,50 @@ class PackedLinear(nn.Module):
         return self._prefill_dequant(x2).reshape(*shape[:-1], R)
 
     def _decode(self, x2: Tensor, configs: list | None = None) -> Tensor:
-        """x2 fp16 [M <= 16, C] (unit column stride) -> [M, R]: decode_matmul over the quantized
-        widths, the 16-bit columns' product added. ``configs``: one launch_plan.Config per segment
-        (default: the tuned or default settings)."""
+        """x2 fp16 [M <= 16, C] (unit column stride) -> [M, R]: the layer's DecodePlan for M's
+        bucket (M = 1, or 2..16), the 16-bit columns' product added. ``configs``: one
+        launch_plan.Config per segment (default: the tuned or default settings)."""
+        plan = self.decode_plan(x2.shape[0], configs)
         extra = None
         if self.fp_cols is not None:
             extra = (kernels.gather_columns(x2, self.perm[self.fp_start:]) @ self.fp_cols.to(x2.dtype).t()).float()
-        return kernels.decode_matmul(x2, self.perm, self.segments, self.out_features, self.bias, extra, configs=configs,
-                                     kperm=self.kperm)
+        return plan(x2, extra)
+
+    def decode_plan(self, M: int, configs: list | None = None) -> DecodePlan:
+        """This layer's bound launches for M (<= 16) rows: one plan per bucket (M = 1, 2..16) and
+        launch settings (``configs``, or the tuned table's state)."""
+        key = (M == 1, launch_plan.TUNED.version if configs is None else tuple(configs))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = DecodePlan(self.perm, self.segments, self.out_features, M, self.bias,
+                                                 self.fp_cols is not None, configs, self.kperm)
+        return plan
 
     def fused_prefill_ok(self) -> bool:
         return launch_plan.prefill_ok(self.segments, self.fp_cols is not None)
 
     def _prefill_fused(self, x2: Tensor) -> Tensor:
         """x2 fp16 [M, C] on CUDA -> [M, R]: tiles of W dequantized on the fly (prefill_matmul)."""
-        return kernels.prefill_matmul(x2, self.kperm, self.segments, self.out_features, self.bias)
+        return prefill_matmul(x2, self.kperm, self.segments, self.out_features, self.bias)
 
     def _prefill_dequant(self, x2: Tensor) -> Tensor:
         """x2 fp16 [M, C] on CUDA -> [M, R]: the layer dequantized into the shared buffer in its
-        columns' original order, one cuBLAS matmul (bias included). Few launches: on an H200 the
-        host's launch time, not the GPU's, set prefill's pace (BENCHMARKS.md, session 12)."""
+        columns' original order, one cuBLAS matmul (bias included). Few launches, bound once: on
+        an H200 the host's launch time, not the GPU's, set prefill's pace at a few hundred rows
+        (BENCHMARKS.md, sessions 12-13)."""
         R = self.out_features
+        key = ("prefill", kernels.DEQUANT_CONFIG)  # the settings it was bound with (benchmarks change them)
+        plan = self._plans.get(key)
+        if plan is None:
+            fp = None
+            if self.fp_cols is not None:  # 16-bit columns: written into their rows after the kernels'
+                fp = (self.perm[self.fp_start:].long(), self.fp_cols.t().to(x2.dtype))
+            plan = self._plans[key] = (kernels.dequantizer(self.perm, self.segments, R), fp)
+        dequantize, fp = plan
         wt = _buffer(x2.device, self.in_features * R).view(self.in_features, R)
-        kernels.dequantize_into(wt, self.perm, self.segments, R)
-        if self.fp_cols is not None:
-            wt[self.perm[self.fp_start:].long()] = self.fp_cols.t().to(wt.dtype)
+        dequantize(wt)
+        if fp is not None:
+            wt[fp[0]] = fp[1]
         if self.bias is not None:
             return torch.addmm(self.bias.to(x2.dtype), x2, wt)
         return x2 @ wt

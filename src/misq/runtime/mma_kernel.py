@@ -1,6 +1,6 @@
-"""``_mma_mm``: the tensor-core kernel, for :func:`misq.runtime.kernels.decode_matmul`'s ``mma``
+"""``_mma_mm``: the tensor-core kernel, for :func:`misq.runtime.decode_plan.decode_matmul`'s ``mma``
 path (M = 2..16 rows padded to BM = 16, and M = 1 for widths of several pieces) and for
-:func:`misq.runtime.kernels.prefill_matmul` (BM = 64 to 256 rows a program).
+:func:`misq.runtime.decode_plan.prefill_matmul` (BM = 64 to 256 rows a program).
 
 One launch covers one or two segments (widths): y [M, N] = x @ W^T, W never written to memory.
 Per layout block a program loads all of its word rows (per piece [16, BN, H]); per chunk of TC

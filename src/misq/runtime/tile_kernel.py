@@ -1,5 +1,5 @@
 """``_decode_mm``: the decode kernel that walks each layout block one tile of 16 columns at a time,
-for :func:`misq.runtime.kernels.decode_matmul`'s ``fma`` and ``dot`` paths.
+for :func:`misq.runtime.decode_plan.decode_matmul`'s ``fma`` and ``dot`` paths.
 
 One launch covers one segment (width) of a layer: y [M, N] = x[:, perm][:, segment] @ W^T, x fp16
 [M, C] gathered through ``perm`` in the kernel (rows stride_xm apart), W's codes read from the

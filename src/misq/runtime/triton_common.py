@@ -12,7 +12,7 @@ operation. Shapes follow :mod:`misq.runtime.layout`: per piece of a width, int32
 * ``load_pieces``: every kernel loads a block's code pieces through it (int32 [16, BLOCK_N] word
   rows of one tile run, or all of a block's rows, [16, BLOCK_N, H]). A width has one to four pieces
   (layout.pieces: PA >= PB >= PC >= PD bits, 0 for a piece it does not have); pointers for absent
-  pieces get a dummy tensor (kernels._pieces_args) and the constexpr piece widths prune their code.
+  pieces get a dummy tensor (kernels.pieces_args) and the constexpr piece widths prune their code.
 * ``pk_halves`` / ``pk_scales``: the weights ``(code - zero) * scale`` of a chunk of up to 8
   tiles, bit for bit, two per 32-bit operation: a column and the one 16 T/2 columns on sit 16 bits
   apart in the same words, so one funnel shift and one mask per piece, OR 0x6400 makes fp16
