@@ -8,8 +8,8 @@ M = 512 and 2048 rows by default): the same linears through the fused tensor-cor
 dequantized on the fly) and through dequantize + cuBLAS, against fp16 cuBLAS. Then end-to-end
 greedy decode tokens/s of a 13B-shaped LLaMA (--layers decoder layers, random weights) in fp16
 and packed, in the same static-cache loop, one decode step replayed as a CUDA graph (--compile:
-both models compiled first). --prefill-model M,...: the same model's prompt forward of M tokens,
-eager and host time included, fp16 against packed.
+both models compiled first). --prefill-model M,...: the same model's prompt forward of M tokens
+and its greedy decode without a CUDA graph, eager, host time included, fp16 against packed.
 
     PYTHONPATH=src python3 benchmarks/decode_speed.py --skip-e2e --workers 16 --out decode.json
 
@@ -20,6 +20,7 @@ rows use launch_plan.default_config, as the runtime does.)
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -216,7 +217,7 @@ def gathers(shapes: dict, batches: tuple) -> list[dict]:
 
 
 def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple = (1, 16)) -> list[dict]:
-    from misq.runtime.kernels import decode_matmul
+    from misq.runtime.decode_plan import decode_matmul
 
     rows_out = []
     for shape_name, (R, C) in shapes.items():
@@ -292,9 +293,9 @@ def prefill(shapes: dict, formats: list, rows: tuple, dequant_configs: tuple = (
     return out
 
 
-def decode_tps(model, steps: int = 64, prompt: int = 16) -> tuple[float, str]:
+def decode_tps(model, steps: int = 64, prompt: int = 16, graph: bool = True) -> tuple[float, str]:
     """(tokens/s of greedy decode, how): static KV cache, the decode step as a CUDA graph
-    (eager if capture fails)."""
+    (eager if capture fails, or if ``graph`` is false)."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
@@ -309,6 +310,8 @@ def decode_tps(model, steps: int = 64, prompt: int = 16) -> tuple[float, str]:
 
         how = "cuda_graph"
         try:
+            if not graph:
+                raise RuntimeError("eager asked for")
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -320,7 +323,8 @@ def decode_tps(model, steps: int = 64, prompt: int = 16) -> tuple[float, str]:
                 out = step()
             run = graph.replay
         except RuntimeError as err:
-            print("CUDA graph capture failed, timing eager:", str(err).splitlines()[0])
+            if graph:
+                print("CUDA graph capture failed, timing eager:", str(err).splitlines()[0])
             how, out = "eager", None
             torch.cuda.synchronize()
 
@@ -373,37 +377,51 @@ def _model_13b(layers: int):
         return LlamaForCausalLM(cfg).half().eval()
 
 
-def prefill_model(layers: int, rows: tuple) -> list[dict]:
-    """Prefill of a 13B-shaped model (``layers`` decoder layers, random weights): one forward of M
-    tokens, no cache, eager (as transformers runs a prompt), CUDA-event timed (median of 10),
-    fp16 against packed. Unlike the per-linear prefill rows (CUDA-graph timed, so without the
-    host's launch time), this includes what the host spends launching each layer's kernels."""
-    model = _model_13b(layers)
+def prefill_model(layers: int, rows: tuple, rounds: int = 5) -> list[dict]:
+    """Host-bound runs of a 13B-shaped model (``layers`` decoder layers, random weights), fp16
+    against packed: a prompt's forward of M tokens, no cache, eager (as transformers runs a
+    prompt; CUDA-event timed), and greedy decode with a static cache, eager (no CUDA graph).
+    Unlike the per-linear prefill rows (CUDA-graph timed, so without the host's launch time),
+    these include what the host spends launching each layer's kernels. The host's pace drifts
+    within a run, so the two models take turns (``rounds`` of 3 forwards each) and each side's
+    median counts."""
+    fp16 = _model_13b(layers)
+    model = copy.deepcopy(fp16)
 
-    def ms(M: int) -> float:
+    def ms(m, M: int) -> list[float]:
         ids = torch.randint(0, 32000, (1, M), device="cuda")
         times = []
         with torch.no_grad():
-            for i in range(13):
+            for _ in range(3):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
-                model(ids, use_cache=False)
+                m(ids, use_cache=False)
                 b.record()
                 torch.cuda.synchronize()
-                if i >= 3:
-                    times.append(a.elapsed_time(b))
-        return sorted(times)[len(times) // 2]
+                times.append(a.elapsed_time(b))
+        return times
+
+    def median(v: list[float]) -> float:
+        return sorted(v)[len(v) // 2]
 
     out = []
-    fp16 = {M: ms(M) for M in rows}
     for fmt in ("4bit_g128", "3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128"):
         pack_model(model, fmt)
         for M in rows:
-            packed = ms(M)
-            r = {"model": f"13B-shaped, {layers} layers", "format": fmt, "rows": M, "fp16_ms": fp16[M],
-                 "packed_ms": packed, "slowdown_vs_fp16": packed / fp16[M]}
+            ms(fp16, M), ms(model, M)  # warm-up
+            f, p = [], []
+            for _ in range(rounds):
+                f += ms(fp16, M)
+                p += ms(model, M)
+            r = {"model": f"13B-shaped, {layers} layers", "format": fmt, "rows": M, "fp16_ms": median(f),
+                 "packed_ms": median(p), "slowdown_vs_fp16": median(p) / median(f)}
             print(json.dumps(r), flush=True)
             out.append(r)
+        tf, tp = decode_tps(fp16, graph=False)[0], decode_tps(model, graph=False)[0]
+        r = {"model": f"13B-shaped, {layers} layers", "format": fmt, "eager_decode": True, "fp16_tok_s": tf,
+             "packed_tok_s": tp, "speedup_vs_fp16": tp / tf}
+        print(json.dumps(r), flush=True)
+        out.append(r)
     return out
 
 
