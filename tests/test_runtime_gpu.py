@@ -72,12 +72,12 @@ def test_maskless_unstructured_layer(widths, rows):
 @pytest.mark.parametrize("widths,groupsize,pattern", CASES)
 @pytest.mark.parametrize("rows,cfg", [
     (1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"), (1, "fma_pregather"),
-    (1, "h2"), (1, "h2_nosplit"), (1, "h2_wide"), (1, "h2_fused"), (1, "h2_fused_nosplit"),
+    (1, "h2"), (1, "h2_nosplit"), (1, "h2_wide"), (1, "h2_fused"), (1, "h2_fused_nosplit"), (1, "h2_pdl"),
 ])
 def test_decode_paths(widths, groupsize, pattern, rows, cfg):
     """Every decode path and launch shape: CUDA cores at M = 1, tensor cores with x gathered in the
     kernel or before it (for the CUDA cores: float32, pre-scaled), deep split-K (workspace), the
-    previous per-tile dot path."""
+    previous per-tile dot path, the h2 kernel as its gather's programmatic dependent."""
     from misq.runtime.launch_plan import Config
 
     config = {"fma": Config("fma", 64, 2112, 4), "mma": Config("mma", 32, 64, 4),
@@ -85,9 +85,31 @@ def test_decode_paths(widths, groupsize, pattern, rows, cfg):
               "dot": Config("dot", 128, 2112, 4), "fma_pregather": Config("fma", 64, 2112, 4, pregather=True),
               "h2": Config("h2", 128, 2112, 4, pregather=True), "h2_nosplit": Config("h2", 64, 1, 4, pregather=True),
               "h2_wide": Config("h2", 512, 1056, 4, pregather=True), "h2_fused": Config("h2", 256, 2112, 4),
-              "h2_fused_nosplit": Config("h2", 64, 1, 4)}[cfg]
+              "h2_fused_nosplit": Config("h2", 64, 1, 4), "h2_pdl": Config("h2", 64, 1320, 2, 2, pregather=True, pdl=True)}[cfg]
     lin, dense = _layer(widths, groupsize, pattern, rows)
     _check(lin, dense, rows, lambda x: lin._decode(x, [config] * len(lin.segments)), bias=rows == 5)
+
+
+@pytest.mark.parametrize("widths", [(4,), (3, 4)])
+def test_bound_launches_in_a_cuda_graph(widths):
+    """A layer's bound launches (fast_launch: the compiled kernels' launchers called directly, the
+    h2 kernel also as a programmatic dependent) captured in a CUDA graph and replayed on new x."""
+    from misq.runtime.launch_plan import Config
+
+    lin, dense = _layer(widths, 128, "dense", 1)
+    x = torch.zeros(1, lin.in_features, device="cuda", dtype=torch.float16)
+    W = dense.cuda().double()
+    for cfgs in (None, [Config("h2", 64, 1320, 2, 2, pregather=True, pdl=True)] * len(widths)):
+        lin._decode(x, cfgs)  # plan made and kernels compiled outside the capture
+        lin._decode(x, cfgs)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = lin._decode(x, cfgs)
+        for seed in range(3):
+            x.copy_(torch.randn(1, lin.in_features, generator=torch.Generator().manual_seed(seed)).half())
+            graph.replay()
+            ref = x.double() @ W.t()
+            assert ((y.double() - ref).abs() / fp16_tolerance(x, W, ref)).max().item() <= 1.0
 
 
 @pytest.mark.parametrize("widths,pattern", [((4,), "dense"), ((4,), "unstructured"), ((3,), "dense")])

@@ -38,6 +38,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch (griddepcontrol) needs an NVIDIA GPU of compute capability 9+."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _sinks(out_slot: Slot, ws: Tensor | None, cnt: Tensor | None, bias: Tensor | None, dummy: Tensor) -> list:
     """The kernels' (ws, cnt, bias) arguments: the split-K workspace and counters, or stand-ins
     the kernel never touches (MODE 0, no bias)."""
@@ -56,14 +61,22 @@ class _H2Step:
         self.nblks = [_cdiv(s.n, block_cols(s.bits)) for s in segs]
         self.pair_cols = [n * block_cols(s.bits) // 2 for n, s in zip(self.nblks, segs, strict=True)]
         self.pregather, two = cfg.pregather, len(segs) == 2
-        widths = dict(BITS1=segs[0].bits, BITS2=segs[-1].bits, NSEG=len(segs), LIMIT_LOG2=X_LIMIT_LOG2)
-        if self.pregather:  # slots 2 + 2k, 3 + 2k: segment k's pairs int32 and block scales float32
-            gsegs = [[q, Slot(2 + 2 * k), Slot(3 + 2 * k), s.n] for k, (q, s) in enumerate(zip(qs, segs, strict=True))]
+        pdl = cfg.pdl and cfg.pregather and _pdl_ok(perm.device)
+        widths = dict(BITS1=segs[0].bits, BITS2=segs[-1].bits, NSEG=len(segs), LIMIT_LOG2=X_LIMIT_LOG2, PDL=pdl)
+        # x's pairs and block scales, all segments', in one int32 scratch (slot 2; slot 3: the same
+        # memory as float32), each part starting 16 bytes aligned: one allocation a call
+        offs, self.scratch = [], 0
+        for n, pc in zip(self.nblks, self.pair_cols, strict=True):
+            offs.append((self.scratch, self.scratch + pc))
+            self.scratch += pc + _cdiv(n, 4) * 4
+        xpairs = [(Slot(2, a), Slot(3, b)) for a, b in offs]
+        if self.pregather:
+            gsegs = [[q, *xpairs[k], s.n] for k, (q, s) in enumerate(zip(qs, segs, strict=True))]
             self.gather = BoundLaunch(_gather_pairs, (sum(self.nblks),), [X, self.nblks[0], *gsegs[0], *gsegs[-1]],
                                       widths)
         args = []
         for k, (seg, q, nblk, bps) in enumerate(zip(segs, qs, self.nblks, lc.bps, strict=True)):
-            xp, xs = (Slot(2 + 2 * k), Slot(3 + 2 * k)) if self.pregather else (q, X)
+            xp, xs = xpairs[k] if self.pregather else (q, X)
             group_cols = nblk * block_cols(seg.bits) if seg.scales.shape[0] == 1 else seg.group_len
             words = [seg.words[p] for p in pieces(seg.bits)]
             args.append([xp, xs, q, words[0], words[-1], seg.scales, seg.zeros, seg.n, nblk, group_cols,
@@ -72,16 +85,14 @@ class _H2Step:
             _decode_h2, (lc.n_nblk, lc.split),
             [X, OUT, *sinks, rows, rows, lc.off2 if two else lc.split, *args[0], *args[-1]],
             dict(widths, BN=cfg.block_n, MODE=mode, HAS_BIAS=bias, FUSED=not cfg.pregather),
-            cfg.num_warps, cfg.num_stages)
+            cfg.num_warps, cfg.num_stages, launch_pdl=pdl)
 
     def __call__(self, x: Tensor, out: Tensor, scratch: dict) -> None:
         if not self.pregather:
             self.decode(x, out)
             return
-        bufs = []
-        for n, pc in zip(self.nblks, self.pair_cols, strict=True):
-            bufs += [torch.empty(pc, dtype=torch.int32, device=x.device),
-                     torch.empty(n, dtype=torch.float32, device=x.device)]
+        buf = torch.empty(self.scratch, dtype=torch.int32, device=x.device)
+        bufs = (buf, buf.view(torch.float32))
         self.gather(x, out, *bufs)
         self.decode(x, out, *bufs)
 

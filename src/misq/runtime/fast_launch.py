@@ -71,11 +71,11 @@ class BoundLaunch:
     """``fn[grid](*args, **consts, num_warps=..., num_stages=...)`` with every argument but the
     :class:`Slot` ones fixed. ``args``: the kernel's leading (non-constexpr) arguments in order;
     ``consts``: every other parameter by name (the constexprs); ``num_warps`` / ``num_stages``:
-    Triton's defaults when None. Calling it with the slots' values
-    launches the kernel on the current stream."""
+    Triton's defaults when None; ``launch_pdl``: launched as a programmatic dependent launch.
+    Calling it with the slots' values launches the kernel on the current stream."""
 
     def __init__(self, fn: Any, grid: tuple[int, ...], args: Sequence[Any], consts: dict[str, Any],
-                 num_warps: int | None = None, num_stages: int | None = None):
+                 num_warps: int | None = None, num_stages: int | None = None, launch_pdl: bool = False):
         names = list(fn.arg_names)
         missing = [n for n in names[len(args):] if n not in consts]
         if missing or len(args) + len(consts) != len(names):
@@ -84,7 +84,10 @@ class BoundLaunch:
         self.args, self.consts = list(args), consts
         # Triton's defaults where not given, as a plain launch would have them
         self.options = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
+        if launch_pdl:  # a programmatic dependent of the kernel before it (Hopper): it may start early
+            self.options["launch_pdl"] = True
         self.slots = [(i, a) for i, a in enumerate(self.args) if isinstance(a, Slot)]
+        self._slots = [(i, a.index, a.offset) for i, a in self.slots]
         # the launcher's argument list: pointers of fixed tensors as integers, constexprs in place
         self._template = [a.data_ptr() if isinstance(a, Tensor) else a for a in self.args]
         self._template += [consts[n] for n in names[len(args):]]
@@ -98,24 +101,23 @@ class BoundLaunch:
             self._jit_launch(values, (), self._grid(grid))
             return
         device = driver.active.get_current_device()
-        key, given = [device], []
-        for _, s in self.slots:
-            v = values[s.index]
+        full = self._template.copy()
+        key = [device]
+        for i, index, offset in self._slots:
+            v = values[index]
             if isinstance(v, Tensor):  # what Triton specializes on: the dtype, the address's alignment
-                ptr = v.data_ptr() + s.offset * v.element_size()
-                key.append((v.dtype, ptr % 16 == 0))
-                given.append(ptr)
+                ptr = v.data_ptr() + offset * v.element_size() if offset else v.data_ptr()
+                key += (v.dtype, ptr & 15 == 0)
+                full[i] = ptr
             else:
                 key.append(_key(v))
-                given.append(v)
-        kernel = self._compiled.get(tuple(key))
+                full[i] = v
+        key = tuple(key)
+        kernel = self._compiled.get(key)
         if kernel is None or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
-            self._jit_launch(values, tuple(key), self._grid(grid))
+            self._jit_launch(values, key, self._grid(grid))
             return
-        full = self._template.copy()
-        for (i, _), v in zip(self.slots, given, strict=True):
-            full[i] = v
-        g0, g1, g2 = self._grid(grid)
+        g0, g1, g2 = self.grid if grid is None else self._grid(grid)
         kernel.run(g0, g1, g2, driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata,
                    None, None, None, *full)
 

@@ -92,6 +92,7 @@ def _ptx_pairs3() -> str:
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_wait
 
     from misq.runtime.half2_gather import _coop_pairs3, _coop_pairs4, _xpair
     from misq.runtime.triton_common import write_out
@@ -294,7 +295,8 @@ if HAVE_TRITON:
                    xp1, xs1, q1, wa1, wb1, s1, z1, n1, nblk1, gc1, ng1, bps1,
                    xp2, xs2, q2, wa2, wb2, s2, z2, n2, nblk2, gc2, ng2, bps2,
                    BITS1: tl.constexpr, BITS2: tl.constexpr, NSEG: tl.constexpr, BN: tl.constexpr,
-                   MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr):
+                   MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr,
+                   PDL: tl.constexpr = False):
         """y [1, N] (+)= x @ W^T over one or two 3- or 4-bit segments (a mixed-width layer's two
         widths in one launch). Per segment: x as pregathered pairs xp and block scales xs
         (half2_gather._gather_pairs), or (FUSED) gathered here, each program for its own blocks,
@@ -303,7 +305,10 @@ if HAVE_TRITON:
         ng groups of gc columns (a multiple of 128); nblk layout blocks, bps a split. Program
         (pid_n, pid_s): BN output features; split-K run pid_s of segment 1 below split1, run
         pid_s - split1 of segment 2 from there. MODE as tile_kernel's (the split-K workspace and
-        its counter span both segments' programs)."""
+        its counter span both segments' programs). PDL: launched as the x gather's programmatic
+        dependent, so its programs may start before the gather is done: they wait for it here."""
+        if PDL:
+            gdc_wait()
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BN + tl.arange(0, BN)

@@ -17,7 +17,9 @@ workspace and the arguments the kernels share. The kernels live in :mod:`misq.ru
     float32 add (about 2.2-3.5 instructions a weight against 5.3); x is gathered first into
     fp16 pairs, each layout block scaled by a power of two so the sums stay finite (``pregather``,
     one small kernel; else each program gathers its own blocks: faster on 5120 x 5120 layers,
-    slower on the MLP shapes); a mixed 3/4 layer's two widths share one gather and one launch;
+    slower on the MLP shapes; on Hopper the kernel is the gather's programmatic dependent, its
+    programs starting while the gather finishes); a mixed 3/4 layer's two widths share one
+    gather and one launch;
   - ``fma`` (``_decode_mm``, CUDA cores, M = 1, the default for other one-piece widths such as 2
     and 8 bits): x gathered first as float32 times each slot's 2**-q (``pregather``, one small kernel;
     else through ``perm`` in the kernel); codes become float32 through the exponent trick and

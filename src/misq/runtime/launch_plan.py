@@ -25,6 +25,10 @@ DECODE_MAX_ROWS = 16  # above this, prefill: prefill_matmul or dequantize + cuBL
 # benchmarks/decode_speed.py's prefill section measures both: on an H200 the fused kernel was the
 # slower at 512 and 2048 rows on every 13B shape, so it is off by default
 PREFILL_FUSED_MAX_ROWS = 0
+# the batch-1 h2 kernel launched as its x gather's programmatic dependent (Config.pdl; Hopper and
+# later, elsewhere ignored): 2-5% faster on every 13B shape and format on an H200, 2-3% end to end
+# (BENCHMARKS.md, session 13)
+H2_PDL = True
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class Config:
     # float32 times each slot's 2**-q (gather_kernel._gather_scaled), which saves the kernel a
     # convert, a multiply and the index arithmetic per x value
     pregather: bool = False
+    # h2 with pregather: the kernel launched as the gather's programmatic dependent (Hopper's
+    # programmatic dependent launch): its programs start while the gather finishes and wait for it
+    pdl: bool = False
 
 
 class _Settings(dict):
@@ -96,9 +103,9 @@ def default_config(M: int, bits: int, N: int, K: int, mma: bool = True, h2: bool
     # 3-bit's), two blocks a program, pipelined: 14-17% faster than one on the MLP shapes, equal on
     # 5120 x 5120 (BENCHMARKS.md, session 12)
     if M == 1 and bits == 4 and h2:
-        return Config("h2", 64, 10 * 132, 2, 2, pregather=True)
+        return Config("h2", 64, 10 * 132, 2, 2, pregather=True, pdl=H2_PDL)
     if M == 1 and bits == 3 and h2:
-        return Config("h2", 64, 16 * 132, 4, 2, pregather=True)
+        return Config("h2", 64, 16 * 132, 4, 2, pregather=True, pdl=H2_PDL)
     if M == 1 and (single or not mma):  # one piece a code (4-bit): CUDA cores, x gathered first (1.1-1.15x faster)
         return Config("fma", 64, 16 * 132, 4, pregather=single)
     if not mma:  # over 10 bits

@@ -13,6 +13,11 @@ Forward, for x [..., C] -> y [..., R]:
 * otherwise (CPU, other dtypes, no Triton): dequantize this one layer to a temporary dense
   weight and call ``F.linear``, so peak memory is the packed model plus one layer.
 
+On CUDA each layer binds its kernels' launches once (:class:`misq.runtime.decode_plan.DecodePlan`
+per row bucket, :func:`misq.runtime.kernels.dequantizer` for prefill; :mod:`misq.runtime.fast_launch`),
+so a call passes only what changes: a prompt of a few hundred tokens was otherwise as slow as
+the host's launches (BENCHMARKS.md, session 13).
+
 The tensor-core kernel, the dequantize path and the CPU path use the weights
 :func:`misq.checkpoint.layer_format.decode_layer` produces, bit for bit (outputs differ from the
 dense model's by summation order); the M = 1 CUDA-core kernels scale each group's dot product in
