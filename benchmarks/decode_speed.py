@@ -216,8 +216,17 @@ def gathers(shapes: dict, batches: tuple) -> list[dict]:
     return out
 
 
-def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple = (1, 16)) -> list[dict]:
+def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple = (1, 16), pdl: bool = False
+            ) -> list[dict]:
+    """Per shape, format and batch: misq's default path against fp16 cuBLAS and torch's int4
+    kernel (CUDA-graph timed), its error against the dequantized weights, GPU and honest bytes;
+    at batch 1 also a mixed layer's widths one launch each, and (``pdl``) the h2 kernel with
+    launch_plan.H2_PDL's other setting (as the gather's programmatic dependent, or not)."""
+    from dataclasses import replace
+
+    from misq.runtime import launch_plan
     from misq.runtime.decode_plan import decode_matmul
+    from misq.runtime.launch_plan import config_for
 
     rows_out = []
     for shape_name, (R, C) in shapes.items():
@@ -240,6 +249,15 @@ def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple
                      "max_abs_err_vs_dequant": err, "err_over_fp16_tolerance": err_rel, "gpu_bytes": lin.weight_nbytes,
                      "honest_bytes": honest, "gpu_over_honest": lin.weight_nbytes / honest}
                 r["speedup_vs_fp16"] = r["fp16_cublas_us"] / r["misq_us"]
+                if M == 1 and pdl:  # side by side: the h2 kernel with and without PDL (the default's other)
+                    flip = not launch_plan.H2_PDL
+                    cfgs = [replace(config_for(1, sg.bits, R, C), pdl=flip) for sg in lin.segments]
+                    key = "misq_pdl_us" if flip else "misq_no_pdl_us"
+                    try:
+                        r[key] = bench(lambda x=x, lin=lin, cfgs=cfgs: lin._decode(x, cfgs))
+                        r[key.replace("_us", "_err_over_fp16_tolerance")] = _errors(lin, x, lin._decode(x, cfgs))[1]
+                    except Exception as err:  # reported: the driver may not take the launch attribute
+                        r["misq_pdl_error"] = str(err).splitlines()[0][:200]
                 if M == 1 and len(lin.segments) == 2:  # side by side: the two widths in one launch or one by one
                     r["misq_one_launch_a_width_us"] = bench(lambda x=x, lin=lin, R=R: decode_matmul(
                         x, lin.perm, lin.segments, R, lin.bias, kperm=lin.kperm, pair_h2=False))
@@ -425,7 +443,12 @@ def prefill_model(layers: int, rows: tuple, rounds: int = 5) -> list[dict]:
     return out
 
 
-def end_to_end(layers: int, compile_forward: bool = False) -> list[dict]:
+def end_to_end(layers: int, compile_forward: bool = False, pdl: bool = False) -> list[dict]:
+    """Greedy decode tokens/s, fp16 against each packed format, in the same static-cache loop
+    (decode_tps); ``pdl``: each packed format also with the h2 kernel as its gather's
+    programmatic dependent (launch_plan.H2_PDL)."""
+    from misq.runtime import launch_plan
+
     model = _model_13b(layers)
     out = []
     loop = "torch.compile + " if compile_forward else ""
@@ -444,6 +467,17 @@ def end_to_end(layers: int, compile_forward: bool = False) -> list[dict]:
         out.append({"model": f"13B-shaped, {layers} layers, packed {fmt}", "tokens_per_s": tps_p, "loop": how,
                     "speedup_vs_fp16": tps_p / tps, "decoder_weights_gpu_bytes": total, "honest_bytes": honest_total})
         print(json.dumps(out[-1]), flush=True)
+        if pdl:  # the other setting of launch_plan.H2_PDL than the default's, in the same loop
+            default = launch_plan.H2_PDL
+            launch_plan.H2_PDL = not default
+            launch_plan.TUNED.update()  # the layers plan their launches again (the settings' version moved)
+            tps_p, how = decode_tps(_compiled(model, compile_forward))
+            launch_plan.H2_PDL = default
+            launch_plan.TUNED.update()
+            which = "h2 as a programmatic dependent" if not default else "h2 launched plainly (no PDL)"
+            out.append({"model": f"13B-shaped, {layers} layers, packed {fmt}, {which}",
+                        "tokens_per_s": tps_p, "loop": loop + how, "speedup_vs_fp16": tps_p / tps})
+            print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -461,6 +495,9 @@ def main() -> None:
     ap.add_argument("--tune-gather", action="store_true",
                     help="with --tune at batch 1: only the h2 defaults, x gathered first against gathered per program")
     ap.add_argument("--prefill-model", default="", help="prefill rows of the whole-model timing ('' for none)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="batch 1 and end to end: also time the h2 kernel with launch_plan.H2_PDL's other setting "
+                         "(as its gather's programmatic dependent, or not)")
     ap.add_argument("--compile", action="store_true",
                     help="end to end: torch.compile each model's forward (fp16 and packed alike) before the CUDA graph")
     args = ap.parse_args()
@@ -491,7 +528,7 @@ def main() -> None:
         save()
     if not args.skip_linears:
         res["gathers"] = gathers(SHAPES, batches)
-        res["linears"] = linears(SHAPES, formats, batches)
+        res["linears"] = linears(SHAPES, formats, batches, pdl=args.pdl)
         save()
     if pf_rows:
         res["prefill"] = prefill(SHAPES, formats, pf_rows)
@@ -501,7 +538,7 @@ def main() -> None:
         save()
     if not args.skip_e2e:
         try:
-            res["end_to_end"] = end_to_end(args.layers, args.compile)
+            res["end_to_end"] = end_to_end(args.layers, args.compile, args.pdl)
         except Exception as err:  # report what failed, keep the linear results
             res["end_to_end_error"] = repr(err)
             print("end-to-end failed:", repr(err))

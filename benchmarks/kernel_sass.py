@@ -38,22 +38,23 @@ def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False
     in the kernel, FUSED)."""
     import triton
 
-    from misq.runtime import kernels
+    from misq.runtime.half2_kernel import _decode_h2
+    from misq.runtime.tile_kernel import _decode_mm
 
     if h2:
         seg = dict(xp="*i32", xs="*fp32", q="*i32", wa="*i32", wb="*i32", s="*fp16", z="*u8")
         ptrs = dict(x_ptr="*fp16", out_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32", bias_ptr="*fp16",
                     **{f"{k}{i}": v for i in (1, 2) for k, v in seg.items()})
         consts = dict(BITS1=bits, BITS2=bits, NSEG=1, BN=block_n, MODE=2, HAS_BIAS=False, FUSED=not xprep,
-                      LIMIT_LOG2=8)  # one segment: the loop is the same for either of a pair's
-        compiled = _compile(kernels._decode_h2, ptrs, consts, ("N", "stride_om"), warps)
+                      LIMIT_LOG2=8, PDL=False)  # one segment: the loop is the same for either of a pair's
+        compiled = _compile(_decode_h2, ptrs, consts, ("N", "stride_om"), warps)
     else:
         ptrs = dict(x_ptr="*fp32" if xprep else "*fp16", perm_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32",
                     cnt_ptr="*i32", bias_ptr="*fp16", wa="*i32", wb="*i32", wc="*i32", wd="*i32", s_ptr="*fp16",
                     z_ptr="*u8", g_ptr="*i32")
         consts = dict(BITS=bits, PA=bits, PB=0, PC=0, PD=0, GROUP=128, BM=1, BN=block_n, DOT=False, MODE=2,
                       HAS_BIAS=False, XPREP=xprep)
-        compiled = _compile(kernels._decode_mm, ptrs, consts, ("N", "n_cols", "stride_xm", "stride_om", "magic"), warps)
+        compiled = _compile(_decode_mm, ptrs, consts, ("N", "n_cols", "stride_xm", "stride_om", "magic"), warps)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
