@@ -107,7 +107,7 @@ class BoundLaunch:
             v = values[index]
             if isinstance(v, Tensor):  # what Triton specializes on: the dtype, the address's alignment
                 ptr = v.data_ptr() + offset * v.element_size() if offset else v.data_ptr()
-                key += (v.dtype, ptr & 15 == 0)
+                key += (v.dtype, ptr & 15 == 0, v.is_cuda)  # a host tensor goes to Triton, which refuses it
                 full[i] = ptr
             else:
                 key.append(_key(v))
