@@ -58,7 +58,6 @@ def time_format(fmt: str, R: int = 1024, C: int = 1024) -> dict:
     x1 = x[:1].contiguous()
     wt = torch.empty(C, R, device="cuda", dtype=torch.float16)
     segs = lin.segments
-    idx = [lin.perm[s.start:s.start + s.n] for s in segs]
     rows = {
         "F.linear fp16, 32 rows": lambda: F.linear(x, Wd),
         "packed forward, 32 rows (prefill)": lambda: lin(x),
@@ -70,8 +69,10 @@ def time_format(fmt: str, R: int = 1024, C: int = 1024) -> dict:
         "gather_columns": lambda: kernels.gather_columns(x, lin.perm),
         "torch.empty": lambda: torch.empty(32, R, device="cuda", dtype=torch.float16),
     }
-    if all(s.bits in (3, 4) for s in segs):
-        rows["gather_pairs (batch-1 x)"] = lambda: kernels.gather_pairs(x1, idx, [s.bits for s in segs])
+    step = lin.decode_plan(1).steps[0]
+    if getattr(step, "pregather", False):  # the h2 path's x gather alone, as the layer binds it
+        buf = torch.empty(step.scratch, dtype=torch.int32, device="cuda")
+        rows["gather_pairs (batch-1 x)"] = lambda: step.gather(x1, None, buf, buf.view(torch.float32))
     out: dict = {"rows": {}}
     for name, fn in rows.items():
         h, a = host_us(fn)

@@ -1,5 +1,5 @@
 """``_segment_dequant``: prefill's dequantize kernel, for
-:func:`misq.runtime.kernels.dequantize_into`: one segment's weight, transposed, into out fp16
+:func:`misq.runtime.kernels.dequantizer`: one segment's weight, transposed, into out fp16
 [C, N] (the layer's reused buffer) at the rows of its columns' original order (``rows_ptr``: the
 segment's slice of the layer's perm), so the caller's one cuBLAS matmul takes x as it is, with no
 gather of its columns. Each stored row is N contiguous fp16 values, so the scattered rows cost the

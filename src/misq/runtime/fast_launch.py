@@ -61,10 +61,9 @@ def _hooked(hook: Any) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def _compiled_launcher(kernel: Any) -> Any:
-    """The compiled kernel Triton's JIT launch returned, if it is one this module can launch
-    again (not under the interpreter, which returns nothing)."""
-    return kernel if kernel is not None and hasattr(kernel, "packed_metadata") else None
+def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
+    """A launch grid of one to three axes, as the launcher takes it (three)."""
+    return tuple(grid) + (1,) * (3 - len(grid))
 
 
 class BoundLaunch:
@@ -80,14 +79,13 @@ class BoundLaunch:
         missing = [n for n in names[len(args):] if n not in consts]
         if missing or len(args) + len(consts) != len(names):
             raise TypeError(f"{names[0]}...: {len(args)} arguments and {sorted(consts)} do not cover {names}")
-        self.fn, self.grid = fn, tuple(grid) + (1,) * (3 - len(grid))
+        self.fn, self.grid = fn, _grid3(grid)
         self.args, self.consts = list(args), consts
         # Triton's defaults where not given, as a plain launch would have them
         self.options = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
         if launch_pdl:  # a programmatic dependent of the kernel before it (Hopper): it may start early
             self.options["launch_pdl"] = True
-        self.slots = [(i, a) for i, a in enumerate(self.args) if isinstance(a, Slot)]
-        self._slots = [(i, a.index, a.offset) for i, a in self.slots]
+        self._slots = [(i, a.index, a.offset) for i, a in enumerate(self.args) if isinstance(a, Slot)]
         # the launcher's argument list: pointers of fixed tensors as integers, constexprs in place
         self._template = [a.data_ptr() if isinstance(a, Tensor) else a for a in self.args]
         self._template += [consts[n] for n in names[len(args):]]
@@ -98,7 +96,7 @@ class BoundLaunch:
     def __call__(self, *values: Any, grid: tuple[int, ...] | None = None) -> None:
         """Launch with the slots' values (``grid``: this call's, when it is not the bound one)."""
         if not self._reuse:
-            self._jit_launch(values, (), self._grid(grid))
+            self._jit_launch(values, (), self.grid if grid is None else _grid3(grid))
             return
         device = driver.active.get_current_device()
         full = self._template.copy()
@@ -114,24 +112,21 @@ class BoundLaunch:
                 full[i] = v
         key = tuple(key)
         kernel = self._compiled.get(key)
+        g0, g1, g2 = self.grid if grid is None else _grid3(grid)
         if kernel is None or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
-            self._jit_launch(values, key, self._grid(grid))
+            self._jit_launch(values, key, (g0, g1, g2))
             return
-        g0, g1, g2 = self.grid if grid is None else self._grid(grid)
         kernel.run(g0, g1, g2, driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata,
                    None, None, None, *full)
-
-    def _grid(self, grid: tuple[int, ...] | None) -> tuple[int, int, int]:
-        return self.grid if grid is None else tuple(grid) + (1,) * (3 - len(grid))
 
     def _jit_launch(self, values: Sequence[Any], key: tuple, grid: tuple[int, int, int]) -> None:
         """Triton's own launch (compiling if needed); its compiled kernel is kept for ``key``."""
         args = list(self.args)
-        for i, s in self.slots:
-            v = values[s.index]
+        for i, index, offset in self._slots:
+            v = values[index]
             # a pointer into v: a one-element view there (the kernel reads the address only)
-            args[i] = torch.as_strided(v, (1,), (1,), v.storage_offset() + s.offset) if s.offset else v
-        kernel = _compiled_launcher(self.fn[grid](*args, **self.consts, **self.options))
+            args[i] = torch.as_strided(v, (1,), (1,), v.storage_offset() + offset) if offset else v
+        kernel = self.fn[grid](*args, **self.consts, **self.options)  # the interpreter's returns nothing
         if kernel is not None and self._reuse:
             self._compiled[key] = kernel
 

@@ -54,7 +54,6 @@ import torch
 from torch import Tensor
 
 from misq.runtime.fast_launch import BoundLaunch, Slot
-from misq.runtime.half2_gather import X_LIMIT_LOG2
 from misq.runtime.launch_plan import mma_ok
 from misq.runtime.layout import Segment, block_cols, chunk_tiles, pieces
 from misq.runtime.triton_common import HAVE_TRITON
@@ -63,37 +62,13 @@ if HAVE_TRITON:
     import triton
 
     from misq.runtime.dequant_kernel import _segment_dequant
-    from misq.runtime.gather_kernel import _gather_cols, _gather_scaled
-    from misq.runtime.half2_gather import _gather_pairs
+    from misq.runtime.gather_kernel import _gather_cols
 
 # float32 bits of 2**23, passed to the CUDA-core kernel at run time: as a register, (w & mask) | magic
 # compiles to one LOP3 (two immediates cannot), about one instruction a weight fewer (sm_90 SASS)
 MAGIC_BITS = 0x4B000000
 GATHER_BLOCK = 256  # columns a program of the gather kernel: many small programs, all loads in flight
 DEQUANT_CONFIG = (128, 8)  # prefill's dequantize kernel: BLOCK_N, warps (fastest of 4 on every 13B shape, H200)
-
-
-def gather_scaled(x: Tensor, idx: Tensor, bits: int) -> Tensor:
-    """x fp16 [1, C] on CUDA, idx int32 [K] (a one-piece segment's columns) -> float32 [K]:
-    x[0, idx] times each column's 2**-q for the batch-1 CUDA-core kernel (gather_kernel._gather_scaled)."""
-    K = idx.numel()
-    out = torch.empty(K, dtype=torch.float32, device=x.device)
-    _gather_scaled[(triton.cdiv(K, GATHER_BLOCK),)](x, idx, out, K, P=bits, BLOCK=GATHER_BLOCK)
-    return out
-
-
-def gather_pairs(x: Tensor, idxs: list[Tensor], widths: list[int]) -> list[tuple[Tensor, Tensor]]:
-    """x fp16 [1, C] on CUDA; per segment (one or two, one launch) its columns idx int32 [K] and
-    width (3 or 4) -> (xp int32 [nblk * B / 2], xs float32 [nblk]), B = block_cols(bits): x[0, idx]
-    as the h2 kernel's fp16 pairs, each layout block scaled by its xs**-1 (half2_gather)."""
-    nblks = [triton.cdiv(i.numel(), block_cols(b)) for i, b in zip(idxs, widths, strict=True)]
-    outs = [(torch.empty(n * block_cols(b) // 2, dtype=torch.int32, device=x.device),
-             torch.empty(n, dtype=torch.float32, device=x.device)) for n, b in zip(nblks, widths, strict=True)]
-    segs = [(i, xp, xs, i.numel()) for i, (xp, xs) in zip(idxs, outs, strict=True)]
-    two = len(segs) == 2
-    _gather_pairs[(sum(nblks),)](x, nblks[0], *segs[0], *segs[1 if two else 0], BITS1=widths[0],
-                                 BITS2=widths[-1], NSEG=len(segs), LIMIT_LOG2=X_LIMIT_LOG2)
-    return outs
 
 
 def gather_columns(x: Tensor, idx: Tensor) -> Tensor:
