@@ -93,13 +93,16 @@ def test_decode_paths(widths, groupsize, pattern, rows, cfg):
 @pytest.mark.parametrize("widths", [(4,), (3, 4)])
 def test_bound_launches_in_a_cuda_graph(widths):
     """A layer's bound launches (fast_launch: the compiled kernels' launchers called directly, the
-    h2 kernel also as a programmatic dependent) captured in a CUDA graph and replayed on new x."""
+    h2 kernel launched plainly and as a programmatic dependent: the default's setting and the
+    other) captured in a CUDA graph and replayed on new x."""
+    from misq.runtime import launch_plan
     from misq.runtime.launch_plan import Config
 
     lin, dense = _layer(widths, 128, "dense", 1)
     x = torch.zeros(1, lin.in_features, device="cuda", dtype=torch.float16)
     W = dense.cuda().double()
-    for cfgs in (None, [Config("h2", 64, 1320, 2, 2, pregather=True, pdl=True)] * len(widths)):
+    other = Config("h2", 64, 1320, 2, 2, pregather=True, pdl=not launch_plan.H2_PDL)
+    for cfgs in (None, [other] * len(widths)):
         lin._decode(x, cfgs)  # plan made and kernels compiled outside the capture
         lin._decode(x, cfgs)
         graph = torch.cuda.CUDAGraph()
