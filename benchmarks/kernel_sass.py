@@ -8,6 +8,12 @@ figure to watch when changing it:
 
     python3 benchmarks/kernel_sass.py                 # 4-bit, BLOCK_N 64, 4 warps, every x path
     python3 benchmarks/kernel_sass.py --bits 3 --block-n 64 --warps 2
+
+The tensor-core kernel at 2-16 rows (``mma_kernel._mma_mm``, BM 16) is latency-bound instead
+(ncu, session 9), so for it ``--mma`` prints the order of the loop's memory operations, barriers
+and wgmma: a global load issued after a shared-memory barrier waits for everything before it.
+
+    python3 benchmarks/kernel_sass.py --mma --bits 3
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import subprocess
 import tempfile
 
 
-def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...], warps: int):
+def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...], warps: int, stages: int = 1):
     """Triton's compile of ``kern`` for sm_90 (no GPU needed), pointers and ``aligned`` ints taken
     as 16-divisible as on the GPU."""
     import triton
@@ -29,15 +35,13 @@ def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...],
     sig = {n: ("constexpr" if n in consts else ptrs.get(n, "i32")) for n in kern.arg_names}
     idx = [i for i, n in enumerate(kern.arg_names) if n in ptrs or n in aligned]
     src = ASTSource(fn=kern, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in idx})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
 def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False) -> list[str]:
     """The SASS lines of the batch-1 kernel's main loop (groups of 128, split-K MODE 2):
     _decode_mm's fma path, or (h2) half2_kernel._decode_h2 (3 and 4 bits; xprep false: x gathered
     in the kernel, FUSED)."""
-    import triton
-
     from misq.runtime.half2_kernel import _decode_h2
     from misq.runtime.tile_kernel import _decode_mm
 
@@ -55,13 +59,24 @@ def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False
         consts = dict(BITS=bits, PA=bits, PB=0, PC=0, PD=0, GROUP=128, BM=1, BN=block_n, DOT=False, MODE=2,
                       HAS_BIAS=False, XPREP=xprep)
         compiled = _compile(_decode_mm, ptrs, consts, ("N", "n_cols", "stride_xm", "stride_om", "magic"), warps)
+    return _loop(_sass(compiled))
+
+
+def _sass(compiled) -> list[str]:
+    """The instruction lines of a compiled kernel's cubin, by Triton's bundled cuobjdump."""
+    import triton
+
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    lines = [ln for ln in sass.splitlines() if ln.strip().startswith("/*") and "*/" in ln and len(ln.split("*/")[1].split()) > 0]
+    return [ln for ln in sass.splitlines() if ln.strip().startswith("/*") and "*/" in ln and len(ln.split("*/")[1].split()) > 0]
+
+
+def _loop(lines: list[str]) -> list[str]:
+    """The lines of the first loop: from the first backward branch's target to the branch."""
 
     def addr(ln: str) -> int:
         return int(ln.split("*/")[0].strip()[2:], 16)
@@ -77,6 +92,40 @@ def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False
     return [ln for ln in lines if lo <= addr(ln) <= hi]
 
 
+def mma_loop_sass(bits: int, block_n: int, warps: int, stages: int) -> list[str]:
+    """The SASS lines of the tensor-core kernel's loop over layout blocks at BM 16 (2-16 rows of x,
+    pregathered; groups of 128; one segment; split-K MODE 2), as the decode path launches it."""
+    from misq.runtime.layout import chunk_tiles, pieces
+    from misq.runtime.mma_kernel import _mma_mm
+
+    names = ("PA", "PB", "PC", "PD")
+    pc = dict.fromkeys(names, 0) | dict(zip(names, pieces(bits), strict=False))
+    consts = dict(NSEG=1, BM=16, BN=block_n, GATHER=False, MODE=2, HAS_BIAS=False)
+    ptrs = dict(out_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32", bias_ptr="*fp16")
+    for i in (1, 2):
+        consts |= {f"BITS{i}": bits, f"GROUP{i}": 128, f"TC{i}": chunk_tiles(bits), f"EVEN{i}": True,
+                   **{f"{k}{i}": v for k, v in pc.items()}}
+        ptrs |= {f"x{i}": "*fp16", f"q{i}": "*i32", f"s{i}": "*fp16", f"z{i}": "*u8", f"g{i}": "*i32",
+                 **{f"{w}{i}": "*i32" for w in "abcd"}}
+    return _loop(_sass(_compile(_mma_mm, ptrs, consts, ("N", "stride_xm", "stride_om"), warps, stages)))
+
+
+def memory_order(body: list[str]) -> str:
+    """The loop's global loads, shared-memory stores/loads, barriers and wgmma in order, runs of one
+    kind counted: e.g. ``LDG x4, BAR, STS x8, BAR, LDS x8, HGMMA x8``."""
+    kinds = ("LDG", "STS", "LDS", "BAR", "HGMMA", "DEPBAR", "RED", "ATOM")
+    seq: list[list] = []
+    for ln in body:
+        op = opcode(ln)
+        op = "DEPBAR" if op == "WARPGROUP" and "DEPBAR" in ln else op
+        if op in kinds:
+            if seq and seq[-1][0] == op:
+                seq[-1][1] += 1
+            else:
+                seq.append([op, 1])
+    return ", ".join(op if n == 1 else f"{op} x{n}" for op, n in seq)
+
+
 def opcode(ln: str) -> str:
     words = ln.split("*/")[1].split()
     word = words[1] if words[0].startswith("@") else words[0]
@@ -88,8 +137,16 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--mma", action="store_true", help="the tensor-core kernel at 2-16 rows: its loop's memory order")
+    ap.add_argument("--stages", type=int, default=1, help="with --mma: num_stages")
     args = ap.parse_args()
     from misq.runtime.layout import block_cols
+
+    if args.mma:
+        body = mma_loop_sass(args.bits, args.block_n, args.warps, args.stages)
+        print(f"{args.bits}-bit, BLOCK_N {args.block_n}, {args.warps} warps, {args.stages} stages: {len(body)} "
+              f"instructions a thread a block\n{memory_order(body)}")
+        return
 
     weights = block_cols(args.bits) * args.block_n / (32 * args.warps)  # a layout block's weights a thread
     runs = [(False, False), (True, False)] * (args.bits != 3) + [(True, True), (False, True)] * (args.bits in (3, 4))

@@ -37,12 +37,10 @@ if HAVE_TRITON:
         return tl.reshape(e, (e.shape[0], 16 * TC))
 
     @triton.jit
-    def _mma_tile(acc, wA, wB, wC, wD, x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr,
-                  blk, c, offs_k, n_cols, n_groups, offs_n, n_ok, N,
-                  BITS: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, PC: tl.constexpr, PD: tl.constexpr,
-                  GROUP: tl.constexpr, TC: tl.constexpr, EVEN: tl.constexpr, GATHER: tl.constexpr):
-        """acc += chunk c of block blk (see _mma_segment), from the block's words wA .. wD."""
-        PMIN: tl.constexpr = PD if PD > 0 else (PC if PC > 0 else (PB if PB > 0 else PA))
+    def _mma_operands(x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr, blk, c, offs_k, n_cols, n_groups,
+                      offs_n, n_ok, N, PA: tl.constexpr, PMIN: tl.constexpr, GROUP: tl.constexpr, TC: tl.constexpr,
+                      EVEN: tl.constexpr, GATHER: tl.constexpr):
+        """(xt fp16 [BM, 16 TC], zz, ss): chunk c of block blk's x tile and scale pairs (pk_scales)."""
         T: tl.constexpr = 32 // PMIN
         BK: tl.constexpr = 16 * TC
         pos = blk * (16 * T) + c * BK + offs_k
@@ -57,6 +55,12 @@ if HAVE_TRITON:
             xm = m_ok[:, None] & (col < n_cols)[None, :]
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + idx[None, :], mask=xm, other=0.0)
         zz, ss = pk_scales(blk, c, s_ptr, z_ptr, g_ptr, n_cols, n_groups, offs_n, n_ok, N, GROUP, T, TC, PA // PMIN)
+        return xt, zz, ss
+
+    @triton.jit
+    def _mma_dot(acc, wA, wB, wC, wD, xt, zz, ss, c, BITS: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr,
+                 PC: tl.constexpr, PD: tl.constexpr, PMIN: tl.constexpr, TC: tl.constexpr):
+        """acc += chunk c's weights (made from the block's words wA .. wD and zz, ss) @ xt^T."""
         e = _pk_chunk(wA, wB, wC, wD, c, zz, ss, BITS, PA, PB, PC, PD, PMIN, TC)
         return tl.dot(e, tl.trans(xt), acc)
 
@@ -78,16 +82,26 @@ if HAVE_TRITON:
             for u in range(b_lo * (T // TC), b_hi * (T // TC)):
                 blk = u // (T // TC)
                 wA, wB, wC, wD = load_pieces(wa, wb, wc, wd, blk, 0, PA, PB, PC, PD, PMIN, True, offs_n, n_ok, N)
-                acc = _mma_tile(acc, wA, wB, wC, wD, x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr,
-                                blk, u % (T // TC), offs_k, n_cols, n_groups, offs_n, n_ok, N,
-                                BITS, PA, PB, PC, PD, GROUP, TC, EVEN, GATHER)
+                xt, zz, ss = _mma_operands(x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr, blk,
+                                           u % (T // TC), offs_k, n_cols, n_groups, offs_n, n_ok, N,
+                                           PA, PMIN, GROUP, TC, EVEN, GATHER)
+                acc = _mma_dot(acc, wA, wB, wC, wD, xt, zz, ss, u % (T // TC), BITS, PA, PB, PC, PD, PMIN, TC)
         else:  # a block's words loaded once, its chunks unrolled
             for blk in range(b_lo, b_hi):
+                # chunk 0's x tile and scales before the words: Triton converts the words' layout
+                # through shared memory right after their load, and no load issued after that
+                # barrier overlaps it, so this order keeps the three round trips in flight together
+                # (at 4 bits the whole block is one chunk). Prefetching chunk c + 1's operands during
+                # chunk c as well was slower at 3 bits (BENCHMARKS.md, session 14).
+                xt, zz, ss = _mma_operands(x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr, blk, 0,
+                                           offs_k, n_cols, n_groups, offs_n, n_ok, N, PA, PMIN, GROUP, TC, EVEN, GATHER)
                 wA, wB, wC, wD = load_pieces(wa, wb, wc, wd, blk, 0, PA, PB, PC, PD, PMIN, True, offs_n, n_ok, N)
                 for c in tl.static_range(T // TC):
-                    acc = _mma_tile(acc, wA, wB, wC, wD, x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr,
-                                    blk, c, offs_k, n_cols, n_groups, offs_n, n_ok, N,
-                                    BITS, PA, PB, PC, PD, GROUP, TC, EVEN, GATHER)
+                    if c > 0:
+                        xt, zz, ss = _mma_operands(x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr, blk,
+                                                   c, offs_k, n_cols, n_groups, offs_n, n_ok, N,
+                                                   PA, PMIN, GROUP, TC, EVEN, GATHER)
+                    acc = _mma_dot(acc, wA, wB, wC, wD, xt, zz, ss, c, BITS, PA, PB, PC, PD, PMIN, TC)
         return acc
 
     @triton.jit
