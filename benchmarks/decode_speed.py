@@ -108,9 +108,11 @@ def candidates(M: int, gather_only: bool = False) -> list:
                    (64, 2112, 4, 2), (32, 2112, 4, 2), (32, 4224, 2, 1), (32, 2640, 1, 2))),
                 Config("h2", 256, 1056, 4),
                 Config("mma", 64, 2112, 4, pregather=True), Config("fma", 64, 2112, 4, pregather=True)]
-    if M <= 16:
-        return [Config("mma", 64, 2112, 4, pregather=True), Config("mma", 64, 1056, 4, pregather=True),
-                Config("mma", 64, 1056, 4, 2, pregather=True)]
+    if M <= 16:  # the default first, then longer or shorter split-K programs, pipelined or not
+        return [Config("mma", 64, 2112, 4, pregather=True)] + [
+            Config("mma", bn, t, w, st, pregather=True)
+            for bn, w, ts in ((64, 4, (528, 1056, 2112, 4224)), (128, 8, (1056, 2112))) for t in ts for st in (1, 2, 3)
+            if (bn, t, st) != (64, 2112, 1)]
     return [Config("mma", 64, 1, 4, 3, block_m=128), Config("mma", 128, 1, 8, 3, block_m=128),
             Config("mma", 64, 1, 4, 3, block_m=256), Config("mma", 128, 1, 8, 3, block_m=256),
             Config("mma", 64, 1, 4, 4, block_m=64)]
@@ -154,6 +156,14 @@ def prewarm(jobs: list, workers: int) -> None:
     print(f"prewarm: {len(jobs)} jobs in {time.time() - t:.0f}s", *bad, sep="\n", flush=True)
 
 
+def tuned_rows(batches: tuple, prefill_rows: tuple) -> list[int]:
+    """The rows of x tune() times at: the largest batch of each TUNED bucket, and prefill's smallest."""
+    from misq.runtime import launch_plan
+
+    reps = sorted({max(b for b in batches if launch_plan.bucket(b) == k) for k in {launch_plan.bucket(b) for b in batches}})
+    return reps + ([min(prefill_rows)] if prefill_rows else [])
+
+
 def tune(shapes: dict, batches: tuple, prefill_rows: tuple, gather_only: bool = False) -> dict:
     """Time the candidate launch settings per (batch bucket, bits, N, K) on the dense 3/4-bit g128
     layers (at the largest batch of each bucket, prefill at its smallest M) and keep the best in
@@ -161,8 +171,7 @@ def tune(shapes: dict, batches: tuple, prefill_rows: tuple, gather_only: bool = 
     from misq.runtime import launch_plan
 
     out = {}
-    reps = sorted({max(b for b in batches if launch_plan.bucket(b) == k) for k in {launch_plan.bucket(b) for b in batches}})
-    reps += [min(prefill_rows)] if prefill_rows else []
+    reps = tuned_rows(batches, prefill_rows)
     for R, C in shapes.values():
         for fmt in ("4bit_g128", "3bit_g128"):
             lin = random_packed(R, C, *FORMATS[fmt])[0]
@@ -515,7 +524,7 @@ def main() -> None:
         jobs = []
         for R, C in SHAPES.values():
             if args.tune:
-                for M in kinds + list(pf_rows[:1]):
+                for M in tuned_rows(batches, pf_rows):
                     jobs += [(R, C, f, M, cfg) for f in ("4bit_g128", "3bit_g128", "mixed_3_4_g128")
                              for cfg in candidates(M, args.tune_gather)]
             jobs += [(R, C, f, M, None) for f in formats for M in kinds + list(pf_rows[:1])]
