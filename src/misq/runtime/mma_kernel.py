@@ -93,14 +93,12 @@ if HAVE_TRITON:
                 # barrier overlaps it, so this order keeps the three round trips in flight together
                 # (at 4 bits the whole block is one chunk). Prefetching chunk c + 1's operands during
                 # chunk c as well was slower at 3 bits (BENCHMARKS.md, session 14).
-                xt, zz, ss = _mma_operands(x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr, blk, 0,
-                                           offs_k, n_cols, n_groups, offs_n, n_ok, N, PA, PMIN, GROUP, TC, EVEN, GATHER)
-                wA, wB, wC, wD = load_pieces(wa, wb, wc, wd, blk, 0, PA, PB, PC, PD, PMIN, True, offs_n, n_ok, N)
                 for c in tl.static_range(T // TC):
-                    if c > 0:
-                        xt, zz, ss = _mma_operands(x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr, blk,
-                                                   c, offs_k, n_cols, n_groups, offs_n, n_ok, N,
-                                                   PA, PMIN, GROUP, TC, EVEN, GATHER)
+                    xt, zz, ss = _mma_operands(x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr, blk, c,
+                                               offs_k, n_cols, n_groups, offs_n, n_ok, N, PA, PMIN, GROUP, TC, EVEN,
+                                               GATHER)
+                    if c == 0:
+                        wA, wB, wC, wD = load_pieces(wa, wb, wc, wd, blk, 0, PA, PB, PC, PD, PMIN, True, offs_n, n_ok, N)
                     acc = _mma_dot(acc, wA, wB, wC, wD, xt, zz, ss, c, BITS, PA, PB, PC, PD, PMIN, TC)
         return acc
 
