@@ -223,8 +223,11 @@ if HAVE_TRITON:
                 tl.debug_barrier()
                 done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
                 if done == tl.num_programs(1) - 1:
+                    # read the sums and leave zeros: relaxed, as the counter's acquire above (one thread,
+                    # then the barrier) already orders every program's adds before these reads; an
+                    # acq_rel exchange put a GPU-wide fence before each of a thread's exchanges
                     bits = tl.atomic_xchg(wsp.to(tl.pointer_type(tl.int32)), tl.zeros(y.shape, tl.int32), mask=msk,
-                                          sem="acq_rel")  # read the sums and leave zeros
+                                          sem="relaxed")
                     tot = bits.to(tl.float32, bitcast=True)
                     if HAS_BIAS:
                         tot += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
