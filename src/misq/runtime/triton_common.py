@@ -233,7 +233,7 @@ if HAVE_TRITON:
                         tot += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                     tl.store(out_ptr + om[:, None] * stride_om + offs_n[None, :],
                              tot.to(out_ptr.dtype.element_ty), mask=msk)
-                    tl.atomic_xchg(cnt_ptr + pid_n, 0)
+                    tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")  # the kernel's end orders it for the next call
 
     @triton.jit
     def exact_w(code, g, k_ok, s_ptr, z_ptr, offs_n, n_ok, N):
