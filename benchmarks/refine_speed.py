@@ -9,7 +9,6 @@ kernel where it runs) so the ratio says what a pass costs against the solve. Wri
     python benchmarks/refine_speed.py --out "$OUT"            # one H200
     python benchmarks/refine_speed.py --small --device cpu    # smoke test
     python benchmarks/refine_speed.py --launch 8,4 4,4 4,2    # the descent kernel's launch settings
-    python benchmarks/refine_speed.py --superblock 128        # P's other columns updated after every block
 
 ``--launch R,W ...`` times one pass per shape under each (rows per program, warps) of the
 descent kernel (fused_descent.DESCENT_CONFIGS for 128-column blocks), after the default run.
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from misq.algorithms import fused_descent
-from misq.algorithms.coordinate_descent import SUPERBLOCK, coordinate_descent
+from misq.algorithms.coordinate_descent import coordinate_descent
 from misq.algorithms.fused import get_block_fn
 from misq.algorithms.quantizer import find_grid
 from misq.algorithms.sparsegpt import column_params, solve
@@ -40,8 +39,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_solve(rows: int, cols: int, device: str, passes: int, trace_dir: Path | None = None,
-               superblock: int = SUPERBLOCK) -> dict:
+def time_solve(rows: int, cols: int, device: str, passes: int, trace_dir: Path | None = None) -> dict:
     """Seconds of the solve and of one descent pass on a random [rows, cols] layer; without
     ``trace_dir``, how many weights each further pass moves; with it, a profile of one pass."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -64,17 +62,17 @@ def time_solve(rows: int, cols: int, device: str, passes: int, trace_dir: Path |
         s, z, m = grid.column_grid(i1, i2)
         return s, z, m.unsqueeze(0).expand(rows, -1)
 
-    coordinate_descent(Wq.clone(), W, Hd, res.keep, cols_of, passes=1, superblock=superblock)  # warm-up: Triton compiles for these strides
+    coordinate_descent(Wq.clone(), W, Hd, res.keep, cols_of, passes=1)  # warm-up: Triton compiles for these strides
     _sync(device)
     t0 = time.perf_counter()
-    change = coordinate_descent(Wq, W, Hd, res.keep, cols_of, passes=passes, superblock=superblock)
+    change = coordinate_descent(Wq, W, Hd, res.keep, cols_of, passes=passes)
     _sync(device)
     t_cd = (time.perf_counter() - t0) / passes
     moved = []  # per pass: share of weights that moved, and of (row, block) pairs with any move
     Wm = res.weight.clone()
     for _ in range(passes if trace_dir is None else 0):
         before_w = Wm.clone()
-        coordinate_descent(Wm, W, Hd, res.keep, cols_of, passes=1, superblock=superblock)
+        coordinate_descent(Wm, W, Hd, res.keep, cols_of, passes=1)
         d = (Wm != before_w)
         blocks = d[:, : cols // 128 * 128].reshape(rows, -1, 128).any(-1)
         moved.append({"weights": round(d.float().mean().item(), 5), "row_blocks": round(blocks.float().mean().item(), 5)})
@@ -82,7 +80,7 @@ def time_solve(rows: int, cols: int, device: str, passes: int, trace_dir: Path |
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            coordinate_descent(Wq, W, Hd, res.keep, cols_of, passes=1, superblock=superblock)
+            coordinate_descent(Wq, W, Hd, res.keep, cols_of, passes=1)
             _sync(device)
         trace_dir.mkdir(parents=True, exist_ok=True)
         (trace_dir / f"refine_trace_{rows}x{cols}.txt").write_text(
@@ -103,26 +101,23 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true", help="profile one pass per shape (refine_trace_*.txt in --out)")
     ap.add_argument("--launch", nargs="*", default=[], metavar="R,W",
                     help="also time one pass under each (rows per program, warps) of the descent kernel")
-    ap.add_argument("--superblock", type=int, default=SUPERBLOCK,
-                    help="columns per lazy update of P (coordinate_descent's superblock; 128: after every block)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     d, f = (128, 352) if args.small else (args.hidden, args.ffn)
     shapes = {"qkv": (3 * d, d), "o": (d, d), "gate_up": (2 * f, d), "down": (d, f)}
-    time_solve(64, 256, args.device, 1, superblock=args.superblock)  # warm-up: kernels compiled, allocator primed
+    time_solve(64, 256, args.device, 1)  # warm-up: kernels compiled, allocator primed
     rows = {}
     for name, (r, c) in shapes.items():
-        rows[name] = time_solve(r, c, args.device, args.passes, Path(args.out) if args.trace else None,
-                                args.superblock)
+        rows[name] = time_solve(r, c, args.device, args.passes, Path(args.out) if args.trace else None)
         log.info("%s %s", name, rows[name])
     total = {k: round(sum(v[k] for v in rows.values()), 4) for k in ("solve_s", "pass_s")}
-    log.info("layer: solves %.3f s, one pass %.3f s (superblock %d)", total["solve_s"], total["pass_s"], args.superblock)
+    log.info("layer: solves %.3f s, one pass %.3f s", total["solve_s"], total["pass_s"])
     launches = {}
     default = fused_descent.DESCENT_CONFIGS[128] if args.launch else None
     for spec in args.launch:
         fused_descent.DESCENT_CONFIGS[128] = tuple(int(v) for v in spec.split(","))
-        per = {name: time_solve(r, c, args.device, 1, superblock=args.superblock)["pass_s"] for name, (r, c) in shapes.items()}
+        per = {name: time_solve(r, c, args.device, 1)["pass_s"] for name, (r, c) in shapes.items()}
         launches[spec] = {"shapes": per, "layer_pass_s": round(sum(per.values()), 4)}
         log.info("launch %s: one pass %.3f s %s", spec, launches[spec]["layer_pass_s"], per)
     if args.launch:
@@ -131,7 +126,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "refine_speed.json", {"device": torch.cuda.get_device_name() if args.device.startswith("cuda")
                                                   else "cpu", "shapes": rows, "layer": total, "passes": args.passes,
-                                                  "superblock": args.superblock,
                                                   "default_launch": list(default or ()), "launches": launches})
 
 

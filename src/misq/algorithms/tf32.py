@@ -5,10 +5,9 @@ about 1e-3 relative per product. misq takes it only for numbers that need no mor
 errors' normaliser tr(W H Wᵀ) (:mod:`misq.algorithms.output_error`) and the least-squares scales
 that the checkpoint stores in fp16 anyway (:mod:`misq.algorithms.scale_refit`). The solver's
 own products stay fp32 (as 3xTF32 GEMMs its lazy block updates were no faster on an H200:
-1.22 against 1.16 s per 13B layer, session 6); the coordinate descent's products (P itself and
-its updates after each block and superblock) run as 3xTF32 GEMMs
-(:func:`misq.algorithms.coordinate_descent.split_tf32`, fp32-accurate; the updates alone made a
-13B layer 3% faster, session 9).
+1.22 against 1.16 s per 13B layer, session 6); the coordinate descent's update outside each block
+runs as one 3xTF32 GEMM (:func:`misq.algorithms.coordinate_descent.split_tf32`, fp32-accurate,
+3% of a 13B layer faster, session 9).
 """
 
 from __future__ import annotations
