@@ -466,12 +466,12 @@ def calibration(args, model_dir: str, synthetic: bool) -> tuple[Path, dict]:
     else:
         from misq.config import ModelConfig
         from misq.models.loading import load_tokenizer
-        from misq.protocol import data
+        from misq.protocol import data, sources
 
         tok = load_tokenizer(ModelConfig(model_dir))
         calib = data.calibration_windows("c4", tok, args.nsamples, seqlen, seed=0, data_dir=args.data_dir,
                                          cache_dir=f"{args.work}/cache")
-        desc = {"source": data.describe_source("c4", args.data_dir, split="train"), "seed": 0}
+        desc = {"source": sources.describe_source("c4", args.data_dir, split="train"), "seed": 0}
     torch.save(calib.contiguous(), path)
     return path, {"nsamples": int(calib.shape[0]), "seqlen": int(calib.shape[1]), **desc}
 

@@ -20,7 +20,7 @@ import torch
 
 from misq.demo.toy import build_tokenizer, synthetic_corpus
 from misq.errors import MisqError
-from misq.protocol import data
+from misq.protocol import data, sources
 
 UNK = 0
 
@@ -135,26 +135,26 @@ def gptq_stream(stream: list[int], nsamples: int, seqlen: int, seed: int) -> tor
 
 def test_check_dataset_name(tmp_path):
     for name in ("wikitext2", "ptb", "c4"):
-        data.check_dataset_name(name)
+        sources.check_dataset_name(name)
     own = tmp_path / "mine.txt"
     own.write_text("hello")
-    data.check_dataset_name(str(own))
+    sources.check_dataset_name(str(own))
     with pytest.raises(MisqError, match=r"unknown dataset 'foo': use wikitext2, ptb, c4 or the path of a text file"):
-        data.check_dataset_name("foo")
+        sources.check_dataset_name("foo")
     with pytest.raises(MisqError, match="unknown dataset"):
-        data.check_dataset_name(str(tmp_path))  # a directory is not a text file
+        sources.check_dataset_name(str(tmp_path))  # a directory is not a text file
 
 
 def test_resolve_data_dir_order(tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     monkeypatch.setenv("MISQ_DATA_DIR", str(b))
-    assert data.resolve_data_dir(str(a)) == a  # the argument beats the environment
-    assert data.resolve_data_dir(None) == b
+    assert sources.resolve_data_dir(str(a)) == a  # the argument beats the environment
+    assert sources.resolve_data_dir(None) == b
     monkeypatch.delenv("MISQ_DATA_DIR")
-    assert data.resolve_data_dir(None) is None
+    assert sources.resolve_data_dir(None) is None
     with pytest.raises(MisqError, match="not a directory"):
-        data.resolve_data_dir(str(tmp_path / "missing"))
+        sources.resolve_data_dir(str(tmp_path / "missing"))
 
 
 def test_argument_beats_env_for_files(tok, data_dir, tmp_path, cache, monkeypatch):
@@ -162,9 +162,9 @@ def test_argument_beats_env_for_files(tok, data_dir, tmp_path, cache, monkeypatc
     other.mkdir(parents=True)
     (other / "ptb.test.txt").write_text(" something else entirely \n")
     monkeypatch.setenv("MISQ_DATA_DIR", str(other.parent))
-    assert data.load_rows("ptb", data_dir=data_dir) == ["the cat sees <unk>", "a dog likes the <unk> river", "",
+    assert sources.load_rows("ptb", data_dir=data_dir) == ["the cat sees <unk>", "a dog likes the <unk> river", "",
                                                         "the king N times"]
-    assert data.load_rows("ptb") == ["something else entirely"]
+    assert sources.load_rows("ptb") == ["something else entirely"]
 
 
 def test_not_found_names_files_and_dirs(tmp_path, no_hub, monkeypatch):
@@ -172,20 +172,20 @@ def test_not_found_names_files_and_dirs(tmp_path, no_hub, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(MisqError) as err:
-        data.load_rows("wikitext2", data_dir=empty)
+        sources.load_rows("wikitext2", data_dir=empty)
     msg = str(err.value)
     assert "\n" not in msg
     for part in ("wiki.test.raw", str(empty / "wikitext2"), str(empty), "--data-dir", "MISQ_DATA_DIR"):
         assert part in msg
     with pytest.raises(MisqError, match=r"c4-train\.00000-of-01024\.json\.gz.*no data directory given"):
-        data.load_rows("c4", "train")
+        sources.load_rows("c4", "train")
 
 
 # ----------------------------------------------------------------------------- rows and joins
 
 
 def test_wikitext_hf_rows_and_join(tok, data_dir, cache):
-    rows = data.load_rows("wikitext2", data_dir=data_dir)
+    rows = sources.load_rows("wikitext2", data_dir=data_dir)
     # Blank lines (only whitespace) become "", every other line keeps its spaces and "\n".
     assert rows == ["", " = Title = \n", "", " The cat sees a red ball . \n", "", "", " A dog likes the river . \n"]
     got = data.eval_tokens("wikitext2", tok, seqlen=8, data_dir=data_dir, cache_dir=cache)
@@ -194,7 +194,7 @@ def test_wikitext_hf_rows_and_join(tok, data_dir, cache):
 
 
 def test_ptb_join_and_unk_kept_as_text(tok, data_dir, cache):
-    rows = data.load_rows("ptb", data_dir=data_dir)
+    rows = sources.load_rows("ptb", data_dir=data_dir)
     got = data.eval_tokens("ptb", tok, seqlen=8, data_dir=data_dir, cache_dir=cache)[0]
     assert got.tolist() == ids(tok, " ".join(rows))
     assert UNK not in got.tolist()
@@ -213,9 +213,9 @@ def test_bos_added_once_at_start(tok, data_dir, cache):
 
 
 def test_c4_first_1100_docs_joined_and_cut(tok, data_dir, cache):
-    docs = data.load_rows("c4", data_dir=data_dir)  # 1200 in the file; only the first 1100 are read
+    docs = sources.load_rows("c4", data_dir=data_dir)  # 1200 in the file; only the first 1100 are read
     assert len(docs) == 1200 and docs[-1].startswith("doc 1199")
-    first = data.load_rows("c4", data_dir=data_dir, limit=1100)
+    first = sources.load_rows("c4", data_dir=data_dir, limit=1100)
     full = ids(tok, " ".join(first[:1100]))
     big = 1 + len(full) // 256  # 256 x big tokens exceed the text: nothing is cut
     assert data.eval_tokens("c4", tok, seqlen=big, data_dir=data_dir, cache_dir=cache)[0].tolist() == full
@@ -227,7 +227,7 @@ def test_user_file_is_its_whole_text(tok, tiny_corpus_file, cache):
     text = tiny_corpus_file.read_text()
     got = data.eval_tokens(str(tiny_corpus_file), tok, seqlen=16, cache_dir=cache)
     assert got[0].tolist() == ids(tok, text)
-    assert data.describe_source(str(tiny_corpus_file))["file"] == str(tiny_corpus_file.resolve())
+    assert sources.describe_source(str(tiny_corpus_file))["file"] == str(tiny_corpus_file.resolve())
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -236,17 +236,17 @@ def test_user_file_is_its_whole_text(tok, tiny_corpus_file, cache):
 def test_stream_windows_match_gptq(tok, data_dir, cache):
     w = data.calibration_windows("wikitext2", tok, nsamples=6, seqlen=16, seed=0, data_dir=data_dir, cache_dir=cache)
     assert w.shape == (6, 16) and w.dtype == torch.long
-    stream = ids(tok, " ".join(data.load_rows("wikitext2", "train", data_dir)))  # rows joined by one space
+    stream = ids(tok, " ".join(sources.load_rows("wikitext2", "train", data_dir)))  # rows joined by one space
     assert torch.equal(w, gptq_stream(stream, 6, 16, 0))
     again = data.calibration_windows("wikitext2", tok, 6, 16, seed=0, data_dir=data_dir, cache_dir=cache)
     other = data.calibration_windows("wikitext2", tok, 6, 16, seed=1, data_dir=data_dir, cache_dir=cache)
     assert torch.equal(w, again) and not torch.equal(w, other)
     ptb = data.calibration_windows("ptb", tok, 4, 16, seed=0, data_dir=data_dir, cache_dir=cache)
-    assert torch.equal(ptb, gptq_stream(ids(tok, " ".join(data.load_rows("ptb", "train", data_dir))), 4, 16, 0))
+    assert torch.equal(ptb, gptq_stream(ids(tok, " ".join(sources.load_rows("ptb", "train", data_dir))), 4, 16, 0))
 
 
 def test_c4_windows_match_gptq(tok, data_dir, cache):
-    docs = data.load_rows("c4", "train", data_dir)
+    docs = sources.load_rows("c4", "train", data_dir)
     state = random.getstate()
     w = data.calibration_windows("c4", tok, nsamples=8, seqlen=64, seed=0, data_dir=data_dir, cache_dir=cache)
     assert random.getstate() == state  # no global random state touched
@@ -289,25 +289,25 @@ def test_tokenized_wikitext_train_fallback(tok, tmp_path, cache, caplog):
         w = data.calibration_windows("wikitext2", tok, 2, 8, data_dir=root, cache_dir=cache)
     assert w.shape == (2, 8)
     assert "tokenized variant" in caplog.text
-    assert "tokenized" in data.describe_source("wikitext2", root, split="train")["note"]
+    assert "tokenized" in sources.describe_source("wikitext2", root, split="train")["note"]
 
 
 def test_c4_prefers_full_shard(tmp_path):
     root = tmp_path / "d"
     write_jsonl_gz(root / "c4" / "c4-validation.sample.jsonl.gz", ["sample"])
     write_jsonl_gz(root / "c4-validation.00000-of-00008.json.gz", ["full shard"])  # in <dir>/ itself
-    assert data.load_rows("c4", data_dir=root) == ["full shard"]
-    info = data.describe_source("c4", root)
+    assert sources.load_rows("c4", data_dir=root) == ["full shard"]
+    info = sources.describe_source("c4", root)
     assert info["file"].endswith("c4-validation.00000-of-00008.json.gz") and info["documents"] == 1
     assert "note" not in info and info["joined_with"] == " "
 
 
 def test_describe_source(data_dir):
-    info = data.describe_source("c4", data_dir)
+    info = sources.describe_source("c4", data_dir)
     assert info["dataset"] == "c4" and info["split"] == "validation" and info["documents"] == 1100
     assert "sample" in info["note"] and Path(info["file"]).is_absolute()
-    assert data.describe_source("wikitext2", data_dir)["joined_with"] == "\n\n"
-    assert data.describe_source("ptb", data_dir, split="train")["file"].endswith("ptb.train.txt")
+    assert sources.describe_source("wikitext2", data_dir)["joined_with"] == "\n\n"
+    assert sources.describe_source("ptb", data_dir, split="train")["file"].endswith("ptb.train.txt")
 
 
 # ----------------------------------------------------------------------------- cache and tokenizer checks
@@ -343,7 +343,7 @@ def test_cache_invalidated_by_file_change_and_tokenizer(tok, data_dir, cache):
     other_tok = build_tokenizer(synthetic_corpus(200, seed=9), vocab_size=300)
     assert data.tokenizer_fingerprint(other_tok) != data.tokenizer_fingerprint(tok)
     assert data.eval_tokens("ptb", other_tok, 8, data_dir, cache)[0].tolist() == ids(other_tok, " ".join(
-        data.load_rows("ptb", data_dir=data_dir)))
+        sources.load_rows("ptb", data_dir=data_dir)))
 
 
 def test_tokenizer_ignoring_split_flag_is_refused(tok):
@@ -368,9 +368,9 @@ def llama_tok(llama9m_dir):
 
 
 def test_real_row_counts(shared_data_dir):
-    wiki = data.load_rows("wikitext2", data_dir=shared_data_dir)
+    wiki = sources.load_rows("wikitext2", data_dir=shared_data_dir)
     assert len(wiki) == 4358 and sum(r == "" for r in wiki) == 1467  # SOURCES.md: 2891 non-empty rows
-    assert len(data.load_rows("ptb", data_dir=shared_data_dir)) == 3761
+    assert len(sources.load_rows("ptb", data_dir=shared_data_dir)) == 3761
 
 
 def test_real_ptb_unk_as_text(shared_data_dir, llama_tok, cache):
@@ -385,7 +385,7 @@ def test_real_c4_eval_and_calibration(shared_data_dir, llama_tok, cache):
     assert c4.shape == (1, 256 * 1024)
     w = data.calibration_windows("c4", llama_tok, 128, 1024, seed=0, data_dir=shared_data_dir, cache_dir=cache)
     assert w.shape == (128, 1024)
-    docs = data.load_rows("c4", "train", shared_data_dir)
+    docs = sources.load_rows("c4", "train", shared_data_dir)
     assert len(docs) == 1000
     # Deterministic: the same draws as an independent run of the reference loop. Draws are
     # sequential, so checking the first 32 of 128 keeps this test fast.

@@ -231,9 +231,7 @@ def _compress_config(args: argparse.Namespace):
         grouping = grouping or implied
     dataset = args.dataset or args.dataset_pos
     if dataset:
-        from misq.protocol.data import (
-            check_dataset_name,  # imports torch: only when a dataset is named
-        )
+        from misq.protocol.sources import check_dataset_name  # only when a dataset is named
 
         check_dataset_name(dataset)
     return cfg_from_args(CompressConfig, args, dataset=dataset, grouping=grouping)

@@ -123,9 +123,7 @@ def parse_datasets(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     items = list(text) if isinstance(text, (list, tuple)) else [t.strip() for t in str(text).split(",") if t.strip()]
     if not items:
         raise MisqError("no dataset given: use e.g. --datasets wikitext2,ptb,c4")
-    from misq.protocol.data import (
-        check_dataset_name,  # local import: data imports config
-    )
+    from misq.protocol.sources import check_dataset_name  # local import: sources imports config
 
     for name in items:
         check_dataset_name(name)

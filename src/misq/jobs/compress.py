@@ -29,7 +29,7 @@ from misq.jobs.loading import LoadedModel, load_in_turn
 from misq.models import layout, streaming
 from misq.models.safetensors_files import weights_fingerprint
 from misq.ownership import COMPRESS_RUN, FolderLock, claim_folder
-from misq.protocol import data, perplexity
+from misq.protocol import data, perplexity, sources
 from misq.protocol.record import protocol_record
 from misq.runs.results import Memory, Results, Sparsity, Timing, now_utc
 from misq.runs.resume import ResumeState
@@ -77,7 +77,7 @@ def run_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressConf
     state.weights = weights_fingerprint(model_folder) if model_folder.is_dir() else None
     run: RunDir | None = None
     try:
-        data_dir = data.resolve_data_dir(data_cfg.data_dir)
+        data_dir = sources.resolve_data_dir(data_cfg.data_dir)
         if resume:
             state.check_resumable()  # reads only: every rank restores from this folder
         if dist.is_main:

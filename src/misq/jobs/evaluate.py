@@ -16,7 +16,7 @@ from misq.jobs import extras, loading
 from misq.models import layout, streaming
 from misq.models.loading import misq_section_of
 from misq.ownership import same_path
-from misq.protocol import data, perplexity
+from misq.protocol import perplexity, sources
 from misq.protocol.record import protocol_record
 from misq.runs.results import Memory, Results
 from misq.runs.rundir import check_writable
@@ -51,8 +51,8 @@ def run_eval(model_cfg: ModelConfig, data_cfg: DataConfig, eval_cfg: EvalConfig,
     if out:
         _check_out_file(out, model_cfg.model, overwrite)
         check_writable(out, "output file")
-    data_dir = data.resolve_data_dir(data_cfg.data_dir)
-    data.check_local_sources([(name, None) for name in eval_cfg.datasets], data_dir)  # before loading weights
+    data_dir = sources.resolve_data_dir(data_cfg.data_dir)
+    sources.check_local_sources([(name, None) for name in eval_cfg.datasets], data_dir)  # before loading weights
     extras.check(eval_cfg)  # lm-eval, its tasks and their data, the prompts file: before loading weights too
     loaded = loading.load(model_cfg, data_cfg)
     model, device = loaded.model, loaded.device

@@ -18,7 +18,7 @@ from typing import Any
 from misq.config import CompressConfig, DataConfig, EvalConfig, ModelConfig
 from misq.errors import MisqError
 from misq.models import layout, loading
-from misq.protocol import data
+from misq.protocol import data, sources
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def check_compress(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: CompressCo
     # which should not precede an error about the model.
     wanted: list[tuple[str, str | None]] = [(cfg.dataset, "train")]
     wanted += [(name, None) for name in (eval_cfg.datasets if eval_cfg else ())]
-    data.check_local_sources(wanted, data_dir)
+    sources.check_local_sources(wanted, data_dir)
     tokenizer = loading.load_tokenizer(model_cfg)
     calib = data.calibration_windows(cfg.dataset, tokenizer, cfg.nsamples, seqlen, seed=cfg.seed, data_dir=data_dir,
                                      cache_dir=data_cfg.cache_dir)

@@ -33,13 +33,8 @@ from misq.protocol.sources import (
     EVAL_SPLIT,
     TRAIN_JOIN,
     Source,
-    check_dataset_name,
-    check_local_sources,
-    describe_source,
-    load_rows,
     locate,
     read_rows,
-    resolve_data_dir,
 )
 
 logger = logging.getLogger(__name__)
@@ -210,21 +205,3 @@ def _c4_windows(src: Source, tokenizer: Any, nsamples: int, seqlen: int, seed: i
                 nsamples, len(chosen), len(encoded) + len(too_short))
     return torch.stack(windows)
 
-
-__all__ = [
-    "C4_EVAL_DOCUMENTS",
-    "C4_EVAL_SEGMENTS",
-    "DATASETS",
-    "EVAL_JOIN",
-    "EVAL_SPLIT",
-    "TRAIN_JOIN",
-    "calibration_windows",
-    "check_dataset_name",
-    "check_local_sources",
-    "describe_source",
-    "encode",
-    "eval_tokens",
-    "load_rows",
-    "resolve_data_dir",
-    "tokenizer_fingerprint",
-]

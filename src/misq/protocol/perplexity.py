@@ -157,14 +157,14 @@ def evaluate_datasets(
 ) -> dict[str, dict[str, Any]]:
     """PPL on each dataset; the result maps dataset -> :func:`perplexity`'s dict + its source.
     ``source``: where a streamed model's layers come from (see :func:`perplexity`)."""
-    from misq.protocol import data
+    from misq.protocol import data, sources
 
     results = {}
     for name in datasets:
         tokens = data.eval_tokens(name, tokenizer, seqlen, data_dir=data_dir, cache_dir=cache_dir, c4_cut=c4_cut)
         res = perplexity(model, tokens, seqlen, device, layerwise=layerwise, batch_size=batch_size, desc=f"eval {name}",
                          source=source)
-        res["source"] = data.describe_source(name, data_dir)
+        res["source"] = sources.describe_source(name, data_dir)
         log.info("%s: PPL %.3f over %d segments of %d tokens (%.1fs)", name, res["ppl"], res["segments"], seqlen, res["seconds"])
         results[name] = res
     return results

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 # The numbers the evaluation text is built with: the record must state what data.py does.
-from misq.protocol.data import C4_EVAL_DOCUMENTS, C4_EVAL_SEGMENTS
+from misq.protocol.sources import C4_EVAL_DOCUMENTS, C4_EVAL_SEGMENTS
 
 
 def protocol_record(seqlen: int, c4_cut: bool = True) -> dict[str, Any]:
