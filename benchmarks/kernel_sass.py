@@ -14,6 +14,11 @@ The tensor-core kernel at 2-16 rows (``mma_kernel._mma_mm``, BM 16) is latency-b
 and wgmma: a global load issued after a shared-memory barrier waits for everything before it.
 
     python3 benchmarks/kernel_sass.py --mma --bits 3
+
+The coordinate descent's block kernel (``fused_descent._descent_kernel``) walks a block's columns
+in one dependent chain a row; ``--descent`` prints its instructions a thread a column step.
+
+    python3 benchmarks/kernel_sass.py --descent
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import subprocess
 import tempfile
 
 
-def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...], warps: int, stages: int = 1):
+def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...], warps: int, stages: int = 1,
+             fp_fusion: bool = True):
     """Triton's compile of ``kern`` for sm_90 (no GPU needed), pointers and ``aligned`` ints taken
-    as 16-divisible as on the GPU."""
+    as 16-divisible as on the GPU; ``fp_fusion`` as the launch's ``enable_fp_fusion``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -35,7 +41,8 @@ def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...],
     sig = {n: ("constexpr" if n in consts else ptrs.get(n, "i32")) for n in kern.arg_names}
     idx = [i for i, n in enumerate(kern.arg_names) if n in ptrs or n in aligned]
     src = ASTSource(fn=kern, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in idx})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": fp_fusion})
 
 
 def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False) -> list[str]:
@@ -75,20 +82,24 @@ def _sass(compiled) -> list[str]:
     return [ln for ln in sass.splitlines() if ln.strip().startswith("/*") and "*/" in ln and len(ln.split("*/")[1].split()) > 0]
 
 
-def _loop(lines: list[str]) -> list[str]:
-    """The lines of the first loop: from the first backward branch's target to the branch."""
+def _loop(lines: list[str], widest: bool = False) -> list[str]:
+    """The lines of the first loop (``widest``: the longest one): from a backward branch's target
+    to the branch."""
 
     def addr(ln: str) -> int:
         return int(ln.split("*/")[0].strip()[2:], 16)
 
     def target(ln: str) -> int | None:
         body = ln.split("*/")[1]
-        return int(body.split("BRA")[1].split()[0].rstrip(";"), 16) if " BRA " in f" {body} " else None
+        if " BRA " not in f" {body} ":
+            return None
+        return int(next(w for w in body.split("BRA")[1].replace(",", " ").split() if w.startswith("0x")).rstrip(";"), 16)
 
     back = [ln for ln in lines if target(ln) is not None and target(ln) < addr(ln)]
     if not back:
         raise SystemExit("no loop found in the SASS")
-    lo, hi = target(back[0]), addr(back[0])
+    loop = max(back, key=lambda ln: addr(ln) - target(ln)) if widest else back[0]
+    lo, hi = target(loop), addr(loop)
     return [ln for ln in lines if lo <= addr(ln) <= hi]
 
 
@@ -108,6 +119,18 @@ def mma_loop_sass(bits: int, block_n: int, warps: int, stages: int) -> list[str]
         ptrs |= {f"x{i}": "*fp16", f"q{i}": "*i32", f"s{i}": "*fp16", f"z{i}": "*u8", f"g{i}": "*i32",
                  **{f"{w}{i}": "*i32" for w in "abcd"}}
     return _loop(_sass(_compile(_mma_mm, ptrs, consts, ("N", "stride_xm", "stride_om"), warps, stages)))
+
+
+def descent_loop_sass(block_r: int, warps: int) -> list[str]:
+    """The SASS lines of the coordinate descent's block kernel's column loop
+    (``fused_descent._descent_kernel``, 128-column blocks), compiled as fused_descent_block launches
+    it (strides unknown but rows 16-divisible, no fp fusion)."""
+    from misq.algorithms.fused_descent import _descent_kernel
+
+    ptrs = dict.fromkeys(("W", "P", "D", "H", "S", "Z", "MQ"), "*fp32") | {"K": "*u8"}
+    aligned = ("s_wr", "s_pr", "s_dr", "s_hr", "s_kr", "s_sr", "s_zr", "s_mr")
+    compiled = _compile(_descent_kernel, ptrs, dict(BLOCK_R=block_r, BLOCK_B=128), aligned, warps, fp_fusion=False)
+    return _loop(_sass(compiled), widest=True)
 
 
 def memory_order(body: list[str]) -> str:
@@ -139,8 +162,19 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--mma", action="store_true", help="the tensor-core kernel at 2-16 rows: its loop's memory order")
     ap.add_argument("--stages", type=int, default=1, help="with --mma: num_stages")
+    ap.add_argument("--descent", action="store_true",
+                    help="the coordinate descent's block kernel (8 rows, 1 warp by default): instructions a column step")
+    ap.add_argument("--rows", type=int, default=8, help="with --descent: rows a program")
     args = ap.parse_args()
     from misq.runtime.layout import block_cols
+
+    if args.descent:
+        warps = 1 if args.warps == ap.get_default("warps") else args.warps
+        body = descent_loop_sass(args.rows, warps)
+        ops = collections.Counter(opcode(ln) for ln in body).most_common(12)
+        print(f"descent block kernel, {args.rows} rows, {warps} warp(s): {len(body)} instructions a thread a "
+              f"column step\n{ops}\n{memory_order(body)}")
+        return
 
     if args.mma:
         body = mma_loop_sass(args.bits, args.block_n, args.warps, args.stages)
