@@ -2,8 +2,8 @@
 
 Text comes from standard file names in a data directory (``--data-dir`` or ``$MISQ_DATA_DIR``),
 else from Hugging Face ``datasets`` (optional; needs network or a warm HF cache): where and how
-is :mod:`misq.protocol.sources`, whose public names this module re-exports. The rows of a split
-are joined as the reference code joins them and tokenized once. Token ids are cached on disk as
+is :mod:`misq.protocol.sources` (callers import its names from there). The rows of a split are
+joined as the reference code joins them and tokenized once. Token ids are cached on disk as
 ``.npy`` (no pickle), keyed by everything that changes them, so a second run does not tokenize
 again.
 """
