@@ -159,7 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     ap.add_argument("--block-n", type=int, default=64)
-    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--warps", type=int, default=None, help="warps a program (default 4; 1 with --descent)")
     ap.add_argument("--mma", action="store_true", help="the tensor-core kernel at 2-16 rows: its loop's memory order")
     ap.add_argument("--stages", type=int, default=1, help="with --mma: num_stages")
     ap.add_argument("--descent", action="store_true",
@@ -169,13 +169,14 @@ def main() -> None:
     from misq.runtime.layout import block_cols
 
     if args.descent:
-        warps = 1 if args.warps == ap.get_default("warps") else args.warps
+        warps = args.warps or 1
         body = descent_loop_sass(args.rows, warps)
         ops = collections.Counter(opcode(ln) for ln in body).most_common(12)
         print(f"descent block kernel, {args.rows} rows, {warps} warp(s): {len(body)} instructions a thread a "
               f"column step\n{ops}\n{memory_order(body)}")
         return
 
+    args.warps = args.warps or 4
     if args.mma:
         body = mma_loop_sass(args.bits, args.block_n, args.warps, args.stages)
         print(f"{args.bits}-bit, BLOCK_N {args.block_n}, {args.warps} warps, {args.stages} stages: {len(body)} "
