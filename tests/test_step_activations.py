@@ -239,3 +239,21 @@ def test_refit_scales_describe_the_stored_weights():
     for name, grid in out.grids.items():
         W = weights[name + ".weight"].detach()
         torch.testing.assert_close(quantize_with_grid(W, grid) * (W != 0), W, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_offloading_turns_off_the_descents_recorded_passes(offload, monkeypatch):
+    """--offload-activations is for the smallest GPU: the driver's solves then keep no memory for the
+    descent's CUDA graphs (SolverOptions.record_descent); otherwise they may record them."""
+    seen = []
+    real = driver.solve
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["options"].record_descent)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "solve", spy)
+    cfg = CompressConfig(grouping="uniform", wbits=4, sparsity=0.5, nsamples=5, batch_size=1, blocksize=32, groupsize=0,
+                         act_order=False, mse=False, offload_activations=offload)
+    driver.compress_model(copy.deepcopy(_family("llama")), CALIB, cfg, "cpu")
+    assert seen and set(seen) == {not offload}

@@ -16,6 +16,8 @@ costs (R·C² multiply-adds).
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import torch
@@ -24,12 +26,15 @@ from torch import Tensor
 from misq.algorithms.quantizer import quantize
 from misq.algorithms.tf32 import tf32_matmul
 
+log = logging.getLogger(__name__)
+
 GridFn = Callable[[int, int], tuple[Tensor, Tensor, Tensor]]
 
 
 @torch.no_grad()
 def coordinate_descent(W: Tensor, W0: Tensor, H: Tensor, keep: Tensor, grid: GridFn, *, damp: float = 0.0, passes: int = 1,
-                       blocksize: int = 128, fused: bool = True, chunk_elems: int = 1 << 26) -> Tensor:
+                       blocksize: int = 128, fused: bool = True, chunk_elems: int = 1 << 26,
+                       record: bool = True) -> Tensor:
     """Lower tr((W − W0)(H + damp·I)(W − W0)ᵀ) over W's grid points, in place; returns the change per row [R] (≤ 0).
 
     W [R, C] fp32, the sweep's weights (every kept weight on its grid, the others 0); W0 [R, C]
@@ -40,6 +45,8 @@ def coordinate_descent(W: Tensor, W0: Tensor, H: Tensor, keep: Tensor, grid: Gri
     restored bit for bit). Rows are independent, so they are taken ``chunk_elems // C`` at a time:
     the descent's own memory, P = (W − W0)(H + damp·I) [rows, C] fp32, stays bounded. ``fused``: on
     CUDA each block is one Triton launch (:mod:`misq.algorithms.fused_descent`), else the eager loop.
+    ``record``: on CUDA, from the third pass on replay a CUDA graph of the second (:func:`_record`)
+    where the device has room for it; the same weights bit for bit.
     """
     R, C = W.shape
     change = torch.zeros(R, device=W.device, dtype=W.dtype)
@@ -50,7 +57,7 @@ def coordinate_descent(W: Tensor, W0: Tensor, H: Tensor, keep: Tensor, grid: Gri
         for r0 in range(0, R, step):
             sl = slice(r0, min(R, r0 + step))
             rows_grid = _rows_of(grid, sl)
-            change[sl] = _descend(W[sl], W0[sl], H, keep[sl], rows_grid, passes, blocksize, fused)
+            change[sl] = _descend(W[sl], W0[sl], H, keep[sl], rows_grid, passes, blocksize, fused, record)
     finally:
         H.diagonal().copy_(diag)
     return change
@@ -61,7 +68,7 @@ def _rows_of(grid: GridFn, sl: slice) -> GridFn:
 
 
 def _descend(W: Tensor, W0: Tensor, H: Tensor, keep: Tensor, grid: GridFn, passes: int, blocksize: int,
-             fused: bool) -> Tensor:
+             fused: bool, record: bool) -> Tensor:
     """:func:`coordinate_descent` on rows W [r, C] (a view, updated in place) against H (damped)."""
     from misq.algorithms.fused_descent import fused_descent_block  # Triton only loads where it runs
 
@@ -73,7 +80,8 @@ def _descend(W: Tensor, W0: Tensor, H: Tensor, keep: Tensor, grid: GridFn, passe
         P = diff @ H  # [r, C]: half the gradient of f, kept current as W moves
         before = torch.sum(P * diff, dim=1)
         del diff
-    for _ in range(passes):
+
+    def one_pass() -> None:
         for i1 in range(0, C, blocksize):
             i2 = min(i1 + blocksize, C)
             scale, zero, maxq = grid(i1, i2)
@@ -92,8 +100,71 @@ def _descend(W: Tensor, W0: Tensor, H: Tensor, keep: Tensor, grid: GridFn, passe
                     D[:, jj] = d
                     P[:, i1:i2].addr_(d, Hb[jj])
             _update_outside(P, D, H, i1, i2)
+
+    graph, tried = None, False
+    for k in range(passes):
+        if record and not tried and k >= 1 and passes - k >= 2 and _room_to_record(P):
+            # A pass is the same few hundred launches each time on the same buffers, and the host
+            # could not keep up with them (one 128-column block's GPU work is 0.1-0.5 ms on an
+            # H200): record the second pass once (the first ran eagerly, so every kernel is
+            # compiled and cuBLAS is set up) and replay it for the rest.
+            tried = True
+            graph = _record(one_pass, W.device)
+        if graph is not None:
+            graph.replay()
+        else:
+            one_pass()
+    del graph
     diff = W - W0.to(W.dtype)
     return torch.sum(P * diff, dim=1) - before
+
+
+def _room_to_record(P: Tensor) -> bool:
+    """Whether a CUDA graph of a pass over P's rows [r, C] fits: its temporaries get a memory pool of
+    their own, which the allocator's cached blocks cannot serve. A 70B-shaped layer's recorded passes
+    reserved 5.9 GiB more than relaunched ones (BENCHMARKS.md, session 16): ask for 4 P's and 2 GiB free."""
+    if not P.is_cuda:
+        return False
+    free, _total = torch.cuda.mem_get_info(P.device)
+    return free >= 4 * P.numel() * P.element_size() + (2 << 30)
+
+
+def _record(fn: Callable[[], None], device: torch.device) -> torch.cuda.CUDAGraph | None:
+    """``fn``'s launches recorded (not run) as a CUDA graph. Recorded on a side stream, as CUDA
+    requires, with torch's lower-level calls: ``torch.cuda.graph`` would also empty the allocator's
+    cache at every solve. Its temporaries live in the graph's own memory pool, freed with it;
+    "thread_local" lets other threads (the driver's prefetch of the next layer) use CUDA meanwhile.
+    None (and nothing ran) where recording fails: the caller then relaunches as before."""
+    graph = torch.cuda.CUDAGraph()
+    side = _side_stream(torch.device(device).index or 0)
+    side.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                fn()
+            finally:
+                graph.capture_end()
+    except RuntimeError as err:  # recorded launches never ran, so W and P are as they were
+        log.warning("coordinate descent: could not record a pass as a CUDA graph (%s); relaunching",
+                    str(err).splitlines()[0][:120])
+        return None
+    finally:
+        torch.cuda.current_stream(device).wait_stream(side)
+    return graph
+
+
+@functools.cache
+def _side_stream(index: int) -> torch.cuda.Stream:
+    """One recording stream per GPU, its cuBLAS workspace made here, outside any recording. cuBLAS
+    keeps a workspace per stream for the process's life (64 MiB on an H200): with a new stream per
+    recording, a 13B-shaped layer's peak grew by 0.19-0.25 GiB every layer (session 16), most likely that."""
+    side = torch.cuda.Stream(index)
+    with torch.cuda.stream(side):
+        a = torch.ones(64, 64, device=f"cuda:{index}")
+        a @ a  # the workspace is the stream's, whatever the product's precision
+    side.synchronize()
+    return side
 
 
 # On CUDA the update outside the block is one 3xTF32 GEMM (split_tf32) instead of an fp32 one.

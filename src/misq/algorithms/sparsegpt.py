@@ -47,11 +47,16 @@ class SolverOptions:
                     :func:`misq.algorithms.output_error.solver_rel_errors`); False: fp32.
     fused:          for the driver: take the Triton block sweep where it runs
                     (:func:`misq.algorithms.fused.get_block_fn`); ``solve`` takes ``block_fn``.
+    record_descent: on CUDA, coordinate-descent passes after the second replay a CUDA graph of
+                    it (bit for bit the same; the host stops being the limit) where the device
+                    has room for the graph's own memory; the driver turns it off under
+                    --offload-activations, whose point is the smallest GPU.
     """
 
     hinv_method: Literal["reverse", "inverse"] = "reverse"
     fast_rel_error: bool = True
     fused: bool = True
+    record_descent: bool = True
 
 
 DEFAULT_OPTIONS = SolverOptions()
@@ -313,7 +318,7 @@ def solve(
         grid = _original_order_grid(qparams, order, grid_groups, group_scale, group_zero, R, W.device)
         err_sq += coordinate_descent(W, W0, H_orig, keep & ~dead if bool(dead.any()) else keep, grid,
                                      damp=float(damp * mean_diag), passes=refine_passes, blocksize=blocksize,
-                                     fused=block_fn is not None)
+                                     fused=block_fn is not None, record=options.record_descent)
     if not torch.isfinite(W).all():
         raise NumericalError("the solved weight holds NaN/Inf")
     slices, start = [], 0

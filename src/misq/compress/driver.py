@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -212,6 +212,8 @@ def compress_model(
     dtype = execution.compute_dtype_for(model, device)
     store_dtype = next(model.parameters()).dtype
     storage = "cpu" if cfg.offload_activations else device
+    if cfg.offload_activations:  # the smallest GPU: no memory kept for the descent's recorded passes
+        solver = replace(solver, record_descent=False)
     dist = dist or LOCAL
     progress.update("calibration-inputs")
     inputs = execution.capture_layer0_inputs(model, dist.shard_windows(calib), device, batch_size=cfg.batch_size, storage=storage, compute_dtype=dtype)
