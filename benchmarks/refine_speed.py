@@ -39,9 +39,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_solve(rows: int, cols: int, device: str, passes: int, trace_dir: Path | None = None) -> dict:
-    """Seconds of the solve and of one descent pass on a random [rows, cols] layer; without
-    ``trace_dir``, how many weights each further pass moves; with it, a profile of one pass."""
+def _problem(rows: int, cols: int, device: str):
+    """A random [rows, cols] layer, its damped Hessian [cols, cols], the 50% + 4-bit sweep's result
+    on it, the grid's column function, and the sweep's seconds."""
     g = torch.Generator(device=device).manual_seed(0)
     X = torch.randn(4 * cols, cols, device=device, generator=g)
     H = X.T @ X / X.shape[0]
@@ -56,12 +56,19 @@ def time_solve(rows: int, cols: int, device: str, passes: int, trace_dir: Path |
     t_solve = time.perf_counter() - t0
     Hd = H.clone()
     Hd.diagonal().add_(0.01 * H.diagonal().mean())
-    Wq = res.weight.clone()
 
     def cols_of(i1: int, i2: int):
         s, z, m = grid.column_grid(i1, i2)
         return s, z, m.unsqueeze(0).expand(rows, -1)
 
+    return W, Hd, res, cols_of, t_solve
+
+
+def time_solve(rows: int, cols: int, device: str, passes: int, trace_dir: Path | None = None) -> dict:
+    """Seconds of the solve and of one descent pass on a random [rows, cols] layer; without
+    ``trace_dir``, how many weights each further pass moves; with it, a profile of one pass."""
+    W, Hd, res, cols_of, t_solve = _problem(rows, cols, device)
+    Wq = res.weight.clone()
     coordinate_descent(Wq.clone(), W, Hd, res.keep, cols_of, passes=1)  # warm-up: Triton compiles for these strides
     _sync(device)
     t0 = time.perf_counter()
@@ -91,6 +98,32 @@ def time_solve(rows: int, cols: int, device: str, passes: int, trace_dir: Path |
             "pass_over_solve": round(t_cd / t_solve, 2), "error_change_rel": float(change.sum()) / before if before else None}
 
 
+def time_recording(rows: int, cols: int, device: str, passes: int, repeats: int) -> dict:
+    """Seconds of ``passes`` descent passes on one [rows, cols] layer, relaunched against recorded
+    (``coordinate_descent(record=...)``), alternated ``repeats`` times in this one process (the
+    machine's drift between calls is larger than the difference); the weights must agree bit for bit."""
+    W, Hd, res, cols_of, _ = _problem(rows, cols, device)
+    times: dict[str, list[float]] = {"relaunched": [], "recorded": []}
+    results = {}
+    for flag in (False, True):  # warm-up: Triton compiles, the recording stream is made
+        coordinate_descent(res.weight.clone(), W, Hd, res.keep, cols_of, passes=passes, record=flag)
+    for _ in range(repeats):
+        for name, flag in (("relaunched", False), ("recorded", True)):
+            Wq = res.weight.clone()
+            _sync(device)
+            t0 = time.perf_counter()
+            coordinate_descent(Wq, W, Hd, res.keep, cols_of, passes=passes, record=flag)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            results[name] = Wq
+    best = {k: min(v) for k, v in times.items()}
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"rows": rows, "cols": cols, "passes": passes, "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
+            "recorded_over_relaunched_median": round(med["recorded"] / med["relaunched"], 3),
+            "recorded_over_relaunched_best": round(best["recorded"] / best["relaunched"], 3),
+            "equal": bool(torch.equal(results["recorded"], results["relaunched"]))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,12 +134,24 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true", help="profile one pass per shape (refine_trace_*.txt in --out)")
     ap.add_argument("--launch", nargs="*", default=[], metavar="R,W",
                     help="also time one pass under each (rows per program, warps) of the descent kernel")
+    ap.add_argument("--recording", type=int, default=0, metavar="N",
+                    help="only: --passes passes relaunched against recorded as a CUDA graph, alternated N times a shape")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     d, f = (128, 352) if args.small else (args.hidden, args.ffn)
     shapes = {"qkv": (3 * d, d), "o": (d, d), "gate_up": (2 * f, d), "down": (d, f)}
     time_solve(64, 256, args.device, 1)  # warm-up: kernels compiled, allocator primed
+    if args.recording:
+        ab = {name: time_recording(r, c, args.device, args.passes, args.recording) for name, (r, c) in shapes.items()}
+        for name, row in ab.items():
+            log.info("%s %s", name, row)
+        layer = {k: round(sum(sorted(row["seconds"][k])[args.recording // 2] for row in ab.values()), 4)
+                 for k in ("relaunched", "recorded")}
+        log.info("layer (medians): %s, recorded/relaunched %.3f", layer, layer["recorded"] / layer["relaunched"])
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(args.out) / "refine_recording.json", {"shapes": ab, "layer_median_s": layer})
+        return
     rows = {}
     for name, (r, c) in shapes.items():
         rows[name] = time_solve(r, c, args.device, args.passes, Path(args.out) if args.trace else None)
