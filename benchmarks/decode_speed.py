@@ -452,7 +452,11 @@ def prefill_model(layers: int, rows: tuple, rounds: int = 5) -> list[dict]:
     return out
 
 
-def end_to_end(layers: int, compile_forward: bool = False, pdl: bool = False) -> list[dict]:
+E2E_FORMATS = ("3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128")
+
+
+def end_to_end(layers: int, compile_forward: bool = False, pdl: bool = False,
+               formats: tuple[str, ...] = E2E_FORMATS) -> list[dict]:
     """Greedy decode tokens/s, fp16 against each packed format, in the same static-cache loop
     (decode_tps); ``pdl``: each packed format also with the h2 kernel as its gather's
     programmatic dependent (launch_plan.H2_PDL)."""
@@ -469,7 +473,7 @@ def end_to_end(layers: int, compile_forward: bool = False, pdl: bool = False) ->
     out.append({"model": f"13B-shaped, {layers} layers, fp16", "tokens_per_s": tps, "loop": how,
                 "decoder_weights_gpu_bytes": dense_bytes})
     print(json.dumps(out[-1]), flush=True)
-    for fmt in ("3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128"):
+    for fmt in formats:
         total, honest_total = pack_model(model, fmt)
         tps_p, how = decode_tps(_compiled(model, compile_forward))
         how = loop + how
@@ -496,7 +500,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the end-to-end model")
     ap.add_argument("--skip-linears", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true", help="time the linears only")
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--formats", default=",".join(FORMATS),
+                    help="packed formats to time (end to end: those of " + ", ".join(E2E_FORMATS) + " named here)")
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--prefill", default="512,2048", help="prefill rows to time ('' for none)")
     ap.add_argument("--tune", action="store_true", help="sweep the kernels' launch settings first")
@@ -511,6 +516,8 @@ def main() -> None:
                     help="end to end: torch.compile each model's forward (fp16 and packed alike) before the CUDA graph")
     args = ap.parse_args()
     formats, batches = args.formats.split(","), tuple(int(b) for b in args.batches.split(","))
+    # end to end: the chosen formats among the three the issue names (all three unless --formats narrows them)
+    e2e_formats = tuple(f for f in E2E_FORMATS if f in formats)
     pf_rows = tuple(int(m) for m in args.prefill.split(",") if m)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
@@ -529,8 +536,7 @@ def main() -> None:
                              for cfg in candidates(M, args.tune_gather)]
             jobs += [(R, C, f, M, None) for f in formats for M in kinds + list(pf_rows[:1])]
         if not args.skip_e2e:
-            jobs += [(R, C, f, M, None) for R, C in SHAPES.values() for f in ("3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128")
-                     for M in (1, 16)]
+            jobs += [(R, C, f, M, None) for R, C in SHAPES.values() for f in e2e_formats for M in (1, 16)]
         prewarm(sorted(set(jobs), key=str), args.workers)
     if args.tune:
         res["tune"] = tune(SHAPES, batches, pf_rows, args.tune_gather)
@@ -547,7 +553,7 @@ def main() -> None:
         save()
     if not args.skip_e2e:
         try:
-            res["end_to_end"] = end_to_end(args.layers, args.compile, args.pdl)
+            res["end_to_end"] = end_to_end(args.layers, args.compile, args.pdl, e2e_formats)
         except Exception as err:  # report what failed, keep the linear results
             res["end_to_end_error"] = repr(err)
             print("end-to-end failed:", repr(err))
