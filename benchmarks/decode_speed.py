@@ -65,10 +65,24 @@ def random_packed(rows: int, cols: int, widths: tuple[int, int], sparsity: float
 
 
 def bench(fn, rep: int = 20) -> float:
-    """Microseconds per call, CUDA-graph replayed."""
+    """Microseconds per call, CUDA-graph replayed. The same call repeats with nothing in between,
+    so weights that fit in L2 (50 MB on an H200) are read from it after the first call: see
+    bench_cold for the figure a model, whose every layer has its own weights, sees."""
     import triton.testing
 
     return 1000 * triton.testing.do_bench_cudagraph(fn, rep=rep)
+
+
+def copies_for(nbytes: int, cold_bytes: int) -> int:
+    """How many copies of a weight of ``nbytes`` make at least ``cold_bytes`` (at least 1)."""
+    return max(1, -(-cold_bytes // max(nbytes, 1)))
+
+
+def bench_cold(fns: list) -> float:
+    """Microseconds per call of one of ``fns`` (the same operation on different copies of its
+    weights, together larger than L2), CUDA-graph replayed one after the other: each call reads
+    its weights from memory, as a decoder layer does."""
+    return bench(lambda: [f() for f in fns]) / len(fns)
 
 
 def tinygemm(rows: int, cols: int):
@@ -225,12 +239,16 @@ def gathers(shapes: dict, batches: tuple) -> list[dict]:
     return out
 
 
-def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple = (1, 16), pdl: bool = False
-            ) -> list[dict]:
+def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple = (1, 16), pdl: bool = False,
+            cold_bytes: int = 256 << 20) -> list[dict]:
     """Per shape, format and batch: misq's default path against fp16 cuBLAS and torch's int4
     kernel (CUDA-graph timed), its error against the dequantized weights, GPU and honest bytes;
     at batch 1 also a mixed layer's widths one launch each, and (``pdl``) the h2 kernel with
-    launch_plan.H2_PDL's other setting (as the gather's programmatic dependent, or not)."""
+    launch_plan.H2_PDL's other setting (as the gather's programmatic dependent, or not).
+    ``cold_bytes`` > 0: each of the three also timed over copies of its weights of at least that
+    many bytes in all (``*_cold_us``, bench_cold), so that no call finds its weights in L2; the
+    warm figures (``*_us``) flatter the packed layers, whose 14-37 MB fit in an H200's 50 MB L2
+    while fp16's 52-142 MB do not."""
     from dataclasses import replace
 
     from misq.runtime import launch_plan
@@ -241,12 +259,23 @@ def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple
     for shape_name, (R, C) in shapes.items():
         Wd = torch.randn(R, C, device="cuda", dtype=torch.float16) * 0.02
         tg = tinygemm(R, C)
-        fp16 = {}
+        fp16, fp16_cold, tg_cold = {}, {}, {}
+        n16 = copies_for(R * C * 2, cold_bytes)
+        Wds = [Wd] + [torch.randn_like(Wd) * 0.02 for _ in range(n16 - 1)] if cold_bytes else []
+        tgs = [tg] + [tinygemm(R, C) for _ in range(copies_for(R * C // 2, cold_bytes) - 1)] if cold_bytes and tg else []
         for M in batches:
             x = torch.randn(M, C, device="cuda", dtype=torch.float16)
             fp16[M] = bench(lambda x=x, Wd=Wd: F.linear(x, Wd))
+            if cold_bytes:
+                fp16_cold[M] = bench_cold([lambda x=x, W=W: F.linear(x, W) for W in Wds])
+                if tgs and M in tinygemm_batches:
+                    xb = x.to(torch.bfloat16)
+                    tg_cold[M] = bench_cold([lambda xb=xb, t=t: t(xb) for t in tgs])
+        del Wds, tgs
         for fmt in formats:
             lin, honest = random_packed(R, C, *FORMATS[fmt])
+            lins = [lin] + [random_packed(R, C, *FORMATS[fmt])[0]
+                            for _ in range(copies_for(lin.weight_nbytes, cold_bytes) - 1)] if cold_bytes else []
             for M in batches:
                 x = torch.randn(M, C, device="cuda", dtype=torch.float16)
                 xb = x.to(torch.bfloat16)
@@ -258,6 +287,10 @@ def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple
                      "max_abs_err_vs_dequant": err, "err_over_fp16_tolerance": err_rel, "gpu_bytes": lin.weight_nbytes,
                      "honest_bytes": honest, "gpu_over_honest": lin.weight_nbytes / honest}
                 r["speedup_vs_fp16"] = r["fp16_cublas_us"] / r["misq_us"]
+                if cold_bytes:  # weights read from memory on every call, as in a model
+                    r.update(copies=len(lins), misq_cold_us=bench_cold([lambda x=x, m=m: m(x) for m in lins]),
+                             fp16_cublas_cold_us=fp16_cold[M], int4_tinygemm_cold_us=tg_cold.get(M))
+                    r["speedup_vs_fp16_cold"] = r["fp16_cublas_cold_us"] / r["misq_cold_us"]
                 if M == 1 and pdl:  # side by side: the h2 kernel with and without PDL (the default's other)
                     flip = not launch_plan.H2_PDL
                     cfgs = [replace(config_for(1, sg.bits, R, C), pdl=flip) for sg in lin.segments]
@@ -272,7 +305,7 @@ def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple
                         x, lin.perm, lin.segments, R, lin.bias, kperm=lin.kperm, pair_h2=False))
                 print(json.dumps(r), flush=True)
                 rows_out.append(r)
-            del lin
+            del lin, lins
         del Wd
     return rows_out
 
@@ -512,6 +545,9 @@ def main() -> None:
     ap.add_argument("--pdl", action="store_true",
                     help="batch 1 and end to end: also time the h2 kernel with launch_plan.H2_PDL's other setting "
                          "(as its gather's programmatic dependent, or not)")
+    ap.add_argument("--cold-mib", type=int, default=256,
+                    help="linears: also time each over copies of its weights of this many MiB in all, so none is "
+                         "read from L2 (0: warm figures only)")
     ap.add_argument("--compile", action="store_true",
                     help="end to end: torch.compile each model's forward (fp16 and packed alike) before the CUDA graph")
     args = ap.parse_args()
@@ -543,7 +579,7 @@ def main() -> None:
         save()
     if not args.skip_linears:
         res["gathers"] = gathers(SHAPES, batches)
-        res["linears"] = linears(SHAPES, formats, batches, pdl=args.pdl)
+        res["linears"] = linears(SHAPES, formats, batches, pdl=args.pdl, cold_bytes=args.cold_mib << 20)
         save()
     if pf_rows:
         res["prefill"] = prefill(SHAPES, formats, pf_rows)
