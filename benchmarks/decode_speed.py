@@ -113,13 +113,17 @@ def candidates(M: int, gather_only: bool = False) -> list:
         return [c for b in (4, 3) for d in [default_config(1, b, 0, 0)] for c in (d, replace(d, pregather=False))]
     if M == 1:  # h2: x gathered first into fp16 pairs (pregather) or by each program for its own blocks
         # (fewer programs than one wave, several blocks each, loads pipelined by num_stages, against
-        # one block a program)
-        return [*(Config("h2", bn, t, w, st, pregather=True) for bn, t, w, st in
+        # one block a program); gathered first, each launched as the runtime does (PDL or not)
+        from misq.runtime.launch_plan import H2_PDL
+
+        return [*(Config("h2", bn, t, w, st, pregather=True, pdl=H2_PDL) for bn, t, w, st in
                   ((256, 1056, 4, 1), (128, 2112, 4, 1), (512, 2112, 4, 1), (256, 2112, 2, 1), (64, 2112, 2, 1),
                    (64, 4224, 4, 1), (64, 660, 2, 3), (128, 660, 4, 3), (128, 528, 2, 3), (256, 264, 4, 3),
                    (64, 1320, 2, 2), (128, 1320, 4, 2),
                    # session 12's: two blocks a program pipelined (the 3-bit default), narrower programs
-                   (64, 2112, 4, 2), (32, 2112, 4, 2), (32, 4224, 2, 1), (32, 2640, 1, 2))),
+                   (64, 2112, 4, 2), (32, 2112, 4, 2), (32, 4224, 2, 1), (32, 2640, 1, 2),
+                   # deeper pipelines, for weights streamed from memory rather than L2 (--cold-mib)
+                   (64, 1320, 2, 3), (64, 660, 4, 4), (128, 1056, 4, 3), (32, 1320, 2, 4))),
                 Config("h2", 256, 1056, 4),
                 Config("mma", 64, 2112, 4, pregather=True), Config("fma", 64, 2112, 4, pregather=True)]
     if M <= 16:  # the default first, then longer or shorter split-K programs, pipelined or not
@@ -178,10 +182,12 @@ def tuned_rows(batches: tuple, prefill_rows: tuple) -> list[int]:
     return reps + ([min(prefill_rows)] if prefill_rows else [])
 
 
-def tune(shapes: dict, batches: tuple, prefill_rows: tuple, gather_only: bool = False) -> dict:
+def tune(shapes: dict, batches: tuple, prefill_rows: tuple, gather_only: bool = False, cold_bytes: int = 0) -> dict:
     """Time the candidate launch settings per (batch bucket, bits, N, K) on the dense 3/4-bit g128
     layers (at the largest batch of each bucket, prefill at its smallest M) and keep the best in
-    launch_plan.TUNED (a mixed 3/4 layer's paired launch runs the 3-bit setting: the one with more warps)."""
+    launch_plan.TUNED (a mixed 3/4 layer's paired launch runs the 3-bit setting: the one with more warps).
+    ``cold_bytes`` > 0: each setting timed over copies of the layer of that many bytes in all
+    (bench_cold), as a model reads its layers, rather than one layer's call repeated from L2."""
     from misq.runtime import launch_plan
 
     out = {}
@@ -189,6 +195,8 @@ def tune(shapes: dict, batches: tuple, prefill_rows: tuple, gather_only: bool = 
     for R, C in shapes.values():
         for fmt in ("4bit_g128", "3bit_g128"):
             lin = random_packed(R, C, *FORMATS[fmt])[0]
+            lins = [lin] + [random_packed(R, C, *FORMATS[fmt])[0]
+                            for _ in range(copies_for(lin.weight_nbytes, cold_bytes) - 1)] if cold_bytes else [lin]
             bits = lin.segments[0].bits
             for M in reps:
                 key = (launch_plan.bucket(M), bits, R, C)
@@ -197,8 +205,9 @@ def tune(shapes: dict, batches: tuple, prefill_rows: tuple, gather_only: bool = 
                 for cfg in candidates(M, gather_only):
                     launch_plan.TUNED[key] = cfg
                     try:
-                        fn = lin._prefill_fused if M > 16 else lin
-                        trials.append((bench(lambda x=x, fn=fn: fn(x), rep=12), cfg))
+                        fns = [m._prefill_fused if M > 16 else m for m in lins]
+                        trials.append((bench(lambda x=x, fn=fns[0]: fn(x), rep=12) if not cold_bytes
+                                       else bench_cold([lambda x=x, fn=fn: fn(x) for fn in fns]), cfg))
                     except Exception as err:  # a setting that does not compile or fit is skipped
                         print("skip", cfg, str(err).splitlines()[0][:80])
                 if not trials:
@@ -210,6 +219,19 @@ def tune(shapes: dict, batches: tuple, prefill_rows: tuple, gather_only: bool = 
                 print("tuned", key, f"{trials[0][0]:.2f}us", trials[0][1], "| next", [f"{t:.2f}" for t, _ in trials[1:4]],
                       flush=True)
     return out
+
+
+def load_tuned(path: str) -> dict:
+    """The fastest setting of each key in a --tune run's JSON ("tune": key -> trials, fastest
+    first), as launch_plan.TUNED takes them: (bucket, bits, N, K) -> Config."""
+    import ast
+
+    from misq.runtime.launch_plan import Config
+
+    with open(path) as f:
+        section = json.load(f).get("tune") or {}
+    return {ast.literal_eval(key): Config(**{k: v for k, v in trials[0].items() if k != "us"})
+            for key, trials in section.items() if trials}
 
 
 def _errors(lin, x, y) -> tuple[float, float]:
@@ -547,7 +569,9 @@ def main() -> None:
                          "(as its gather's programmatic dependent, or not)")
     ap.add_argument("--cold-mib", type=int, default=256,
                     help="linears: also time each over copies of its weights of this many MiB in all, so none is "
-                         "read from L2 (0: warm figures only)")
+                         "read from L2 (0: warm figures only); --tune: time the settings so (0: one layer, warm)")
+    ap.add_argument("--tuned-from", default="", metavar="JSON",
+                    help="start from the fastest settings of an earlier --tune run's JSON (launch_plan.TUNED)")
     ap.add_argument("--compile", action="store_true",
                     help="end to end: torch.compile each model's forward (fp16 and packed alike) before the CUDA graph")
     args = ap.parse_args()
@@ -555,6 +579,7 @@ def main() -> None:
     # end to end: the chosen formats among the three the issue names (all three unless --formats narrows them)
     e2e_formats = tuple(f for f in E2E_FORMATS if f in formats)
     pf_rows = tuple(int(m) for m in args.prefill.split(",") if m)
+    tuned = load_tuned(args.tuned_from) if args.tuned_from else {}
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
     def save() -> None:
@@ -565,6 +590,9 @@ def main() -> None:
         # Triton specializes integer arguments on == 1 and on divisibility by 16: one batch of each kind
         kinds = sorted({1 if b == 1 else (16 if b % 16 == 0 else 2) for b in batches})
         jobs = []
+        for (_, bits, R, C), cfg in tuned.items():  # --tuned-from's settings, for both widths' formats
+            jobs += [(R, C, f, M, cfg) for f in ("4bit_g128", "3bit_g128", "mixed_3_4_g128", "50pct_4bit_g128")
+                     if str(bits) in f for M in (1, 16)]
         for R, C in SHAPES.values():
             if args.tune:
                 for M in tuned_rows(batches, pf_rows):
@@ -574,8 +602,13 @@ def main() -> None:
         if not args.skip_e2e:
             jobs += [(R, C, f, M, None) for R, C in SHAPES.values() for f in e2e_formats for M in (1, 16)]
         prewarm(sorted(set(jobs), key=str), args.workers)
+    if args.tuned_from:
+        from misq.runtime import launch_plan
+
+        launch_plan.TUNED.update(tuned)
+        res["tuned_from"] = {"path": args.tuned_from, "settings": {str(k): vars(c) for k, c in tuned.items()}}
     if args.tune:
-        res["tune"] = tune(SHAPES, batches, pf_rows, args.tune_gather)
+        res["tune"] = tune(SHAPES, batches, pf_rows, args.tune_gather, args.cold_mib << 20)
         save()
     if not args.skip_linears:
         res["gathers"] = gathers(SHAPES, batches)
