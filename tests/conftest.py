@@ -55,6 +55,20 @@ def tiny_corpus_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def packed_uniform(tiny_checkpoint, tiny_corpus_file, tmp_path_factory):
+    """A packed checkpoint at the default recipe's shape: uniform 4 bits, groups, act-order, 50%."""
+    from misq import jobs
+    from misq.config import CompressConfig, DataConfig, ModelConfig
+
+    tmp = tmp_path_factory.mktemp("uniform")
+    cfg = CompressConfig(dataset=str(tiny_corpus_file), nsamples=4, groupsize=16, act_order=True, sparsity=0.5,
+                         refine_passes=0)
+    jobs.run_compress(ModelConfig(str(tiny_checkpoint), device="cpu"), DataConfig(seqlen=32, cache_dir=str(tmp / "c")),
+                      cfg, None, str(tmp / "run"), save_dir=str(tmp / "packed"))
+    return tmp / "packed"
+
+
 def randomly_pruned(W, pat, gen):
     """W [R, C] pruned as pattern ``pat`` would leave it: half the weights at random (unstructured,
     drawn from ``gen``), the smallest of every M (N:M), or W itself (dense). Test helper."""

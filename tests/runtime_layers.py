@@ -11,11 +11,13 @@ from misq.runtime.linear import PackedLinear
 
 
 def random_layer(rows: int, cols: int, widths: tuple[int, ...], groupsize: int, pattern: str, *,
-                 act_order: bool = False, seed: int = 0, pruned: float = 0.5):
+                 act_order: bool = False, seed: int = 0, pruned: float = 0.5, order_seed: int | None = None):
     """(PackedLinear, dense fp16 weight [rows, cols] as decode_layer gives it). Groups of
-    ``groupsize`` columns (0: one group per width), widths cycled over the groups."""
+    ``groupsize`` columns (0: one group per width), widths cycled over the groups. ``order_seed``:
+    draw the act-order permutation from its own seed (layers of one step share it), not ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(cols, generator=g) if act_order else torch.arange(cols)
+    order_g = g if order_seed is None else torch.Generator().manual_seed(order_seed)
+    order = torch.randperm(cols, generator=order_g) if act_order else torch.arange(cols)
     if groupsize:
         pos_group = torch.arange(cols) // groupsize
     else:  # one group per width: split the columns into len(widths) runs

@@ -25,7 +25,9 @@ from misq.checkpoint.packed import (
     section_fields,
 )
 from misq.errors import MisqError
+from misq.models.layout import SEQUENTIAL_STEPS
 from misq.runtime.linear import PackedLinear
+from misq.runtime.merge import merge_shared_inputs
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,14 @@ def weights_nbytes(model: nn.Module) -> dict[str, int]:
 
 
 def load_packed_runtime(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                        device: str = "cpu") -> nn.Module:
+                        device: str = "cpu", merge: bool = True) -> nn.Module:
     """A packed checkpoint as a transformers model (eval mode) whose compressed linears compute
     from their codes. A folder without a misq section loads as a plain (dense) model.
 
     Non-linear tensors are cast to ``dtype`` (default: the saved dtype); the codes stay codes.
     On CUDA with fp16 the Triton kernels run; elsewhere each layer dequantizes in its forward.
+    ``merge``: projections that read one input and share a layout (q/k/v, gate/up of a uniform
+    checkpoint) run as one layer (:mod:`misq.runtime.merge`): the same bytes, fewer launches.
     """
     path = Path(path)
     dtype = dtype_arg(dtype)
@@ -61,7 +65,8 @@ def load_packed_runtime(path: str | os.PathLike, *, dtype: torch.dtype | str | N
         return load_packed(path, dtype=dtype, device=device)
     section = checked_misq_section(path, cfg)
     model = _build(path, section, dtype)
-    log.info("loaded %s with the packed runtime (%d packed layers)", path, len(section["layers"]))
+    merged = merge_shared_inputs(model, SEQUENTIAL_STEPS) if merge else 0
+    log.info("loaded %s with the packed runtime (%d packed layers, %d groups merged)", path, len(section["layers"]), merged)
     return model.to(device).eval()
 
 
