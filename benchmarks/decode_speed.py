@@ -38,10 +38,11 @@ FORMATS = {  # name: (widths of the column halves, unstructured sparsity)
 G = 128
 
 
-def random_packed(rows: int, cols: int, widths: tuple[int, int], sparsity: float, device: str = "cuda") -> tuple[PackedLinear, int]:
+def random_packed(rows: int, cols: int, widths: tuple[int, int], sparsity: float, device: str = "cuda",
+                  perm: torch.Tensor | None = None) -> tuple[PackedLinear, int]:
     """(a random PackedLinear, the honest byte count its file would hold). Columns: a random
-    permutation (act-order), the first half at widths[0], the rest at widths[1], groups of 128."""
-    perm = torch.randperm(cols, device=device).to(torch.int32)
+    permutation (act-order; or ``perm``), the first half at widths[0], the rest at widths[1], groups of 128."""
+    perm = torch.randperm(cols, device=device).to(torch.int32) if perm is None else perm
     half = cols // 2
     segs, start, meta_bits, survivors = [], 0, [], {}
     for b in sorted(set(widths)):
@@ -435,19 +436,30 @@ def _compiled(model, compile_forward: bool):
     return model
 
 
-def pack_model(model, fmt: str) -> tuple[int, int]:
-    """Replace every linear of the decoder layers (dense or packed) by a random packed one of
-    format ``fmt``; returns (GPU bytes, honest bytes) of the packed layers."""
+def pack_model(model, fmt: str, merge: bool = False) -> tuple[int, int]:
+    """Replace every linear of the decoder layers (dense, packed or merged) by a random packed one
+    of format ``fmt``, the layers of one step (q/k/v, gate/up) sharing one column order as misq's
+    solves give them; ``merge``: then merge those (misq.runtime.merge). Returns (GPU bytes,
+    honest bytes) of the packed layers."""
+    from misq.models.layout import SEQUENTIAL_STEPS
+    from misq.runtime.merge import merge_shared_inputs
+
     widths, sp = FORMATS[fmt]
-    total = honest_total = 0
+    honest_total = 0
     for block in model.model.layers:
-        for name, mod in list(block.named_modules()):
-            if isinstance(mod, (torch.nn.Linear, PackedLinear)):
-                lin, honest = random_packed(mod.out_features, mod.in_features, widths, sp)
+        for step in SEQUENTIAL_STEPS:
+            perm = None
+            for name in step:
+                mod = block.get_submodule(name)
+                lin, honest = random_packed(mod.out_features, mod.in_features, widths, sp, perm=perm)
+                perm = lin.perm
                 block.set_submodule(name, lin)
-                total, honest_total = total + lin.weight_nbytes, honest_total + honest
+                honest_total += honest
+    if merge:
+        merge_shared_inputs(model, SEQUENTIAL_STEPS)
     torch.cuda.empty_cache()
-    return total, honest_total
+    layers = {id(m): m for m in model.model.layers.modules() if isinstance(m, PackedLinear)}
+    return sum(m.weight_nbytes for m in layers.values()), honest_total
 
 
 def _model_13b(layers: int):
@@ -459,14 +471,14 @@ def _model_13b(layers: int):
         return LlamaForCausalLM(cfg).half().eval()
 
 
-def prefill_model(layers: int, rows: tuple, rounds: int = 5) -> list[dict]:
+def prefill_model(layers: int, rows: tuple, rounds: int = 5, merged: bool = True) -> list[dict]:
     """Host-bound runs of a 13B-shaped model (``layers`` decoder layers, random weights), fp16
     against packed: a prompt's forward of M tokens, no cache, eager (as transformers runs a
     prompt; CUDA-event timed), and greedy decode with a static cache, eager (no CUDA graph).
     Unlike the per-linear prefill rows (CUDA-graph timed, so without the host's launch time),
     these include what the host spends launching each layer's kernels. The host's pace drifts
     within a run, so the two models take turns (``rounds`` of 3 forwards each) and each side's
-    median counts."""
+    median counts. ``merged``: each format also with q/k/v and gate/up merged (misq.runtime.merge)."""
     fp16 = _model_13b(layers)
     model = copy.deepcopy(fp16)
 
@@ -487,8 +499,10 @@ def prefill_model(layers: int, rows: tuple, rounds: int = 5) -> list[dict]:
         return sorted(v)[len(v) // 2]
 
     out = []
-    for fmt in ("4bit_g128", "3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128"):
-        pack_model(model, fmt)
+    for fmt, merge in [(f, m) for f in ("4bit_g128", "3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128")
+                       for m in ((False, True) if merged else (False,))]:
+        pack_model(model, fmt, merge)
+        fmt = fmt + (", q/k/v and gate/up merged" if merge else "")
         for M in rows:
             ms(fp16, M), ms(model, M)  # warm-up
             f, p = [], []
@@ -511,10 +525,11 @@ E2E_FORMATS = ("3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128")
 
 
 def end_to_end(layers: int, compile_forward: bool = False, pdl: bool = False,
-               formats: tuple[str, ...] = E2E_FORMATS) -> list[dict]:
+               formats: tuple[str, ...] = E2E_FORMATS, merged: bool = True) -> list[dict]:
     """Greedy decode tokens/s, fp16 against each packed format, in the same static-cache loop
     (decode_tps); ``pdl``: each packed format also with the h2 kernel as its gather's
-    programmatic dependent (launch_plan.H2_PDL)."""
+    programmatic dependent (launch_plan.H2_PDL); ``merged``: each format also with q/k/v and
+    gate/up merged (misq.runtime.merge, as misq.load does), in the same loop."""
     from misq.runtime import launch_plan
 
     model = _model_13b(layers)
@@ -529,12 +544,14 @@ def end_to_end(layers: int, compile_forward: bool = False, pdl: bool = False,
                 "decoder_weights_gpu_bytes": dense_bytes})
     print(json.dumps(out[-1]), flush=True)
     for fmt in formats:
-        total, honest_total = pack_model(model, fmt)
-        tps_p, how = decode_tps(_compiled(model, compile_forward))
-        how = loop + how
-        out.append({"model": f"13B-shaped, {layers} layers, packed {fmt}", "tokens_per_s": tps_p, "loop": how,
-                    "speedup_vs_fp16": tps_p / tps, "decoder_weights_gpu_bytes": total, "honest_bytes": honest_total})
-        print(json.dumps(out[-1]), flush=True)
+        for merge in (False, True) if merged else (False,):
+            total, honest_total = pack_model(model, fmt, merge)
+            tps_p, how = decode_tps(_compiled(model, compile_forward))
+            how = loop + how
+            out.append({"model": f"13B-shaped, {layers} layers, packed {fmt}" + (", q/k/v and gate/up merged" if merge else ""),
+                        "tokens_per_s": tps_p, "loop": how, "speedup_vs_fp16": tps_p / tps,
+                        "decoder_weights_gpu_bytes": total, "honest_bytes": honest_total})
+            print(json.dumps(out[-1]), flush=True)
         if pdl:  # the other setting of launch_plan.H2_PDL than the default's, in the same loop
             default = launch_plan.H2_PDL
             launch_plan.H2_PDL = not default
@@ -570,6 +587,8 @@ def main() -> None:
     ap.add_argument("--cold-mib", type=int, default=256,
                     help="linears: also time each over copies of its weights of this many MiB in all, so none is "
                          "read from L2 (0: warm figures only); --tune: time the settings so (0: one layer, warm)")
+    ap.add_argument("--skip-merged", action="store_true",
+                    help="end to end and --prefill-model: only unmerged layers (not also q/k/v and gate/up merged)")
     ap.add_argument("--tuned-from", default="", metavar="JSON",
                     help="start from the fastest settings of an earlier --tune run's JSON (launch_plan.TUNED)")
     ap.add_argument("--compile", action="store_true",
@@ -618,11 +637,12 @@ def main() -> None:
         res["prefill"] = prefill(SHAPES, formats, pf_rows)
         save()
     if args.prefill_model:
-        res["prefill_model"] = prefill_model(args.layers, tuple(int(m) for m in args.prefill_model.split(",")))
+        res["prefill_model"] = prefill_model(args.layers, tuple(int(m) for m in args.prefill_model.split(",")),
+                                             merged=not args.skip_merged)
         save()
     if not args.skip_e2e:
         try:
-            res["end_to_end"] = end_to_end(args.layers, args.compile, args.pdl, e2e_formats)
+            res["end_to_end"] = end_to_end(args.layers, args.compile, args.pdl, e2e_formats, not args.skip_merged)
         except Exception as err:  # report what failed, keep the linear results
             res["end_to_end_error"] = repr(err)
             print("end-to-end failed:", repr(err))
