@@ -521,15 +521,29 @@ def prefill_model(layers: int, rows: tuple, rounds: int = 5, merged: bool = True
     return out
 
 
+class EmptyLinear(torch.nn.Module):
+    """A linear that computes nothing: its output is torch.empty (no kernel). A model of these
+    decodes at the pace of everything but its linears (norms, rotary, attention, the KV cache,
+    lm_head, the step's overhead): the floor no linear kernel can go below."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], self.out_features)
+
+
 E2E_FORMATS = ("3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128")
 
 
 def end_to_end(layers: int, compile_forward: bool = False, pdl: bool = False,
-               formats: tuple[str, ...] = E2E_FORMATS, merged: bool = True) -> list[dict]:
+               formats: tuple[str, ...] = E2E_FORMATS, merged: bool = True, floor: bool = False) -> list[dict]:
     """Greedy decode tokens/s, fp16 against each packed format, in the same static-cache loop
     (decode_tps); ``pdl``: each packed format also with the h2 kernel as its gather's
     programmatic dependent (launch_plan.H2_PDL); ``merged``: each format also with q/k/v and
-    gate/up merged (misq.runtime.merge, as misq.load does), in the same loop."""
+    gate/up merged (misq.runtime.merge, as misq.load does), in the same loop; ``floor``: last, the
+    same model with every decoder linear an EmptyLinear (what is left when linears cost nothing)."""
     from misq.runtime import launch_plan
 
     model = _model_13b(layers)
@@ -563,6 +577,19 @@ def end_to_end(layers: int, compile_forward: bool = False, pdl: bool = False,
             out.append({"model": f"13B-shaped, {layers} layers, packed {fmt}, {which}",
                         "tokens_per_s": tps_p, "loop": loop + how, "speedup_vs_fp16": tps_p / tps})
             print(json.dumps(out[-1]), flush=True)
+    if floor:
+        from misq.models.layout import LINEAR_NAMES
+
+        for block in model.model.layers:
+            for name in LINEAR_NAMES:
+                mod = block.get_submodule(name)
+                block.set_submodule(name, EmptyLinear(mod.in_features, mod.out_features))
+        torch.cuda.empty_cache()
+        tps_0, how = decode_tps(_compiled(model, compile_forward))
+        out.append({"model": f"13B-shaped, {layers} layers, every decoder linear empty (the floor)", "tokens_per_s": tps_0,
+                    "loop": loop + how, "speedup_vs_fp16": tps_0 / tps,
+                    "ms_per_token_without_linears": 1e3 / tps_0, "fp16_linears_ms_per_token": 1e3 / tps - 1e3 / tps_0})
+        print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -581,6 +608,8 @@ def main() -> None:
     ap.add_argument("--tune-gather", action="store_true",
                     help="with --tune at batch 1: only the h2 defaults, x gathered first against gathered per program")
     ap.add_argument("--prefill-model", default="", help="prefill rows of the whole-model timing ('' for none)")
+    ap.add_argument("--floor", action="store_true",
+                    help="end to end: last, the model with every decoder linear computing nothing (the floor)")
     ap.add_argument("--pdl", action="store_true",
                     help="batch 1 and end to end: also time the h2 kernel with launch_plan.H2_PDL's other setting "
                          "(as its gather's programmatic dependent, or not)")
@@ -642,7 +671,8 @@ def main() -> None:
         save()
     if not args.skip_e2e:
         try:
-            res["end_to_end"] = end_to_end(args.layers, args.compile, args.pdl, e2e_formats, not args.skip_merged)
+            res["end_to_end"] = end_to_end(args.layers, args.compile, args.pdl, e2e_formats, not args.skip_merged,
+                                           args.floor)
         except Exception as err:  # report what failed, keep the linear results
             res["end_to_end_error"] = repr(err)
             print("end-to-end failed:", repr(err))
