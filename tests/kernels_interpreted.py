@@ -54,6 +54,8 @@ DECODE_CONFIGS: dict[str, tuple[tuple[Any, ...], dict[str, bool]]] = {
     "h2_nosplit": (("h2", 64, 1, 4), {"pregather": True}), "h2_fused": (("h2", 128, 2112, 4), {})}
 DECODE_RUNS = [(1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"),
                (1, "fma_pregather"), (5, "mma_nosplit"), (1, "h2"), (1, "h2_nosplit"), (1, "h2_fused")]
+# merged layers: the batch-1 fp16-pairs path (one width; a mixed 3/4 pair) and the exact path with 16-bit columns
+MERGED_LAYERS = [((4,), 128, "unstructured"), ((3, 4), 128, "dense"), ((2, 3, 4, 6, 8, 16), 32, "unstructured")]
 PREFILL_ROWS = 40
 LAYER_ROWS = 72  # output features: two BLOCK_N slices of 64, the second partial
 GATHERS = [(1, 389, 389), (16, 5120, 5120), (13, 13824, 7000)]  # (rows, columns of x, indices)
@@ -71,12 +73,13 @@ class Case:
     bias: bool = False
     maskless: bool = False  # lightly pruned: zeros stored as codes at the zero point, no mask
     x_scale: float = 1.0  # x is randn times this (4096: the h2 kernel's per-block scaling of large x)
+    merged: bool = False  # three act-order layers of one column order merged into one (misq.runtime.merge)
 
     @property
     def id(self) -> str:
         layer = f"w{'.'.join(map(str, self.widths))}-g{self.groupsize}-{self.pattern}{'-maskless' * self.maskless}"
         big = f"-x{self.x_scale:g}" if self.x_scale != 1.0 else ""
-        return f"{self.path}-m{self.rows}{'-bias' * self.bias}{big}-{layer}"
+        return f"{self.path}-m{self.rows}{'-bias' * self.bias}{big}-{layer}{'-merged' * self.merged}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,9 @@ def cases() -> list[Case | GatherCase]:
     for widths in ((4,), (3, 4)):
         out += [Case("forward", rows, widths, 128, "unstructured", maskless=True) for rows in (1, 16)]
         out.append(Case("prefill_dequant", PREFILL_ROWS, widths, 128, "unstructured", maskless=True))
+    for layer in MERGED_LAYERS:  # q/k/v-like layers merged: the layer's own dispatch at decode and prefill
+        out += [Case(path, rows, *layer, bias=rows == 16, merged=True)
+                for path, rows in (("forward", 1), ("forward", 16), ("prefill_dequant", PREFILL_ROWS))]
     return out + [GatherCase(*g) for g in GATHERS]
 
 
@@ -182,7 +188,15 @@ def _layer(case: Case, cache: dict) -> tuple[Any, Any]:
     groups and blocks); a fresh copy each case, as a case may set its bias."""
     from runtime_layers import random_layer
 
-    key = (case.widths, case.groupsize, case.pattern, case.maskless, case.rows)
+    key = (case.widths, case.groupsize, case.pattern, case.maskless, case.rows, case.merged)
+    if key not in cache and case.merged:  # rows 72 + 24 + 40: q/k/v of unequal heights, one act-order column order
+        import torch
+
+        from misq.runtime.merge import merge_linears
+
+        parts = [random_layer(r, 389, case.widths, case.groupsize, case.pattern, act_order=True, seed=case.rows + i,
+                              order_seed=99)[:2] for i, r in enumerate((LAYER_ROWS, 24, 40))]
+        cache[key] = merge_linears([lin for lin, _ in parts]), torch.cat([dense for _, dense in parts])
     if key not in cache:
         cols = 392 if case.pattern == "2:4" else 389
         kind = {"pruned": 0.05} if case.maskless else {"act_order": case.groupsize == 32}
@@ -284,7 +298,7 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     batches: dict[Any, list[Case | GatherCase]] = {}  # a layer's cases share a worker (and its copy of the layer)
     for case in cases():
-        key = (case.widths, case.groupsize, case.pattern, case.maskless) if isinstance(case, Case) else "gather"
+        key = (case.widths, case.groupsize, case.pattern, case.maskless, case.merged) if isinstance(case, Case) else "gather"
         batches.setdefault(key, []).append(case)
     ordered = sorted(batches.values(), key=lambda b: -sum(len(getattr(c, "widths", ())) for c in b))  # longest first
     if args.jobs <= 1:
