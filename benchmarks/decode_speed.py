@@ -14,7 +14,13 @@ and its greedy decode without a CUDA graph, eager, host time included, fp16 agai
     PYTHONPATH=src python3 benchmarks/decode_speed.py --skip-e2e --workers 16 --out decode.json
 
 (--tune first sweeps the launch settings per shape and keeps the best for the rows; without it the
-rows use launch_plan.default_config, as the runtime does.)
+rows use launch_plan.default_config, as the runtime does; --tuned-from JSON starts from an earlier
+tune.) Each linear is timed twice: its one call repeated (``*_us``; its weights may stay in L2,
+which flatters packed layers of 14-37 MB against fp16's 52-142 MB) and over copies of its weights
+larger than L2 (``*_cold_us``, --cold-mib), as a model's layers read them; --tune times the cold
+way. The packed models give each step's layers (q/k/v, gate/up) one column order, as misq's
+solves do, and time each format unmerged and merged (misq.runtime.merge; --skip-merged for
+unmerged only); --floor also times the model with every decoder linear computing nothing.
 """
 
 from __future__ import annotations
