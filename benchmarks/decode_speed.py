@@ -19,7 +19,7 @@ tune.) Each linear is timed twice: its one call repeated (``*_us``; its weights 
 which flatters packed layers of 14-37 MB against fp16's 52-142 MB) and over copies of its weights
 larger than L2 (``*_cold_us``, --cold-mib), as a model's layers read them; --tune times the cold
 way. The packed models give each step's layers (q/k/v, gate/up) one column order, as misq's
-solves do, and time each format unmerged and merged (misq.runtime.merge; --skip-merged for
+solves do, and time each uniform format unmerged and merged (misq.runtime.merge; --skip-merged for
 unmerged only); --floor also times the model with every decoder linear computing nothing.
 """
 
@@ -442,6 +442,14 @@ def _compiled(model, compile_forward: bool):
     return model
 
 
+def mergeable_format(fmt: str) -> bool:
+    """Whether a real misq checkpoint of this format would have its steps merged: uniform widths
+    (misq's stacked solves then give q/k/v one layout). A mixed checkpoint's widths are allocated
+    per projection, so its q/k/v rarely match; the random mixed layers here would, so they are not
+    timed merged, which would flatter them."""
+    return len(set(FORMATS[fmt][0])) == 1
+
+
 def pack_model(model, fmt: str, merge: bool = False) -> tuple[int, int]:
     """Replace every linear of the decoder layers (dense, packed or merged) by a random packed one
     of format ``fmt``, the layers of one step (q/k/v, gate/up) sharing one column order as misq's
@@ -506,7 +514,7 @@ def prefill_model(layers: int, rows: tuple, rounds: int = 5, merged: bool = True
 
     out = []
     for fmt, merge in [(f, m) for f in ("4bit_g128", "3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128")
-                       for m in ((False, True) if merged else (False,))]:
+                       for m in ((False, True) if merged and mergeable_format(f) else (False,))]:
         pack_model(model, fmt, merge)
         fmt = fmt + (", q/k/v and gate/up merged" if merge else "")
         for M in rows:
@@ -564,7 +572,7 @@ def end_to_end(layers: int, compile_forward: bool = False, pdl: bool = False,
                 "decoder_weights_gpu_bytes": dense_bytes})
     print(json.dumps(out[-1]), flush=True)
     for fmt in formats:
-        for merge in (False, True) if merged else (False,):
+        for merge in (False, True) if merged and mergeable_format(fmt) else (False,):
             total, honest_total = pack_model(model, fmt, merge)
             tps_p, how = decode_tps(_compiled(model, compile_forward))
             how = loop + how
