@@ -85,6 +85,13 @@ def copies_for(nbytes: int, cold_bytes: int) -> int:
     return max(1, -(-cold_bytes // max(nbytes, 1)))
 
 
+def with_copies(lin: PackedLinear, fmt: str, cold_bytes: int) -> list[PackedLinear]:
+    """``lin`` and further random layers of its shape and format, together at least ``cold_bytes``
+    (just ``lin`` for 0): the layers bench_cold cycles through."""
+    R, C = lin.out_features, lin.in_features
+    return [lin] + [random_packed(R, C, *FORMATS[fmt])[0] for _ in range(copies_for(lin.weight_nbytes, cold_bytes) - 1)]
+
+
 def bench_cold(fns: list) -> float:
     """Microseconds per call of one of ``fns`` (the same operation on different copies of its
     weights, together larger than L2), CUDA-graph replayed one after the other: each call reads
@@ -202,8 +209,7 @@ def tune(shapes: dict, batches: tuple, prefill_rows: tuple, gather_only: bool = 
     for R, C in shapes.values():
         for fmt in ("4bit_g128", "3bit_g128"):
             lin = random_packed(R, C, *FORMATS[fmt])[0]
-            lins = [lin] + [random_packed(R, C, *FORMATS[fmt])[0]
-                            for _ in range(copies_for(lin.weight_nbytes, cold_bytes) - 1)] if cold_bytes else [lin]
+            lins = with_copies(lin, fmt, cold_bytes)
             bits = lin.segments[0].bits
             for M in reps:
                 key = (launch_plan.bucket(M), bits, R, C)
@@ -289,9 +295,8 @@ def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple
         Wd = torch.randn(R, C, device="cuda", dtype=torch.float16) * 0.02
         tg = tinygemm(R, C)
         fp16, fp16_cold, tg_cold = {}, {}, {}
-        n16 = copies_for(R * C * 2, cold_bytes)
-        Wds = [Wd] + [torch.randn_like(Wd) * 0.02 for _ in range(n16 - 1)] if cold_bytes else []
-        tgs = [tg] + [tinygemm(R, C) for _ in range(copies_for(R * C // 2, cold_bytes) - 1)] if cold_bytes and tg else []
+        Wds = [Wd] + [torch.randn_like(Wd) * 0.02 for _ in range(copies_for(R * C * 2, cold_bytes) - 1)]
+        tgs = [tg] + [tinygemm(R, C) for _ in range(copies_for(R * C // 2, cold_bytes) - 1)] if tg else []
         for M in batches:
             x = torch.randn(M, C, device="cuda", dtype=torch.float16)
             fp16[M] = bench(lambda x=x, Wd=Wd: F.linear(x, Wd))
@@ -303,8 +308,7 @@ def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple
         del Wds, tgs
         for fmt in formats:
             lin, honest = random_packed(R, C, *FORMATS[fmt])
-            lins = [lin] + [random_packed(R, C, *FORMATS[fmt])[0]
-                            for _ in range(copies_for(lin.weight_nbytes, cold_bytes) - 1)] if cold_bytes else []
+            lins = with_copies(lin, fmt, cold_bytes)
             for M in batches:
                 x = torch.randn(M, C, device="cuda", dtype=torch.float16)
                 xb = x.to(torch.bfloat16)

@@ -45,3 +45,19 @@ def random_layer(rows: int, cols: int, widths: tuple[int, ...], groupsize: int, 
     packed = encode_layer(W, grid, pattern)
     dense = decode_layer(packed.tensors, packed.meta, pattern, torch.float16)
     return PackedLinear.from_file(packed.tensors, packed.meta, pattern), dense, packed
+
+
+def stand_in_kernels(monkeypatch) -> list:
+    """Make PackedLinear take its GPU path on the CPU, its kernels stood in for by dequantize +
+    F.linear (they need CUDA). Returns the list every stood-in call appends its layer to."""
+    from misq.runtime import linear
+
+    calls = []
+
+    def kernels_on_cpu(self, x):
+        calls.append(self)
+        return torch.nn.functional.linear(x, self.dequantize(x.dtype))
+
+    monkeypatch.setattr(linear.PackedLinear, "kernel_forward", kernels_on_cpu)
+    monkeypatch.setattr(linear.PackedLinear, "_kernel_ok", lambda self, x: True)
+    return calls

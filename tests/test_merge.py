@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runtime_layers import random_layer
+from runtime_layers import random_layer, stand_in_kernels
 
 import misq
 from misq.runtime import PackedLinear, weights_nbytes
@@ -84,16 +84,7 @@ def test_slices_compute_once_per_input_and_hold_nothing_after():
 def test_compiled_slices_are_one_graph_and_one_call(monkeypatch):
     """Under torch.compile (fullgraph: no break) the three slices trace to one call of the merged
     layer's op, with the eager outputs."""
-    from misq.runtime import linear
-
-    calls = []
-
-    def kernels_on_cpu(self, x):  # stands in for the Triton kernels, which need CUDA
-        calls.append(self)
-        return torch.nn.functional.linear(x, self.dequantize(x.dtype))
-
-    monkeypatch.setattr(linear.PackedLinear, "kernel_forward", kernels_on_cpu)
-    monkeypatch.setattr(linear.PackedLinear, "_kernel_ok", lambda self, x: True)
+    calls = stand_in_kernels(monkeypatch)
     proj, _ = _sliced(_step())
 
     def attention_inputs(x):

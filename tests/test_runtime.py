@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runtime_layers import random_layer
+from runtime_layers import random_layer, stand_in_kernels
 
 import misq
 from misq import jobs
@@ -108,14 +108,7 @@ def test_compiled_model_calls_the_layer_as_one_opaque_op(monkeypatch):
 
     from misq.runtime import linear
 
-    calls = []
-
-    def kernels_on_cpu(self, x):  # stands in for the Triton kernels, which need CUDA
-        calls.append(self)
-        return torch.nn.functional.linear(x, self.dequantize(x.dtype))
-
-    monkeypatch.setattr(linear.PackedLinear, "kernel_forward", kernels_on_cpu)
-    monkeypatch.setattr(linear.PackedLinear, "_kernel_ok", lambda self, x: True)
+    calls = stand_in_kernels(monkeypatch)
     lin = random_layer(24, 64, (4,), 32, "dense", seed=0)[0]
     twin = copy.deepcopy(lin)
     assert twin._handle != lin._handle and linear._LAYERS[twin._handle] is twin

@@ -86,7 +86,7 @@ class SharedInputSlice(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x [..., C] -> [..., stop - start]: a view of the merged output's last dimension."""
         shared = self._shared
-        if shared.x is not x or shared.unread == 0:
+        if shared.x is not x:  # (dropped once all had read it: x is then None)
             shared.x, shared.y, shared.unread = x, self.merged(x), shared.readers
         y = shared.y[..., self.start:self.stop]
         shared.unread -= 1
