@@ -26,6 +26,7 @@ unmerged only); --floor also times the model with every decoder linear computing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
@@ -247,6 +248,26 @@ def load_tuned(path: str) -> dict:
             for key, trials in section.items() if trials}
 
 
+# launch_plan's module switches --flip may time with the other setting (read when a layer plans its launches)
+FLIPPABLE = ("H2_PDL",)
+
+
+@contextlib.contextmanager
+def flipped(name: str):
+    """launch_plan.<name> set to its other setting for the block, then back; the layers plan their
+    launches again both times (the settings' version moves). Yields the setting in force."""
+    from misq.runtime import launch_plan
+
+    default = getattr(launch_plan, name)
+    setattr(launch_plan, name, not default)
+    launch_plan.TUNED.update()
+    try:
+        yield not default
+    finally:
+        setattr(launch_plan, name, default)
+        launch_plan.TUNED.update()
+
+
 def _errors(lin, x, y) -> tuple[float, float]:
     """(max |y - ref|, max |y - ref| / fp16 tolerance) against x @ W^T in float64 (W the
     dequantized weight); <= 1 is within fp16 rounding."""
@@ -274,21 +295,19 @@ def gathers(shapes: dict, batches: tuple) -> list[dict]:
     return out
 
 
-def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple = (1, 16), pdl: bool = False,
-            cold_bytes: int = 256 << 20) -> list[dict]:
+def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple = (1, 16),
+            flips: tuple[str, ...] = (), cold_bytes: int = 256 << 20) -> list[dict]:
     """Per shape, format and batch: misq's default path against fp16 cuBLAS and torch's int4
     kernel (CUDA-graph timed), its error against the dequantized weights, GPU and honest bytes;
-    at batch 1 also a mixed layer's widths one launch each, and (``pdl``) the h2 kernel with
-    launch_plan.H2_PDL's other setting (as the gather's programmatic dependent, or not).
+    at batch 1 also a mixed layer's widths one launch each, and each launch_plan switch named in
+    ``flips`` at its other setting (``misq_<name>_on_us`` or ``_off_us``, cold too; a switch
+    changes the default settings only, not those of --tuned-from).
     ``cold_bytes`` > 0: each of the three also timed over copies of its weights of at least that
     many bytes in all (``*_cold_us``, bench_cold), so that no call finds its weights in L2; the
     warm figures (``*_us``) flatter the packed layers, whose 14-37 MB fit in an H200's 50 MB L2
     while fp16's 52-142 MB do not."""
-    from dataclasses import replace
 
-    from misq.runtime import launch_plan
     from misq.runtime.decode_plan import decode_matmul
-    from misq.runtime.launch_plan import config_for
 
     rows_out = []
     for shape_name, (R, C) in shapes.items():
@@ -324,15 +343,16 @@ def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple
                     r.update(copies=len(lins), misq_cold_us=bench_cold([lambda x=x, m=m: m(x) for m in lins]),
                              fp16_cublas_cold_us=fp16_cold[M], int4_tinygemm_cold_us=tg_cold.get(M))
                     r["speedup_vs_fp16_cold"] = r["fp16_cublas_cold_us"] / r["misq_cold_us"]
-                if M == 1 and pdl:  # side by side: the h2 kernel with and without PDL (the default's other)
-                    flip = not launch_plan.H2_PDL
-                    cfgs = [replace(config_for(1, sg.bits, R, C), pdl=flip) for sg in lin.segments]
-                    key = "misq_pdl_us" if flip else "misq_no_pdl_us"
-                    try:
-                        r[key] = bench(lambda x=x, lin=lin, cfgs=cfgs: lin._decode(x, cfgs))
-                        r[key.replace("_us", "_err_over_fp16_tolerance")] = _errors(lin, x, lin._decode(x, cfgs))[1]
-                    except Exception as err:  # reported: the driver may not take the launch attribute
-                        r["misq_pdl_error"] = str(err).splitlines()[0][:200]
+                for name in flips if M == 1 else ():  # side by side: the switch's other setting
+                    with flipped(name) as now:
+                        key = f"misq_{name.lower()}_{'on' if now else 'off'}"
+                        try:
+                            r[key + "_us"] = bench(lambda x=x, lin=lin: lin(x))
+                            if cold_bytes:
+                                r[key + "_cold_us"] = bench_cold([lambda x=x, m=m: m(x) for m in lins])
+                            r[key + "_err_over_fp16_tolerance"] = _errors(lin, x, lin(x))[1]
+                        except Exception as err:  # reported: the driver may not take the launch attribute
+                            r[key + "_error"] = str(err).splitlines()[0][:200]
                 if M == 1 and len(lin.segments) == 2:  # side by side: the two widths in one launch or one by one
                     r["misq_one_launch_a_width_us"] = bench(lambda x=x, lin=lin, R=R: decode_matmul(
                         x, lin.perm, lin.segments, R, lin.bias, kperm=lin.kperm, pair_h2=False))
@@ -555,14 +575,13 @@ class EmptyLinear(torch.nn.Module):
 E2E_FORMATS = ("3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128")
 
 
-def end_to_end(layers: int, compile_forward: bool = False, pdl: bool = False,
+def end_to_end(layers: int, compile_forward: bool = False, flips: tuple[str, ...] = (),
                formats: tuple[str, ...] = E2E_FORMATS, merged: bool = True, floor: bool = False) -> list[dict]:
     """Greedy decode tokens/s, fp16 against each packed format, in the same static-cache loop
-    (decode_tps); ``pdl``: each packed format also with the h2 kernel as its gather's
-    programmatic dependent (launch_plan.H2_PDL); ``merged``: each format also with q/k/v and
+    (decode_tps); ``flips``: each packed format (as last packed) also with each named launch_plan
+    switch at its other setting (FLIPPABLE); ``merged``: each format also with q/k/v and
     gate/up merged (misq.runtime.merge, as misq.load does), in the same loop; ``floor``: last, the
     same model with every decoder linear an EmptyLinear (what is left when linears cost nothing)."""
-    from misq.runtime import launch_plan
 
     model = _model_13b(layers)
     out = []
@@ -584,16 +603,12 @@ def end_to_end(layers: int, compile_forward: bool = False, pdl: bool = False,
                         "tokens_per_s": tps_p, "loop": how, "speedup_vs_fp16": tps_p / tps,
                         "decoder_weights_gpu_bytes": total, "honest_bytes": honest_total})
             print(json.dumps(out[-1]), flush=True)
-        if pdl:  # the other setting of launch_plan.H2_PDL than the default's, in the same loop
-            default = launch_plan.H2_PDL
-            launch_plan.H2_PDL = not default
-            launch_plan.TUNED.update()  # the layers plan their launches again (the settings' version moved)
-            tps_p, how = decode_tps(_compiled(model, compile_forward))
-            launch_plan.H2_PDL = default
-            launch_plan.TUNED.update()
-            which = "h2 as a programmatic dependent" if not default else "h2 launched plainly (no PDL)"
-            out.append({"model": f"13B-shaped, {layers} layers, packed {fmt}, {which}",
-                        "tokens_per_s": tps_p, "loop": loop + how, "speedup_vs_fp16": tps_p / tps})
+        for name in flips:  # the switch's other setting, in the same loop
+            with flipped(name) as now:
+                tps_p, how = decode_tps(_compiled(model, compile_forward))
+            out.append({"model": f"13B-shaped, {layers} layers, packed {fmt}" + (", merged" if merge else "")
+                        + f", launch_plan.{name} = {now}", "tokens_per_s": tps_p, "loop": loop + how,
+                        "speedup_vs_fp16": tps_p / tps})
             print(json.dumps(out[-1]), flush=True)
     if floor:
         from misq.models.layout import LINEAR_NAMES
@@ -628,9 +643,10 @@ def main() -> None:
     ap.add_argument("--prefill-model", default="", help="prefill rows of the whole-model timing ('' for none)")
     ap.add_argument("--floor", action="store_true",
                     help="end to end: last, the model with every decoder linear computing nothing (the floor)")
-    ap.add_argument("--pdl", action="store_true",
-                    help="batch 1 and end to end: also time the h2 kernel with launch_plan.H2_PDL's other setting "
-                         "(as its gather's programmatic dependent, or not)")
+    ap.add_argument("--flip", default="", metavar="NAMES",
+                    help="batch 1 and end to end: also time with each named launch_plan switch (" + ", ".join(FLIPPABLE)
+                         + ") at its other setting, side by side")
+    ap.add_argument("--pdl", action="store_true", help="the same as --flip H2_PDL")
     ap.add_argument("--cold-mib", type=int, default=256,
                     help="linears: also time each over copies of its weights of this many MiB in all, so none is "
                          "read from L2 (0: warm figures only); --tune: time the settings so (0: one layer, warm)")
@@ -646,6 +662,9 @@ def main() -> None:
     e2e_formats = tuple(f for f in E2E_FORMATS if f in formats)
     pf_rows = tuple(int(m) for m in args.prefill.split(",") if m)
     tuned = load_tuned(args.tuned_from) if args.tuned_from else {}
+    flips = tuple(n for n in args.flip.split(",") if n) + (("H2_PDL",) if args.pdl else ())
+    if bad := [n for n in flips if n not in FLIPPABLE]:
+        ap.error(f"--flip: unknown switch {', '.join(bad)}; choose from {', '.join(FLIPPABLE)}")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
     def save() -> None:
@@ -678,7 +697,7 @@ def main() -> None:
         save()
     if not args.skip_linears:
         res["gathers"] = gathers(SHAPES, batches)
-        res["linears"] = linears(SHAPES, formats, batches, pdl=args.pdl, cold_bytes=args.cold_mib << 20)
+        res["linears"] = linears(SHAPES, formats, batches, flips=flips, cold_bytes=args.cold_mib << 20)
         save()
     if pf_rows:
         res["prefill"] = prefill(SHAPES, formats, pf_rows)
@@ -689,7 +708,7 @@ def main() -> None:
         save()
     if not args.skip_e2e:
         try:
-            res["end_to_end"] = end_to_end(args.layers, args.compile, args.pdl, e2e_formats, not args.skip_merged,
+            res["end_to_end"] = end_to_end(args.layers, args.compile, flips, e2e_formats, not args.skip_merged,
                                            args.floor)
         except Exception as err:  # report what failed, keep the linear results
             res["end_to_end_error"] = repr(err)
