@@ -139,6 +139,10 @@ def candidates(M: int, gather_only: bool = False) -> list:
                    (64, 2112, 4, 2), (32, 2112, 4, 2), (32, 4224, 2, 1), (32, 2640, 1, 2),
                    # deeper pipelines, for weights streamed from memory rather than L2 (--cold-mib)
                    (64, 1320, 2, 3), (64, 660, 4, 4), (128, 1056, 4, 3), (32, 1320, 2, 4))),
+                # each block loaded while the one before is computed (Config.ahead), at the defaults and
+                # the cold tune's picks (session 18)
+                *(Config("h2", bn, t, w, st, pregather=True, pdl=H2_PDL, ahead=True) for bn, t, w, st in
+                  ((64, 1320, 2, 2), (64, 2112, 4, 2), (32, 2640, 1, 2), (32, 1320, 2, 4), (64, 660, 4, 4))),
                 Config("h2", 256, 1056, 4),
                 Config("mma", 64, 2112, 4, pregather=True), Config("fma", 64, 2112, 4, pregather=True)]
     if M <= 16:  # the default first, then longer or shorter split-K programs, pipelined or not
@@ -249,7 +253,7 @@ def load_tuned(path: str) -> dict:
 
 
 # launch_plan's module switches --flip may time with the other setting (read when a layer plans its launches)
-FLIPPABLE = ("H2_PDL",)
+FLIPPABLE = ("H2_PDL", "H2_LOAD_AHEAD")
 
 
 @contextlib.contextmanager

@@ -51,9 +51,13 @@ DECODE_CONFIGS: dict[str, tuple[tuple[Any, ...], dict[str, bool]]] = {
     "mma_pregather": (("mma", 64, 2112, 4), {"pregather": True}), "mma_split": (("mma", 64, 4096, 4), {}),
     "dot": (("dot", 128, 2112, 4), {}), "fma_pregather": (("fma", 64, 2112, 4), {"pregather": True}),
     "mma_nosplit": (("mma", 32, 1, 4), {}), "h2": (("h2", 128, 2112, 4), {"pregather": True}),
-    "h2_nosplit": (("h2", 64, 1, 4), {"pregather": True}), "h2_fused": (("h2", 128, 2112, 4), {})}
+    "h2_nosplit": (("h2", 64, 1, 4), {"pregather": True}), "h2_fused": (("h2", 128, 2112, 4), {}),
+    # each block loaded while the one before is computed: one block a program, and all of them in one
+    "h2_ahead": (("h2", 64, 2112, 2), {"pregather": True, "ahead": True}),
+    "h2_ahead_nosplit": (("h2", 32, 1, 1), {"pregather": True, "ahead": True})}
 DECODE_RUNS = [(1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"),
-               (1, "fma_pregather"), (5, "mma_nosplit"), (1, "h2"), (1, "h2_nosplit"), (1, "h2_fused")]
+               (1, "fma_pregather"), (5, "mma_nosplit"), (1, "h2"), (1, "h2_nosplit"), (1, "h2_fused"),
+               (1, "h2_ahead"), (1, "h2_ahead_nosplit")]
 # merged layers: the batch-1 fp16-pairs path (one width; a mixed 3/4 pair) and the exact path with 16-bit columns
 MERGED_LAYERS = [((4,), 128, "unstructured"), ((3, 4), 128, "dense"), ((2, 3, 4, 6, 8, 16), 32, "unstructured")]
 PREFILL_ROWS = 40
@@ -74,12 +78,14 @@ class Case:
     maskless: bool = False  # lightly pruned: zeros stored as codes at the zero point, no mask
     x_scale: float = 1.0  # x is randn times this (4096: the h2 kernel's per-block scaling of large x)
     merged: bool = False  # three act-order layers of one column order merged into one (misq.runtime.merge)
+    cols: int = 0  # columns of the layer (0: 389, or 392 for 2:4)
 
     @property
     def id(self) -> str:
         layer = f"w{'.'.join(map(str, self.widths))}-g{self.groupsize}-{self.pattern}{'-maskless' * self.maskless}"
         big = f"-x{self.x_scale:g}" if self.x_scale != 1.0 else ""
-        return f"{self.path}-m{self.rows}{'-bias' * self.bias}{big}-{layer}{'-merged' * self.merged}"
+        wide = f"-c{self.cols}" if self.cols else ""
+        return f"{self.path}-m{self.rows}{'-bias' * self.bias}{big}-{layer}{'-merged' * self.merged}{wide}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,8 @@ def cases() -> list[Case | GatherCase]:
     for widths, pattern in (((4,), "dense"), ((4,), "unstructured"), ((3,), "dense")):
         out += [Case(f"decode:{cfg}", 1, widths, 128, pattern, x_scale=4096.0)  # x past fp16's range for its sums
                 for cfg in ("h2", "h2_fused")]
+    for widths in ((3,), (3, 4)):  # several 3-bit blocks (512 columns) a program: the loads ahead carried over
+        out += [Case(f"decode:{cfg}", 1, widths, 128, "dense", cols=1100) for cfg in ("h2_nosplit", "h2_ahead_nosplit")]
     for widths in ((4,), (3, 4)):
         out += [Case("forward", rows, widths, 128, "unstructured", maskless=True) for rows in (1, 16)]
         out.append(Case("prefill_dequant", PREFILL_ROWS, widths, 128, "unstructured", maskless=True))
@@ -188,7 +196,7 @@ def _layer(case: Case, cache: dict) -> tuple[Any, Any]:
     groups and blocks); a fresh copy each case, as a case may set its bias."""
     from runtime_layers import random_layer
 
-    key = (case.widths, case.groupsize, case.pattern, case.maskless, case.rows, case.merged)
+    key = (case.widths, case.groupsize, case.pattern, case.maskless, case.rows, case.merged, case.cols)
     if key not in cache and case.merged:  # rows 72 + 24 + 40: q/k/v of unequal heights, one act-order column order
         import torch
 
@@ -198,7 +206,7 @@ def _layer(case: Case, cache: dict) -> tuple[Any, Any]:
                               order_seed=99)[:2] for i, r in enumerate((LAYER_ROWS, 24, 40))]
         cache[key] = merge_linears([lin for lin, _ in parts]), torch.cat([dense for _, dense in parts])
     if key not in cache:
-        cols = 392 if case.pattern == "2:4" else 389
+        cols = case.cols or (392 if case.pattern == "2:4" else 389)
         kind = {"pruned": 0.05} if case.maskless else {"act_order": case.groupsize == 32}
         cache[key] = random_layer(LAYER_ROWS, cols, case.widths, case.groupsize, case.pattern, seed=case.rows, **kind)[:2]
     lin, dense = cache[key]

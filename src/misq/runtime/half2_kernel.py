@@ -190,13 +190,25 @@ if HAVE_TRITON:
         return ((z_lo << Q) | top) | (((z_hi << Q) | top) << 16)
 
     @triton.jit
-    def _block4(acc, blk, wa, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, s_ptr, z_ptr, group_cols, offs_n, n_ok, N,
-                FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr):
-        """acc [8, BN] += one 4-bit layout block: word rows r and r + 8, summed together in fp16."""
+    def _words4(blk, ok, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N):
+        """What a 4-bit layout block reads from memory (nothing where ``ok`` is false): its words
+        v (word rows r) and u (rows r + 8), int32 [8, BN], and its group's scales and zeros [BN]."""
         r = tl.arange(0, 8)
+        m = n_ok & ok
         wp = wa + (blk * 16 + r)[:, None] * N + offs_n[None, :]
-        v = tl.load(wp, mask=n_ok[None, :], other=0)
-        u = tl.load(wp + 8 * N, mask=n_ok[None, :], other=0)
+        v = tl.load(wp, mask=m[None, :], other=0)
+        u = tl.load(wp + 8 * N, mask=m[None, :], other=0)
+        g = (blk * 128) // group_cols
+        s = tl.load(s_ptr + g * N + offs_n, mask=m, other=0.0)
+        z = tl.load(z_ptr + g * N + offs_n, mask=m, other=0)
+        return v, u, s, z
+
+    @triton.jit
+    def _math4(acc, blk, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED: tl.constexpr,
+               LIMIT_LOG2: tl.constexpr):
+        """acc [8, BN] += one 4-bit layout block from its _words4: word rows r and r + 8, summed
+        together in fp16."""
+        r = tl.arange(0, 8)
         if FUSED:
             x0, x1, x2, x3, y0, y1, y2, y3, xsc = _coop_pairs4(x_ptr, q_ptr, blk, n_cols, LIMIT_LOG2)
         else:
@@ -209,27 +221,59 @@ if HAVE_TRITON:
             y2 = _xpair(xp_ptr, blk, r + 8, 8, 2)
             y3 = _xpair(xp_ptr, blk, r + 8, 8, 3)
             xsc = tl.load(xs_ptr + blk)
-        g = (blk * 128) // group_cols
-        s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32) * xsc
-        z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.int32)
-        za = _zero_pair(z, z, 0)[None, :]  # fp16 -(1024 + z), twice
-        zb = _zero_pair(z, z, 4)[None, :]  # fp16 -(64 + z), twice
+        zi = z.to(tl.int32)
+        za = _zero_pair(zi, zi, 0)[None, :]  # fp16 -(1024 + z), twice
+        zb = _zero_pair(zi, zi, 4)[None, :]  # fp16 -(64 + z), twice
         d = _words_dot(v, u, x0[:, None], x1[:, None], x2[:, None], x3[:, None], y0[:, None], y1[:, None],
                        y2[:, None], y3[:, None], za, zb)
-        return acc + d * s[None, :]
+        return acc + d * (s.to(tl.float32) * xsc)[None, :]
 
     @triton.jit
-    def _block3(acc, blk, wa, wb, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, s_ptr, z_ptr, group_cols, n_groups,
-                offs_n, n_ok, N, FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr):
-        """acc [16, BN] += one 3-bit layout block (512 columns): per word row r, the 2-bit words of
-        tile runs h = 0, 1 and the 1-bit word; tiles 0-15 pair with 16-31, in two halves sg
-        (tiles 8 sg .. 8 sg + 7 and 16 more) whose groups may differ (groups of 128 columns)."""
+    def _words3(blk, ok, wa, wb, s_ptr, z_ptr, group_cols, n_groups, offs_n, n_ok, N):
+        """What a 3-bit layout block (512 columns) reads from memory (nothing where ``ok`` is
+        false): per word row r, the 2-bit words of tile runs h = 0, 1 (A0, A1) and the 1-bit word
+        (B), int32 [16, BN]; the scales and zeros [BN] of its four groups of 128 columns, in the
+        order (half sg 0: low, high; sg 1: low, high) that _math3 pairs them."""
         r = tl.arange(0, 16)
-        m = n_ok[None, :]
+        m = (n_ok & ok)[None, :]
         pa = wa + (blk * 32 + r)[:, None] * N + offs_n[None, :]
         A0 = tl.load(pa, mask=m, other=0)
         A1 = tl.load(pa + 16 * N, mask=m, other=0)
         B = tl.load(wb + (blk * 16 + r)[:, None] * N + offs_n[None, :], mask=m, other=0)
+        g0 = (blk * 512) // group_cols  # tiles 0-7
+        g1 = (blk * 512 + 256) // group_cols  # tiles 16-23
+        g2 = (blk * 512 + 128) // group_cols  # tiles 8-15
+        g3 = (blk * 512 + 384) // group_cols  # tiles 24-31
+        # a partial last block's tiles past the columns have no group
+        m0, m1 = n_ok & ok & (g0 < n_groups), n_ok & ok & (g1 < n_groups)
+        m2, m3 = n_ok & ok & (g2 < n_groups), n_ok & ok & (g3 < n_groups)
+        s0 = tl.load(s_ptr + g0 * N + offs_n, mask=m0, other=0.0)
+        s1 = tl.load(s_ptr + g1 * N + offs_n, mask=m1, other=0.0)
+        s2 = tl.load(s_ptr + g2 * N + offs_n, mask=m2, other=0.0)
+        s3 = tl.load(s_ptr + g3 * N + offs_n, mask=m3, other=0.0)
+        z0 = tl.load(z_ptr + g0 * N + offs_n, mask=m0, other=0)
+        z1 = tl.load(z_ptr + g1 * N + offs_n, mask=m1, other=0)
+        z2 = tl.load(z_ptr + g2 * N + offs_n, mask=m2, other=0)
+        z3 = tl.load(z_ptr + g3 * N + offs_n, mask=m3, other=0)
+        return A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3
+
+    @triton.jit
+    def _half3(acc, a0, a1, b0, b1, p0, p1, p2, p3, p4, p5, p6, p7, s_lo, s_hi, z_lo, z_hi, xsc):
+        """acc [16, BN] += one half of a 3-bit block: tiles paired low/high, their groups' scales
+        and zeros s_lo, z_lo (low tiles) and s_hi, z_hi (high), [BN] each as loaded."""
+        zl, zh = z_lo.to(tl.int32), z_hi.to(tl.int32)
+        lo, hi = _pairs3_dot(a0, a1, b0, b1, p0[:, None], p1[:, None], p2[:, None], p3[:, None], p4[:, None],
+                             p5[:, None], p6[:, None], p7[:, None], _zero_pair(zl, zh, 0)[None, :],
+                             _zero_pair(zl, zh, 2)[None, :], _zero_pair(zl, zh, 4)[None, :],
+                             _zero_pair(zl, zh, 6)[None, :])
+        return acc + lo * (s_lo.to(tl.float32) * xsc)[None, :] + hi * (s_hi.to(tl.float32) * xsc)[None, :]
+
+    @triton.jit
+    def _math3(acc, blk, A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols,
+               FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr):
+        """acc [16, BN] += one 3-bit layout block from its _words3: tiles 0-15 pair with 16-31, in
+        two halves sg (tiles 8 sg .. 8 sg + 7 and 16 more) whose groups may differ."""
+        r = tl.arange(0, 16)
         if FUSED:
             p00, p01, p02, p03, p04, p05, p06, p07, p10, p11, p12, p13, p14, p15, p16, p17, xsc = _coop_pairs3(
                 x_ptr, q_ptr, blk, n_cols, LIMIT_LOG2)
@@ -251,43 +295,50 @@ if HAVE_TRITON:
             p16 = _xpair(xp_ptr, blk, r, 32, 14)
             p17 = _xpair(xp_ptr, blk, r, 32, 15)
             xsc = tl.load(xs_ptr + blk)
-        for sg in tl.static_range(2):
-            g_lo = (blk * 512 + 128 * sg) // group_cols
-            g_hi = (blk * 512 + 256 + 128 * sg) // group_cols
-            m_lo = n_ok & (g_lo < n_groups)  # a partial last block's tiles past the columns: no group
-            m_hi = n_ok & (g_hi < n_groups)
-            s_lo = tl.load(s_ptr + g_lo * N + offs_n, mask=m_lo, other=0.0).to(tl.float32) * xsc
-            s_hi = tl.load(s_ptr + g_hi * N + offs_n, mask=m_hi, other=0.0).to(tl.float32) * xsc
-            z_lo = tl.load(z_ptr + g_lo * N + offs_n, mask=m_lo, other=0).to(tl.int32)
-            z_hi = tl.load(z_ptr + g_hi * N + offs_n, mask=m_hi, other=0).to(tl.int32)
-            zq = (_zero_pair(z_lo, z_hi, 0)[None, :], _zero_pair(z_lo, z_hi, 2)[None, :],
-                  _zero_pair(z_lo, z_hi, 4)[None, :], _zero_pair(z_lo, z_hi, 6)[None, :])
-            if sg == 0:  # slot s = s' at 2 s' (+ 1 for the 2-bit piece)
-                lo, hi = _pairs3_dot(A0 << 1, A1 << 1, B, B >> 1, p00[:, None], p01[:, None], p02[:, None],
-                                     p03[:, None], p04[:, None], p05[:, None], p06[:, None], p07[:, None], *zq)
-            else:  # slot s = 4 + s'
-                lo, hi = _pairs3_dot(A0 >> 7, A1 >> 7, B >> 8, B >> 9, p10[:, None], p11[:, None], p12[:, None],
-                                     p13[:, None], p14[:, None], p15[:, None], p16[:, None], p17[:, None], *zq)
-            acc += lo * s_lo[None, :] + hi * s_hi[None, :]
-        return acc
+        # half 0: slot s = s' at 2 s' (+ 1 for the 2-bit piece); half 1: slot s = 4 + s'
+        acc = _half3(acc, A0 << 1, A1 << 1, B, B >> 1, p00, p01, p02, p03, p04, p05, p06, p07, s0, s1, z0, z1, xsc)
+        return _half3(acc, A0 >> 7, A1 >> 7, B >> 8, B >> 9, p10, p11, p12, p13, p14, p15, p16, p17, s2, s3, z2, z3,
+                      xsc)
 
     @triton.jit
     def _segment_sum(pid_s, xp_ptr, xs_ptr, x_ptr, q_ptr, wa, wb, s_ptr, z_ptr, N, n_cols, n_blocks, group_cols,
                      n_groups, blocks_per_split, offs_n, n_ok, BITS: tl.constexpr, BN: tl.constexpr,
-                     FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr):
+                     FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr, AHEAD: tl.constexpr):
         """float32 [1, BN]: split-K run pid_s (blocks_per_split layout blocks) of one 3- or 4-bit
         segment's x @ W^T for features offs_n. acc [rows, BN] holds scaled sums per word row,
-        added once at the end."""
+        added once at the end. AHEAD: each block's words, scales and zeros are loaded while the
+        block before is computed (held in registers), so that a program has two blocks' loads
+        in flight rather than one (Triton's num_stages does not pipeline loads that feed no dot)."""
         acc = tl.zeros((8 if BITS == 4 else 16, BN), dtype=tl.float32)
         b_lo = pid_s * blocks_per_split
         b_hi = tl.minimum(b_lo + blocks_per_split, n_blocks)
-        for blk in range(b_lo, b_hi):
-            if BITS == 4:
-                acc = _block4(acc, blk, wa, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, s_ptr, z_ptr, group_cols,
-                              offs_n, n_ok, N, FUSED, LIMIT_LOG2)
+        if BITS == 4:
+            if AHEAD:
+                v, u, s, z = _words4(b_lo, b_lo < b_hi, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N)
+                for blk in range(b_lo, b_hi):
+                    nv, nu, ns, nz = _words4(blk + 1, blk + 1 < b_hi, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N)
+                    acc = _math4(acc, blk, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2)
+                    v, u, s, z = nv, nu, ns, nz
             else:
-                acc = _block3(acc, blk, wa, wb, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, s_ptr, z_ptr, group_cols,
-                              n_groups, offs_n, n_ok, N, FUSED, LIMIT_LOG2)
+                for blk in range(b_lo, b_hi):
+                    v, u, s, z = _words4(blk, True, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N)
+                    acc = _math4(acc, blk, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2)
+        else:
+            if AHEAD:
+                A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = _words3(b_lo, b_lo < b_hi, wa, wb, s_ptr, z_ptr, group_cols,
+                                                                    n_groups, offs_n, n_ok, N)
+                for blk in range(b_lo, b_hi):
+                    nA0, nA1, nB, ns0, ns1, ns2, ns3, nz0, nz1, nz2, nz3 = _words3(
+                        blk + 1, blk + 1 < b_hi, wa, wb, s_ptr, z_ptr, group_cols, n_groups, offs_n, n_ok, N)
+                    acc = _math3(acc, blk, A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3, xp_ptr, xs_ptr, x_ptr, q_ptr,
+                                 n_cols, FUSED, LIMIT_LOG2)
+                    A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = nA0, nA1, nB, ns0, ns1, ns2, ns3, nz0, nz1, nz2, nz3
+            else:
+                for blk in range(b_lo, b_hi):
+                    A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = _words3(blk, True, wa, wb, s_ptr, z_ptr, group_cols,
+                                                                        n_groups, offs_n, n_ok, N)
+                    acc = _math3(acc, blk, A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3, xp_ptr, xs_ptr, x_ptr, q_ptr,
+                                 n_cols, FUSED, LIMIT_LOG2)
         return tl.sum(acc, axis=0)[None, :]
 
     @triton.jit
@@ -296,7 +347,7 @@ if HAVE_TRITON:
                    xp2, xs2, q2, wa2, wb2, s2, z2, n2, nblk2, gc2, ng2, bps2,
                    BITS1: tl.constexpr, BITS2: tl.constexpr, NSEG: tl.constexpr, BN: tl.constexpr,
                    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr,
-                   PDL: tl.constexpr = False):
+                   PDL: tl.constexpr = False, AHEAD: tl.constexpr = False):
         """y [1, N] (+)= x @ W^T over one or two 3- or 4-bit segments (a mixed-width layer's two
         widths in one launch). Per segment: x as pregathered pairs xp and block scales xs
         (half2_gather._gather_pairs), or (FUSED) gathered here, each program for its own blocks,
@@ -306,7 +357,8 @@ if HAVE_TRITON:
         (pid_n, pid_s): BN output features; split-K run pid_s of segment 1 below split1, run
         pid_s - split1 of segment 2 from there. MODE as tile_kernel's (the split-K workspace and
         its counter span both segments' programs). PDL: launched as the x gather's programmatic
-        dependent, so its programs may start before the gather is done: they wait for it here."""
+        dependent, so its programs may start before the gather is done: they wait for it here.
+        AHEAD: each block's loads issued while the block before is computed (_segment_sum)."""
         if PDL:
             gdc_wait()
         pid_n = tl.program_id(0)
@@ -316,12 +368,12 @@ if HAVE_TRITON:
         if NSEG == 2:
             if pid_s < split1:
                 y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, gc1, ng1, bps1,
-                                 offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2)
+                                 offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, AHEAD)
             else:
                 y = _segment_sum(pid_s - split1, xp2, xs2, x_ptr, q2, wa2, wb2, s2, z2, N, n2, nblk2, gc2, ng2,
-                                 bps2, offs_n, n_ok, BITS2, BN, FUSED, LIMIT_LOG2)
+                                 bps2, offs_n, n_ok, BITS2, BN, FUSED, LIMIT_LOG2, AHEAD)
         else:
             y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, gc1, ng1, bps1,
-                             offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2)
+                             offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, AHEAD)
         om = tl.arange(0, 1)
         write_out(y, om, om < 1, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)

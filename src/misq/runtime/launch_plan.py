@@ -30,6 +30,11 @@ PREFILL_FUSED_MAX_ROWS = 0
 # (BENCHMARKS.md, session 13). Layers keep the launches they planned; after changing this, a
 # ``TUNED.update()`` makes them plan again (benchmarks/decode_speed.py --pdl does)
 H2_PDL = True
+# the batch-1 h2 kernel's programs load each layout block while computing the one before
+# (Config.ahead; half2_kernel._segment_sum): two blocks' loads in flight a program instead of one,
+# for 78 -> 123 registers at the 4-bit default (sm_90 compile). Off until it is timed on a GPU
+# (benchmarks/decode_speed.py --flip H2_LOAD_AHEAD); as H2_PDL, read by default_config
+H2_LOAD_AHEAD = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class Config:
     # h2 with pregather: the kernel launched as the gather's programmatic dependent (Hopper's
     # programmatic dependent launch): its programs start while the gather finishes and wait for it
     pdl: bool = False
+    # h2: each block's words, scales and zeros loaded while the block before is computed
+    ahead: bool = False
 
 
 class _Settings(dict):
@@ -104,9 +111,9 @@ def default_config(M: int, bits: int, N: int, K: int, mma: bool = True, h2: bool
     # 3-bit's), two blocks a program, pipelined: 14-17% faster than one on the MLP shapes, equal on
     # 5120 x 5120 (BENCHMARKS.md, session 12)
     if M == 1 and bits == 4 and h2:
-        return Config("h2", 64, 10 * 132, 2, 2, pregather=True, pdl=H2_PDL)
+        return Config("h2", 64, 10 * 132, 2, 2, pregather=True, pdl=H2_PDL, ahead=H2_LOAD_AHEAD)
     if M == 1 and bits == 3 and h2:
-        return Config("h2", 64, 16 * 132, 4, 2, pregather=True, pdl=H2_PDL)
+        return Config("h2", 64, 16 * 132, 4, 2, pregather=True, pdl=H2_PDL, ahead=H2_LOAD_AHEAD)
     if M == 1 and (single or not mma):  # one piece a code (4-bit): CUDA cores, x gathered first (1.1-1.15x faster)
         return Config("fma", 64, 16 * 132, 4, pregather=single)
     if not mma:  # over 10 bits
