@@ -145,11 +145,13 @@ def candidates(M: int, gather_only: bool = False) -> list:
                   ((64, 1320, 2, 2), (64, 2112, 4, 2), (32, 2640, 1, 2), (32, 1320, 2, 4), (64, 660, 4, 4))),
                 Config("h2", 256, 1056, 4),
                 Config("mma", 64, 2112, 4, pregather=True), Config("fma", 64, 2112, 4, pregather=True)]
-    if M <= 16:  # the default first, then longer or shorter split-K programs, pipelined or not
+    if M <= 16:  # the default first, then longer or shorter split-K programs, pipelined or not, and with
+        # each block's words loaded during the block before (Config.ahead, session 18)
         return [Config("mma", 64, 2112, 4, pregather=True)] + [
             Config("mma", bn, t, w, st, pregather=True)
             for bn, w, ts in ((64, 4, (528, 1056, 2112, 4224)), (128, 8, (1056, 2112))) for t in ts for st in (1, 2, 3)
-            if (bn, t, st) != (64, 2112, 1)]
+            if (bn, t, st) != (64, 2112, 1)] + [
+            Config("mma", 64, t, 4, st, pregather=True, ahead=True) for t in (528, 1056, 2112) for st in (1, 2)]
     return [Config("mma", 64, 1, 4, 3, block_m=128), Config("mma", 128, 1, 8, 3, block_m=128),
             Config("mma", 64, 1, 4, 3, block_m=256), Config("mma", 128, 1, 8, 3, block_m=256),
             Config("mma", 64, 1, 4, 4, block_m=64)]
@@ -253,7 +255,7 @@ def load_tuned(path: str) -> dict:
 
 
 # launch_plan's module switches --flip may time with the other setting (read when a layer plans its launches)
-FLIPPABLE = ("H2_PDL", "H2_LOAD_AHEAD")
+FLIPPABLE = ("H2_PDL", "H2_LOAD_AHEAD", "MMA_LOAD_AHEAD")
 
 
 @contextlib.contextmanager
@@ -303,9 +305,9 @@ def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple
             flips: tuple[str, ...] = (), cold_bytes: int = 256 << 20) -> list[dict]:
     """Per shape, format and batch: misq's default path against fp16 cuBLAS and torch's int4
     kernel (CUDA-graph timed), its error against the dequantized weights, GPU and honest bytes;
-    at batch 1 also a mixed layer's widths one launch each, and each launch_plan switch named in
-    ``flips`` at its other setting (``misq_<name>_on_us`` or ``_off_us``, cold too; a switch
-    changes the default settings only, not those of --tuned-from).
+    at batch 1 also a mixed layer's widths one launch each; at every batch each launch_plan switch
+    named in ``flips`` at its other setting (``misq_<name>_on_us`` or ``_off_us``, cold too; a
+    switch changes the default settings only, not those of --tuned-from).
     ``cold_bytes`` > 0: each of the three also timed over copies of its weights of at least that
     many bytes in all (``*_cold_us``, bench_cold), so that no call finds its weights in L2; the
     warm figures (``*_us``) flatter the packed layers, whose 14-37 MB fit in an H200's 50 MB L2
@@ -347,7 +349,7 @@ def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple
                     r.update(copies=len(lins), misq_cold_us=bench_cold([lambda x=x, m=m: m(x) for m in lins]),
                              fp16_cublas_cold_us=fp16_cold[M], int4_tinygemm_cold_us=tg_cold.get(M))
                     r["speedup_vs_fp16_cold"] = r["fp16_cublas_cold_us"] / r["misq_cold_us"]
-                for name in flips if M == 1 else ():  # side by side: the switch's other setting
+                for name in flips:  # side by side: the switch's other setting
                     with flipped(name) as now:
                         key = f"misq_{name.lower()}_{'on' if now else 'off'}"
                         try:
@@ -648,7 +650,7 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true",
                     help="end to end: last, the model with every decoder linear computing nothing (the floor)")
     ap.add_argument("--flip", default="", metavar="NAMES",
-                    help="batch 1 and end to end: also time with each named launch_plan switch (" + ", ".join(FLIPPABLE)
+                    help="linears and end to end: also time with each named launch_plan switch (" + ", ".join(FLIPPABLE)
                          + ") at its other setting, side by side")
     ap.add_argument("--pdl", action="store_true", help="the same as --flip H2_PDL")
     ap.add_argument("--cold-mib", type=int, default=256,

@@ -54,10 +54,12 @@ DECODE_CONFIGS: dict[str, tuple[tuple[Any, ...], dict[str, bool]]] = {
     "h2_nosplit": (("h2", 64, 1, 4), {"pregather": True}), "h2_fused": (("h2", 128, 2112, 4), {}),
     # each block loaded while the one before is computed: one block a program, and all of them in one
     "h2_ahead": (("h2", 64, 2112, 2), {"pregather": True, "ahead": True}),
-    "h2_ahead_nosplit": (("h2", 32, 1, 1), {"pregather": True, "ahead": True})}
+    "h2_ahead_nosplit": (("h2", 32, 1, 1), {"pregather": True, "ahead": True}),
+    "mma_ahead": (("mma", 64, 2112, 4), {"pregather": True, "ahead": True}),
+    "mma_ahead_nosplit": (("mma", 32, 1, 4), {"ahead": True})}
 DECODE_RUNS = [(1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"),
                (1, "fma_pregather"), (5, "mma_nosplit"), (1, "h2"), (1, "h2_nosplit"), (1, "h2_fused"),
-               (1, "h2_ahead"), (1, "h2_ahead_nosplit")]
+               (1, "h2_ahead"), (1, "h2_ahead_nosplit"), (5, "mma_ahead"), (16, "mma_ahead_nosplit")]
 # merged layers: the batch-1 fp16-pairs path (one width; a mixed 3/4 pair) and the exact path with 16-bit columns
 MERGED_LAYERS = [((4,), 128, "unstructured"), ((3, 4), 128, "dense"), ((2, 3, 4, 6, 8, 16), 32, "unstructured")]
 PREFILL_ROWS = 40
@@ -114,6 +116,7 @@ def cases() -> list[Case | GatherCase]:
                 for cfg in ("h2", "h2_fused")]
     for widths in ((3,), (3, 4)):  # several 3-bit blocks (512 columns) a program: the loads ahead carried over
         out += [Case(f"decode:{cfg}", 1, widths, 128, "dense", cols=1100) for cfg in ("h2_nosplit", "h2_ahead_nosplit")]
+        out.append(Case("decode:mma_ahead_nosplit", 16, widths, 128, "dense", cols=1100))
     for widths in ((4,), (3, 4)):
         out += [Case("forward", rows, widths, 128, "unstructured", maskless=True) for rows in (1, 16)]
         out.append(Case("prefill_dequant", PREFILL_ROWS, widths, 128, "unstructured", maskless=True))

@@ -115,7 +115,8 @@ class _MmaStep:
         self.launch = BoundLaunch(
             _mma_mm, (lc.n_nblk, lc.split),
             [OUT, *sinks, Slot(3), rows, Slot(4), rows, lc.off2, *seg_args[0], *seg_args[-1]],
-            dict(consts, NSEG=len(segs), BM=cfg.block_m, BN=cfg.block_n, GATHER=gather, MODE=mode, HAS_BIAS=bias),
+            dict(consts, NSEG=len(segs), BM=cfg.block_m, BN=cfg.block_n, GATHER=gather, MODE=mode, HAS_BIAS=bias,
+                 AHEAD=cfg.ahead),
             cfg.num_warps, cfg.num_stages)
 
     def __call__(self, x: Tensor, out: Tensor, scratch: dict) -> None:

@@ -43,6 +43,12 @@ between the segments, each program compiled for both widths and taking one, and 
 workspace's last program adds them all. Two launches, each with its partial last wave and its own
 gather, cost more (BENCHMARKS.md, session 12).
 
+Each block is two steps: what it reads from memory (``_words4``, ``_words3``: words, scales and
+zeros) and its math (``_math4``, ``_math3``: x's pairs, mostly from L2, and the products). With
+Config.ahead a program issues block b + 1's reads before block b's math, so it has two blocks
+of words in flight rather than one: the kernel sits near the bytes in flight that its registers
+allow (BENCHMARKS.md, session 18), and Triton's num_stages pipelines only loads that feed a dot.
+
 Under Triton's CPU interpreter (no inline PTX) ``_words_dot`` and ``_pairs3_dot`` run the same
 steps as plain fp16 operations (a multiply and an add, two roundings, where the PTX fuses them).
 """
@@ -303,18 +309,25 @@ if HAVE_TRITON:
     @triton.jit
     def _segment_sum(pid_s, xp_ptr, xs_ptr, x_ptr, q_ptr, wa, wb, s_ptr, z_ptr, N, n_cols, n_blocks, group_cols,
                      n_groups, blocks_per_split, offs_n, n_ok, BITS: tl.constexpr, BN: tl.constexpr,
-                     FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr, AHEAD: tl.constexpr):
+                     FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
         """float32 [1, BN]: split-K run pid_s (blocks_per_split layout blocks) of one 3- or 4-bit
         segment's x @ W^T for features offs_n. acc [rows, BN] holds scaled sums per word row,
         added once at the end. AHEAD: each block's words, scales and zeros are loaded while the
         block before is computed (held in registers), so that a program has two blocks' loads
-        in flight rather than one (Triton's num_stages does not pipeline loads that feed no dot)."""
+        in flight rather than one (Triton's num_stages does not pipeline loads that feed no dot).
+        PDL: wait for x's gather (the primary launch) before reading x's pairs; with AHEAD, after
+        the first block's loads are issued (the weights do not depend on x), so that their trip
+        to memory overlaps the gather."""
         acc = tl.zeros((8 if BITS == 4 else 16, BN), dtype=tl.float32)
         b_lo = pid_s * blocks_per_split
         b_hi = tl.minimum(b_lo + blocks_per_split, n_blocks)
+        if PDL and not AHEAD:
+            gdc_wait()
         if BITS == 4:
             if AHEAD:
                 v, u, s, z = _words4(b_lo, b_lo < b_hi, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N)
+                if PDL:
+                    gdc_wait()
                 for blk in range(b_lo, b_hi):
                     nv, nu, ns, nz = _words4(blk + 1, blk + 1 < b_hi, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N)
                     acc = _math4(acc, blk, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2)
@@ -327,6 +340,8 @@ if HAVE_TRITON:
             if AHEAD:
                 A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = _words3(b_lo, b_lo < b_hi, wa, wb, s_ptr, z_ptr, group_cols,
                                                                     n_groups, offs_n, n_ok, N)
+                if PDL:
+                    gdc_wait()
                 for blk in range(b_lo, b_hi):
                     nA0, nA1, nB, ns0, ns1, ns2, ns3, nz0, nz1, nz2, nz3 = _words3(
                         blk + 1, blk + 1 < b_hi, wa, wb, s_ptr, z_ptr, group_cols, n_groups, offs_n, n_ok, N)
@@ -357,10 +372,8 @@ if HAVE_TRITON:
         (pid_n, pid_s): BN output features; split-K run pid_s of segment 1 below split1, run
         pid_s - split1 of segment 2 from there. MODE as tile_kernel's (the split-K workspace and
         its counter span both segments' programs). PDL: launched as the x gather's programmatic
-        dependent, so its programs may start before the gather is done: they wait for it here.
-        AHEAD: each block's loads issued while the block before is computed (_segment_sum)."""
-        if PDL:
-            gdc_wait()
+        dependent, so its programs may start before the gather is done: they wait for it
+        (_segment_sum). AHEAD: each block's loads issued while the block before is computed."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -368,12 +381,12 @@ if HAVE_TRITON:
         if NSEG == 2:
             if pid_s < split1:
                 y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, gc1, ng1, bps1,
-                                 offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, AHEAD)
+                                 offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, AHEAD, PDL)
             else:
                 y = _segment_sum(pid_s - split1, xp2, xs2, x_ptr, q2, wa2, wb2, s2, z2, N, n2, nblk2, gc2, ng2,
-                                 bps2, offs_n, n_ok, BITS2, BN, FUSED, LIMIT_LOG2, AHEAD)
+                                 bps2, offs_n, n_ok, BITS2, BN, FUSED, LIMIT_LOG2, AHEAD, PDL)
         else:
             y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, gc1, ng1, bps1,
-                             offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, AHEAD)
+                             offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, AHEAD, PDL)
         om = tl.arange(0, 1)
         write_out(y, om, om < 1, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)
