@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import subprocess
 import tempfile
 
@@ -45,8 +46,9 @@ def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...],
                           options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": fp_fusion})
 
 
-def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False, ahead: bool = False) -> list[str]:
-    """The SASS lines of the batch-1 kernel's main loop (groups of 128, split-K MODE 2):
+def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False,
+              ahead: bool = False) -> tuple[list[str], int]:
+    """The SASS lines of the batch-1 kernel's main loop, and the kernel's registers a thread (groups of 128, split-K MODE 2):
     _decode_mm's fma path, or (h2) half2_kernel._decode_h2 (3 and 4 bits; xprep false: x gathered
     in the kernel, FUSED)."""
     from misq.runtime.half2_kernel import _decode_h2
@@ -66,11 +68,11 @@ def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False
         consts = dict(BITS=bits, PA=bits, PB=0, PC=0, PD=0, GROUP=128, BM=1, BN=block_n, DOT=False, MODE=2,
                       HAS_BIAS=False, XPREP=xprep)
         compiled = _compile(_decode_mm, ptrs, consts, ("N", "n_cols", "stride_xm", "stride_om", "magic"), warps)
-    return _loop(_sass(compiled))
+    return _loop(_sass(compiled)), registers(compiled)
 
 
-def _sass(compiled) -> list[str]:
-    """The instruction lines of a compiled kernel's cubin, by Triton's bundled cuobjdump."""
+def _cuobjdump(compiled, flag: str) -> str:
+    """Triton's bundled cuobjdump run with ``flag`` on a compiled kernel's cubin."""
     import triton
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,8 +80,19 @@ def _sass(compiled) -> list[str]:
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, flag, cubin], capture_output=True, text=True, check=True).stdout
+
+
+def _sass(compiled) -> list[str]:
+    """The instruction lines of a compiled kernel's cubin."""
+    sass = _cuobjdump(compiled, "-sass")
     return [ln for ln in sass.splitlines() if ln.strip().startswith("/*") and "*/" in ln and len(ln.split("*/")[1].split()) > 0]
+
+
+def registers(compiled) -> int:
+    """Registers a thread of the compiled kernel (cuobjdump -res-usage): with the warps a program,
+    they bound how many programs an SM holds, and so the loads in flight."""
+    return int(re.search(r"REG:(\d+)", _cuobjdump(compiled, "-res-usage")).group(1))
 
 
 def _loop(lines: list[str], widest: bool = False) -> list[str]:
@@ -103,9 +116,10 @@ def _loop(lines: list[str], widest: bool = False) -> list[str]:
     return [ln for ln in lines if lo <= addr(ln) <= hi]
 
 
-def mma_loop_sass(bits: int, block_n: int, warps: int, stages: int, ahead: bool = False) -> list[str]:
+def mma_loop_sass(bits: int, block_n: int, warps: int, stages: int, ahead: bool = False) -> tuple[list[str], int]:
     """The SASS lines of the tensor-core kernel's loop over layout blocks at BM 16 (2-16 rows of x,
-    pregathered; groups of 128; one segment; split-K MODE 2), as the decode path launches it."""
+    pregathered; groups of 128; one segment; split-K MODE 2), as the decode path launches it, and
+    its registers a thread."""
     from misq.runtime.layout import chunk_tiles, pieces
     from misq.runtime.mma_kernel import _mma_mm
 
@@ -118,7 +132,8 @@ def mma_loop_sass(bits: int, block_n: int, warps: int, stages: int, ahead: bool 
                    **{f"{k}{i}": v for k, v in pc.items()}}
         ptrs |= {f"x{i}": "*fp16", f"q{i}": "*i32", f"s{i}": "*fp16", f"z{i}": "*u8", f"g{i}": "*i32",
                  **{f"{w}{i}": "*i32" for w in "abcd"}}
-    return _loop(_sass(_compile(_mma_mm, ptrs, consts, ("N", "stride_xm", "stride_om"), warps, stages)))
+    compiled = _compile(_mma_mm, ptrs, consts, ("N", "stride_xm", "stride_om"), warps, stages)
+    return _loop(_sass(compiled)), registers(compiled)
 
 
 def descent_loop_sass(block_r: int, warps: int) -> list[str]:
@@ -180,22 +195,22 @@ def main() -> None:
 
     args.warps = args.warps or 4
     if args.mma:
-        body = mma_loop_sass(args.bits, args.block_n, args.warps, args.stages, args.ahead)
+        body, regs = mma_loop_sass(args.bits, args.block_n, args.warps, args.stages, args.ahead)
         print(f"{args.bits}-bit, BLOCK_N {args.block_n}, {args.warps} warps, {args.stages} stages: {len(body)} "
-              f"instructions a thread a block\n{memory_order(body)}")
+              f"instructions a thread a block, {regs} registers a thread\n{memory_order(body)}")
         return
 
     weights = block_cols(args.bits) * args.block_n / (32 * args.warps)  # a layout block's weights a thread
     runs = [(False, False), (True, False)] * (args.bits != 3) + [(True, True), (False, True)] * (args.bits in (3, 4))
     for xprep, h2 in runs:
-        body = loop_sass(args.bits, args.block_n, args.warps, xprep, h2, args.ahead and h2)
+        body, regs = loop_sass(args.bits, args.block_n, args.warps, xprep, h2, args.ahead and h2)
         ops = collections.Counter(opcode(ln) for ln in body).most_common(10)
         if h2:
             how = f"h2 (fp16 pairs, x {'pregathered' if xprep else 'gathered in it'})"
         else:
             how = "x pregathered (float32, pre-scaled)" if xprep else "x gathered in the kernel"
         print(f"{how:<38} {len(body)} instructions a thread a block, {weights:.0f} weights: "
-              f"{len(body) / weights:.2f} a weight  {ops}")
+              f"{len(body) / weights:.2f} a weight, {regs} registers a thread  {ops}")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_decode_paths(widths, groupsize, pattern, rows, cfg):
 
 @pytest.mark.parametrize("widths", [(4,), (3,), (3, 4)])
 @pytest.mark.parametrize("programs", [1, 264])
-def test_h2_loads_ahead_across_blocks(widths, programs):
+def test_loads_ahead_across_blocks(widths, programs):
     """The h2 kernel (and the tensor cores' at 16 rows) with each block's loads issued while the
     block before is computed (Config.ahead), over 1100 columns: several 3-bit blocks (512 columns) a program, the last
     partial, so the loads carried from one block to the next are used, and the one past a

@@ -241,7 +241,8 @@ if HAVE_TRITON:
         (B), int32 [16, BN]; the scales and zeros [BN] of its four groups of 128 columns, in the
         order (half sg 0: low, high; sg 1: low, high) that _math3 pairs them."""
         r = tl.arange(0, 16)
-        m = (n_ok & ok)[None, :]
+        k = n_ok & ok
+        m = k[None, :]
         pa = wa + (blk * 32 + r)[:, None] * N + offs_n[None, :]
         A0 = tl.load(pa, mask=m, other=0)
         A1 = tl.load(pa + 16 * N, mask=m, other=0)
@@ -251,8 +252,7 @@ if HAVE_TRITON:
         g2 = (blk * 512 + 128) // group_cols  # tiles 8-15
         g3 = (blk * 512 + 384) // group_cols  # tiles 24-31
         # a partial last block's tiles past the columns have no group
-        m0, m1 = n_ok & ok & (g0 < n_groups), n_ok & ok & (g1 < n_groups)
-        m2, m3 = n_ok & ok & (g2 < n_groups), n_ok & ok & (g3 < n_groups)
+        m0, m1, m2, m3 = k & (g0 < n_groups), k & (g1 < n_groups), k & (g2 < n_groups), k & (g3 < n_groups)
         s0 = tl.load(s_ptr + g0 * N + offs_n, mask=m0, other=0.0)
         s1 = tl.load(s_ptr + g1 * N + offs_n, mask=m1, other=0.0)
         s2 = tl.load(s_ptr + g2 * N + offs_n, mask=m2, other=0.0)
