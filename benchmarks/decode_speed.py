@@ -139,19 +139,13 @@ def candidates(M: int, gather_only: bool = False) -> list:
                    (64, 2112, 4, 2), (32, 2112, 4, 2), (32, 4224, 2, 1), (32, 2640, 1, 2),
                    # deeper pipelines, for weights streamed from memory rather than L2 (--cold-mib)
                    (64, 1320, 2, 3), (64, 660, 4, 4), (128, 1056, 4, 3), (32, 1320, 2, 4))),
-                # each block loaded while the one before is computed (Config.ahead), at the defaults and
-                # the cold tune's picks (session 18)
-                *(Config("h2", bn, t, w, st, pregather=True, pdl=H2_PDL, ahead=True) for bn, t, w, st in
-                  ((64, 1320, 2, 2), (64, 2112, 4, 2), (32, 2640, 1, 2), (32, 1320, 2, 4), (64, 660, 4, 4))),
                 Config("h2", 256, 1056, 4),
                 Config("mma", 64, 2112, 4, pregather=True), Config("fma", 64, 2112, 4, pregather=True)]
-    if M <= 16:  # the default first, then longer or shorter split-K programs, pipelined or not, and with
-        # each block's words loaded during the block before (Config.ahead, session 18)
+    if M <= 16:  # the default first, then longer or shorter split-K programs, pipelined or not
         return [Config("mma", 64, 2112, 4, pregather=True)] + [
             Config("mma", bn, t, w, st, pregather=True)
             for bn, w, ts in ((64, 4, (528, 1056, 2112, 4224)), (128, 8, (1056, 2112))) for t in ts for st in (1, 2, 3)
-            if (bn, t, st) != (64, 2112, 1)] + [
-            Config("mma", 64, t, 4, st, pregather=True, ahead=True) for t in (528, 1056, 2112) for st in (1, 2)]
+            if (bn, t, st) != (64, 2112, 1)]
     return [Config("mma", 64, 1, 4, 3, block_m=128), Config("mma", 128, 1, 8, 3, block_m=128),
             Config("mma", 64, 1, 4, 3, block_m=256), Config("mma", 128, 1, 8, 3, block_m=256),
             Config("mma", 64, 1, 4, 4, block_m=64)]
@@ -255,7 +249,7 @@ def load_tuned(path: str) -> dict:
 
 
 # launch_plan's module switches --flip may time with the other setting (read when a layer plans its launches)
-FLIPPABLE = ("H2_PDL", "H2_LOAD_AHEAD", "MMA_LOAD_AHEAD")
+FLIPPABLE = ("H2_PDL",)
 
 
 @contextlib.contextmanager

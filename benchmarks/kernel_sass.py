@@ -46,8 +46,7 @@ def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...],
                           options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": fp_fusion})
 
 
-def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False,
-              ahead: bool = False) -> tuple[list[str], int]:
+def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False) -> tuple[list[str], int]:
     """The SASS lines of the batch-1 kernel's main loop, and the kernel's registers a thread (groups of 128, split-K MODE 2):
     _decode_mm's fma path, or (h2) half2_kernel._decode_h2 (3 and 4 bits; xprep false: x gathered
     in the kernel, FUSED)."""
@@ -59,7 +58,7 @@ def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False
         ptrs = dict(x_ptr="*fp16", out_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32", bias_ptr="*fp16",
                     **{f"{k}{i}": v for i in (1, 2) for k, v in seg.items()})
         consts = dict(BITS1=bits, BITS2=bits, NSEG=1, BN=block_n, MODE=2, HAS_BIAS=False, FUSED=not xprep,
-                      LIMIT_LOG2=8, PDL=False, AHEAD=ahead)  # one segment: the loop is the same for either of a pair's
+                      LIMIT_LOG2=8, PDL=False)  # one segment: the loop is the same for either of a pair's
         compiled = _compile(_decode_h2, ptrs, consts, ("N", "stride_om"), warps)
     else:
         ptrs = dict(x_ptr="*fp32" if xprep else "*fp16", perm_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32",
@@ -116,7 +115,7 @@ def _loop(lines: list[str], widest: bool = False) -> list[str]:
     return [ln for ln in lines if lo <= addr(ln) <= hi]
 
 
-def mma_loop_sass(bits: int, block_n: int, warps: int, stages: int, ahead: bool = False) -> tuple[list[str], int]:
+def mma_loop_sass(bits: int, block_n: int, warps: int, stages: int) -> tuple[list[str], int]:
     """The SASS lines of the tensor-core kernel's loop over layout blocks at BM 16 (2-16 rows of x,
     pregathered; groups of 128; one segment; split-K MODE 2), as the decode path launches it, and
     its registers a thread."""
@@ -125,7 +124,7 @@ def mma_loop_sass(bits: int, block_n: int, warps: int, stages: int, ahead: bool 
 
     names = ("PA", "PB", "PC", "PD")
     pc = dict.fromkeys(names, 0) | dict(zip(names, pieces(bits), strict=False))
-    consts = dict(NSEG=1, BM=16, BN=block_n, GATHER=False, MODE=2, HAS_BIAS=False, AHEAD=ahead)
+    consts = dict(NSEG=1, BM=16, BN=block_n, GATHER=False, MODE=2, HAS_BIAS=False)
     ptrs = dict(out_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32", bias_ptr="*fp16")
     for i in (1, 2):
         consts |= {f"BITS{i}": bits, f"GROUP{i}": 128, f"TC{i}": chunk_tiles(bits), f"EVEN{i}": True,
@@ -180,8 +179,6 @@ def main() -> None:
     ap.add_argument("--descent", action="store_true",
                     help="the coordinate descent's block kernel (8 rows, 1 warp by default): instructions a column step")
     ap.add_argument("--rows", type=int, default=8, help="with --descent: rows a program")
-    ap.add_argument("--ahead", action="store_true",
-                    help="h2 and --mma: each block's loads issued during the block before (launch_plan.Config.ahead)")
     args = ap.parse_args()
     from misq.runtime.layout import block_cols
 
@@ -195,7 +192,7 @@ def main() -> None:
 
     args.warps = args.warps or 4
     if args.mma:
-        body, regs = mma_loop_sass(args.bits, args.block_n, args.warps, args.stages, args.ahead)
+        body, regs = mma_loop_sass(args.bits, args.block_n, args.warps, args.stages)
         print(f"{args.bits}-bit, BLOCK_N {args.block_n}, {args.warps} warps, {args.stages} stages: {len(body)} "
               f"instructions a thread a block, {regs} registers a thread\n{memory_order(body)}")
         return
@@ -203,7 +200,7 @@ def main() -> None:
     weights = block_cols(args.bits) * args.block_n / (32 * args.warps)  # a layout block's weights a thread
     runs = [(False, False), (True, False)] * (args.bits != 3) + [(True, True), (False, True)] * (args.bits in (3, 4))
     for xprep, h2 in runs:
-        body, regs = loop_sass(args.bits, args.block_n, args.warps, xprep, h2, args.ahead and h2)
+        body, regs = loop_sass(args.bits, args.block_n, args.warps, xprep, h2)
         ops = collections.Counter(opcode(ln) for ln in body).most_common(10)
         if h2:
             how = f"h2 (fp16 pairs, x {'pregathered' if xprep else 'gathered in it'})"

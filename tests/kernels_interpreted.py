@@ -4,7 +4,7 @@ dequantize-then-matmul: the arithmetic of every kernel path, checked without a G
 tests/test_runtime_gpu.py checks the same paths on a GPU, but is skipped wherever there is none.
 With ``TRITON_INTERPRET=1`` Triton runs each program of a launch in numpy, on CPU tensors, so
 every decode config (CUDA-core fma, tensor-core mma with x gathered in the kernel or before it,
-deep split-K through the workspace, per-tile dot, words loaded a block ahead), the fused prefill,
+deep split-K through the workspace, per-tile dot), the fused prefill,
 the dequantize kernel and the column gathers can be checked here for wrong numbers; not for
 speed, nor for what only the compiler does (inline PTX, which misq.runtime.triton_common
 replaces with plain fp16 operations under the interpreter).
@@ -51,15 +51,9 @@ DECODE_CONFIGS: dict[str, tuple[tuple[Any, ...], dict[str, bool]]] = {
     "mma_pregather": (("mma", 64, 2112, 4), {"pregather": True}), "mma_split": (("mma", 64, 4096, 4), {}),
     "dot": (("dot", 128, 2112, 4), {}), "fma_pregather": (("fma", 64, 2112, 4), {"pregather": True}),
     "mma_nosplit": (("mma", 32, 1, 4), {}), "h2": (("h2", 128, 2112, 4), {"pregather": True}),
-    "h2_nosplit": (("h2", 64, 1, 4), {"pregather": True}), "h2_fused": (("h2", 128, 2112, 4), {}),
-    # each block loaded while the one before is computed: one block a program, and all of them in one
-    "h2_ahead": (("h2", 64, 2112, 2), {"pregather": True, "ahead": True}),
-    "h2_ahead_nosplit": (("h2", 32, 1, 1), {"pregather": True, "ahead": True}),
-    "mma_ahead": (("mma", 64, 2112, 4), {"pregather": True, "ahead": True}),
-    "mma_ahead_nosplit": (("mma", 32, 1, 4), {"ahead": True})}
+    "h2_nosplit": (("h2", 64, 1, 4), {"pregather": True}), "h2_fused": (("h2", 128, 2112, 4), {})}
 DECODE_RUNS = [(1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"),
-               (1, "fma_pregather"), (5, "mma_nosplit"), (1, "h2"), (1, "h2_nosplit"), (1, "h2_fused"),
-               (1, "h2_ahead"), (1, "h2_ahead_nosplit"), (5, "mma_ahead"), (16, "mma_ahead_nosplit")]
+               (1, "fma_pregather"), (5, "mma_nosplit"), (1, "h2"), (1, "h2_nosplit"), (1, "h2_fused")]
 # merged layers: the batch-1 fp16-pairs path (one width; a mixed 3/4 pair) and the exact path with 16-bit columns
 MERGED_LAYERS = [((4,), 128, "unstructured"), ((3, 4), 128, "dense"), ((2, 3, 4, 6, 8, 16), 32, "unstructured")]
 PREFILL_ROWS = 40
@@ -114,9 +108,9 @@ def cases() -> list[Case | GatherCase]:
     for widths, pattern in (((4,), "dense"), ((4,), "unstructured"), ((3,), "dense")):
         out += [Case(f"decode:{cfg}", 1, widths, 128, pattern, x_scale=4096.0)  # x past fp16's range for its sums
                 for cfg in ("h2", "h2_fused")]
-    for widths in ((3,), (3, 4)):  # several 3-bit blocks (512 columns) a program: the loads ahead carried over
-        out += [Case(f"decode:{cfg}", 1, widths, 128, "dense", cols=1100) for cfg in ("h2_nosplit", "h2_ahead_nosplit")]
-        out.append(Case("decode:mma_ahead_nosplit", 16, widths, 128, "dense", cols=1100))
+    for widths in ((3,), (3, 4)):  # several 3-bit blocks (512 columns) a program, the last partial
+        out += [Case("decode:h2_nosplit", 1, widths, 128, "dense", cols=1100),
+                Case("decode:mma_nosplit", 16, widths, 128, "dense", cols=1100)]
     for widths in ((4,), (3, 4)):
         out += [Case("forward", rows, widths, 128, "unstructured", maskless=True) for rows in (1, 16)]
         out.append(Case("prefill_dequant", PREFILL_ROWS, widths, 128, "unstructured", maskless=True))

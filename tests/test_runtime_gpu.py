@@ -73,15 +73,13 @@ def test_maskless_unstructured_layer(widths, rows):
 @pytest.mark.parametrize("rows,cfg", [
     (1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"), (1, "fma_pregather"),
     (1, "h2"), (1, "h2_nosplit"), (1, "h2_wide"), (1, "h2_fused"), (1, "h2_fused_nosplit"), (1, "h2_pdl"),
-    (1, "h2_ahead"), (1, "h2_ahead_nosplit"), (1, "h2_ahead_fused"), (5, "mma_staged"), (16, "mma_wide_staged"),
-    (5, "mma_ahead"), (16, "mma_ahead_nosplit"),
+    (5, "mma_staged"), (16, "mma_wide_staged"),
 ])
 def test_decode_paths(widths, groupsize, pattern, rows, cfg):
     """Every decode path and launch shape: CUDA cores at M = 1, tensor cores with x gathered in the
     kernel or before it (for the CUDA cores: float32, pre-scaled), deep split-K (workspace), the
-    previous per-tile dot path, the h2 kernel as its gather's programmatic dependent and with each
-    block loaded while the one before is computed, the tensor cores' loop over blocks
-    software-pipelined (num_stages > 1, as the tuner may pick)."""
+    previous per-tile dot path, the h2 kernel as its gather's programmatic dependent, the tensor
+    cores' loop over blocks software-pipelined (num_stages > 1, as the tuner may pick)."""
     from misq.runtime.launch_plan import Config
 
     config = {"fma": Config("fma", 64, 2112, 4), "mma": Config("mma", 32, 64, 4),
@@ -90,11 +88,6 @@ def test_decode_paths(widths, groupsize, pattern, rows, cfg):
               "h2": Config("h2", 128, 2112, 4, pregather=True), "h2_nosplit": Config("h2", 64, 1, 4, pregather=True),
               "h2_wide": Config("h2", 512, 1056, 4, pregather=True), "h2_fused": Config("h2", 256, 2112, 4),
               "h2_fused_nosplit": Config("h2", 64, 1, 4), "h2_pdl": Config("h2", 64, 1320, 2, 2, pregather=True, pdl=True),
-              "h2_ahead": Config("h2", 64, 1320, 2, 2, pregather=True, pdl=True, ahead=True),
-              "h2_ahead_nosplit": Config("h2", 32, 1, 1, 2, pregather=True, ahead=True),
-              "h2_ahead_fused": Config("h2", 64, 1, 4, ahead=True),
-              "mma_ahead": Config("mma", 64, 2112, 4, pregather=True, ahead=True),
-              "mma_ahead_nosplit": Config("mma", 64, 1, 4, 2, pregather=True, ahead=True),
               "mma_staged": Config("mma", 64, 528, 4, 2, pregather=True),
               "mma_wide_staged": Config("mma", 128, 1056, 8, 3, pregather=True)}[cfg]
     lin, dense = _layer(widths, groupsize, pattern, rows)
@@ -103,18 +96,16 @@ def test_decode_paths(widths, groupsize, pattern, rows, cfg):
 
 @pytest.mark.parametrize("widths", [(4,), (3,), (3, 4)])
 @pytest.mark.parametrize("programs", [1, 264])
-def test_loads_ahead_across_blocks(widths, programs):
-    """The h2 kernel (and the tensor cores' at 16 rows) with each block's loads issued while the
-    block before is computed (Config.ahead), over 1100 columns: several 3-bit blocks (512 columns) a program, the last
-    partial, so the loads carried from one block to the next are used, and the one past a
-    program's last block is not."""
+def test_several_blocks_a_program(widths, programs):
+    """The h2 kernel (as its gather's programmatic dependent) and the tensor cores' at 16 rows
+    over 1100 columns: several 3-bit blocks (512 columns) a program, the last partial."""
     from misq.runtime.launch_plan import Config
 
     lin, dense, _ = random_layer(72, 1100, widths, 128, "dense", seed=3)
     lin = lin.cuda()
-    config = Config("h2", 64, programs, 4, 2, pregather=True, pdl=True, ahead=True)
+    config = Config("h2", 64, programs, 4, 2, pregather=True, pdl=True)
     _check(lin, dense, 1, lambda x: lin._decode(x, [config] * len(lin.segments)))
-    mma = Config("mma", 64, programs, 4, pregather=True, ahead=True)  # the tensor cores' loads ahead alike
+    mma = Config("mma", 64, programs, 4, pregather=True)
     _check(lin, dense, 16, lambda x: lin._decode(x, [mma] * len(lin.segments)))
 
 

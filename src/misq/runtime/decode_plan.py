@@ -84,7 +84,7 @@ class _H2Step:
         self.decode = BoundLaunch(
             _decode_h2, (lc.n_nblk, lc.split),
             [X, OUT, *sinks, rows, rows, lc.off2 if two else lc.split, *args[0], *args[-1]],
-            dict(widths, BN=cfg.block_n, MODE=mode, HAS_BIAS=bias, FUSED=not cfg.pregather, AHEAD=cfg.ahead),
+            dict(widths, BN=cfg.block_n, MODE=mode, HAS_BIAS=bias, FUSED=not cfg.pregather),
             cfg.num_warps, cfg.num_stages, launch_pdl=pdl)
 
     def __call__(self, x: Tensor, out: Tensor, scratch: dict) -> None:
@@ -115,8 +115,7 @@ class _MmaStep:
         self.launch = BoundLaunch(
             _mma_mm, (lc.n_nblk, lc.split),
             [OUT, *sinks, Slot(3), rows, Slot(4), rows, lc.off2, *seg_args[0], *seg_args[-1]],
-            dict(consts, NSEG=len(segs), BM=cfg.block_m, BN=cfg.block_n, GATHER=gather, MODE=mode, HAS_BIAS=bias,
-                 AHEAD=cfg.ahead),
+            dict(consts, NSEG=len(segs), BM=cfg.block_m, BN=cfg.block_n, GATHER=gather, MODE=mode, HAS_BIAS=bias),
             cfg.num_warps, cfg.num_stages)
 
     def __call__(self, x: Tensor, out: Tensor, scratch: dict) -> None:

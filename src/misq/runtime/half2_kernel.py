@@ -44,10 +44,11 @@ workspace's last program adds them all. Two launches, each with its partial last
 gather, cost more (BENCHMARKS.md, session 12).
 
 Each block is two steps: what it reads from memory (``_words4``, ``_words3``: words, scales and
-zeros) and its math (``_math4``, ``_math3``: x's pairs, mostly from L2, and the products). With
-Config.ahead a program issues block b + 1's reads before block b's math, so it has two blocks
-of words in flight rather than one: the kernel sits near the bytes in flight that its registers
-allow (BENCHMARKS.md, session 18), and Triton's num_stages pipelines only loads that feed a dot.
+zeros) and its math (``_math4``, ``_math3``: x's pairs, mostly from L2, and the products). Split so,
+the sm_90 loop is 369 instead of 381 instructions a block at 4 bits and 78 instead of 93 registers,
+and on an H200 it ran 4-17% faster with weights from memory (BENCHMARKS.md, session 19). Loading
+block b + 1 while block b is computed was 5-28% slower (123 registers: fewer programs resident);
+its diff is kept in benchmarks/results/session19/scripts/.
 
 Under Triton's CPU interpreter (no inline PTX) ``_words_dot`` and ``_pairs3_dot`` run the same
 steps as plain fp16 operations (a multiply and an add, two roundings, where the PTX fuses them).
@@ -196,17 +197,16 @@ if HAVE_TRITON:
         return ((z_lo << Q) | top) | (((z_hi << Q) | top) << 16)
 
     @triton.jit
-    def _words4(blk, ok, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N):
-        """What a 4-bit layout block reads from memory (nothing where ``ok`` is false): its words
-        v (word rows r) and u (rows r + 8), int32 [8, BN], and its group's scales and zeros [BN]."""
+    def _words4(blk, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N):
+        """What a 4-bit layout block reads from memory: its words v (word rows r) and u (rows
+        r + 8), int32 [8, BN], and its group's scales and zeros [BN]."""
         r = tl.arange(0, 8)
-        m = n_ok & ok
         wp = wa + (blk * 16 + r)[:, None] * N + offs_n[None, :]
-        v = tl.load(wp, mask=m[None, :], other=0)
-        u = tl.load(wp + 8 * N, mask=m[None, :], other=0)
+        v = tl.load(wp, mask=n_ok[None, :], other=0)
+        u = tl.load(wp + 8 * N, mask=n_ok[None, :], other=0)
         g = (blk * 128) // group_cols
-        s = tl.load(s_ptr + g * N + offs_n, mask=m, other=0.0)
-        z = tl.load(z_ptr + g * N + offs_n, mask=m, other=0)
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0)
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0)
         return v, u, s, z
 
     @triton.jit
@@ -235,14 +235,13 @@ if HAVE_TRITON:
         return acc + d * (s.to(tl.float32) * xsc)[None, :]
 
     @triton.jit
-    def _words3(blk, ok, wa, wb, s_ptr, z_ptr, group_cols, n_groups, offs_n, n_ok, N):
-        """What a 3-bit layout block (512 columns) reads from memory (nothing where ``ok`` is
-        false): per word row r, the 2-bit words of tile runs h = 0, 1 (A0, A1) and the 1-bit word
-        (B), int32 [16, BN]; the scales and zeros [BN] of its four groups of 128 columns, in the
-        order (half sg 0: low, high; sg 1: low, high) that _math3 pairs them."""
+    def _words3(blk, wa, wb, s_ptr, z_ptr, group_cols, n_groups, offs_n, n_ok, N):
+        """What a 3-bit layout block (512 columns) reads from memory: per word row r, the 2-bit
+        words of tile runs h = 0, 1 (A0, A1) and the 1-bit word (B), int32 [16, BN]; the scales
+        and zeros [BN] of its four groups of 128 columns, in the order (half sg 0: low, high; sg 1:
+        low, high) that _math3 pairs them."""
         r = tl.arange(0, 16)
-        k = n_ok & ok
-        m = k[None, :]
+        m = n_ok[None, :]
         pa = wa + (blk * 32 + r)[:, None] * N + offs_n[None, :]
         A0 = tl.load(pa, mask=m, other=0)
         A1 = tl.load(pa + 16 * N, mask=m, other=0)
@@ -252,7 +251,7 @@ if HAVE_TRITON:
         g2 = (blk * 512 + 128) // group_cols  # tiles 8-15
         g3 = (blk * 512 + 384) // group_cols  # tiles 24-31
         # a partial last block's tiles past the columns have no group
-        m0, m1, m2, m3 = k & (g0 < n_groups), k & (g1 < n_groups), k & (g2 < n_groups), k & (g3 < n_groups)
+        m0, m1, m2, m3 = n_ok & (g0 < n_groups), n_ok & (g1 < n_groups), n_ok & (g2 < n_groups), n_ok & (g3 < n_groups)
         s0 = tl.load(s_ptr + g0 * N + offs_n, mask=m0, other=0.0)
         s1 = tl.load(s_ptr + g1 * N + offs_n, mask=m1, other=0.0)
         s2 = tl.load(s_ptr + g2 * N + offs_n, mask=m2, other=0.0)
@@ -309,51 +308,25 @@ if HAVE_TRITON:
     @triton.jit
     def _segment_sum(pid_s, xp_ptr, xs_ptr, x_ptr, q_ptr, wa, wb, s_ptr, z_ptr, N, n_cols, n_blocks, group_cols,
                      n_groups, blocks_per_split, offs_n, n_ok, BITS: tl.constexpr, BN: tl.constexpr,
-                     FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
+                     FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr, PDL: tl.constexpr):
         """float32 [1, BN]: split-K run pid_s (blocks_per_split layout blocks) of one 3- or 4-bit
         segment's x @ W^T for features offs_n. acc [rows, BN] holds scaled sums per word row,
-        added once at the end. AHEAD: each block's words, scales and zeros are loaded while the
-        block before is computed (held in registers), so that a program has two blocks' loads
-        in flight rather than one (Triton's num_stages does not pipeline loads that feed no dot).
-        PDL: wait for x's gather (the primary launch) before reading x's pairs; with AHEAD, after
-        the first block's loads are issued (the weights do not depend on x), so that their trip
-        to memory overlaps the gather."""
+        added once at the end. PDL: wait for x's gather (the primary launch) before anything."""
         acc = tl.zeros((8 if BITS == 4 else 16, BN), dtype=tl.float32)
         b_lo = pid_s * blocks_per_split
         b_hi = tl.minimum(b_lo + blocks_per_split, n_blocks)
-        if PDL and not AHEAD:
+        if PDL:
             gdc_wait()
         if BITS == 4:
-            if AHEAD:
-                v, u, s, z = _words4(b_lo, b_lo < b_hi, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N)
-                if PDL:
-                    gdc_wait()
-                for blk in range(b_lo, b_hi):
-                    nv, nu, ns, nz = _words4(blk + 1, blk + 1 < b_hi, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N)
-                    acc = _math4(acc, blk, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2)
-                    v, u, s, z = nv, nu, ns, nz
-            else:
-                for blk in range(b_lo, b_hi):
-                    v, u, s, z = _words4(blk, True, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N)
-                    acc = _math4(acc, blk, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2)
+            for blk in range(b_lo, b_hi):
+                v, u, s, z = _words4(blk, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N)
+                acc = _math4(acc, blk, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2)
         else:
-            if AHEAD:
-                A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = _words3(b_lo, b_lo < b_hi, wa, wb, s_ptr, z_ptr, group_cols,
+            for blk in range(b_lo, b_hi):
+                A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = _words3(blk, wa, wb, s_ptr, z_ptr, group_cols,
                                                                     n_groups, offs_n, n_ok, N)
-                if PDL:
-                    gdc_wait()
-                for blk in range(b_lo, b_hi):
-                    nA0, nA1, nB, ns0, ns1, ns2, ns3, nz0, nz1, nz2, nz3 = _words3(
-                        blk + 1, blk + 1 < b_hi, wa, wb, s_ptr, z_ptr, group_cols, n_groups, offs_n, n_ok, N)
-                    acc = _math3(acc, blk, A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3, xp_ptr, xs_ptr, x_ptr, q_ptr,
-                                 n_cols, FUSED, LIMIT_LOG2)
-                    A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = nA0, nA1, nB, ns0, ns1, ns2, ns3, nz0, nz1, nz2, nz3
-            else:
-                for blk in range(b_lo, b_hi):
-                    A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = _words3(blk, True, wa, wb, s_ptr, z_ptr, group_cols,
-                                                                        n_groups, offs_n, n_ok, N)
-                    acc = _math3(acc, blk, A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3, xp_ptr, xs_ptr, x_ptr, q_ptr,
-                                 n_cols, FUSED, LIMIT_LOG2)
+                acc = _math3(acc, blk, A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3, xp_ptr, xs_ptr, x_ptr, q_ptr,
+                             n_cols, FUSED, LIMIT_LOG2)
         return tl.sum(acc, axis=0)[None, :]
 
     @triton.jit
@@ -362,7 +335,7 @@ if HAVE_TRITON:
                    xp2, xs2, q2, wa2, wb2, s2, z2, n2, nblk2, gc2, ng2, bps2,
                    BITS1: tl.constexpr, BITS2: tl.constexpr, NSEG: tl.constexpr, BN: tl.constexpr,
                    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr,
-                   PDL: tl.constexpr = False, AHEAD: tl.constexpr = False):
+                   PDL: tl.constexpr = False):
         """y [1, N] (+)= x @ W^T over one or two 3- or 4-bit segments (a mixed-width layer's two
         widths in one launch). Per segment: x as pregathered pairs xp and block scales xs
         (half2_gather._gather_pairs), or (FUSED) gathered here, each program for its own blocks,
@@ -373,7 +346,7 @@ if HAVE_TRITON:
         pid_s - split1 of segment 2 from there. MODE as tile_kernel's (the split-K workspace and
         its counter span both segments' programs). PDL: launched as the x gather's programmatic
         dependent, so its programs may start before the gather is done: they wait for it
-        (_segment_sum). AHEAD: each block's loads issued while the block before is computed."""
+        (_segment_sum)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -381,12 +354,12 @@ if HAVE_TRITON:
         if NSEG == 2:
             if pid_s < split1:
                 y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, gc1, ng1, bps1,
-                                 offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, AHEAD, PDL)
+                                 offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, PDL)
             else:
                 y = _segment_sum(pid_s - split1, xp2, xs2, x_ptr, q2, wa2, wb2, s2, z2, N, n2, nblk2, gc2, ng2,
-                                 bps2, offs_n, n_ok, BITS2, BN, FUSED, LIMIT_LOG2, AHEAD, PDL)
+                                 bps2, offs_n, n_ok, BITS2, BN, FUSED, LIMIT_LOG2, PDL)
         else:
             y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, gc1, ng1, bps1,
-                             offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, AHEAD, PDL)
+                             offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, PDL)
         om = tl.arange(0, 1)
         write_out(y, om, om < 1, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)

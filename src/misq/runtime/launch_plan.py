@@ -30,17 +30,6 @@ PREFILL_FUSED_MAX_ROWS = 0
 # (BENCHMARKS.md, session 13). Layers keep the launches they planned; after changing this, a
 # ``TUNED.update()`` makes them plan again (benchmarks/decode_speed.py --pdl does)
 H2_PDL = True
-# the batch-1 h2 kernel's programs load each layout block while computing the one before
-# (Config.ahead; half2_kernel._segment_sum): two blocks' loads in flight a program instead of one,
-# for 78 -> 123 registers at the 4-bit default (sm_90 compile), and under H2_PDL the first block's
-# loads issued before the wait for x's gather. Off until it is timed on a GPU
-# (benchmarks/decode_speed.py --flip H2_LOAD_AHEAD); as H2_PDL, read by default_config
-H2_LOAD_AHEAD = False
-# the same for the tensor-core kernel at 2-16 rows (mma_kernel._mma_segment): its loop converts a
-# block's words through shared memory right after loading them, so every block waits a memory
-# round trip (benchmarks/kernel_sass.py --mma); loaded a block ahead, the conversion stores the
-# words that arrived during the block before. Off until timed (--flip MMA_LOAD_AHEAD)
-MMA_LOAD_AHEAD = False
 
 
 @dataclass(frozen=True)
@@ -61,9 +50,6 @@ class Config:
     # h2 with pregather: the kernel launched as the gather's programmatic dependent (Hopper's
     # programmatic dependent launch): its programs start while the gather finishes and wait for it
     pdl: bool = False
-    # h2: each block's words, scales and zeros loaded while the block before is computed; mma
-    # (decode, block_m 16): each block's words
-    ahead: bool = False
 
 
 class _Settings(dict):
@@ -118,15 +104,15 @@ def default_config(M: int, bits: int, N: int, K: int, mma: bool = True, h2: bool
     # 3-bit's), two blocks a program, pipelined: 14-17% faster than one on the MLP shapes, equal on
     # 5120 x 5120 (BENCHMARKS.md, session 12)
     if M == 1 and bits == 4 and h2:
-        return Config("h2", 64, 10 * 132, 2, 2, pregather=True, pdl=H2_PDL, ahead=H2_LOAD_AHEAD)
+        return Config("h2", 64, 10 * 132, 2, 2, pregather=True, pdl=H2_PDL)
     if M == 1 and bits == 3 and h2:
-        return Config("h2", 64, 16 * 132, 4, 2, pregather=True, pdl=H2_PDL, ahead=H2_LOAD_AHEAD)
+        return Config("h2", 64, 16 * 132, 4, 2, pregather=True, pdl=H2_PDL)
     if M == 1 and (single or not mma):  # one piece a code (4-bit): CUDA cores, x gathered first (1.1-1.15x faster)
         return Config("fma", 64, 16 * 132, 4, pregather=single)
     if not mma:  # over 10 bits
         return Config("dot", 128, 16 * 132, 4)
     if M <= DECODE_MAX_ROWS:  # x gathered in the kernel cost 2-3x at M = 16 (scattered 2-byte loads)
-        return Config("mma", 64, 16 * 132, 4, pregather=True, ahead=MMA_LOAD_AHEAD)
+        return Config("mma", 64, 16 * 132, 4, pregather=True)
     # prefill: 256 rows of x a program; 128 for widths of several pieces (their words take shared memory)
     return Config("mma", 128, 1, 8, 3, block_m=256 if single else 128)
 

@@ -69,13 +69,11 @@ if HAVE_TRITON:
                      b_lo, b_hi, n_cols, n_groups, offs_n, n_ok, N,
                      BITS: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, PC: tl.constexpr, PD: tl.constexpr,
                      GROUP: tl.constexpr, TC: tl.constexpr, EVEN: tl.constexpr, GATHER: tl.constexpr,
-                     FLAT: tl.constexpr, AHEAD: tl.constexpr):
+                     FLAT: tl.constexpr):
         """acc [BN, BM] += W[:, cols] @ x[:, cols]^T over layout blocks [b_lo, b_hi) of one segment,
         one tl.dot per chunk of TC tiles (W, the left operand, made in registers). Position p of
         the kernel order (layout.kernel_order) reads x's column q[p] (GATHER) or x's column p (x
-        already permuted by layout.kernel_perm). AHEAD (decode): block b + 1's words loaded while
-        block b is computed, carried in registers (the words' layout conversion then stores the
-        block before's, so no barrier waits on the loads in flight)."""
+        already permuted by layout.kernel_perm)."""
         PMIN: tl.constexpr = PD if PD > 0 else (PC if PC > 0 else (PB if PB > 0 else PA))
         T: tl.constexpr = 32 // PMIN
         BK: tl.constexpr = 16 * TC
@@ -88,18 +86,6 @@ if HAVE_TRITON:
                                            u % (T // TC), offs_k, n_cols, n_groups, offs_n, n_ok, N,
                                            PA, PMIN, GROUP, TC, EVEN, GATHER)
                 acc = _mma_dot(acc, wA, wB, wC, wD, xt, zz, ss, u % (T // TC), BITS, PA, PB, PC, PD, PMIN, TC)
-        elif AHEAD:  # a block's words loaded during the block before, its chunks unrolled
-            wA, wB, wC, wD = load_pieces(wa, wb, wc, wd, b_lo, 0, PA, PB, PC, PD, PMIN, True, offs_n,
-                                         n_ok & (b_lo < b_hi), N)
-            for blk in range(b_lo, b_hi):
-                nA, nB, nC, nD = load_pieces(wa, wb, wc, wd, blk + 1, 0, PA, PB, PC, PD, PMIN, True, offs_n,
-                                             n_ok & (blk + 1 < b_hi), N)
-                for c in tl.static_range(T // TC):
-                    xt, zz, ss = _mma_operands(x_ptr, q_ptr, stride_xm, offs_m, m_ok, s_ptr, z_ptr, g_ptr, blk, c,
-                                               offs_k, n_cols, n_groups, offs_n, n_ok, N, PA, PMIN, GROUP, TC, EVEN,
-                                               GATHER)
-                    acc = _mma_dot(acc, wA, wB, wC, wD, xt, zz, ss, c, BITS, PA, PB, PC, PD, PMIN, TC)
-                wA, wB, wC, wD = nA, nB, nC, nD
         else:  # a block's words loaded once, its chunks unrolled
             for blk in range(b_lo, b_hi):
                 # chunk 0's x tile and scales before the words: Triton converts the words' layout
@@ -124,13 +110,12 @@ if HAVE_TRITON:
                 GROUP1: tl.constexpr, TC1: tl.constexpr, EVEN1: tl.constexpr,
                 BITS2: tl.constexpr, PA2: tl.constexpr, PB2: tl.constexpr, PC2: tl.constexpr, PD2: tl.constexpr,
                 GROUP2: tl.constexpr, TC2: tl.constexpr, EVEN2: tl.constexpr, NSEG: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, GATHER: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                AHEAD: tl.constexpr = False):
+                BM: tl.constexpr, BN: tl.constexpr, GATHER: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
         """y[rows, cols] = x @ W^T over one or two segments (widths), on the tensor cores. Program
         (pid, s): output tile pid (BM rows of x fastest, then BN features); split s takes blocks
         [s bps1, (s + 1) bps1) of segment 1 and [(s - off2) bps2, ...) of segment 2 (off2: the
         programs of segment 1 when they split disjointly, 0 when each takes part of both). MODE as
-        _decode_mm's (1 and 2 only with one BM tile of rows). AHEAD: as _mma_segment's (decode)."""
+        _decode_mm's (1 and 2 only with one BM tile of rows)."""
         pid = tl.program_id(0)
         n_m = tl.cdiv(M, BM)
         pid_m = pid % n_m
@@ -145,13 +130,13 @@ if HAVE_TRITON:
         lo = pid_s * bps1
         hi = tl.minimum(lo + bps1, tl.cdiv(n1, 16 * (32 // PMIN1)))
         acc = _mma_segment(acc, x1, q1, stride_xm, offs_m, m_ok, a1, b1, c1, d1, s1, z1, g1, lo, hi, n1, k1,
-                           offs_n, n_ok, N, BITS1, PA1, PB1, PC1, PD1, GROUP1, TC1, EVEN1, GATHER, BM > 16, AHEAD)
+                           offs_n, n_ok, N, BITS1, PA1, PB1, PC1, PD1, GROUP1, TC1, EVEN1, GATHER, BM > 16)
         if NSEG == 2:
             PMIN2: tl.constexpr = PD2 if PD2 > 0 else (PC2 if PC2 > 0 else (PB2 if PB2 > 0 else PA2))
             lo = (pid_s - off2) * bps2
             hi = tl.minimum(lo + bps2, tl.cdiv(n2, 16 * (32 // PMIN2)))
             lo = tl.maximum(lo, 0)
             acc = _mma_segment(acc, x2, q2, stride_xm, offs_m, m_ok, a2, b2, c2, d2, s2, z2, g2, lo, hi, n2, k2,
-                               offs_n, n_ok, N, BITS2, PA2, PB2, PC2, PD2, GROUP2, TC2, EVEN2, GATHER, BM > 16, AHEAD)
+                               offs_n, n_ok, N, BITS2, PA2, PB2, PC2, PD2, GROUP2, TC2, EVEN2, GATHER, BM > 16)
         write_out(tl.trans(acc), offs_m, m_ok, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr,
                    HAS_BIAS, MODE)
