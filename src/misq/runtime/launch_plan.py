@@ -28,7 +28,8 @@ PREFILL_FUSED_MAX_ROWS = 0
 # the batch-1 h2 kernel launched as its x gather's programmatic dependent (Config.pdl; Hopper and
 # later, elsewhere ignored): 2-5% faster on every 13B shape and format on an H200, 2-3% end to end
 # (BENCHMARKS.md, session 13). Layers keep the launches they planned; after changing this, a
-# ``TUNED.update()`` makes them plan again (benchmarks/decode_speed.py --pdl does)
+# ``TUNED.update()`` makes them plan again (benchmarks/decode_speed.py --pdl does). Under PDL each
+# program also reads its first block before it waits for the gather (half2_kernel._segment_sum)
 H2_PDL = True
 
 
