@@ -39,6 +39,8 @@ from misq.runtime.layout import Segment, pack_words
 from misq.runtime.linear import PackedLinear
 
 SHAPES = {"qo_5120x5120": (5120, 5120), "gate_up_13824x5120": (13824, 5120), "down_5120x13824": (5120, 13824)}
+# a 13B layer's q/k/v and gate/up as the runtime merges them (misq.runtime.merge): --merged-shapes
+MERGED_SHAPES = {"qkv_15360x5120": (15360, 5120), "gate_up_merged_27648x5120": (27648, 5120)}
 FORMATS = {  # name: (widths of the column halves, unstructured sparsity)
     "4bit_g128": ((4, 4), 0.0), "3bit_g128": ((3, 3), 0.0), "50pct_4bit_g128": ((4, 4), 0.5), "mixed_3_4_g128": ((3, 4), 0.0),
 }
@@ -295,11 +297,39 @@ def gathers(shapes: dict, batches: tuple) -> list[dict]:
     return out
 
 
+def h2_parts(lins: list, x: torch.Tensor) -> dict:
+    """Batch 1, cold: the h2 path's two launches timed apart over the same copies of a layer's
+    weights: x's gather alone (``gather_cold_us``: half2_gather._gather_pairs, all the layer's h2
+    segments in one launch) and the decode kernel alone on gathered pairs, launched without PDL
+    (``h2_alone_cold_us``: no wait, and no overlap with the launch before), to set against the
+    pair as the runtime runs it (``misq_cold_us``). {} for a layer whose plan is not one h2 launch
+    after a gather."""
+    from dataclasses import replace
+
+    from misq.runtime.decode_plan import _H2Step
+    from misq.runtime.launch_plan import config_for
+
+    gathers, decodes = [], []
+    for lin in lins:
+        steps = lin.decode_plan(1).steps
+        if len(steps) != 1 or not isinstance(steps[0], _H2Step) or not steps[0].pregather:
+            return {}
+        cfgs = [replace(config_for(1, s.bits, lin.out_features, lin.perm.numel()), pdl=False) for s in lin.segments]
+        step, alone = steps[0], lin.decode_plan(1, cfgs).steps[0]
+        buf = torch.empty(step.scratch, dtype=torch.int32, device=x.device)
+        out = torch.empty(1, lin.out_features, dtype=x.dtype, device=x.device)
+        step.gather(x, out, buf, buf.view(torch.float32))  # the pairs the kernel alone reads
+        gathers.append(lambda step=step, out=out, buf=buf: step.gather(x, out, buf, buf.view(torch.float32)))
+        decodes.append(lambda alone=alone, out=out, buf=buf: alone.decode(x, out, buf, buf.view(torch.float32)))
+    return {"gather_cold_us": bench_cold(gathers), "h2_alone_cold_us": bench_cold(decodes)}
+
+
 def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple = (1, 16),
-            flips: tuple[str, ...] = (), cold_bytes: int = 256 << 20) -> list[dict]:
+            flips: tuple[str, ...] = (), cold_bytes: int = 256 << 20, parts: bool = False) -> list[dict]:
     """Per shape, format and batch: misq's default path against fp16 cuBLAS and torch's int4
     kernel (CUDA-graph timed), its error against the dequantized weights, GPU and honest bytes;
-    at batch 1 also a mixed layer's widths one launch each; at every batch each launch_plan switch
+    at batch 1 also a mixed layer's widths one launch each (and with ``parts``, cold, the h2
+    path's gather and kernel timed apart: h2_parts); at every batch each launch_plan switch
     named in ``flips`` at its other setting (``misq_<name>_on_us`` or ``_off_us``, cold too; a
     switch changes the default settings only, not those of --tuned-from).
     ``cold_bytes`` > 0: each of the three also timed over copies of its weights of at least that
@@ -343,6 +373,8 @@ def linears(shapes: dict, formats: list, batches: tuple, tinygemm_batches: tuple
                     r.update(copies=len(lins), misq_cold_us=bench_cold([lambda x=x, m=m: m(x) for m in lins]),
                              fp16_cublas_cold_us=fp16_cold[M], int4_tinygemm_cold_us=tg_cold.get(M))
                     r["speedup_vs_fp16_cold"] = r["fp16_cublas_cold_us"] / r["misq_cold_us"]
+                    if parts and M == 1:
+                        r.update(h2_parts(lins, x))
                 for name in flips:  # side by side: the switch's other setting
                     with flipped(name) as now:
                         key = f"misq_{name.lower()}_{'on' if now else 'off'}"
@@ -647,6 +679,10 @@ def main() -> None:
                     help="linears and end to end: also time with each named launch_plan switch (" + ", ".join(FLIPPABLE)
                          + ") at its other setting, side by side")
     ap.add_argument("--pdl", action="store_true", help="the same as --flip H2_PDL")
+    ap.add_argument("--parts", action="store_true",
+                    help="linears at batch 1, cold: also the h2 path's x gather and kernel timed apart")
+    ap.add_argument("--merged-shapes", action="store_true",
+                    help="linears and --tune: also the merged q/k/v and gate/up shapes (15360 and 27648 x 5120)")
     ap.add_argument("--cold-mib", type=int, default=256,
                     help="linears: also time each over copies of its weights of this many MiB in all, so none is "
                          "read from L2 (0: warm figures only); --tune: time the settings so (0: one layer, warm)")
@@ -666,6 +702,7 @@ def main() -> None:
     if bad := [n for n in flips if n not in FLIPPABLE]:
         ap.error(f"--flip: unknown switch {', '.join(bad)}; choose from {', '.join(FLIPPABLE)}")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    shapes = SHAPES | (MERGED_SHAPES if args.merged_shapes else {})
 
     def save() -> None:
         with open(args.out, "w") as f:
@@ -678,7 +715,7 @@ def main() -> None:
         for (_, bits, R, C), cfg in tuned.items():  # --tuned-from's settings, for both widths' formats
             jobs += [(R, C, f, M, cfg) for f in ("4bit_g128", "3bit_g128", "mixed_3_4_g128", "50pct_4bit_g128")
                      if str(bits) in f for M in (1, 16)]
-        for R, C in SHAPES.values():
+        for R, C in shapes.values():
             if args.tune:
                 for M in tuned_rows(batches, pf_rows):
                     jobs += [(R, C, f, M, cfg) for f in ("4bit_g128", "3bit_g128", "mixed_3_4_g128")
@@ -693,14 +730,15 @@ def main() -> None:
         launch_plan.TUNED.update(tuned)
         res["tuned_from"] = {"path": args.tuned_from, "settings": {str(k): vars(c) for k, c in tuned.items()}}
     if args.tune:
-        res["tune"] = tune(SHAPES, batches, pf_rows, args.tune_gather, args.cold_mib << 20)
+        res["tune"] = tune(shapes, batches, pf_rows, args.tune_gather, args.cold_mib << 20)
         save()
     if not args.skip_linears:
-        res["gathers"] = gathers(SHAPES, batches)
-        res["linears"] = linears(SHAPES, formats, batches, flips=flips, cold_bytes=args.cold_mib << 20)
+        res["gathers"] = gathers(shapes, batches)
+        res["linears"] = linears(shapes, formats, batches, flips=flips, cold_bytes=args.cold_mib << 20,
+                                 parts=args.parts)
         save()
     if pf_rows:
-        res["prefill"] = prefill(SHAPES, formats, pf_rows)
+        res["prefill"] = prefill(shapes, formats, pf_rows)
         save()
     if args.prefill_model:
         res["prefill_model"] = prefill_model(args.layers, tuple(int(m) for m in args.prefill_model.split(",")),
