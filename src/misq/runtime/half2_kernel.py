@@ -47,10 +47,10 @@ Each block is two steps: what it reads from memory (``_words4``, ``_words3``: wo
 zeros) and its math (``_math4``, ``_math3``: x's pairs, mostly from L2, and the products). Split so,
 the sm_90 loop is 369 instead of 381 instructions a block at 4 bits and 78 instead of 93 registers;
 on an H200, with weights from memory, 4-bit layers ran 1.07-1.10x and 3-bit 5120 x 5120 1.21x
-faster, and a 13B-shaped model decoded 3-5% faster (BENCHMARKS.md, session 19). Under PDL a
+faster, and a 13B-shaped model decoded 3-6% faster (BENCHMARKS.md, session 19). Under PDL a
 program issues its first block's reads before it waits for x's gather, which they do not depend
 on: 1.12-1.17x faster on mixed 3/4 layers, up to 1.07x on uniform ones. Reading every block
-during the one before (two blocks in flight, 123 registers) was 5-28% slower and is not kept
+during the one before (two blocks in flight, 123 registers) was 3-27% slower and is not kept
 (its diff: benchmarks/results/session19/scripts/).
 
 Under Triton's CPU interpreter (no inline PTX) ``_words_dot`` and ``_pairs3_dot`` run the same
