@@ -251,7 +251,7 @@ def load_tuned(path: str) -> dict:
 
 
 # launch_plan's module switches --flip may time with the other setting (read when a layer plans its launches)
-FLIPPABLE = ("H2_PDL",)
+FLIPPABLE = ("H2_PDL", "H2_TORCH_PAIRS")
 
 
 @contextlib.contextmanager
@@ -438,12 +438,15 @@ def prefill(shapes: dict, formats: list, rows: tuple, dequant_configs: tuple = (
     return out
 
 
-def decode_tps(model, steps: int = 64, prompt: int = 16, graph: bool = True) -> tuple[float, str]:
+def decode_tps(model, steps: int = 64, prompt: int = 16, graph: bool = True, then=None,
+               then_steps: int = 0) -> tuple[float, str]:
     """(tokens/s of greedy decode, how): static KV cache, the decode step as a CUDA graph
-    (eager if capture fails, or if ``graph`` is false)."""
+    (eager if capture fails, or if ``graph`` is false); ``then(run)``, if given, is called after
+    the timing with the step's runner, which it may call ``then_steps`` times more (the cache
+    counts every step written, whatever its position: decode_profile.py traces them)."""
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8 + then_steps)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
     with torch.no_grad():
         model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"), use_cache=True)
@@ -486,7 +489,10 @@ def decode_tps(model, steps: int = 64, prompt: int = 16, graph: bool = True) -> 
             run()
             tok.copy_(out[:, -1:].argmax(-1))
         torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t), how
+        tps = steps / (time.perf_counter() - t)
+        if then is not None:
+            then(run)
+    return tps, how
 
 
 def _compiled(model, compile_forward: bool):
