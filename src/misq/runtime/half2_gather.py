@@ -2,7 +2,9 @@
 column order, scaled per layout block by a power of two so that the kernel's fp16 sums stay
 finite, and paired in the kernel's order; either first, by one small launch for all of a layer's
 segments (``_gather_pairs``), or by each program for its own blocks (``_coop_pairs4`` /
-``_coop_pairs3``, the kernel's FUSED mode).
+``_coop_pairs3``, the kernel's FUSED mode), or, under torch.compile, by torch operations
+(``pairs_scratch``, bit for bit the launch's) that the compiler fuses with whatever made x, so
+that the layer's chain of kernels is one launch shorter.
 
 4 bits: element (blk, j, r) of a block's pairs is fp16 (x[16 j + r], x[16 (j + 4) + r]), j < 4.
 3 bits (blocks of 512 columns): pair (sg, h, s') joins tiles t = 8 sg + 2 s' + h and t + 16, at

@@ -46,7 +46,8 @@ _buffers: dict[torch.device, Tensor] = {}  # prefill's dequantized weight, one p
 
 # torch.compile cannot trace the kernels' Python side (launch planning, split-K workspaces, Triton
 # grids), so under the compiler the GPU forward is one custom op, opaque to it, and the norms,
-# rotary embeddings and activations around it fuse. Custom ops take tensors and numbers, not
+# rotary embeddings and activations around it fuse; at one row, an h2 layer's x pairs are made
+# outside the op, by torch operations the compiler fuses with them (packed_linear_pairs). Custom ops take tensors and numbers, not
 # modules: hence this table of live layers by handle (their id, set at construction and copy).
 _LAYERS: weakref.WeakValueDictionary[int, PackedLinear] = weakref.WeakValueDictionary()
 
