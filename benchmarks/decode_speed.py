@@ -614,12 +614,14 @@ E2E_FORMATS = ("3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128")
 
 
 def end_to_end(layers: int, compile_forward: bool = False, flips: tuple[str, ...] = (),
-               formats: tuple[str, ...] = E2E_FORMATS, merged: bool = True, floor: bool = False) -> list[dict]:
+               formats: tuple[str, ...] = E2E_FORMATS, merged: bool = True, floor: bool = False,
+               merged_only: bool = False) -> list[dict]:
     """Greedy decode tokens/s, fp16 against each packed format, in the same static-cache loop
     (decode_tps); ``flips``: each packed format (as last packed) also with each named launch_plan
     switch at its other setting (FLIPPABLE); ``merged``: each format also with q/k/v and
     gate/up merged (misq.runtime.merge, as misq.load does), in the same loop; ``floor``: last, the
-    same model with every decoder linear an EmptyLinear (what is left when linears cost nothing)."""
+    same model with every decoder linear an EmptyLinear (what is left when linears cost nothing);
+    ``merged_only``: mergeable formats merged only."""
 
     model = _model_13b(layers)
     out = []
@@ -633,7 +635,7 @@ def end_to_end(layers: int, compile_forward: bool = False, flips: tuple[str, ...
                 "decoder_weights_gpu_bytes": dense_bytes})
     print(json.dumps(out[-1]), flush=True)
     for fmt in formats:
-        for merge in (False, True) if merged and mergeable_format(fmt) else (False,):
+        for merge in ((True,) if merged_only else (False, True)) if merged and mergeable_format(fmt) else (False,):
             total, honest_total = pack_model(model, fmt, merge)
             tps_p, how = decode_tps(_compiled(model, compile_forward))
             how = loop + how
@@ -694,6 +696,8 @@ def main() -> None:
                          "read from L2 (0: warm figures only); --tune: time the settings so (0: one layer, warm)")
     ap.add_argument("--skip-merged", action="store_true",
                     help="end to end and --prefill-model: only unmerged layers (not also q/k/v and gate/up merged)")
+    ap.add_argument("--merged-only", action="store_true",
+                    help="end to end: formats whose layers merge timed merged only (not also unmerged)")
     ap.add_argument("--tuned-from", default="", metavar="JSON",
                     help="start from the fastest settings of an earlier --tune run's JSON (launch_plan.TUNED)")
     ap.add_argument("--compile", action="store_true",
@@ -753,7 +757,7 @@ def main() -> None:
     if not args.skip_e2e:
         try:
             res["end_to_end"] = end_to_end(args.layers, args.compile, flips, e2e_formats, not args.skip_merged,
-                                           args.floor)
+                                           args.floor, args.merged_only)
         except Exception as err:  # report what failed, keep the linear results
             res["end_to_end_error"] = repr(err)
             print("end-to-end failed:", repr(err))
