@@ -251,7 +251,7 @@ def load_tuned(path: str) -> dict:
 
 
 # launch_plan's module switches --flip may time with the other setting (read when a layer plans its launches)
-FLIPPABLE = ("H2_PDL", "H2_TORCH_PAIRS")
+FLIPPABLE = ("H2_PDL",)
 
 
 @contextlib.contextmanager

@@ -51,11 +51,9 @@ DECODE_CONFIGS: dict[str, tuple[tuple[Any, ...], dict[str, bool]]] = {
     "mma_pregather": (("mma", 64, 2112, 4), {"pregather": True}), "mma_split": (("mma", 64, 4096, 4), {}),
     "dot": (("dot", 128, 2112, 4), {}), "fma_pregather": (("fma", 64, 2112, 4), {"pregather": True}),
     "mma_nosplit": (("mma", 32, 1, 4), {}), "h2": (("h2", 128, 2112, 4), {"pregather": True}),
-    "h2_nosplit": (("h2", 64, 1, 4), {"pregather": True}), "h2_fused": (("h2", 128, 2112, 4), {}),
-    "h2_torch_pairs": (("h2", 128, 2112, 4), {"pregather": True})}  # x's pairs from half2_gather.pairs_scratch
+    "h2_nosplit": (("h2", 64, 1, 4), {"pregather": True}), "h2_fused": (("h2", 128, 2112, 4), {})}
 DECODE_RUNS = [(1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"),
-               (1, "fma_pregather"), (5, "mma_nosplit"), (1, "h2"), (1, "h2_nosplit"), (1, "h2_fused"),
-               (1, "h2_torch_pairs")]
+               (1, "fma_pregather"), (5, "mma_nosplit"), (1, "h2"), (1, "h2_nosplit"), (1, "h2_fused")]
 # merged layers: the batch-1 fp16-pairs path (one width; a mixed 3/4 pair) and the exact path with 16-bit columns
 MERGED_LAYERS = [((4,), 128, "unstructured"), ((3, 4), 128, "dense"), ((2, 3, 4, 6, 8, 16), 32, "unstructured")]
 PREFILL_ROWS = 40
@@ -109,10 +107,9 @@ def cases() -> list[Case | GatherCase]:
         out += [Case(path, PREFILL_ROWS, *layer, bias=True) for path in ("prefill_fused", "prefill_dequant")]
     for widths, pattern in (((4,), "dense"), ((4,), "unstructured"), ((3,), "dense")):
         out += [Case(f"decode:{cfg}", 1, widths, 128, pattern, x_scale=4096.0)  # x past fp16's range for its sums
-                for cfg in ("h2", "h2_fused", "h2_torch_pairs")]
+                for cfg in ("h2", "h2_fused")]
     for widths in ((3,), (3, 4)):  # several 3-bit blocks (512 columns) a program, the last partial
         out += [Case("decode:h2_nosplit", 1, widths, 128, "dense", cols=1100),
-                Case("decode:h2_torch_pairs", 1, widths, 128, "dense", cols=1100),
                 Case("decode:mma_nosplit", 16, widths, 128, "dense", cols=1100)]
     for widths in ((4,), (3, 4)):
         out += [Case("forward", rows, widths, 128, "unstructured", maskless=True) for rows in (1, 16)]
@@ -226,22 +223,8 @@ def _runner(case: Case, lin) -> tuple[Any, str | None]:
                                                             "(16-bit columns, > 2 widths or > 10 bits)")
     if case.path == "prefill_dequant":
         return lin._prefill_dequant, None
-    name = case.path.removeprefix("decode:")
-    args, flags = DECODE_CONFIGS[name]
+    args, flags = DECODE_CONFIGS[case.path.removeprefix("decode:")]
     configs = [Config(*args, **flags)] * len(lin.segments)
-    if name == "h2_torch_pairs":  # the pairs torch.compile makes; the gather launch must not run
-        from misq.runtime.half2_gather import pairs_scratch
-
-        plan = lin.decode_plan(1, configs)
-        if not plan.takes_pairs:
-            return None, "not one h2 launch after its gather (widths other than 3 and 4 bits, or groups under 128)"
-
-        def gather_not_expected(*args, **kwargs):
-            raise AssertionError("the gather ran although the call brought x's pairs")
-
-        plan.steps[0].gather = gather_not_expected
-        segs = [(lin.perm[s.start:s.start + s.n], s.bits) for s in lin.segments]
-        return (lambda x: lin._decode(x, configs, pairs=pairs_scratch(x.reshape(-1), segs))), None
     return (lambda x: lin._decode(x, configs)), None
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from misq.runtime import kernels
 from misq.runtime.fast_launch import BoundLaunch, Slot
-from misq.runtime.half2_gather import X_LIMIT_LOG2, scratch_layout
+from misq.runtime.half2_gather import X_LIMIT_LOG2
 from misq.runtime.launch_plan import Config, Launch, config_for, plan_launches
 from misq.runtime.layout import Segment, block_cols, kernel_perm, pieces
 from misq.runtime.triton_common import HAVE_TRITON
@@ -59,12 +59,16 @@ class _H2Step:
         segs, cfg = lc.segs, lc.cfg
         qs = [perm[s.start:s.start + s.n] for s in segs]
         self.nblks = [_cdiv(s.n, block_cols(s.bits)) for s in segs]
+        self.pair_cols = [n * block_cols(s.bits) // 2 for n, s in zip(self.nblks, segs, strict=True)]
         self.pregather, two = cfg.pregather, len(segs) == 2
         pdl = cfg.pdl and cfg.pregather and _pdl_ok(perm.device)
         widths = dict(BITS1=segs[0].bits, BITS2=segs[-1].bits, NSEG=len(segs), LIMIT_LOG2=X_LIMIT_LOG2, PDL=pdl)
         # x's pairs and block scales, all segments', in one int32 scratch (slot 2; slot 3: the same
-        # memory as float32): one allocation a call
-        offs, self.scratch = scratch_layout([(s.n, s.bits) for s in segs])
+        # memory as float32), each part starting 16 bytes aligned: one allocation a call
+        offs, self.scratch = [], 0
+        for n, pc in zip(self.nblks, self.pair_cols, strict=True):
+            offs.append((self.scratch, self.scratch + pc))
+            self.scratch += pc + _cdiv(n, 4) * 4
         xpairs = [(Slot(2, a), Slot(3, b)) for a, b in offs]
         if self.pregather:
             gsegs = [[q, *xpairs[k], s.n] for k, (q, s) in enumerate(zip(qs, segs, strict=True))]
@@ -87,11 +91,10 @@ class _H2Step:
         if not self.pregather:
             self.decode(x, out)
             return
-        buf = scratch.get("pairs")
-        if buf is None:  # gathered here (else made by half2_gather.pairs_scratch, e.g. fused by torch.compile)
-            buf = torch.empty(self.scratch, dtype=torch.int32, device=x.device)
-            self.gather(x, out, buf, buf.view(torch.float32))
-        self.decode(x, out, buf, buf.view(torch.float32))
+        buf = torch.empty(self.scratch, dtype=torch.int32, device=x.device)
+        bufs = (buf, buf.view(torch.float32))
+        self.gather(x, out, *bufs)
+        self.decode(x, out, *bufs)
 
 
 class _MmaStep:
@@ -190,16 +193,8 @@ class DecodePlan:
             else:
                 self.steps.append(_TileStep(lc, perm, rows, sinks, mode, has_bias, M))
 
-    @property
-    def takes_pairs(self) -> bool:
-        """Whether the plan is one h2 launch after its x gather, so that a call may bring x's pairs
-        made elsewhere (``pairs``) and skip the gather's launch."""
-        return len(self.steps) == 1 and isinstance(self.steps[0], _H2Step) and self.steps[0].pregather
-
-    def __call__(self, x: Tensor, extra: Tensor | None = None, pairs: Tensor | None = None) -> Tensor:
-        """x fp16 [M, C] (unit column stride; not gathered) -> fp16 [M, rows] (module docstring).
-        ``pairs``: where ``takes_pairs``, x's pairs as the gather would make them
-        (half2_gather.pairs_scratch); ignored otherwise."""
+    def __call__(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
+        """x fp16 [M, C] (unit column stride; not gathered) -> fp16 [M, rows] (module docstring)."""
         M, rows = x.shape[0], self.rows
         out = torch.empty(M, rows, dtype=x.dtype, device=x.device)
         if not self.segments:  # only 16-bit columns
@@ -207,7 +202,7 @@ class DecodePlan:
             return (y + (self.bias.float() if self.bias is not None else 0)).to(x.dtype)
         if extra is not None:
             self.ws[:M * rows].view(M, rows).add_(extra)
-        scratch = {"pairs": pairs} if pairs is not None and self.takes_pairs else {}
+        scratch = {}
         if self.gather_xq is not None:
             K = self.kperm.numel()
             xq = scratch["xq"] = torch.empty(M, K, dtype=x.dtype, device=x.device)

@@ -2,9 +2,7 @@
 column order, scaled per layout block by a power of two so that the kernel's fp16 sums stay
 finite, and paired in the kernel's order; either first, by one small launch for all of a layer's
 segments (``_gather_pairs``), or by each program for its own blocks (``_coop_pairs4`` /
-``_coop_pairs3``, the kernel's FUSED mode), or, under torch.compile, by torch operations
-(``pairs_scratch``, bit for bit the launch's) that the compiler fuses with whatever made x, so
-that the layer's chain of kernels is one launch shorter.
+``_coop_pairs3``, the kernel's FUSED mode).
 
 4 bits: element (blk, j, r) of a block's pairs is fp16 (x[16 j + r], x[16 (j + 4) + r]), j < 4.
 3 bits (blocks of 512 columns): pair (sg, h, s') joins tiles t = 8 sg + 2 s' + h and t + 16, at
@@ -14,60 +12,9 @@ back in with the scale.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
 from misq.runtime.triton_common import HAVE_TRITON
 
 X_LIMIT_LOG2 = 8  # x is scaled per block below 2**8: eight products of |c - z| <= 15 stay finite in fp16
-
-
-def block_pairs(x: Tensor, idx: Tensor, bits: int, limit_log2: int = X_LIMIT_LOG2) -> tuple[Tensor, Tensor]:
-    """_gather_pairs' output for one segment, in torch operations (so that torch.compile can fuse
-    it with whatever made x, e.g. a decoder's SiLU-and-multiply): x [C] (fp16, one row), idx int32
-    [n] the segment's columns -> (xp int32 [nblk * B / 2]: each layout block's fp16 pairs of
-    x[idx] * 2**-k in the kernel's order (module docstring), xs float32 [nblk]: 2**k), B = 128
-    columns a block at 4 bits, 512 at 3; bit for bit what the Triton launch writes."""
-    B = 128 if bits == 4 else 512
-    n = idx.numel()
-    nblk = -(-n // B)
-    xg = torch.nn.functional.pad(x.index_select(0, idx).float(), (0, nblk * B - n)).view(nblk, B)
-    amax = xg.abs().amax(dim=1)
-    e = ((amax.view(torch.int32) >> 23) & 0xFF) - 127  # floor(log2 amax), as _scale_down
-    k = (e + 1 - limit_log2).clamp(min=0)
-    down = ((127 - k) << 23).view(torch.float32)
-    # fp16 bits as int32 (bit casts of equal sizes and integer operations only: one fused kernel)
-    h = (xg * down[:, None]).half().view(torch.int16).to(torch.int32) & 0xFFFF
-    if bits == 4:  # pair j: tiles j and j + 4, at 16 j + r
-        h = h.view(nblk, 2, 4, 16)
-        pairs = h[:, 0] | (h[:, 1] << 16)
-    else:  # pair (sg, h, s'): tiles t = 8 sg + 2 s' + h and t + 16, at ((2 sg + h) 4 + s') 16 + r
-        h = h.view(nblk, 2, 2, 4, 2, 16)
-        pairs = (h[:, 0] | (h[:, 1] << 16)).permute(0, 1, 3, 2, 4)
-    return pairs.reshape(-1), ((127 + k) << 23).view(torch.float32)
-
-
-def scratch_layout(segments: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
-    """Where the decode kernel finds x's pairs for segments of (n columns, bits), all in one int32
-    scratch: per segment (offset of its pairs, offset of its block scales), each part starting
-    16 bytes aligned; and the scratch's size."""
-    offsets, size = [], 0
-    for n, bits in segments:
-        B = 128 if bits == 4 else 512
-        nblk = -(-n // B)
-        offsets.append((size, size + nblk * B // 2))
-        size += nblk * B // 2 + -(-nblk // 4) * 4
-    return offsets, size
-
-
-def pairs_scratch(x: Tensor, segments: list[tuple[Tensor, int]]) -> Tensor:
-    """The scratch that one _gather_pairs launch fills (scratch_layout), in torch operations
-    (block_pairs): x [C] fp16, segments their (columns idx int32 [n], bits) -> int32 [size]."""
-    parts = []
-    for idx, bits in segments:
-        xp, xs = block_pairs(x, idx, bits)
-        parts += [xp, torch.nn.functional.pad(xs.view(torch.int32), (0, -xs.numel() % 4))]
-    return torch.cat(parts)
 
 if HAVE_TRITON:
     import triton

@@ -31,10 +31,6 @@ PREFILL_FUSED_MAX_ROWS = 0
 # ``TUNED.update()`` makes them plan again (benchmarks/decode_speed.py --pdl does). Under PDL each
 # program also reads its first block before it waits for the gather (half2_kernel._segment_sum)
 H2_PDL = True
-# under torch.compile, a batch-1 h2 layer's x pairs are made by torch operations
-# (half2_gather.pairs_scratch) that the compiler fuses with what made x (a decoder's SiLU and
-# multiply, a norm), instead of by the gather's own launch; read when the forward is traced
-H2_TORCH_PAIRS = True
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from torch import Tensor, nn
 from misq.checkpoint.packing import Pattern
 from misq.runtime import kernels, launch_plan
 from misq.runtime.decode_plan import DecodePlan, prefill_matmul
-from misq.runtime.half2_gather import pairs_scratch
 from misq.runtime.layout import Segment, build_segments, dequantize, kernel_perm
 from misq.runtime.triton_common import HAVE_TRITON
 
@@ -46,8 +45,7 @@ _buffers: dict[torch.device, Tensor] = {}  # prefill's dequantized weight, one p
 
 # torch.compile cannot trace the kernels' Python side (launch planning, split-K workspaces, Triton
 # grids), so under the compiler the GPU forward is one custom op, opaque to it, and the norms,
-# rotary embeddings and activations around it fuse; at one row, an h2 layer's x pairs are made
-# outside the op, by torch operations the compiler fuses with them (packed_linear_pairs). Custom ops take tensors and numbers, not
+# rotary embeddings and activations around it fuse. Custom ops take tensors and numbers, not
 # modules: hence this table of live layers by handle (their id, set at construction and copy).
 _LAYERS: weakref.WeakValueDictionary[int, PackedLinear] = weakref.WeakValueDictionary()
 
@@ -60,18 +58,6 @@ def packed_linear(x: Tensor, layer: int) -> Tensor:
 
 @packed_linear.register_fake
 def _packed_linear_shape(x: Tensor, layer: int) -> Tensor:
-    return x.new_empty(*x.shape[:-1], _LAYERS[layer].out_features)
-
-
-@torch.library.custom_op("misq::packed_linear_pairs", mutates_args=())
-def packed_linear_pairs(x: Tensor, pairs: Tensor, layer: int) -> Tensor:
-    """packed_linear of one row x, its pairs for the h2 kernel made already (int32, by
-    half2_gather.pairs_scratch, which the compiler fuses with x's producer): no gather launch."""
-    return _LAYERS[layer].kernel_forward(x, pairs)
-
-
-@packed_linear_pairs.register_fake
-def _packed_linear_pairs_shape(x: Tensor, pairs: Tensor, layer: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], _LAYERS[layer].out_features)
 
 
@@ -173,44 +159,30 @@ class PackedLinear(nn.Module):
         if not self._kernel_ok(x):
             return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if torch.compiler.is_compiling():
-            if launch_plan.H2_TORCH_PAIRS and x.numel() == self.in_features and self._h2_shaped():
-                segs = [(self.perm[start:start + n], bits) for bits, start, n, _, _ in self._meta]
-                return packed_linear_pairs(x, pairs_scratch(x.reshape(-1), segs), self._handle)
             return packed_linear(x, self._handle)
         return self.kernel_forward(x)
 
-    def _h2_shaped(self) -> bool:
-        """Whether this layer's batch-1 decode can be the h2 kernel (launch_plan.h2_ok on each of
-        one or two segments, no 16-bit columns), read from its shapes alone so that the compiler
-        can trace it; the plan has the last word (DecodePlan.takes_pairs)."""
-        if self.fp_cols is not None or not 1 <= len(self._meta) <= 2:
-            return False
-        return all(bits in (3, 4) and (getattr(self, f"seg{i}_scales").shape[0] == 1 or (g > 0 and g % launch_plan.H2_GROUP_COLS == 0))
-                   for i, (bits, _, _, g, _) in enumerate(self._meta))
-
-    def kernel_forward(self, x: Tensor, pairs: Tensor | None = None) -> Tensor:
-        """x fp16 [..., C] on CUDA -> [..., R] through the kernels (module docstring); ``pairs``:
-        one row's x pairs made already (packed_linear_pairs)."""
+    def kernel_forward(self, x: Tensor) -> Tensor:
+        """x fp16 [..., C] on CUDA -> [..., R] through the kernels (module docstring)."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         R = self.out_features
         M = x2.shape[0]
         if M <= launch_plan.DECODE_MAX_ROWS:  # one fused launch per width or two: gather, dot, bias, fp16
-            return self._decode(x2 if x2.stride(1) == 1 else x2.contiguous(), pairs=pairs).reshape(*shape[:-1], R)
+            return self._decode(x2 if x2.stride(1) == 1 else x2.contiguous()).reshape(*shape[:-1], R)
         if M <= launch_plan.PREFILL_FUSED_MAX_ROWS and self.fused_prefill_ok():
             return self._prefill_fused(x2).reshape(*shape[:-1], R)
         return self._prefill_dequant(x2).reshape(*shape[:-1], R)
 
-    def _decode(self, x2: Tensor, configs: list | None = None, pairs: Tensor | None = None) -> Tensor:
+    def _decode(self, x2: Tensor, configs: list | None = None) -> Tensor:
         """x2 fp16 [M <= 16, C] (unit column stride) -> [M, R]: the layer's DecodePlan for M's
         bucket (M = 1, or 2..16), the 16-bit columns' product added. ``configs``: one
-        launch_plan.Config per segment (default: the tuned or default settings); ``pairs``: x's
-        pairs for a plan that takes them (DecodePlan.takes_pairs)."""
+        launch_plan.Config per segment (default: the tuned or default settings)."""
         plan = self.decode_plan(x2.shape[0], configs)
         extra = None
         if self.fp_cols is not None:
             extra = (kernels.gather_columns(x2, self.perm[self.fp_start:]) @ self.fp_cols.to(x2.dtype).t()).float()
-        return plan(x2, extra, pairs)
+        return plan(x2, extra)
 
     def decode_plan(self, M: int, configs: list | None = None) -> DecodePlan:
         """This layer's bound launches for M (<= 16) rows: one plan per bucket (M = 1, 2..16) and
