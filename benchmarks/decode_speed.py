@@ -251,7 +251,7 @@ def load_tuned(path: str) -> dict:
 
 
 # launch_plan's module switches --flip may time with the other setting (read when a layer plans its launches)
-FLIPPABLE = ("H2_PDL",)
+FLIPPABLE = ("H2_PDL", "GATHER_PDL")
 
 
 @contextlib.contextmanager

@@ -134,6 +134,30 @@ def test_bound_launches_in_a_cuda_graph(widths):
             assert ((y.double() - ref).abs() / fp16_tolerance(x, W, ref)).max().item() <= 1.0
 
 
+@pytest.mark.parametrize("widths", [(4,), (3,), (3, 4)])
+def test_gather_as_programmatic_dependent_in_a_cuda_graph(widths, monkeypatch):
+    """launch_plan.GATHER_PDL: the h2 path's gather launched as the programmatic dependent of the
+    kernel that makes x (here a multiply, in the same CUDA graph) waits for its writes: new x
+    each replay, outputs within the fp16 tolerance."""
+    from misq.runtime import launch_plan
+
+    monkeypatch.setattr(launch_plan, "GATHER_PDL", True)
+    lin, dense = _layer(widths, 128, "dense", 1)
+    src = torch.zeros(1, lin.in_features, device="cuda", dtype=torch.float16)
+    W = dense.cuda().double()
+    for _ in range(2):  # plan made and kernels compiled outside the capture
+        lin._decode(src * 2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x = src * 2
+        y = lin._decode(x)
+    for seed in range(3):
+        src.copy_(torch.randn(1, lin.in_features, generator=torch.Generator().manual_seed(seed)).half())
+        graph.replay()
+        ref = (src.double() * 2) @ W.t()
+        assert ((y.double() - ref).abs() / fp16_tolerance(src * 2, W, ref)).max().item() <= 1.0
+
+
 @pytest.mark.parametrize("widths,pattern", [((4,), "dense"), ((4,), "unstructured"), ((3,), "dense")])
 @pytest.mark.parametrize("x_scale", [1e-3, 300.0, 4096.0])
 @pytest.mark.parametrize("fused", [False, True])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from misq.runtime import kernels
+from misq.runtime import kernels, launch_plan
 from misq.runtime.fast_launch import BoundLaunch, Slot
 from misq.runtime.half2_gather import X_LIMIT_LOG2
 from misq.runtime.launch_plan import Config, Launch, config_for, plan_launches
@@ -72,8 +72,9 @@ class _H2Step:
         xpairs = [(Slot(2, a), Slot(3, b)) for a, b in offs]
         if self.pregather:
             gsegs = [[q, *xpairs[k], s.n] for k, (q, s) in enumerate(zip(qs, segs, strict=True))]
+            wait = pdl and launch_plan.GATHER_PDL
             self.gather = BoundLaunch(_gather_pairs, (sum(self.nblks),), [X, self.nblks[0], *gsegs[0], *gsegs[-1]],
-                                      widths)
+                                      dict(widths, WAIT=wait), launch_pdl=wait)
         args = []
         for k, (seg, q, nblk, bps) in enumerate(zip(segs, qs, self.nblks, lc.bps, strict=True)):
             xp, xs = xpairs[k] if self.pregather else (q, X)

@@ -19,7 +19,7 @@ X_LIMIT_LOG2 = 8  # x is scaled per block below 2**8: eight products of |c - z| 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def _scale_down(x, amax, LIMIT_LOG2: tl.constexpr):
@@ -65,13 +65,16 @@ if HAVE_TRITON:
     @triton.jit
     def _gather_pairs(x_ptr, n_blocks1, idx1, xp1, xs1, n1, idx2, xp2, xs2, n2,
                       BITS1: tl.constexpr, BITS2: tl.constexpr, NSEG: tl.constexpr, LIMIT_LOG2: tl.constexpr,
-                      PDL: tl.constexpr = False):
+                      PDL: tl.constexpr = False, WAIT: tl.constexpr = False):
         """x's fp16 pairs (_pairs_block) for one or two segments in one launch, one program per
         layout block: programs below n_blocks1 take segment 1's blocks (columns idx1, n1 of
         them; out xp1, xs1), the rest segment 2's. PDL: let the next kernel (the decode, launched
-        as its programmatic dependent) start now; it waits for this one's writes itself."""
+        as its programmatic dependent) start now; it waits for this one's writes itself. WAIT:
+        launched as the programmatic dependent of the kernel before (which made x): wait for it."""
         if PDL:
             gdc_launch_dependents()
+        if WAIT:
+            gdc_wait()
         blk = tl.program_id(0)
         if NSEG == 2:
             if blk < n_blocks1:
