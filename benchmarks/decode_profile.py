@@ -20,7 +20,8 @@ import re
 from collections import defaultdict
 
 import torch
-from decode_speed import FLIPPABLE, FORMATS, _compiled, _model_13b, decode_tps, flipped, mergeable_format, pack_model
+from decode_layers import FLIPPABLE, FORMATS, flipped
+from decode_model import _compiled, _model_13b, decode_tps, mergeable_format, pack_model
 
 
 def _short(name: str) -> str:

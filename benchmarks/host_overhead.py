@@ -20,7 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from decode_speed import FORMATS, random_packed
+from decode_layers import FORMATS, random_packed
 
 from misq.runtime import kernels
 
