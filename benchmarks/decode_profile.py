@@ -97,10 +97,11 @@ def main() -> None:
     for fmt in args.formats.split(","):
         for merge in (True,) if mergeable_format(fmt) else (False,):
             pack_model(model, fmt, merge)
-            run(f"packed {fmt}" + (", merged" if merge else ""))
+            label = f"packed {fmt}" + (", merged" if merge else "")
+            run(label)
             for name in filter(None, args.flip.split(",")):
                 with flipped(name) as now:
-                    run(f"packed {fmt}" + (", merged" if merge else "") + f", launch_plan.{name} = {now}")
+                    run(f"{label}, launch_plan.{name} = {now}")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ PREFILL_FUSED_MAX_ROWS = 0
 H2_PDL = True
 # the h2 path's x gather launched as a programmatic dependent of whatever kernel ran before it
 # (it waits for that kernel's writes before it reads x), so that its launch overlaps that
-# kernel's end; with H2_PDL only. On an H200 the step's idle time fell from 23 to 18 us in a
-# 4-layer 13B-shaped model: 0.6-0.9% more tokens/s, 0.6% at 40 layers (BENCHMARKS.md, session 20)
+# kernel's end; with H2_PDL only, and read when a layer plans its launches, as H2_PDL is. On an
+# H200 the step's idle time fell from 23 to 18 us in a 4-layer 13B-shaped model: 0.6-0.9% more
+# tokens/s, 0.6% at 40 layers (BENCHMARKS.md, session 20)
 GATHER_PDL = True
 
 
