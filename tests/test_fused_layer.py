@@ -22,6 +22,13 @@ def test_layers_built_as_llama_are_fused_and_keep_their_state_dict():
     plain, _ = random_packed_llama((4,), layers=2)
     assert names == set(plain.state_dict())
     assert fuse_decoder_layers(model) == 2  # again: nothing changes
+    assert type(model.model.layers[0]).__name__ == "MisqFusedLlamaDecoderLayer"
+    import copy
+    import pickle
+
+    again = pickle.loads(pickle.dumps(copy.deepcopy(model)))  # the class is found by name; the plan follows its copy
+    block = again.model.layers[0]
+    assert isinstance(block, type(model.model.layers[0])) and block.misq_fused.down is block.mlp.down_proj
 
 
 def test_off_cuda_the_models_own_forward_runs():
@@ -30,7 +37,8 @@ def test_off_cuda_the_models_own_forward_runs():
     model, _ = random_packed_llama((3, 4))
     plain, _ = random_packed_llama((3, 4))
     for block in plain.model.layers:  # the same layers without the fused forward
-        del block.forward, block.misq_fused
+        fused_layer.unfuse(block)
+        assert type(block).__name__ == "LlamaDecoderLayer" and not hasattr(block, "misq_fused")
     ids = torch.tensor([[1, 5, 7]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, plain(ids).logits)
@@ -44,7 +52,7 @@ def test_layers_the_kernels_cannot_serve_are_left_alone():
     assert fused == 0 and not hasattr(model.model.layers[0], "misq_fused")
     model, _ = random_packed_llama((4,))
     block = model.model.layers[0]
-    del block.forward, block.misq_fused
+    fused_layer.unfuse(block)
     assert fused_layer._plan_for(block) is not None
     block.mlp.act_fn = torch.nn.GELU()
     assert fused_layer._plan_for(block) is None

@@ -14,7 +14,7 @@ projection's x makes its pairs too:
 * the residual add after down: in down's own output (the kernel's bias, given at each call).
 
 o_proj keeps its own gather (its x comes from the attention kernel). The model keeps its modules
-and state dict: the layer's ``forward`` is replaced on the instance, and falls back to the model's
+and state dict: the layer becomes a subclass of its own class (``MisqFused<class>``) whose forward falls back to the model's
 own forward for anything but one fp16 row on CUDA (prefill, CPU, positional arguments). Only
 layers built as LLaMA's are fused: an RMSNorm of the usual form (checked on a random row), a SiLU
 MLP, q/k/v and gate/up merged, and all three consumers one h2 launch (PackedLinear.pairs_ok).
@@ -29,7 +29,6 @@ to down's output before its one rounding, instead of after it.
 from __future__ import annotations
 
 import logging
-import types
 from typing import Any
 
 import torch
@@ -115,9 +114,10 @@ class FusedPlan:
     """What a fused layer's forward needs: the model's own forward, and the three consumers: the
     merged q/k/v (its slices' shared state, for the offer), the merged gate/up, down."""
 
-    def __init__(self, hf_forward: Any, qkv: SharedInputSlice, gate_up: PackedLinear, gate_rows: int,
+    def __init__(self, base_forward: Any, qkv: SharedInputSlice, gate_up: PackedLinear, gate_rows: int,
                  down: PackedLinear):
-        self.hf_forward, self.qkv, self.gate_up, self.gate_rows, self.down = hf_forward, qkv, gate_up, gate_rows, down
+        self.base_forward = base_forward  # the model's own layer forward (a plain function)
+        self.qkv, self.gate_up, self.gate_rows, self.down = qkv, gate_up, gate_rows, down
 
     def applies(self, block: nn.Module, x: Tensor) -> bool:
         """One fp16 row on CUDA (a batch-1 decode step), fp16 norms, launch_plan.FUSED_DECODER on."""
@@ -130,7 +130,7 @@ def fused_forward(self: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: 
     module docstring; the model's own for anything else."""
     plan: FusedPlan = self.misq_fused
     if args or not plan.applies(self, hidden_states):
-        return plan.hf_forward(hidden_states, *args, **kwargs)
+        return plan.base_forward(self, hidden_states, *args, **kwargs)
     norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
     qkv = plan.qkv.merged
     normed, pairs = rms_norm_pairs(hidden_states, norm1.weight, norm1.variance_epsilon, qkv._handle)
@@ -186,7 +186,26 @@ def _plan_for(block: nn.Module) -> FusedPlan | None:
         return None
     if not (_llama_norm(block.input_layernorm) and _llama_norm(block.post_attention_layernorm)):
         return None
-    return FusedPlan(block.forward, q, gate.merged, n, down)
+    return FusedPlan(type(block).forward, q, gate.merged, n, down)
+
+
+def _fused_class(cls: type) -> type:
+    """The subclass of decoder-layer class ``cls`` whose forward is :func:`fused_forward`: one per
+    class, kept in this module under its name (so a pickled model finds it). A subclass, not a
+    forward set on the instance, so that torch.compile traces it as any module."""
+    name = f"MisqFused{cls.__name__}"
+    fused = globals().get(name)
+    if fused is None or fused.__bases__ != (cls,):
+        fused = type(name, (cls,), {"forward": fused_forward, "__module__": __name__, "__qualname__": name})
+        globals()[name] = fused
+    return fused
+
+
+def unfuse(block: nn.Module) -> None:
+    """Give a fused decoder layer back its own class and forward."""
+    if hasattr(block, "misq_fused"):
+        block.__class__ = type(block).__bases__[0]
+        del block.misq_fused
 
 
 def fuse_decoder_layers(model: nn.Module) -> int:
@@ -207,7 +226,7 @@ def fuse_decoder_layers(model: nn.Module) -> int:
         if plan is None:
             continue
         block.misq_fused = plan
-        block.forward = types.MethodType(fused_forward, block)
+        block.__class__ = _fused_class(type(block))
         fused += 1
     log.debug("fused the batch-1 decode of %d decoder layers", fused)
     return fused
