@@ -78,7 +78,7 @@ def bench_cold(fns: list) -> float:
 
 
 # launch_plan's module switches --flip may time with the other setting (read when a layer plans its launches)
-FLIPPABLE = ("H2_PDL", "GATHER_PDL", "FUSED_DECODER")
+FLIPPABLE = ("H2_PDL", "GATHER_PDL")
 
 
 @contextlib.contextmanager

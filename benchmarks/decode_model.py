@@ -96,7 +96,6 @@ def pack_model(model, fmt: str, merge: bool = False) -> tuple[int, int]:
     solves give them; ``merge``: then merge those (misq.runtime.merge). Returns (GPU bytes,
     honest bytes) of the packed layers."""
     from misq.models.layout import SEQUENTIAL_STEPS
-    from misq.runtime.fused_layer import fuse_decoder_layers
     from misq.runtime.merge import merge_shared_inputs
 
     widths, sp = FORMATS[fmt]
@@ -112,7 +111,6 @@ def pack_model(model, fmt: str, merge: bool = False) -> tuple[int, int]:
                 honest_total += honest
     if merge:
         merge_shared_inputs(model, SEQUENTIAL_STEPS)
-        fuse_decoder_layers(model)
     torch.cuda.empty_cache()
     layers = {id(m): m for m in model.model.layers.modules() if isinstance(m, PackedLinear)}
     return sum(m.weight_nbytes for m in layers.values()), honest_total

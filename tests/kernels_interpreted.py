@@ -59,7 +59,6 @@ MERGED_LAYERS = [((4,), 128, "unstructured"), ((3, 4), 128, "dense"), ((2, 3, 4,
 PREFILL_ROWS = 40
 LAYER_ROWS = 72  # output features: two BLOCK_N slices of 64, the second partial
 GATHERS = [(1, 389, 389), (16, 5120, 5120), (13, 13824, 7000)]  # (rows, columns of x, indices)
-FUSED_WIDTHS = [(4,), (3,), (3, 4)]  # fused decoder layers: one 4-bit, one 3-bit block (partial), a mixed pair
 
 
 @dataclass(frozen=True)
@@ -98,20 +97,7 @@ class GatherCase:
         return f"gather-m{self.rows}-c{self.cols}-k{self.picks}"
 
 
-@dataclass(frozen=True)
-class FusedLayerCase:
-    """A tiny packed LLaMA's decode step through its fused decoder layer (misq.runtime.fused_layer:
-    the norm, residual and SiLU kernels that make x's pairs, down's residual in its output),
-    against the same model's own layer forward."""
-
-    widths: tuple[int, ...]
-
-    @property
-    def id(self) -> str:
-        return f"fused-layer-w{'.'.join(map(str, self.widths))}"
-
-
-def cases() -> list[Case | GatherCase | FusedLayerCase]:
+def cases() -> list[Case | GatherCase]:
     """Every check the script runs, in order (ids unique)."""
     out: list[Case | GatherCase] = []
     for layer in LAYERS:
@@ -131,7 +117,7 @@ def cases() -> list[Case | GatherCase | FusedLayerCase]:
     for layer in MERGED_LAYERS:  # q/k/v-like layers merged: the layer's own dispatch at decode and prefill
         out += [Case(path, rows, *layer, bias=rows == 16, merged=True)
                 for path, rows in (("forward", 1), ("forward", 16), ("prefill_dequant", PREFILL_ROWS))]
-    return out + [GatherCase(*g) for g in GATHERS] + [FusedLayerCase(w) for w in FUSED_WIDTHS]
+    return out + [GatherCase(*g) for g in GATHERS]
 
 
 def fp16_tolerance(x, W, ref):
@@ -259,62 +245,13 @@ def _run_gather(case: GatherCase) -> dict[str, Any]:
     return {"ratio": 0.0 if torch.equal(out, x.index_select(1, idx)) else float("inf"), "error": None, "skipped": None}
 
 
-def _run_fused_layer(case: FusedLayerCase) -> dict[str, Any]:
-    """Three prompt tokens, then one decode step, through a one-layer packed LLaMA with its kernels
-    on the CPU: the step's logits with launch_plan.FUSED_DECODER on against off (the model's own
-    layer forward, x gathered by each layer). Ratio: the difference over 2**-8 of the logits'
-    largest magnitude (a wrong pair or residual shows as many times that); inf if the fused path
-    did not make its three sets of pairs."""
-    import torch
-    from runtime_layers import random_packed_llama
-    from transformers import DynamicCache
-
-    from misq.runtime import decode_plan, fused_layer, launch_plan
-    from misq.runtime.linear import PackedLinear
-
-    # the kernels' paths on CPU tensors (under the interpreter), as on CUDA; undone after the case
-    made = []
-    patches = [(PackedLinear, "_kernel_ok", lambda self, x: True),
-               (PackedLinear, "paired_step", lambda self: self.decode_plan(1).paired()),
-               (fused_layer.FusedPlan, "applies",
-                lambda self, block, x: launch_plan.FUSED_DECODER and x.shape[:-1].numel() == 1),
-               (decode_plan._H2Step, "make_pairs",
-                lambda self, *a, _make=decode_plan._H2Step.make_pairs, **k: made.append(1) or _make(self, *a, **k))]
-    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
-    for owner, name, value in patches:
-        setattr(owner, name, value)
-    try:
-        model, fused = random_packed_llama(case.widths)
-        if fused != 1:
-            return {"ratio": None, "error": f"{fused} layers fused, expected 1", "skipped": None}
-        ids = torch.randint(0, model.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(1))
-        logits = []
-        for on in (False, True):
-            launch_plan.FUSED_DECODER = on
-            cache = DynamicCache(config=model.config)
-            with torch.no_grad():
-                model(ids[:, :3], past_key_values=cache, use_cache=True)
-                logits.append(model(ids[:, 3:], past_key_values=cache, use_cache=True).logits.float())
-    finally:
-        launch_plan.FUSED_DECODER = True
-        for owner, name, value in saved:
-            setattr(owner, name, value)
-    if len(made) != 3:
-        return {"ratio": float("inf"), "error": None, "skipped": None}
-    ref, got = logits
-    ratio = ((got - ref).abs().max() / (2.0 ** -8 * ref.abs().max() + 1e-3)).nan_to_num(nan=float("inf")).item()
-    return {"ratio": ratio, "error": None, "skipped": None}
-
-
-def run_case(case: Case | GatherCase | FusedLayerCase, cache: dict) -> dict[str, Any]:
+def run_case(case: Case | GatherCase, cache: dict) -> dict[str, Any]:
     """{"ratio", "error", "skipped"}: max |y - ref| / tolerance over the calls (decode twice: the
     second finds the split-K workspace as the first left it)."""
     import torch
 
     if isinstance(case, GatherCase):
         return _run_gather(case)
-    if isinstance(case, FusedLayerCase):
-        return _run_fused_layer(case)
     torch.manual_seed(case.rows)
     lin, dense = _layer(case, cache)
     if case.bias:
@@ -345,7 +282,7 @@ def _failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc)[:500]} ({Path(where.filename).name}:{where.lineno})"
 
 
-def run_cases(batch: list[Case | GatherCase | FusedLayerCase]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def run_cases(batch: list[Case | GatherCase]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """({case id: result}, interpreter state) for one batch (in a worker process)."""
     state = install_interpreter()
     results, cache = {}, {}
@@ -364,10 +301,9 @@ def main(argv: list[str]) -> int:
                         help="worker processes (the interpreter is single-threaded Python)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    batches: dict[Any, list[Case | GatherCase | FusedLayerCase]] = {}  # a layer's cases share a worker (and its copy of the layer)
+    batches: dict[Any, list[Case | GatherCase]] = {}  # a layer's cases share a worker (and its copy of the layer)
     for case in cases():
-        key = (case.widths, case.groupsize, case.pattern, case.maskless, case.merged) if isinstance(case, Case) \
-            else ("gather" if isinstance(case, GatherCase) else case.id)  # a fused case patches the runtime: alone
+        key = (case.widths, case.groupsize, case.pattern, case.maskless, case.merged) if isinstance(case, Case) else "gather"
         batches.setdefault(key, []).append(case)
     ordered = sorted(batches.values(), key=lambda b: -sum(len(getattr(c, "widths", ())) for c in b))  # longest first
     if args.jobs <= 1:

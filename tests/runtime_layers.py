@@ -61,33 +61,3 @@ def stand_in_kernels(monkeypatch) -> list:
     monkeypatch.setattr(linear.PackedLinear, "kernel_forward", kernels_on_cpu)
     monkeypatch.setattr(linear.PackedLinear, "_kernel_ok", lambda self, x: True)
     return calls
-
-
-def random_packed_llama(widths: tuple[int, ...], hidden: int = 256, intermediate: int = 384, layers: int = 1,
-                        seed: int = 0):
-    """A tiny fp16 LlamaForCausalLM on the CPU whose every decoder linear is a random packed layer
-    of ``widths`` in groups of 128 (act-order, one column order per step, as misq's stacked solves
-    give them), its q/k/v and gate/up merged and its layers fused (misq.runtime.fused_layer), norms
-    away from 1. Returns (model, how many layers were fused)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from misq.models.layout import SEQUENTIAL_STEPS
-    from misq.runtime.fused_layer import fuse_decoder_layers
-    from misq.runtime.merge import merge_shared_inputs
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=4,
-                      num_key_value_heads=4, num_hidden_layers=layers, vocab_size=96, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).half().eval()
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.data = (1 + 0.2 * torch.randn(p.shape)).half()
-    for i, block in enumerate(model.model.layers):
-        for k, step in enumerate(SEQUENTIAL_STEPS):
-            for j, name in enumerate(step):
-                mod = block.get_submodule(name)
-                lin, _, _ = random_layer(mod.out_features, mod.in_features, widths, 128, "dense", act_order=True,
-                                         seed=seed + 100 * i + 10 * k + j, order_seed=seed + 100 * i + k)
-                block.set_submodule(name, lin)
-    merge_shared_inputs(model, SEQUENTIAL_STEPS)
-    return model, fuse_decoder_layers(model)

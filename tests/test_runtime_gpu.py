@@ -266,69 +266,6 @@ def test_merged_projections_on_gpu(packed_uniform, capsys):
     assert len(texts) == 1 and capsys.readouterr().out.strip()
 
 
-def _decode_step_logits(model, ids, compiled=None, graph=False):
-    """Logits of one decode step (ids[:, -1:]) after a prompt (ids[:, :-1]), static KV cache: the
-    step run by ``compiled`` (else ``model``), captured in a CUDA graph and replayed if ``graph``."""
-    from transformers import StaticCache
-
-    run = model if compiled is None else compiled
-    cache = StaticCache(config=model.config, max_cache_len=16)
-    T = ids.shape[1] - 1
-    pos = torch.tensor([T], device="cuda")
-    with torch.no_grad():
-        run(ids[:, :T], past_key_values=cache, cache_position=torch.arange(T, device="cuda"), use_cache=True)
-
-        def step():
-            return run(ids[:, T:], past_key_values=cache, cache_position=pos, use_cache=True).logits.float()
-
-        if not graph:
-            return step()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):  # warm-up: the step writes the same cache slot each time
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = step()
-        out.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        return out.clone()
-
-
-@pytest.mark.parametrize("widths", [(4,), (3,), (3, 4)])
-def test_fused_decoder_layers_on_gpu(widths, monkeypatch):
-    """misq.runtime.fused_layer: a packed LLaMA's decode step with x's pairs made by the norm,
-    residual and SiLU kernels (and down's residual in its output) gives the logits of the layers'
-    own forward within fp16 rounding, eager, compiled (one graph) and replayed from a CUDA graph
-    (PDL launches on Hopper); the fused step makes x's pairs three times a layer."""
-    from runtime_layers import random_packed_llama
-
-    from misq.runtime import decode_plan, launch_plan
-
-    model, fused = random_packed_llama(widths, layers=2)
-    assert fused == 2
-    model.cuda()
-    made = []
-    make_pairs = decode_plan._H2Step.make_pairs
-    monkeypatch.setattr(decode_plan._H2Step, "make_pairs", lambda self, *a, **k: made.append(1) or make_pairs(self, *a, **k))
-    ids = torch.randint(0, model.config.vocab_size, (1, 5), device="cuda")
-    monkeypatch.setattr(launch_plan, "FUSED_DECODER", False)
-    ref = _decode_step_logits(model, ids)
-    assert not made
-    monkeypatch.setattr(launch_plan, "FUSED_DECODER", True)
-    eager = _decode_step_logits(model, ids)
-    assert len(made) == 3 * 2
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)
-    replayed = _decode_step_logits(model, ids, compiled, graph=True)
-    tol = 2.0 ** -8 * ref.abs().max().item() + 1e-3  # a wrong pair or residual is many times this
-    for got in (eager, replayed):
-        assert (got - ref).abs().max().item() <= tol
-
-
 def test_generate_on_gpu(packed_tiny, capsys):
     from misq.config import GenerateConfig
     from misq.runtime.generate import run_generate

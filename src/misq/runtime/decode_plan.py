@@ -43,12 +43,6 @@ def _pdl_ok(device: torch.device) -> bool:
     return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _row_step(n: int) -> int:
-    """The RMSNorm producer's values a step along the row (half2_gather._row_rstd): all n in one
-    step up to 16384 (a power of two, as Triton's ranges are)."""
-    return min(16384, max(1024, 1 << (n - 1).bit_length()))
-
-
 def _sinks(out_slot: Slot, ws: Tensor | None, cnt: Tensor | None, bias: Tensor | None, dummy: Tensor) -> list:
     """The kernels' (ws, cnt, bias) arguments: the split-K workspace and counters, or stand-ins
     the kernel never touches (MODE 0, no bias)."""
@@ -59,8 +53,7 @@ def _sinks(out_slot: Slot, ws: Tensor | None, cnt: Tensor | None, bias: Tensor |
 class _H2Step:
     """One _decode_h2 launch over one or two segments (M = 1), after one _gather_pairs launch
     that makes x's fp16 pairs for all of them (cfg.pregather), or with each program gathering
-    its own blocks. With pregather, :meth:`make_pairs` and :meth:`run_pairs` split the two, so
-    that the pairs can be made by a launch that also makes x (misq.runtime.fused_layer)."""
+    its own blocks."""
 
     def __init__(self, lc: Launch, perm: Tensor, rows: int, sinks: list, mode: int, bias: bool):
         segs, cfg = lc.segs, lc.cfg
@@ -68,7 +61,6 @@ class _H2Step:
         self.nblks = [_cdiv(s.n, block_cols(s.bits)) for s in segs]
         self.pair_cols = [n * block_cols(s.bits) // 2 for n, s in zip(self.nblks, segs, strict=True)]
         self.pregather, two = cfg.pregather, len(segs) == 2
-        self.n_cols = perm.numel()
         pdl = cfg.pdl and cfg.pregather and _pdl_ok(perm.device)
         widths = dict(BITS1=segs[0].bits, BITS2=segs[-1].bits, NSEG=len(segs), LIMIT_LOG2=X_LIMIT_LOG2, PDL=pdl)
         # x's pairs and block scales, all segments', in one int32 scratch (slot 2; slot 3: the same
@@ -81,8 +73,8 @@ class _H2Step:
         if self.pregather:
             gsegs = [[q, *xpairs[k], s.n] for k, (q, s) in enumerate(zip(qs, segs, strict=True))]
             wait = pdl and launch_plan.GATHER_PDL
-            self._gather = ([X, self.nblks[0], *gsegs[0], *gsegs[-1]], dict(widths, WAIT=wait), wait)
-            self.gather = self._producer(0, False)
+            self.gather = BoundLaunch(_gather_pairs, (sum(self.nblks),), [X, self.nblks[0], *gsegs[0], *gsegs[-1]],
+                                      dict(widths, WAIT=wait), launch_pdl=wait)
         args = []
         for k, (seg, q, nblk, bps) in enumerate(zip(segs, qs, self.nblks, lc.bps, strict=True)):
             xp, xs = xpairs[k] if self.pregather else (q, X)
@@ -90,31 +82,11 @@ class _H2Step:
             words = [seg.words[p] for p in pieces(seg.bits)]
             args.append([xp, xs, q, words[0], words[-1], seg.scales, seg.zeros, seg.n, nblk, group_cols,
                          seg.scales.shape[0], bps])
-        self._decode_parts = ((lc.n_nblk, lc.split), [X, OUT, *sinks, rows, rows, lc.off2 if two else lc.split,
-                                                      *args[0], *args[-1]],
-                              dict(widths, BN=cfg.block_n, MODE=mode, HAS_BIAS=bias, FUSED=not cfg.pregather),
-                              cfg.num_warps, cfg.num_stages, pdl)
-        self.decode = self._decode_launch(bias_slot=None)
-        self.has_bias = bias
-        self._variants: dict = {}
-
-    def _producer(self, source: int, add: bool) -> BoundLaunch:
-        """The pairs' launch (half2_gather._gather_pairs) for x made as ``source`` says; call
-        slots: 0 x, 1 the x it makes (y), 2 and 3 the pairs' scratch, 4 b (the residual sum's
-        other term), 5 the norm's weight, 6 the sum (h), 7 eps."""
-        args, consts, wait = self._gather
-        return BoundLaunch(_gather_pairs, (sum(self.nblks),), [*args, Slot(4), Slot(5), OUT, Slot(6), Slot(7),
-                                                               self.n_cols],
-                           dict(consts, SOURCE=source, ADD=add, ROW=_row_step(self.n_cols)), launch_pdl=wait)
-
-    def _decode_launch(self, bias_slot: Slot | None) -> BoundLaunch:
-        """The _decode_h2 launch; ``bias_slot``: the bias given at each call there instead (a
-        residual added to the output; slot 4)."""
-        grid, args, consts, warps, stages, pdl = self._decode_parts
-        if bias_slot is not None:
-            args = [*args[:4], bias_slot, *args[5:]]  # (x, out, ws, cnt, bias, ...)
-            consts = dict(consts, HAS_BIAS=True)
-        return BoundLaunch(_decode_h2, grid, args, consts, warps, stages, launch_pdl=pdl)
+        self.decode = BoundLaunch(
+            _decode_h2, (lc.n_nblk, lc.split),
+            [X, OUT, *sinks, rows, rows, lc.off2 if two else lc.split, *args[0], *args[-1]],
+            dict(widths, BN=cfg.block_n, MODE=mode, HAS_BIAS=bias, FUSED=not cfg.pregather),
+            cfg.num_warps, cfg.num_stages, launch_pdl=pdl)
 
     def __call__(self, x: Tensor, out: Tensor, scratch: dict) -> None:
         if not self.pregather:
@@ -122,34 +94,8 @@ class _H2Step:
             return
         buf = torch.empty(self.scratch, dtype=torch.int32, device=x.device)
         bufs = (buf, buf.view(torch.float32))
-        self.gather(x, out, *bufs, x, x, x, 0.0)
+        self.gather(x, out, *bufs)
         self.decode(x, out, *bufs)
-
-    def make_pairs(self, source: int, x: Tensor, y: Tensor, b: Tensor | None = None, w: Tensor | None = None,
-                   h: Tensor | None = None, eps: float = 0.0) -> Tensor:
-        """x's pairs (int32 [scratch]) for :meth:`run_pairs`, x made from ``x`` as ``source`` says
-        (half2_gather._source_x: 1 RMSNorm with weight ``w`` and ``eps``, of x + b if b is given,
-        the sum written to ``h``; 2 SiLU * up of a merged gate/up row) and written to ``y``."""
-        key = (source, b is not None)
-        launch = self._variants.get(key)
-        if launch is None:
-            launch = self._variants[key] = self._producer(source, b is not None)
-        buf = torch.empty(self.scratch, dtype=torch.int32, device=x.device)
-        launch(x, y, buf, buf.view(torch.float32), x if b is None else b, x if w is None else w,
-               x if h is None else h, float(eps))
-        return buf
-
-    def run_pairs(self, x: Tensor, out: Tensor, pairs: Tensor, residual: Tensor | None = None) -> None:
-        """out = x @ W^T (+ bias, or + ``residual`` fp16 [1, rows] for a layer without bias) from
-        x's pairs as :meth:`make_pairs` made them."""
-        bufs = (pairs, pairs.view(torch.float32))
-        if residual is None:
-            self.decode(x, out, *bufs)
-            return
-        launch = self._variants.get("residual")
-        if launch is None:
-            launch = self._variants["residual"] = self._decode_launch(bias_slot=Slot(4))
-        launch(x, out, *bufs, residual)
 
 
 class _MmaStep:
@@ -219,7 +165,7 @@ class DecodePlan:
     def __init__(self, perm: Tensor, segments: list[Segment], rows: int, M: int, bias: Tensor | None = None,
                  has_extra: bool = False, configs: list[Config] | None = None, kperm: Tensor | None = None,
                  pair_h2: bool = True):
-        self.rows, self.segments, self.bias, self.has_extra = rows, segments, bias, has_extra
+        self.rows, self.segments, self.bias = rows, segments, bias
         cfgs = list(configs or [config_for(M, s.bits, rows, perm.numel()) for s in segments])
         launches = plan_launches(segments, cfgs, rows, M, pair_h2)
         direct = len(launches) == 1 and not has_extra and launches[0].split == 1
@@ -247,15 +193,6 @@ class DecodePlan:
                 self.steps.append(_H2Step(lc, perm, rows, sinks, mode, has_bias))
             else:
                 self.steps.append(_TileStep(lc, perm, rows, sinks, mode, has_bias, M))
-
-    def paired(self) -> _H2Step | None:
-        """The one h2 launch, x gathered first, that this plan is when it is one (M = 1, every
-        column 3 or 4 bits in at most two widths, no 16-bit columns): its pairs can then be made
-        elsewhere (_H2Step.make_pairs). Else None."""
-        if len(self.steps) == 1 and isinstance(self.steps[0], _H2Step) and self.steps[0].pregather \
-                and not self.has_extra and len(self.segments) == len(self.steps[0].nblks):
-            return self.steps[0]
-        return None
 
     def __call__(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
         """x fp16 [M, C] (unit column stride; not gathered) -> fp16 [M, rows] (module docstring)."""

@@ -8,12 +8,6 @@ segments (``_gather_pairs``), or by each program for its own blocks (``_coop_pai
 3 bits (blocks of 512 columns): pair (sg, h, s') joins tiles t = 8 sg + 2 s' + h and t + 16, at
 ((2 sg + h) 4 + s') 16 + r. Each block's 2**k goes to the kernel with it (xs), to be multiplied
 back in with the scale.
-
-The launch may also make x itself from what the decoder layer computes before the projection
-(SOURCE, :mod:`misq.runtime.fused_layer`), so that one kernel does the work of two or three:
-RMSNorm of the hidden state (optionally the residual sum a + b first), or SiLU(gate) * up of a
-merged gate/up output. It writes that x (and the sum) in full, each program its own block's
-columns, as the model's own operations would round them to fp16.
 """
 
 from __future__ import annotations
@@ -43,68 +37,18 @@ if HAVE_TRITON:
         return tl.load(x_ptr + tl.load(q_ptr + c, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _row_rstd(a_ptr, b_ptr, n_x, eps, ADD: tl.constexpr, ROW: tl.constexpr):
-        """float32 1 / sqrt(mean(h**2) + eps) over the row h = a (+ b, rounded to fp16 as the
-        model's residual add rounds it) of n_x fp16 values: RMSNorm's factor. ROW values a step
-        (the whole row, where it fits: one round trip to L2 instead of one a step)."""
-        acc = tl.zeros([ROW], tl.float32)
-        for start in range(0, n_x, ROW):
-            c = start + tl.arange(0, ROW)
-            ok = c < n_x
-            h = tl.load(a_ptr + c, mask=ok, other=0.0)
-            if ADD:
-                h = (h.to(tl.float32) + tl.load(b_ptr + c, mask=ok, other=0.0).to(tl.float32)).to(tl.float16)
-            h = h.to(tl.float32)
-            acc += h * h
-        return tl.math.rsqrt(tl.sum(acc, axis=0) / n_x + eps)
-
-    @triton.jit
-    def _source_x(x_ptr, idx, ok, b_ptr, w, y_ptr, h_ptr, n_x, rstd, SOURCE: tl.constexpr, ADD: tl.constexpr):
-        """float32 x at columns idx (valid: ok): SOURCE 0, x_ptr's values; 1, RMSNorm: h = x (+ b if
-        ADD, written to h_ptr) as fp16, then fp16(h * rstd) * w rounded to fp16 (the model's
-        LlamaRMSNorm; w: the weight at idx, float32); 2, SiLU(g) * u for g = x_ptr[idx], u = x_ptr[n_x + idx] (a merged gate/up
-        output), each step rounded to fp16. SOURCE 1 and 2 write that x to y_ptr."""
-        x = tl.load(x_ptr + idx, mask=ok, other=0.0)
-        if SOURCE == 1:
-            if ADD:
-                x = (x.to(tl.float32) + tl.load(b_ptr + idx, mask=ok, other=0.0).to(tl.float32)).to(tl.float16)
-                tl.store(h_ptr + idx, x, mask=ok)
-            normed = (x.to(tl.float32) * rstd).to(tl.float16).to(tl.float32)
-            x = (normed * w).to(tl.float16)
-            tl.store(y_ptr + idx, x, mask=ok)
-        elif SOURCE == 2:
-            g = x.to(tl.float32)
-            act = (g / (1.0 + tl.exp(-g))).to(tl.float16).to(tl.float32)
-            x = (act * tl.load(x_ptr + n_x + idx, mask=ok, other=0.0).to(tl.float32)).to(tl.float16)
-            tl.store(y_ptr + idx, x, mask=ok)
-        return x.to(tl.float32)
-
-    @triton.jit
-    def _pairs_block(x_ptr, idx_ptr, xp_ptr, xs_ptr, n_cols, blk, b_ptr, w_ptr, y_ptr, h_ptr, n_x, eps,
-                     BITS: tl.constexpr, LIMIT_LOG2: tl.constexpr, SOURCE: tl.constexpr, ADD: tl.constexpr,
-                     ROW: tl.constexpr, WAIT: tl.constexpr):
+    def _pairs_block(x_ptr, idx_ptr, xp_ptr, xs_ptr, n_cols, blk, BITS: tl.constexpr, LIMIT_LOG2: tl.constexpr):
         """Layout block blk (B = 128 columns at 4 bits, 512 at 3): xp int32 [nblk, B / 2]
         of fp16 pairs of x[idx] * 2**-k in the kernel's order (module docstring), and xs [nblk]
         float32 = 2**k, k >= 0 the least that brings the block's |x| below 2**LIMIT_LOG2.
-        Columns past n_cols are zero. x as _source_x makes it. What does not depend on the kernel
-        before (the columns, the norm's weight) is read before the WAIT for it: one round trip
-        fewer after it. Every store comes after the wait (that kernel may still read memory that
-        this one's outputs reuse)."""
+        Columns past n_cols are zero."""
         T: tl.constexpr = 8 if BITS == 4 else 32  # tiles of 16 columns a block
         t = tl.arange(0, T)
         r = tl.arange(0, 16)
         col = blk * (16 * T) + 16 * t[:, None] + r[None, :]  # [T, 16]
         ok = col < n_cols
         idx = tl.load(idx_ptr + col, mask=ok, other=0)
-        w = 1.0
-        if SOURCE == 1:
-            w = tl.load(w_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        if WAIT:
-            gdc_wait()
-        rstd = 1.0
-        if SOURCE == 1:
-            rstd = _row_rstd(x_ptr, b_ptr, n_x, eps, ADD, ROW)
-        x = _source_x(x_ptr, idx, ok, b_ptr, w, y_ptr, h_ptr, n_x, rstd, SOURCE, ADD)  # 0 where not ok
+        x = tl.load(x_ptr + idx, mask=ok, other=0.0).to(tl.float32)
         bits, k = _scale_down(x, tl.max(tl.max(tl.abs(x), axis=1), axis=0), LIMIT_LOG2)  # [T, 16]
         out = xp_ptr + blk * (8 * T)
         if BITS == 4:  # pair j: tiles j and j + 4, at 16 j + r
@@ -119,31 +63,26 @@ if HAVE_TRITON:
         tl.store(xs_ptr + blk, ((127 + k) << 23).to(tl.float32, bitcast=True))
 
     @triton.jit
-    def _gather_pairs(x_ptr, n_blocks1, idx1, xp1, xs1, n1, idx2, xp2, xs2, n2, b_ptr, w_ptr, y_ptr, h_ptr, eps,
-                      n_x, BITS1: tl.constexpr, BITS2: tl.constexpr, NSEG: tl.constexpr, LIMIT_LOG2: tl.constexpr,
-                      SOURCE: tl.constexpr = 0, ADD: tl.constexpr = False, ROW: tl.constexpr = 1024,
+    def _gather_pairs(x_ptr, n_blocks1, idx1, xp1, xs1, n1, idx2, xp2, xs2, n2,
+                      BITS1: tl.constexpr, BITS2: tl.constexpr, NSEG: tl.constexpr, LIMIT_LOG2: tl.constexpr,
                       PDL: tl.constexpr = False, WAIT: tl.constexpr = False):
         """x's fp16 pairs (_pairs_block) for one or two segments in one launch, one program per
         layout block: programs below n_blocks1 take segment 1's blocks (columns idx1, n1 of
-        them; out xp1, xs1), the rest segment 2's. x as _source_x makes it (SOURCE 0: x_ptr
-        itself; 1: RMSNorm of x (+ b) with weight w and eps over its n_x columns, every program
-        computing the row's factor, ROW columns a step; 2: SiLU * up of a merged gate/up row of 2 n_x). PDL: let the
-        next kernel (the decode, launched as its programmatic dependent) start now; it waits for
-        this one's writes itself. WAIT: launched as the programmatic dependent of the kernel
-        before (which made x): wait for it (_pairs_block)."""
+        them; out xp1, xs1), the rest segment 2's. PDL: let the next kernel (the decode, launched
+        as its programmatic dependent) start now; it waits for this one's writes itself. WAIT:
+        launched as the programmatic dependent of the kernel before (which made x): wait for it."""
         if PDL:
             gdc_launch_dependents()
+        if WAIT:
+            gdc_wait()
         blk = tl.program_id(0)
         if NSEG == 2:
             if blk < n_blocks1:
-                _pairs_block(x_ptr, idx1, xp1, xs1, n1, blk, b_ptr, w_ptr, y_ptr, h_ptr, n_x, eps, BITS1,
-                             LIMIT_LOG2, SOURCE, ADD, ROW, WAIT)
+                _pairs_block(x_ptr, idx1, xp1, xs1, n1, blk, BITS1, LIMIT_LOG2)
             else:
-                _pairs_block(x_ptr, idx2, xp2, xs2, n2, blk - n_blocks1, b_ptr, w_ptr, y_ptr, h_ptr, n_x, eps, BITS2,
-                             LIMIT_LOG2, SOURCE, ADD, ROW, WAIT)
+                _pairs_block(x_ptr, idx2, xp2, xs2, n2, blk - n_blocks1, BITS2, LIMIT_LOG2)
         else:
-            _pairs_block(x_ptr, idx1, xp1, xs1, n1, blk, b_ptr, w_ptr, y_ptr, h_ptr, n_x, eps, BITS1, LIMIT_LOG2,
-                         SOURCE, ADD, ROW, WAIT)
+            _pairs_block(x_ptr, idx1, xp1, xs1, n1, blk, BITS1, LIMIT_LOG2)
 
     @triton.jit
     def _xpair(xp_ptr, blk, r, T: tl.constexpr, P: tl.constexpr):

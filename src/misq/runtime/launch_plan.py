@@ -37,10 +37,6 @@ H2_PDL = True
 # H200 the step's idle time fell from 23 to 18 us in a 4-layer 13B-shaped model: 0.6-0.9% more
 # tokens/s, 0.6% at 40 layers (BENCHMARKS.md, session 20)
 GATHER_PDL = True
-# packed LLaMA decoder layers run their batch-1 decode step with x's pairs made by the kernels
-# that make x (RMSNorm, residual add, SiLU * up) and down's residual added in its own output:
-# misq.runtime.fused_layer. Read at each step (a compiled model guards on it)
-FUSED_DECODER = True
 
 
 @dataclass(frozen=True)

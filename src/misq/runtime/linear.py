@@ -61,17 +61,6 @@ def _packed_linear_shape(x: Tensor, layer: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], _LAYERS[layer].out_features)
 
 
-@torch.library.custom_op("misq::packed_linear_pairs", mutates_args=())
-def packed_linear_pairs(x: Tensor, pairs: Tensor, residual: Tensor | None, layer: int) -> Tensor:
-    """x fp16 [..., C] on CUDA, its pairs as the layer's paired step made them -> [..., R] (+ residual)."""
-    return _LAYERS[layer].kernel_pairs_forward(x, pairs, residual)
-
-
-@packed_linear_pairs.register_fake
-def _packed_linear_pairs_shape(x: Tensor, pairs: Tensor, residual: Tensor | None, layer: int) -> Tensor:
-    return x.new_empty(*x.shape[:-1], _LAYERS[layer].out_features)
-
-
 def _buffer(device: torch.device, numel: int) -> Tensor:
     buf = _buffers.get(device)
     if buf is None or buf.numel() < numel:
@@ -204,44 +193,6 @@ class PackedLinear(nn.Module):
             plan = self._plans[key] = DecodePlan(self.perm, self.segments, self.out_features, M, self.bias,
                                                  self.fp_cols is not None, configs, self.kperm)
         return plan
-
-    def pairs_ok(self) -> bool:
-        """Whether this layer's batch-1 decode, as the launch settings now plan it, is one h2 launch
-        with x's pairs made first, so that another kernel may make them (misq.runtime.fused_layer):
-        3 and 4 bits in at most two widths, no 16-bit columns. Plain Python: no GPU needed."""
-        if self.fp_cols is not None or not self._meta:
-            return False
-        segs = self.segments
-        cfgs = [launch_plan.config_for(1, s.bits, self.out_features, self.in_features) for s in segs]
-        launches = launch_plan.plan_launches(segs, cfgs, self.out_features, 1)
-        return len(launches) == 1 and launches[0].cfg.path == "h2" and launches[0].cfg.pregather \
-            and len(launches[0].segs) == len(segs)
-
-    def paired_step(self):
-        """The batch-1 plan's h2 launch whose pairs may be made elsewhere (decode_plan.DecodePlan.paired),
-        or None (not on the kernels' device, or the layer is not :meth:`pairs_ok`)."""
-        if not HAVE_TRITON or not self.perm.is_cuda:
-            return None
-        return self.decode_plan(1).paired()
-
-    def pairs_forward(self, x: Tensor, pairs: Tensor, residual: Tensor | None = None) -> Tensor:
-        """x [..., C] -> [..., R] (+ ``residual`` [..., R]), with x's pairs (int32) already made by
-        ``paired_step().make_pairs``; empty ``pairs`` (none were made): x through :meth:`forward`."""
-        if self._kernel_ok(x) and torch.compiler.is_compiling():
-            return packed_linear_pairs(x, pairs, residual, self._handle)
-        return self.kernel_pairs_forward(x, pairs, residual)
-
-    def kernel_pairs_forward(self, x: Tensor, pairs: Tensor, residual: Tensor | None) -> Tensor:
-        """:meth:`pairs_forward`'s work, outside the compiler: the paired h2 launch when the pairs
-        fit it and x is one row, else the layer's forward (and the residual added)."""
-        step = self.paired_step() if pairs.numel() and self._kernel_ok(x) and x.numel() == self.in_features else None
-        if step is None or pairs.numel() != step.scratch or (residual is not None and step.has_bias):
-            y = self.forward(x)
-            return y if residual is None else residual + y
-        out = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
-        res = None if residual is None else residual.reshape(1, self.out_features).contiguous()
-        step.run_pairs(x.reshape(1, -1), out.view(1, -1), pairs, res)
-        return out
 
     def fused_prefill_ok(self) -> bool:
         return launch_plan.prefill_ok(self.segments, self.fp_cols is not None)

@@ -26,7 +26,6 @@ from misq.checkpoint.packed import (
 )
 from misq.errors import MisqError
 from misq.models.layout import SEQUENTIAL_STEPS
-from misq.runtime.fused_layer import fuse_decoder_layers
 from misq.runtime.linear import PackedLinear
 from misq.runtime.merge import merge_shared_inputs
 
@@ -56,8 +55,7 @@ def load_packed_runtime(path: str | os.PathLike, *, dtype: torch.dtype | str | N
     Non-linear tensors are cast to ``dtype`` (default: the saved dtype); the codes stay codes.
     On CUDA with fp16 the Triton kernels run; elsewhere each layer dequantizes in its forward.
     ``merge``: projections that read one input and share a layout (q/k/v, gate/up of a uniform
-    checkpoint) run as one layer (:mod:`misq.runtime.merge`): the same bytes, fewer launches; and
-    LLaMA decoder layers so merged decode a token in fewer launches still (:mod:`misq.runtime.fused_layer`).
+    checkpoint) run as one layer (:mod:`misq.runtime.merge`): the same bytes, fewer launches.
     """
     path = Path(path)
     dtype = dtype_arg(dtype)
@@ -68,9 +66,7 @@ def load_packed_runtime(path: str | os.PathLike, *, dtype: torch.dtype | str | N
     section = checked_misq_section(path, cfg)
     model = _build(path, section, dtype)
     merged = merge_shared_inputs(model, SEQUENTIAL_STEPS) if merge else 0
-    fused = fuse_decoder_layers(model) if merge else 0
-    log.info("loaded %s with the packed runtime (%d packed layers, %d groups merged, %d decoder layers fused)", path,
-             len(section["layers"]), merged, fused)
+    log.info("loaded %s with the packed runtime (%d packed layers, %d groups merged)", path, len(section["layers"]), merged)
     return model.to(device).eval()
 
 

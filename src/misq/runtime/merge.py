@@ -62,25 +62,13 @@ def merge_linears(layers: Sequence[PackedLinear]) -> PackedLinear:
 
 
 class _SharedOutput:
-    """The merged layer's last input and output, until each of ``readers`` slices has read it;
-    and x's pairs for the merged layer, when the kernel that made x made them too (``offer``)."""
+    """The merged layer's last input and output, until each of ``readers`` slices has read it."""
 
     def __init__(self, readers: int):
         self.readers = readers
         self.x: Tensor | None = None
         self.y: Tensor | None = None
         self.unread = 0
-        self.offered: tuple[Tensor, Tensor] | None = None
-
-    def offer(self, x: Tensor, pairs: Tensor) -> None:
-        """Let the next merged call with ``x`` itself (not a copy) start from its ``pairs``
-        (PackedLinear.pairs_forward): misq.runtime.fused_layer's norm kernel makes both."""
-        self.offered = (x, pairs)
-
-    def take_offer(self, x: Tensor) -> Tensor | None:
-        """The pairs offered for ``x``, or None; the offer is spent either way."""
-        offered, self.offered = self.offered, None
-        return offered[1] if offered is not None and offered[0] is x else None
 
 
 class SharedInputSlice(nn.Module):
@@ -99,9 +87,7 @@ class SharedInputSlice(nn.Module):
         """x [..., C] -> [..., stop - start]: a view of the merged output's last dimension."""
         shared = self._shared
         if shared.x is not x:  # (dropped once all had read it: x is then None)
-            pairs = shared.take_offer(x)
-            y = self.merged(x) if pairs is None else self.merged.pairs_forward(x, pairs)
-            shared.x, shared.y, shared.unread = x, y, shared.readers
+            shared.x, shared.y, shared.unread = x, self.merged(x), shared.readers
         y = shared.y[..., self.start:self.stop]
         shared.unread -= 1
         if shared.unread == 0:  # every slice has its rows: hold nothing between calls
