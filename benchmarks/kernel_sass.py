@@ -59,6 +59,7 @@ def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False
                     **{f"{k}{i}": v for i in (1, 2) for k, v in seg.items()})
         consts = dict(BITS1=bits, BITS2=bits, NSEG=1, BN=block_n, MODE=2, HAS_BIAS=False, FUSED=not xprep,
                       LIMIT_LOG2=8, PDL=False)  # one segment: the loop is the same for either of a pair's
+        consts |= dict(u1=1, u2=1)  # groups of 128 columns: Triton specializes the argument 1
         compiled = _compile(_decode_h2, ptrs, consts, ("N", "stride_om"), warps)
     else:
         ptrs = dict(x_ptr="*fp32" if xprep else "*fp16", perm_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32",

@@ -108,6 +108,8 @@ def cases() -> list[Case | GatherCase]:
     for widths, pattern in (((4,), "dense"), ((4,), "unstructured"), ((3,), "dense")):
         out += [Case(f"decode:{cfg}", 1, widths, 128, pattern, x_scale=4096.0)  # x past fp16's range for its sums
                 for cfg in ("h2", "h2_fused")]
+    for widths in ((4,), (3,), (3, 4)):  # h2 groups of several 128-column runs, or one group a row
+        out += [Case("decode:h2_nosplit", 1, widths, g, "dense", cols=1100) for g in (0, 256, 512)]
     for widths in ((3,), (3, 4)):  # several 3-bit blocks (512 columns) a program, the last partial
         out += [Case("decode:h2_nosplit", 1, widths, 128, "dense", cols=1100),
                 Case("decode:mma_nosplit", 16, widths, 128, "dense", cols=1100)]

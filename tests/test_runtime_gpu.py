@@ -109,6 +109,23 @@ def test_several_blocks_a_program(widths, programs):
     _check(lin, dense, 16, lambda x: lin._decode(x, [mma] * len(lin.segments)))
 
 
+@pytest.mark.parametrize("widths", [(4,), (3,), (3, 4)])
+@pytest.mark.parametrize("groupsize", [0, 256, 512])
+@pytest.mark.parametrize("programs", [1, 264])
+def test_h2_groups_of_several_blocks(widths, groupsize, programs):
+    """The h2 kernel finds a block's group by dividing by the group's runs of 128 columns, a
+    division Triton leaves out when that is 1 (groups of 128): groups of 256 and 512 columns and
+    one group a row (0) take the division, over 1100 columns (several blocks a program, the last
+    partial), plainly and as the gather's programmatic dependent."""
+    from misq.runtime.launch_plan import Config
+
+    lin, dense, _ = random_layer(72, 1100, widths, groupsize, "dense", seed=groupsize + programs)
+    lin = lin.cuda()
+    for pdl in (False, True):
+        config = Config("h2", 64, programs, 4, 2, pregather=True, pdl=pdl)
+        _check(lin, dense, 1, lambda x, c=config: lin._decode(x, [c] * len(lin.segments)))
+
+
 @pytest.mark.parametrize("widths", [(4,), (3, 4)])
 def test_bound_launches_in_a_cuda_graph(widths):
     """A layer's bound launches (fast_launch: the compiled kernels' launchers called directly, the

@@ -20,6 +20,7 @@ from torch import Tensor
 from misq.runtime import kernels, launch_plan
 from misq.runtime.fast_launch import BoundLaunch, Slot
 from misq.runtime.half2_gather import X_LIMIT_LOG2
+from misq.runtime.half2_kernel import GROUP_COLS as H2_GROUP_COLS
 from misq.runtime.launch_plan import Config, Launch, config_for, plan_launches
 from misq.runtime.layout import Segment, block_cols, kernel_perm, pieces
 from misq.runtime.triton_common import HAVE_TRITON
@@ -80,7 +81,8 @@ class _H2Step:
             xp, xs = xpairs[k] if self.pregather else (q, X)
             group_cols = nblk * block_cols(seg.bits) if seg.scales.shape[0] == 1 else seg.group_len
             words = [seg.words[p] for p in pieces(seg.bits)]
-            args.append([xp, xs, q, words[0], words[-1], seg.scales, seg.zeros, seg.n, nblk, group_cols,
+            # the group's runs of 128 columns (launch_plan.h2_ok: groups are multiples of 128 columns)
+            args.append([xp, xs, q, words[0], words[-1], seg.scales, seg.zeros, seg.n, nblk, group_cols // H2_GROUP_COLS,
                          seg.scales.shape[0], bps])
         self.decode = BoundLaunch(
             _decode_h2, (lc.n_nblk, lc.split),

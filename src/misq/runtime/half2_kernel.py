@@ -200,14 +200,14 @@ if HAVE_TRITON:
         return ((z_lo << Q) | top) | (((z_hi << Q) | top) << 16)
 
     @triton.jit
-    def _words4(blk, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N):
+    def _words4(blk, wa, s_ptr, z_ptr, units, offs_n, n_ok, N):
         """What a 4-bit layout block reads from memory: its words v (word rows r) and u (rows
-        r + 8), int32 [8, BN], and its group's scales and zeros [BN]."""
+        r + 8), int32 [8, BN], and its group's scales and zeros [BN] (groups of ``units`` blocks)."""
         r = tl.arange(0, 8)
         wp = wa + (blk * 16 + r)[:, None] * N + offs_n[None, :]
         v = tl.load(wp, mask=n_ok[None, :], other=0)
         u = tl.load(wp + 8 * N, mask=n_ok[None, :], other=0)
-        g = (blk * 128) // group_cols
+        g = blk // units
         s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0)
         z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0)
         return v, u, s, z
@@ -238,21 +238,21 @@ if HAVE_TRITON:
         return acc + d * (s.to(tl.float32) * xsc)[None, :]
 
     @triton.jit
-    def _words3(blk, wa, wb, s_ptr, z_ptr, group_cols, n_groups, offs_n, n_ok, N):
+    def _words3(blk, wa, wb, s_ptr, z_ptr, units, n_groups, offs_n, n_ok, N):
         """What a 3-bit layout block (512 columns) reads from memory: per word row r, the 2-bit
         words of tile runs h = 0, 1 (A0, A1) and the 1-bit word (B), int32 [16, BN]; the scales
-        and zeros [BN] of its four groups of 128 columns, in the order (half sg 0: low, high; sg 1:
-        low, high) that _math3 pairs them."""
+        and zeros [BN] of its four runs of 128 columns (groups of ``units`` such runs), in the order
+        (half sg 0: low, high; sg 1: low, high) that _math3 pairs them."""
         r = tl.arange(0, 16)
         m = n_ok[None, :]
         pa = wa + (blk * 32 + r)[:, None] * N + offs_n[None, :]
         A0 = tl.load(pa, mask=m, other=0)
         A1 = tl.load(pa + 16 * N, mask=m, other=0)
         B = tl.load(wb + (blk * 16 + r)[:, None] * N + offs_n[None, :], mask=m, other=0)
-        g0 = (blk * 512) // group_cols  # tiles 0-7
-        g1 = (blk * 512 + 256) // group_cols  # tiles 16-23
-        g2 = (blk * 512 + 128) // group_cols  # tiles 8-15
-        g3 = (blk * 512 + 384) // group_cols  # tiles 24-31
+        g0 = (blk * 4) // units  # tiles 0-7
+        g1 = (blk * 4 + 2) // units  # tiles 16-23
+        g2 = (blk * 4 + 1) // units  # tiles 8-15
+        g3 = (blk * 4 + 3) // units  # tiles 24-31
         # a partial last block's tiles past the columns have no group
         m0, m1, m2, m3 = n_ok & (g0 < n_groups), n_ok & (g1 < n_groups), n_ok & (g2 < n_groups), n_ok & (g3 < n_groups)
         s0 = tl.load(s_ptr + g0 * N + offs_n, mask=m0, other=0.0)
@@ -309,7 +309,7 @@ if HAVE_TRITON:
                       xsc)
 
     @triton.jit
-    def _segment_sum(pid_s, xp_ptr, xs_ptr, x_ptr, q_ptr, wa, wb, s_ptr, z_ptr, N, n_cols, n_blocks, group_cols,
+    def _segment_sum(pid_s, xp_ptr, xs_ptr, x_ptr, q_ptr, wa, wb, s_ptr, z_ptr, N, n_cols, n_blocks, units,
                      n_groups, blocks_per_split, offs_n, n_ok, BITS: tl.constexpr, BN: tl.constexpr,
                      FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr, PDL: tl.constexpr):
         """float32 [1, BN]: split-K run pid_s (blocks_per_split layout blocks) of one 3- or 4-bit
@@ -322,22 +322,22 @@ if HAVE_TRITON:
         # the first block's loads issued before the wait for x's gather (the weights do not depend
         # on it); a program always has a first block (plan_launches)
         if BITS == 4:
-            v, u, s, z = _words4(b_lo, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N)
+            v, u, s, z = _words4(b_lo, wa, s_ptr, z_ptr, units, offs_n, n_ok, N)
             if PDL:
                 gdc_wait()
             acc = _math4(acc, b_lo, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2)
             for blk in range(b_lo + 1, b_hi):
-                v, u, s, z = _words4(blk, wa, s_ptr, z_ptr, group_cols, offs_n, n_ok, N)
+                v, u, s, z = _words4(blk, wa, s_ptr, z_ptr, units, offs_n, n_ok, N)
                 acc = _math4(acc, blk, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2)
         else:
-            A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = _words3(b_lo, wa, wb, s_ptr, z_ptr, group_cols,
+            A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = _words3(b_lo, wa, wb, s_ptr, z_ptr, units,
                                                                 n_groups, offs_n, n_ok, N)
             if PDL:
                 gdc_wait()
             acc = _math3(acc, b_lo, A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3, xp_ptr, xs_ptr, x_ptr, q_ptr,
                          n_cols, FUSED, LIMIT_LOG2)
             for blk in range(b_lo + 1, b_hi):
-                A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = _words3(blk, wa, wb, s_ptr, z_ptr, group_cols,
+                A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = _words3(blk, wa, wb, s_ptr, z_ptr, units,
                                                                     n_groups, offs_n, n_ok, N)
                 acc = _math3(acc, blk, A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3, xp_ptr, xs_ptr, x_ptr, q_ptr,
                              n_cols, FUSED, LIMIT_LOG2)
@@ -345,8 +345,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_h2(x_ptr, out_ptr, ws_ptr, cnt_ptr, bias_ptr, N, stride_om, split1,
-                   xp1, xs1, q1, wa1, wb1, s1, z1, n1, nblk1, gc1, ng1, bps1,
-                   xp2, xs2, q2, wa2, wb2, s2, z2, n2, nblk2, gc2, ng2, bps2,
+                   xp1, xs1, q1, wa1, wb1, s1, z1, n1, nblk1, u1, ng1, bps1,
+                   xp2, xs2, q2, wa2, wb2, s2, z2, n2, nblk2, u2, ng2, bps2,
                    BITS1: tl.constexpr, BITS2: tl.constexpr, NSEG: tl.constexpr, BN: tl.constexpr,
                    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr,
                    PDL: tl.constexpr = False):
@@ -355,7 +355,9 @@ if HAVE_TRITON:
         (half2_gather._gather_pairs), or (FUSED) gathered here, each program for its own blocks,
         from x_ptr (fp16, one row) through q (the segment's perm; n columns); words wa (the 4-bit,
         or the 3-bit's 2-bit piece) and wb (the 3-bit's 1-bit piece); scales and zeros s, z of
-        ng groups of gc columns (a multiple of 128); nblk layout blocks, bps a split. Program
+        ng groups of u runs of 128 columns (u = 1 for groups of 128: Triton specializes an argument
+        equal to 1, so finding a block's group takes no integer division, which cost about 25
+        instructions a block, a group, in the loop); nblk layout blocks, bps a split. Program
         (pid_n, pid_s): BN output features; split-K run pid_s of segment 1 below split1, run
         pid_s - split1 of segment 2 from there. MODE as tile_kernel's (the split-K workspace and
         its counter span both segments' programs). PDL: launched as the x gather's programmatic
@@ -367,13 +369,13 @@ if HAVE_TRITON:
         n_ok = offs_n < N
         if NSEG == 2:
             if pid_s < split1:
-                y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, gc1, ng1, bps1,
+                y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, u1, ng1, bps1,
                                  offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, PDL)
             else:
-                y = _segment_sum(pid_s - split1, xp2, xs2, x_ptr, q2, wa2, wb2, s2, z2, N, n2, nblk2, gc2, ng2,
+                y = _segment_sum(pid_s - split1, xp2, xs2, x_ptr, q2, wa2, wb2, s2, z2, N, n2, nblk2, u2, ng2,
                                  bps2, offs_n, n_ok, BITS2, BN, FUSED, LIMIT_LOG2, PDL)
         else:
-            y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, gc1, ng1, bps1,
+            y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, u1, ng1, bps1,
                              offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, PDL)
         om = tl.arange(0, 1)
         write_out(y, om, om < 1, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)
