@@ -26,7 +26,7 @@ sm_90 SASS of the loop (benchmarks/kernel_sass.py): at the defaults 2.70 instruc
 4 bits (BLOCK_N 64, 2 warps) and 3.58 at 3 bits (4 warps), against 5.3 for the float32 kernel.
 On an H200 the kernel's time follows its instruction count more than its registers or the loads
 it keeps in flight (BENCHMARKS.md, session 22: 6.5% fewer instructions, 5-9% faster; Triton's
-software pipelining of the block loop, 24% more, 10-50% slower; registers capped for more
+software pipelining of the block loop, 24% more, 3-27% slower; registers capped for more
 programs an SM, 3% more instructions, 2-7% slower), so instructions are what to cut.
 Each product ``(c - z) * x`` and each eight-term sum is rounded to fp16 (relative 2**-11 each,
 random in sign), where the float32 kernel is exact until its output: the outputs stay within the
