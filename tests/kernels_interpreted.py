@@ -75,13 +75,15 @@ class Case:
     x_scale: float = 1.0  # x is randn times this (4096: the h2 kernel's per-block scaling of large x)
     merged: bool = False  # three act-order layers of one column order merged into one (misq.runtime.merge)
     cols: int = 0  # columns of the layer (0: 389, or 392 for 2:4)
+    out_rows: int = 0  # output features (0: LAYER_ROWS); a multiple of 64 takes the h2 kernel's unmasked loads
 
     @property
     def id(self) -> str:
         layer = f"w{'.'.join(map(str, self.widths))}-g{self.groupsize}-{self.pattern}{'-maskless' * self.maskless}"
         big = f"-x{self.x_scale:g}" if self.x_scale != 1.0 else ""
         wide = f"-c{self.cols}" if self.cols else ""
-        return f"{self.path}-m{self.rows}{'-bias' * self.bias}{big}-{layer}{'-merged' * self.merged}{wide}"
+        tall = f"-n{self.out_rows}" if self.out_rows else ""
+        return f"{self.path}-m{self.rows}{'-bias' * self.bias}{big}-{layer}{'-merged' * self.merged}{wide}{tall}"
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ def cases() -> list[Case | GatherCase]:
                 for cfg in ("h2", "h2_fused")]
     for widths in ((4,), (3,), (3, 4)):  # h2 groups of several 128-column runs, or one group a row
         out += [Case("decode:h2_nosplit", 1, widths, g, "dense", cols=1100) for g in (0, 256, 512)]
+    for widths in ((4,), (3,), (3, 4)):  # rows a multiple of BLOCK_N: the h2 kernel's loads without feature masks
+        out += [Case(f"decode:{cfg}", 1, widths, 128, "dense", bias=cfg == "h2", out_rows=128) for cfg in ("h2", "h2_fused")]
     for widths in ((3,), (3, 4)):  # several 3-bit blocks (512 columns) a program, the last partial
         out += [Case("decode:h2_nosplit", 1, widths, 128, "dense", cols=1100),
                 Case("decode:mma_nosplit", 16, widths, 128, "dense", cols=1100)]
@@ -195,7 +199,7 @@ def _layer(case: Case, cache: dict) -> tuple[Any, Any]:
     groups and blocks); a fresh copy each case, as a case may set its bias."""
     from runtime_layers import random_layer
 
-    key = (case.widths, case.groupsize, case.pattern, case.maskless, case.rows, case.merged, case.cols)
+    key = (case.widths, case.groupsize, case.pattern, case.maskless, case.rows, case.merged, case.cols, case.out_rows)
     if key not in cache and case.merged:  # rows 72 + 24 + 40: q/k/v of unequal heights, one act-order column order
         import torch
 
@@ -207,7 +211,7 @@ def _layer(case: Case, cache: dict) -> tuple[Any, Any]:
     if key not in cache:
         cols = case.cols or (392 if case.pattern == "2:4" else 389)
         kind = {"pruned": 0.05} if case.maskless else {"act_order": case.groupsize == 32}
-        cache[key] = random_layer(LAYER_ROWS, cols, case.widths, case.groupsize, case.pattern, seed=case.rows, **kind)[:2]
+        cache[key] = random_layer(case.out_rows or LAYER_ROWS, cols, case.widths, case.groupsize, case.pattern, seed=case.rows, **kind)[:2]
     lin, dense = cache[key]
     return copy.deepcopy(lin), dense
 
