@@ -12,7 +12,7 @@ from decode_layers import FORMATS, bench, bench_cold, random_packed, with_copies
 
 
 def candidates(M: int, gather_only: bool = False) -> list:
-    """Launch settings --tune sweeps at M rows (the runtime's default first). At M = 1: the fp16
+    """Launch settings --tune sweeps at M rows. At M = 1: the fp16
     pairs kernel (h2, 3- and 4-bit layers; others fall back to their default), the float32 CUDA-core
     kernel with x gathered before it (pregather: float32, pre-scaled) and the tensor cores."""
     from misq.runtime.launch_plan import Config
@@ -36,6 +36,10 @@ def candidates(M: int, gather_only: bool = False) -> list:
                    (64, 2112, 4, 2), (32, 2112, 4, 2), (32, 4224, 2, 1), (32, 2640, 1, 2),
                    # deeper pipelines, for weights streamed from memory rather than L2 (--cold-mib)
                    (64, 1320, 2, 3), (64, 660, 4, 4), (128, 1056, 4, 3), (32, 1320, 2, 4))),
+                # registers capped so that more programs fit an SM at once (the large 4-bit default's
+                # 14 programs of 2 warps at 72; 3 bits: 5 programs of 4 warps at 96; session 23)
+                *(Config("h2", 64, t, w, 2, pregather=True, pdl=H2_PDL, maxnreg=r) for t, w, r in
+                  ((1584, 2, 72), (1848, 2, 72), (2112, 2, 64), (660, 4, 96), (1320, 4, 96), (2112, 4, 96))),
                 Config("h2", 256, 1056, 4),
                 Config("mma", 64, 2112, 4, pregather=True), Config("fma", 64, 2112, 4, pregather=True)]
     if M <= 16:  # the default first, then longer or shorter split-K programs, pipelined or not

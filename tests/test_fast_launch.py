@@ -102,6 +102,17 @@ def test_launch_hooks_see_every_launch(launched, monkeypatch):
     assert [k[0] for k in launched] == ["jit", "jit"]
 
 
+def test_register_cap_goes_to_triton_and_the_large_4bit_default_sets_it(launched):
+    from misq.runtime.launch_plan import default_config
+
+    t = torch.zeros(16)
+    BoundLaunch(_kernel, (1,), [Slot(0), Slot(0), Slot(0), 1, 2], {"BLOCK": 16, "FLAG": False}, 2, maxnreg=72)(t)
+    assert launched[0][3] == {"BLOCK": 16, "FLAG": False, "num_warps": 2, "maxnreg": 72}
+    # 14 programs an SM on the 13B MLP-sized 4-bit layers at batch 1; 5120 x 5120 and 3 bits as the compiler picks
+    assert default_config(1, 4, 13824, 5120).maxnreg == 72 and default_config(1, 4, 13824, 5120).target_programs == 14 * 132
+    assert default_config(1, 4, 5120, 5120).maxnreg == 0 and default_config(1, 3, 13824, 5120).maxnreg == 0
+
+
 def test_arguments_must_cover_the_kernel():
     with pytest.raises(TypeError, match="do not cover"):
         BoundLaunch(_kernel, (1,), [Slot(0), Slot(0), Slot(0), 1], {"BLOCK": 16, "FLAG": False})

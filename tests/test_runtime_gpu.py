@@ -126,6 +126,21 @@ def test_h2_groups_of_several_blocks(widths, groupsize, programs):
         _check(lin, dense, 1, lambda x, c=config: lin._decode(x, [c] * len(lin.segments)))
 
 
+@pytest.mark.parametrize("widths", [(4,), (3,), (3, 4)])
+@pytest.mark.parametrize("maxnreg", [72, 64])
+def test_h2_with_registers_capped(widths, maxnreg):
+    """The h2 kernel compiled with its registers capped (Config.maxnreg, as the default for large
+    4-bit layers sets it; 64 makes the compiler spill at 4 bits), plainly and as the gather's
+    programmatic dependent, several blocks a program, the last partial."""
+    from misq.runtime.launch_plan import Config
+
+    lin, dense, _ = random_layer(136, 1100, widths, 128, "dense", seed=maxnreg)
+    lin = lin.cuda()
+    for pdl in (False, True):
+        config = Config("h2", 64, 24, 2 if widths == (4,) else 4, 2, pregather=True, pdl=pdl, maxnreg=maxnreg)
+        _check(lin, dense, 1, lambda x, c=config: lin._decode(x, [c] * len(lin.segments)))
+
+
 @pytest.mark.parametrize("widths", [(4,), (3, 4)])
 def test_bound_launches_in_a_cuda_graph(widths):
     """A layer's bound launches (fast_launch: the compiled kernels' launchers called directly, the

@@ -70,11 +70,13 @@ class BoundLaunch:
     """``fn[grid](*args, **consts, num_warps=..., num_stages=...)`` with every argument but the
     :class:`Slot` ones fixed. ``args``: the kernel's leading (non-constexpr) arguments in order;
     ``consts``: every other parameter by name (the constexprs); ``num_warps`` / ``num_stages``:
-    Triton's defaults when None; ``launch_pdl``: launched as a programmatic dependent launch.
-    Calling it with the slots' values launches the kernel on the current stream."""
+    Triton's defaults when None; ``launch_pdl``: launched as a programmatic dependent launch;
+    ``maxnreg`` > 0: compiled to use at most that many registers a thread. Calling it with the
+    slots' values launches the kernel on the current stream."""
 
     def __init__(self, fn: Any, grid: tuple[int, ...], args: Sequence[Any], consts: dict[str, Any],
-                 num_warps: int | None = None, num_stages: int | None = None, launch_pdl: bool = False):
+                 num_warps: int | None = None, num_stages: int | None = None, launch_pdl: bool = False,
+                 maxnreg: int = 0):
         names = list(fn.arg_names)
         missing = [n for n in names[len(args):] if n not in consts]
         if missing or len(args) + len(consts) != len(names):
@@ -85,6 +87,8 @@ class BoundLaunch:
         self.options = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
         if launch_pdl:  # a programmatic dependent of the kernel before it (Hopper): it may start early
             self.options["launch_pdl"] = True
+        if maxnreg:  # at most this many registers a thread (Triton's compile option)
+            self.options["maxnreg"] = maxnreg
         self._slots = [(i, a.index, a.offset) for i, a in enumerate(self.args) if isinstance(a, Slot)]
         # the launcher's argument list: pointers of fixed tensors as integers, constexprs in place
         self._template = [a.data_ptr() if isinstance(a, Tensor) else a for a in self.args]

@@ -24,10 +24,13 @@ groups differ, so each half keeps its own scale.
 
 sm_90 SASS of the loop (benchmarks/kernel_sass.py): at the defaults 2.70 instructions a weight at
 4 bits (BLOCK_N 64, 2 warps) and 3.58 at 3 bits (4 warps), against 5.3 for the float32 kernel.
-On an H200 the kernel's time follows its instruction count more than its registers or the loads
-it keeps in flight (BENCHMARKS.md, session 22: 6.5% fewer instructions, 5-9% faster; Triton's
-software pipelining of the block loop, 24% more, 3-27% slower; registers capped for more
-programs an SM, 3% more instructions, 2-7% slower), so instructions are what to cut.
+On an H200 (ncu, BENCHMARKS.md session 23) the 4-bit loop waits on its global loads for about half
+of its cycles, with 4-5 warps a scheduler and its occupancy bounded by registers. So fewer
+instructions help only where they shorten that wait: the block's group found without a division
+was 5-9% faster (session 22), but 6% fewer instructions through a twice longer fp16 chain were
+not. Software pipelining through shared memory (session 22) and asking L2 for the next block's
+lines (session 23) were slower; more programs an SM at once were faster on the large layers
+(launch_plan.default_config caps their registers).
 Each product ``(c - z) * x`` and each eight-term sum is rounded to fp16 (relative 2**-11 each,
 random in sign), where the float32 kernel is exact until its output: the outputs stay within the
 fp16 tolerance the tests hold every path to (tests/test_runtime_gpu.py). To keep those sums

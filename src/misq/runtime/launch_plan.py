@@ -57,6 +57,9 @@ class Config:
     # h2 with pregather: the kernel launched as the gather's programmatic dependent (Hopper's
     # programmatic dependent launch): its programs start while the gather finishes and wait for it
     pdl: bool = False
+    # h2: registers a thread the compiler may use (Triton's maxnreg; 0: its own choice): fewer
+    # registers let more programs stay on an SM at once
+    maxnreg: int = 0
 
 
 class _Settings(dict):
@@ -111,6 +114,11 @@ def default_config(M: int, bits: int, N: int, K: int, mma: bool = True, h2: bool
     # 3-bit's), two blocks a program, pipelined: 14-17% faster than one on the MLP shapes, equal on
     # 5120 x 5120 (BENCHMARKS.md, session 12)
     if M == 1 and bits == 4 and h2:
+        # large layers (the 13B MLP shapes, merged q/k/v and gate/up): 14 programs an SM, which fit
+        # at once in its registers only at 72 a thread (the compiler's choice is 80): 0.4-4.6% faster
+        # than 10 an SM; 9% slower on 5120 x 5120 (BENCHMARKS.md, session 23)
+        if N * K >= 50_000_000:
+            return Config("h2", 64, 14 * 132, 2, 2, pregather=True, pdl=H2_PDL, maxnreg=72)
         return Config("h2", 64, 10 * 132, 2, 2, pregather=True, pdl=H2_PDL)
     if M == 1 and bits == 3 and h2:
         return Config("h2", 64, 16 * 132, 4, 2, pregather=True, pdl=H2_PDL)
