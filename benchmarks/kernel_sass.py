@@ -32,9 +32,10 @@ import tempfile
 
 
 def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...], warps: int, stages: int = 1,
-             fp_fusion: bool = True):
+             fp_fusion: bool = True, maxnreg: int = 0):
     """Triton's compile of ``kern`` for sm_90 (no GPU needed), pointers and ``aligned`` ints taken
-    as 16-divisible as on the GPU; ``fp_fusion`` as the launch's ``enable_fp_fusion``."""
+    as 16-divisible as on the GPU; ``fp_fusion`` as the launch's ``enable_fp_fusion``; ``maxnreg``
+    > 0 as launch_plan.Config.maxnreg (registers capped)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -42,11 +43,14 @@ def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...],
     sig = {n: ("constexpr" if n in consts else ptrs.get(n, "i32")) for n in kern.arg_names}
     idx = [i for i, n in enumerate(kern.arg_names) if n in ptrs or n in aligned]
     src = ASTSource(fn=kern, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in idx})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": fp_fusion})
+    options = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": fp_fusion}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False) -> tuple[list[str], int]:
+def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False,
+              maxnreg: int = 0) -> tuple[list[str], int]:
     """The SASS lines of the batch-1 kernel's main loop, and the kernel's registers a thread (groups of 128, split-K MODE 2):
     _decode_mm's fma path, or (h2) half2_kernel._decode_h2 (3 and 4 bits; xprep false: x gathered
     in the kernel, FUSED)."""
@@ -60,7 +64,7 @@ def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False
         consts = dict(BITS1=bits, BITS2=bits, NSEG=1, BN=block_n, MODE=2, HAS_BIAS=False, FUSED=not xprep,
                       LIMIT_LOG2=8, PDL=False)  # one segment: the loop is the same for either of a pair's
         consts |= dict(u1=1, u2=1)  # groups of 128 columns: Triton specializes the argument 1
-        compiled = _compile(_decode_h2, ptrs, consts, ("N", "stride_om"), warps)
+        compiled = _compile(_decode_h2, ptrs, consts, ("N", "stride_om"), warps, maxnreg=maxnreg)
     else:
         ptrs = dict(x_ptr="*fp32" if xprep else "*fp16", perm_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32",
                     cnt_ptr="*i32", bias_ptr="*fp16", wa="*i32", wb="*i32", wc="*i32", wd="*i32", s_ptr="*fp16",
@@ -180,6 +184,8 @@ def main() -> None:
     ap.add_argument("--descent", action="store_true",
                     help="the coordinate descent's block kernel (8 rows, 1 warp by default): instructions a column step")
     ap.add_argument("--rows", type=int, default=8, help="with --descent: rows a program")
+    ap.add_argument("--maxnreg", type=int, default=0,
+                    help="h2: registers a thread capped at this (launch_plan.Config.maxnreg; 0: the compiler's choice)")
     args = ap.parse_args()
     from misq.runtime.layout import block_cols
 
@@ -201,14 +207,15 @@ def main() -> None:
     weights = block_cols(args.bits) * args.block_n / (32 * args.warps)  # a layout block's weights a thread
     runs = [(False, False), (True, False)] * (args.bits != 3) + [(True, True), (False, True)] * (args.bits in (3, 4))
     for xprep, h2 in runs:
-        body, regs = loop_sass(args.bits, args.block_n, args.warps, xprep, h2)
+        body, regs = loop_sass(args.bits, args.block_n, args.warps, xprep, h2, args.maxnreg if h2 else 0)
+        spills = sum(opcode(ln) in ("LDL", "STL") for ln in body)  # local memory: registers spilled in the loop
         ops = collections.Counter(opcode(ln) for ln in body).most_common(10)
         if h2:
             how = f"h2 (fp16 pairs, x {'pregathered' if xprep else 'gathered in it'})"
         else:
             how = "x pregathered (float32, pre-scaled)" if xprep else "x gathered in the kernel"
         print(f"{how:<38} {len(body)} instructions a thread a block, {weights:.0f} weights: "
-              f"{len(body) / weights:.2f} a weight, {regs} registers a thread  {ops}")
+              f"{len(body) / weights:.2f} a weight, {regs} registers a thread, {spills} spills in the loop  {ops}")
 
 
 if __name__ == "__main__":
