@@ -75,7 +75,7 @@ class Case:
     x_scale: float = 1.0  # x is randn times this (4096: the h2 kernel's per-block scaling of large x)
     merged: bool = False  # three act-order layers of one column order merged into one (misq.runtime.merge)
     cols: int = 0  # columns of the layer (0: 389, or 392 for 2:4)
-    out_rows: int = 0  # output features (0: LAYER_ROWS); a multiple of 64 takes the h2 kernel's unmasked loads
+    out_rows: int = 0  # output features (0: LAYER_ROWS); a multiple of 64 fills every BLOCK_N slice, none partial
 
     @property
     def id(self) -> str:
@@ -112,7 +112,7 @@ def cases() -> list[Case | GatherCase]:
                 for cfg in ("h2", "h2_fused")]
     for widths in ((4,), (3,), (3, 4)):  # h2 groups of several 128-column runs, or one group a row
         out += [Case("decode:h2_nosplit", 1, widths, g, "dense", cols=1100) for g in (0, 256, 512)]
-    for widths in ((4,), (3,), (3, 4)):  # rows a multiple of BLOCK_N: the h2 kernel's loads without feature masks
+    for widths in ((4,), (3,), (3, 4)):  # rows a multiple of BLOCK_N: every h2 program's slice full
         out += [Case(f"decode:{cfg}", 1, widths, 128, "dense", bias=cfg == "h2", out_rows=128) for cfg in ("h2", "h2_fused")]
     for widths in ((3,), (3, 4)):  # several 3-bit blocks (512 columns) a program, the last partial
         out += [Case("decode:h2_nosplit", 1, widths, 128, "dense", cols=1100),
