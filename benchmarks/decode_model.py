@@ -125,48 +125,89 @@ def _model_13b(layers: int):
         return LlamaForCausalLM(cfg).half().eval()
 
 
-def prefill_model(layers: int, rows: tuple, rounds: int = 5, merged: bool = True) -> list[dict]:
-    """Host-bound runs of a 13B-shaped model (``layers`` decoder layers, random weights), fp16
-    against packed: a prompt's forward of M tokens, no cache, eager (as transformers runs a
-    prompt; CUDA-event timed), and greedy decode with a static cache, eager (no CUDA graph).
-    Unlike the per-linear prefill rows (CUDA-graph timed, so without the host's launch time),
-    these include what the host spends launching each layer's kernels. The host's pace drifts
-    within a run, so the two models take turns (``rounds`` of 3 forwards each) and each side's
-    median counts. ``merged``: each format also with q/k/v and gate/up merged (misq.runtime.merge)."""
+def _prompt_runner(m, M: int, graph: bool):
+    """(a callable running ``m``'s forward of a random M-token prompt (no cache), how): eager, or
+    (``graph``) captured once as a CUDA graph and replayed, so that only the GPU's time counts."""
+    ids = torch.randint(0, 32000, (1, M), device="cuda")
+
+    def forward():
+        with torch.no_grad():
+            return m(ids, use_cache=False).logits
+
+    if not graph:
+        return forward, "eager"
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                forward()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            forward()
+    except RuntimeError as err:
+        print("CUDA graph capture failed, timing eager:", str(err).splitlines()[0], flush=True)
+        torch.cuda.synchronize()
+        return forward, "eager (capture failed)"
+    return g.replay, "CUDA graph"
+
+
+def prefill_model(layers: int, rows: tuple, rounds: int = 5, merged: bool = True,
+                  formats: tuple[str, ...] = ("4bit_g128", "3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128"),
+                  merged_only: bool = False, graph: bool = False) -> list[dict]:
+    """Runs of a 13B-shaped model (``layers`` decoder layers, random weights), fp16 against
+    packed: a prompt's forward of M tokens, no cache, eager (as transformers runs a prompt;
+    CUDA-event timed), and greedy decode with a static cache, eager (no CUDA graph). Unlike the
+    per-linear prefill rows (CUDA-graph timed, so without the host's launch time), these include
+    what the host spends launching each layer's kernels. The host's pace drifts within a run, so
+    the two models take turns (``rounds`` of 3 forwards each) and each side's median counts.
+    ``merged``: each format also with q/k/v and gate/up merged (misq.runtime.merge);
+    ``merged_only``: formats whose layers merge timed merged only (as a real checkpoint loads);
+    ``graph``: each prompt's forward replayed as a CUDA graph instead (the GPU's time alone, no
+    host drift), and no eager decode."""
     fp16 = _model_13b(layers)
     model = copy.deepcopy(fp16)
 
-    def ms(m, M: int) -> list[float]:
-        ids = torch.randint(0, 32000, (1, M), device="cuda")
+    def ms(run) -> list[float]:
         times = []
-        with torch.no_grad():
-            for _ in range(3):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                m(ids, use_cache=False)
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
+        for _ in range(3):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
         return times
 
     def median(v: list[float]) -> float:
         return sorted(v)[len(v) // 2]
 
+    def merges(f: str) -> tuple[bool, ...]:
+        if not (merged and mergeable_format(f)):
+            return (False,)
+        return (True,) if merged_only else (False, True)
+
     out = []
-    for fmt, merge in [(f, m) for f in ("4bit_g128", "3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128")
-                       for m in ((False, True) if merged and mergeable_format(f) else (False,))]:
+    for fmt, merge in [(f, m) for f in formats for m in merges(f)]:
         pack_model(model, fmt, merge)
         fmt = fmt + (", q/k/v and gate/up merged" if merge else "")
         for M in rows:
-            ms(fp16, M), ms(model, M)  # warm-up
+            (run_f, how_f), (run_p, how_p) = _prompt_runner(fp16, M, graph), _prompt_runner(model, M, graph)
+            ms(run_f), ms(run_p)  # warm-up
             f, p = [], []
             for _ in range(rounds):
-                f += ms(fp16, M)
-                p += ms(model, M)
-            r = {"model": f"13B-shaped, {layers} layers", "format": fmt, "rows": M, "fp16_ms": median(f),
-                 "packed_ms": median(p), "slowdown_vs_fp16": median(p) / median(f)}
+                f += ms(run_f)
+                p += ms(run_p)
+            del run_f, run_p
+            torch.cuda.empty_cache()
+            r = {"model": f"13B-shaped, {layers} layers", "format": fmt, "rows": M, "forward": [how_f, how_p],
+                 "fp16_ms": median(f), "packed_ms": median(p), "slowdown_vs_fp16": median(p) / median(f),
+                 "fp16_ms_range": [min(f), max(f)], "packed_ms_range": [min(p), max(p)]}
             print(json.dumps(r), flush=True)
             out.append(r)
+        if graph:
+            continue
         tf, tp = decode_tps(fp16, graph=False)[0], decode_tps(model, graph=False)[0]
         r = {"model": f"13B-shaped, {layers} layers", "format": fmt, "eager_decode": True, "fp16_tok_s": tf,
              "packed_tok_s": tp, "speedup_vs_fp16": tp / tf}
@@ -175,17 +216,32 @@ def prefill_model(layers: int, rows: tuple, rounds: int = 5, merged: bool = True
     return out
 
 
+@torch.library.custom_op("misq_bench::empty_linear", mutates_args=())
+def _empty_linear(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [..., C] -> an uninitialized [..., out_features]: no kernel, but, as an opaque op, its
+    input stays live under torch.compile."""
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@_empty_linear.register_fake
+def _(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class EmptyLinear(torch.nn.Module):
     """A linear that computes nothing: its output is torch.empty (no kernel). A model of these
     decodes at the pace of everything but its linears (norms, rotary, attention, the KV cache,
-    lm_head, the step's overhead): the floor no linear kernel can go below."""
+    lm_head, the step's overhead): the floor no linear kernel can go below. It is an opaque op
+    (``misq_bench::empty_linear``) because a plain ``x.new_empty`` reads only x's shape, so that
+    inductor removed as dead code the norms and the attention that feed only these layers (up to
+    session 23, the compiled floor so measured left them out)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(*x.shape[:-1], self.out_features)
+        return _empty_linear(x, self.out_features)
 
 
 E2E_FORMATS = ("3bit_g128", "50pct_4bit_g128", "mixed_3_4_g128")

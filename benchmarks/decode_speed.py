@@ -246,6 +246,8 @@ def main() -> None:
     ap.add_argument("--tune-gather", action="store_true",
                     help="with --tune at batch 1: only the h2 defaults, x gathered first against gathered per program")
     ap.add_argument("--prefill-model", default="", help="prefill rows of the whole-model timing ('' for none)")
+    ap.add_argument("--prefill-graph", action="store_true",
+                    help="--prefill-model: each prompt's forward replayed as a CUDA graph (the GPU's time alone)")
     ap.add_argument("--floor", action="store_true",
                     help="end to end: last, the model with every decoder linear computing nothing (the floor)")
     ap.add_argument("--flip", default="", metavar="NAMES",
@@ -262,7 +264,7 @@ def main() -> None:
     ap.add_argument("--skip-merged", action="store_true",
                     help="end to end and --prefill-model: only unmerged layers (not also q/k/v and gate/up merged)")
     ap.add_argument("--merged-only", action="store_true",
-                    help="end to end: formats whose layers merge timed merged only (not also unmerged)")
+                    help="end to end and --prefill-model: formats whose layers merge timed merged only (not also unmerged)")
     ap.add_argument("--tuned-from", default="", metavar="JSON",
                     help="start from the fastest settings of an earlier --tune run's JSON (launch_plan.TUNED)")
     ap.add_argument("--compile", action="store_true",
@@ -317,7 +319,8 @@ def main() -> None:
         save()
     if args.prefill_model:
         res["prefill_model"] = prefill_model(args.layers, tuple(int(m) for m in args.prefill_model.split(",")),
-                                             merged=not args.skip_merged)
+                                             merged=not args.skip_merged, formats=tuple(formats),
+                                             merged_only=args.merged_only, graph=args.prefill_graph)
         save()
     if not args.skip_e2e:
         try:
