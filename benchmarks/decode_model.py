@@ -16,6 +16,34 @@ from decode_layers import FORMATS, flipped, random_packed
 from misq.runtime.linear import PackedLinear
 
 
+def graphed(fn, graph: bool = True):
+    """(run, result, how): ``fn`` (no arguments, returns a tensor) captured as a CUDA graph after
+    two warm-up calls on a side stream, ``run`` replaying it and ``result()`` its output (refreshed
+    by each replay); or, if ``graph`` is false or the capture fails, ``run`` calling ``fn`` and
+    ``result()`` its last output. ``how``: "cuda_graph" or "eager"."""
+    holder = {}
+    if graph:
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                holder["out"] = fn()
+            return g.replay, lambda: holder["out"], "cuda_graph"
+        except RuntimeError as err:
+            print("CUDA graph capture failed, timing eager:", str(err).splitlines()[0], flush=True)
+            torch.cuda.synchronize()
+
+    def run() -> None:
+        holder["out"] = fn()
+
+    return run, lambda: holder["out"], "eager"
+
+
 def decode_tps(model, steps: int = 64, prompt: int = 16, graph: bool = True, then=None,
                then_steps: int = 0) -> tuple[float, str]:
     """(tokens/s of greedy decode, how): static KV cache, the decode step as a CUDA graph
@@ -34,29 +62,7 @@ def decode_tps(model, steps: int = 64, prompt: int = 16, graph: bool = True, the
         def step():
             return model(tok, past_key_values=cache, cache_position=cpos, use_cache=True).logits
 
-        how = "cuda_graph"
-        try:
-            if not graph:
-                raise RuntimeError("eager asked for")
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step()
-            run = graph.replay
-        except RuntimeError as err:
-            if graph:
-                print("CUDA graph capture failed, timing eager:", str(err).splitlines()[0])
-            how, out = "eager", None
-            torch.cuda.synchronize()
-
-            def run():
-                nonlocal out
-                out = step()
+        run, out, how = graphed(step, graph)
         for i in range(4):  # warm-up
             cpos.fill_(prompt + i)
             run()
@@ -65,7 +71,7 @@ def decode_tps(model, steps: int = 64, prompt: int = 16, graph: bool = True, the
         for i in range(steps):
             cpos.fill_(prompt + 4 + i)
             run()
-            tok.copy_(out[:, -1:].argmax(-1))
+            tok.copy_(out()[:, -1:].argmax(-1))
         torch.cuda.synchronize()
         tps = steps / (time.perf_counter() - t)
         if then is not None:
@@ -134,23 +140,8 @@ def _prompt_runner(m, M: int, graph: bool):
         with torch.no_grad():
             return m(ids, use_cache=False).logits
 
-    if not graph:
-        return forward, "eager"
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                forward()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            forward()
-    except RuntimeError as err:
-        print("CUDA graph capture failed, timing eager:", str(err).splitlines()[0], flush=True)
-        torch.cuda.synchronize()
-        return forward, "eager (capture failed)"
-    return g.replay, "CUDA graph"
+    run, _, how = graphed(forward, graph)
+    return run, how
 
 
 def prefill_model(layers: int, rows: tuple, rounds: int = 5, merged: bool = True,
