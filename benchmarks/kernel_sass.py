@@ -4,7 +4,9 @@ and 4 bits, ``half2_kernel._decode_h2`` (fp16 pairs, ``h2``) for ``GPUTarget("cu
 its bundled cuobjdump disassembles the cubin, and the loop is the span of the backward branch.
 
 The fma kernel is issue-bound on an H200 (ncu, BENCHMARKS.md session 9), so this count is the
-figure to watch when changing it:
+figure to watch when changing it. Each line also gives the registers a thread (they bound the
+programs an SM holds), the spills and the barriers in the loop (a layout conversion through
+shared memory: the 4-bit h2 loop at 2 warps has four a block, from its scales and zeros):
 
     python3 benchmarks/kernel_sass.py                 # 4-bit, BLOCK_N 64, 4 warps, every x path
     python3 benchmarks/kernel_sass.py --bits 3 --block-n 64 --warps 2
@@ -209,13 +211,16 @@ def main() -> None:
     for xprep, h2 in runs:
         body, regs = loop_sass(args.bits, args.block_n, args.warps, xprep, h2, args.maxnreg if h2 else 0)
         spills = sum(opcode(ln) in ("LDL", "STL") for ln in body)  # local memory: registers spilled in the loop
+        # a layout conversion through shared memory: its barriers make a program's warps wait for each other
+        barriers = sum(opcode(ln).startswith("BAR") for ln in body)
         ops = collections.Counter(opcode(ln) for ln in body).most_common(10)
         if h2:
             how = f"h2 (fp16 pairs, x {'pregathered' if xprep else 'gathered in it'})"
         else:
             how = "x pregathered (float32, pre-scaled)" if xprep else "x gathered in the kernel"
         print(f"{how:<38} {len(body)} instructions a thread a block, {weights:.0f} weights: "
-              f"{len(body) / weights:.2f} a weight, {regs} registers a thread, {spills} spills in the loop  {ops}")
+              f"{len(body) / weights:.2f} a weight, {regs} registers a thread, {spills} spills and {barriers} "
+              f"barriers in the loop  {ops}")
 
 
 if __name__ == "__main__":
