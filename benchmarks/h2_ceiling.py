@@ -101,7 +101,8 @@ def run(shapes: dict, cold_bytes: int) -> list[dict]:
     rows = []
     for name, (R, C) in shapes.items():
         lin, _ = random_packed(R, C, (4, 4), 0.0)
-        nbytes = lin.weight_nbytes - lin.perm.numel() * 4  # words, scales, zeros (not the column order)
+        seg = lin.segments[0]
+        nbytes = sum(t.numel() * t.element_size() for t in (*seg.words.values(), seg.scales, seg.zeros))  # what h2 reads
         copies = [lin] + [random_packed(R, C, (4, 4), 0.0)[0] for _ in range(max(0, -(-cold_bytes // nbytes) - 1))]
         x = torch.randn(1, C, device="cuda", dtype=torch.float16)
         row = {"shape": name, "bytes": nbytes, "copies": len(copies)}
