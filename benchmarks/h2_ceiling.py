@@ -31,9 +31,10 @@ import json
 import torch
 import triton
 import triton.language as tl
-from decode_layers import MERGED_SHAPES, SHAPES, bench_cold, random_packed
+from decode_layers import MERGED_SHAPES, SHAPES, bench_cold, copies_for, random_packed, with_copies
 
 from misq.runtime import launch_plan
+from misq.runtime.layout import block_cols
 from misq.runtime.triton_common import write_out
 
 
@@ -92,7 +93,7 @@ def _stream_call(lin, variant: str):
     if cfg.maxnreg:
         opts["maxnreg"] = cfg.maxnreg
     kern = _stream4[(lc.n_nblk, lc.split)]
-    n_blocks = -(-seg.n // 128)
+    n_blocks = -(-seg.n // block_cols(seg.bits))
     return lambda: kern(seg.words[4], seg.scales, seg.zeros, out, ws, cnt, R, n_blocks, lc.bps[0], BN=cfg.block_n,
                         GROUPS=groups, EXCHANGE=exchange, AT_ONCE=at_once, **opts)
 
@@ -103,14 +104,14 @@ def run(shapes: dict, cold_bytes: int) -> list[dict]:
         lin, _ = random_packed(R, C, (4, 4), 0.0)
         seg = lin.segments[0]
         nbytes = sum(t.numel() * t.element_size() for t in (*seg.words.values(), seg.scales, seg.zeros))  # what h2 reads
-        copies = [lin] + [random_packed(R, C, (4, 4), 0.0)[0] for _ in range(max(0, -(-cold_bytes // nbytes) - 1))]
+        copies = with_copies(lin, "4bit_g128", cold_bytes)
         x = torch.randn(1, C, device="cuda", dtype=torch.float16)
         row = {"shape": name, "bytes": nbytes, "copies": len(copies)}
         with torch.no_grad():
             row["runtime_us"] = bench_cold([lambda m=m, x=x: m(x) for m in copies])
             for variant in ("words", "words at once", "words+groups", "words+groups+exchange"):
                 row[f"{variant}_us"] = bench_cold([_stream_call(m, variant) for m in copies])
-            dense = [torch.randn(R, C, device="cuda", dtype=torch.float16) for _ in range(max(1, -(-cold_bytes // (2 * R * C))))]
+            dense = [torch.randn(R, C, device="cuda", dtype=torch.float16) for _ in range(copies_for(2 * R * C, cold_bytes))]
             row["fp16_cublas_us"] = bench_cold([lambda w=w, x=x: x @ w.t() for w in dense])
             del dense
             words = [m.segments[0].words[4] for m in copies]
