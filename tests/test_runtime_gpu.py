@@ -141,6 +141,24 @@ def test_h2_with_registers_capped(widths, maxnreg):
         _check(lin, dense, 1, lambda x, c=config: lin._decode(x, [c] * len(lin.segments)))
 
 
+@pytest.mark.parametrize("widths", [(4,), (3,), (3, 4)])
+@pytest.mark.parametrize("maxnreg", [0, 88])
+@pytest.mark.parametrize("programs", [1, 264])
+def test_h2_next_block_prefetched(widths, maxnreg, programs):
+    """The 4-bit h2 loop with each program's next block loaded before its current block's math
+    (Config.prefetch; 3 bits ignore it), registers free or capped at 88, over 1100 columns
+    (several blocks a program, the last partial), plainly and as the gather's programmatic
+    dependent."""
+    from misq.runtime.launch_plan import Config
+
+    lin, dense, _ = random_layer(136, 1100, widths, 256, "dense", seed=programs + maxnreg)
+    lin = lin.cuda()
+    for pdl in (False, True):
+        config = Config("h2", 64, programs, 2 if widths == (4,) else 4, 2, pregather=True, pdl=pdl, maxnreg=maxnreg,
+                        prefetch=True)
+        _check(lin, dense, 1, lambda x, c=config: lin._decode(x, [c] * len(lin.segments)))
+
+
 @pytest.mark.parametrize("widths", [(4,), (3, 4)])
 def test_bound_launches_in_a_cuda_graph(widths):
     """A layer's bound launches (fast_launch: the compiled kernels' launchers called directly, the
