@@ -40,10 +40,6 @@ def candidates(M: int, gather_only: bool = False) -> list:
                 # 14 programs of 2 warps at 72; 3 bits: 5 programs of 4 warps at 96; session 23)
                 *(Config("h2", 64, t, w, 2, pregather=True, pdl=H2_PDL, maxnreg=r) for t, w, r in
                   ((1584, 2, 72), (1848, 2, 72), (2112, 2, 64), (660, 4, 96), (1320, 4, 96), (2112, 4, 96))),
-                # 4 bits: the next block's loads before each block's math (two blocks in flight a
-                # program), kept early at 88 registers or more: 11 programs of 2 warps an SM at 88, 10 at 96
-                *(Config("h2", 64, t, 2, 2, pregather=True, pdl=H2_PDL, maxnreg=r, prefetch=True) for t, r in
-                  ((1188, 88), (1452, 88), (1320, 96), (1056, 0))),
                 Config("h2", 256, 1056, 4),
                 Config("mma", 64, 2112, 4, pregather=True), Config("fma", 64, 2112, 4, pregather=True)]
     if M <= 16:  # the default first, then longer or shorter split-K programs, pipelined or not

@@ -52,10 +52,10 @@ def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...],
 
 
 def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False,
-              maxnreg: int = 0, prefetch: bool = False) -> tuple[list[str], int]:
+              maxnreg: int = 0) -> tuple[list[str], int]:
     """The SASS lines of the batch-1 kernel's main loop, and the kernel's registers a thread (groups of 128, split-K MODE 2):
     _decode_mm's fma path, or (h2) half2_kernel._decode_h2 (3 and 4 bits; xprep false: x gathered
-    in the kernel, FUSED; ``prefetch``: launch_plan.Config.prefetch)."""
+    in the kernel, FUSED)."""
     from misq.runtime.half2_kernel import _decode_h2
     from misq.runtime.tile_kernel import _decode_mm
 
@@ -64,7 +64,7 @@ def loop_sass(bits: int, block_n: int, warps: int, xprep: bool, h2: bool = False
         ptrs = dict(x_ptr="*fp16", out_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32", bias_ptr="*fp16",
                     **{f"{k}{i}": v for i in (1, 2) for k, v in seg.items()})
         consts = dict(BITS1=bits, BITS2=bits, NSEG=1, BN=block_n, MODE=2, HAS_BIAS=False, FUSED=not xprep,
-                      LIMIT_LOG2=8, PDL=False, PREFETCH=prefetch)  # one segment: the loop is the same for a pair's
+                      LIMIT_LOG2=8, PDL=False)  # one segment: the loop is the same for either of a pair's
         consts |= dict(u1=1, u2=1)  # groups of 128 columns: Triton specializes the argument 1
         compiled = _compile(_decode_h2, ptrs, consts, ("N", "stride_om"), warps, maxnreg=maxnreg)
     else:
@@ -188,8 +188,6 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8, help="with --descent: rows a program")
     ap.add_argument("--maxnreg", type=int, default=0,
                     help="h2: registers a thread capped at this (launch_plan.Config.maxnreg; 0: the compiler's choice)")
-    ap.add_argument("--prefetch", action="store_true",
-                    help="h2: the next block's loads before this block's math (launch_plan.Config.prefetch)")
     args = ap.parse_args()
     from misq.runtime.layout import block_cols
 
@@ -211,23 +209,18 @@ def main() -> None:
     weights = block_cols(args.bits) * args.block_n / (32 * args.warps)  # a layout block's weights a thread
     runs = [(False, False), (True, False)] * (args.bits != 3) + [(True, True), (False, True)] * (args.bits in (3, 4))
     for xprep, h2 in runs:
-        body, regs = loop_sass(args.bits, args.block_n, args.warps, xprep, h2, args.maxnreg if h2 else 0,
-                               args.prefetch and h2)
+        body, regs = loop_sass(args.bits, args.block_n, args.warps, xprep, h2, args.maxnreg if h2 else 0)
         spills = sum(opcode(ln) in ("LDL", "STL") for ln in body)  # local memory: registers spilled in the loop
         # a layout conversion through shared memory: its barriers make a program's warps wait for each other
         barriers = sum(opcode(ln).startswith("BAR") for ln in body)
         ops = collections.Counter(opcode(ln) for ln in body).most_common(10)
-        # where the global loads stand in the loop: early (before the math that waits on them) only
-        # when a program has registers for the next block's while it works on this one
-        loads = [i for i, ln in enumerate(body) if opcode(ln) == "LDG"]
-        at = f"; loads at {100 * loads[len(loads) // 2] // len(body)}% of the loop (median)" if loads else ""
         if h2:
             how = f"h2 (fp16 pairs, x {'pregathered' if xprep else 'gathered in it'})"
         else:
             how = "x pregathered (float32, pre-scaled)" if xprep else "x gathered in the kernel"
         print(f"{how:<38} {len(body)} instructions a thread a block, {weights:.0f} weights: "
               f"{len(body) / weights:.2f} a weight, {regs} registers a thread, {spills} spills and {barriers} "
-              f"barriers in the loop{at}  {ops}")
+              f"barriers in the loop  {ops}")
 
 
 if __name__ == "__main__":

@@ -51,13 +51,9 @@ DECODE_CONFIGS: dict[str, tuple[tuple[Any, ...], dict[str, bool]]] = {
     "mma_pregather": (("mma", 64, 2112, 4), {"pregather": True}), "mma_split": (("mma", 64, 4096, 4), {}),
     "dot": (("dot", 128, 2112, 4), {}), "fma_pregather": (("fma", 64, 2112, 4), {"pregather": True}),
     "mma_nosplit": (("mma", 32, 1, 4), {}), "h2": (("h2", 128, 2112, 4), {"pregather": True}),
-    "h2_nosplit": (("h2", 64, 1, 4), {"pregather": True}), "h2_fused": (("h2", 128, 2112, 4), {}),
-    # the 4-bit loop with its next block's loads issued before each block's math
-    "h2_prefetch": (("h2", 64, 2112, 2, 2), {"pregather": True, "prefetch": True, "maxnreg": 88}),
-    "h2_prefetch_nosplit": (("h2", 64, 1, 2, 2), {"pregather": True, "prefetch": True})}
+    "h2_nosplit": (("h2", 64, 1, 4), {"pregather": True}), "h2_fused": (("h2", 128, 2112, 4), {})}
 DECODE_RUNS = [(1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "mma_split"), (3, "dot"),
-               (1, "fma_pregather"), (5, "mma_nosplit"), (1, "h2"), (1, "h2_nosplit"), (1, "h2_fused"),
-               (1, "h2_prefetch")]
+               (1, "fma_pregather"), (5, "mma_nosplit"), (1, "h2"), (1, "h2_nosplit"), (1, "h2_fused")]
 # merged layers: the batch-1 fp16-pairs path (one width; a mixed 3/4 pair) and the exact path with 16-bit columns
 MERGED_LAYERS = [((4,), 128, "unstructured"), ((3, 4), 128, "dense"), ((2, 3, 4, 6, 8, 16), 32, "unstructured")]
 PREFILL_ROWS = 40
@@ -113,10 +109,9 @@ def cases() -> list[Case | GatherCase]:
         out += [Case(path, PREFILL_ROWS, *layer, bias=True) for path in ("prefill_fused", "prefill_dequant")]
     for widths, pattern in (((4,), "dense"), ((4,), "unstructured"), ((3,), "dense")):
         out += [Case(f"decode:{cfg}", 1, widths, 128, pattern, x_scale=4096.0)  # x past fp16's range for its sums
-                for cfg in ("h2", "h2_fused", "h2_prefetch")]
+                for cfg in ("h2", "h2_fused")]
     for widths in ((4,), (3,), (3, 4)):  # h2 groups of several 128-column runs, or one group a row
-        out += [Case(f"decode:{cfg}", 1, widths, g, "dense", cols=1100) for g in (0, 256, 512)
-                for cfg in ("h2_nosplit", "h2_prefetch_nosplit")]
+        out += [Case("decode:h2_nosplit", 1, widths, g, "dense", cols=1100) for g in (0, 256, 512)]
     for widths in ((4,), (3,), (3, 4)):  # rows a multiple of BLOCK_N: every h2 program's slice full
         out += [Case(f"decode:{cfg}", 1, widths, 128, "dense", bias=cfg == "h2", out_rows=128) for cfg in ("h2", "h2_fused")]
     for widths in ((3,), (3, 4)):  # several 3-bit blocks (512 columns) a program, the last partial

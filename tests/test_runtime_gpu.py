@@ -127,22 +127,17 @@ def test_h2_groups_of_several_blocks(widths, groupsize, programs):
 
 
 @pytest.mark.parametrize("widths", [(4,), (3,), (3, 4)])
-@pytest.mark.parametrize("maxnreg,prefetch,groupsize,programs", [
-    (72, False, 128, 24), (64, False, 128, 24),
-    (0, True, 256, 1), (0, True, 256, 264), (88, True, 256, 1), (88, True, 256, 264)])
-def test_h2_registers_capped_or_next_block_prefetched(widths, maxnreg, prefetch, groupsize, programs):
+@pytest.mark.parametrize("maxnreg", [72, 64])
+def test_h2_with_registers_capped(widths, maxnreg):
     """The h2 kernel compiled with its registers capped (Config.maxnreg, as the default for large
-    4-bit layers sets it; 64 makes the compiler spill at 4 bits), or with the 4-bit loop loading
-    each program's next block before its current block's math (Config.prefetch; 3 bits ignore it),
-    registers free or capped at 88; several blocks a program over 1100 columns, the last partial,
-    plainly and as the gather's programmatic dependent."""
+    4-bit layers sets it; 64 makes the compiler spill at 4 bits), plainly and as the gather's
+    programmatic dependent, several blocks a program, the last partial."""
     from misq.runtime.launch_plan import Config
 
-    lin, dense, _ = random_layer(136, 1100, widths, groupsize, "dense", seed=maxnreg + prefetch * programs)
+    lin, dense, _ = random_layer(136, 1100, widths, 128, "dense", seed=maxnreg)
     lin = lin.cuda()
     for pdl in (False, True):
-        config = Config("h2", 64, programs, 2 if widths == (4,) else 4, 2, pregather=True, pdl=pdl, maxnreg=maxnreg,
-                        prefetch=prefetch)
+        config = Config("h2", 64, 24, 2 if widths == (4,) else 4, 2, pregather=True, pdl=pdl, maxnreg=maxnreg)
         _check(lin, dense, 1, lambda x, c=config: lin._decode(x, [c] * len(lin.segments)))
 
 

@@ -87,7 +87,7 @@ class _H2Step:
         self.decode = BoundLaunch(
             _decode_h2, (lc.n_nblk, lc.split),
             [X, OUT, *sinks, rows, rows, lc.off2 if two else lc.split, *args[0], *args[-1]],
-            dict(widths, BN=cfg.block_n, MODE=mode, HAS_BIAS=bias, FUSED=not cfg.pregather, PREFETCH=cfg.prefetch),
+            dict(widths, BN=cfg.block_n, MODE=mode, HAS_BIAS=bias, FUSED=not cfg.pregather),
             cfg.num_warps, cfg.num_stages, launch_pdl=pdl, maxnreg=cfg.maxnreg)
 
     def __call__(self, x: Tensor, out: Tensor, scratch: dict) -> None:

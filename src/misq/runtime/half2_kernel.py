@@ -57,12 +57,11 @@ on an H200, with weights from memory, 4-bit layers ran 1.07-1.10x and 3-bit 5120
 faster, and a 13B-shaped model decoded 3-6% faster (BENCHMARKS.md, session 19). Under PDL a
 program issues its first block's reads before it waits for x's gather, which they do not depend
 on: 1.12-1.17x faster on mixed 3/4 layers, up to 1.07x on uniform ones. Reading every block
-during the one before (two blocks in flight, 123 registers) was 3-27% slower (session 19; its diff:
-benchmarks/results/session19/scripts/). ``Config.prefetch`` does that again at 4 bits with the
-block's scales and zeros loaded in the words' layout (``_words4``'s ROWS: no shared-memory barriers):
-in sm_90 SASS the next block's loads stay ahead of the math at 88 registers with no spill (381
-instructions a block against 346), so 11 programs of 2 warps fit an SM, each with two blocks in
-flight. It is off by default until timed on a GPU (session 25 prepared it offline).
+during the one before (two blocks in flight, 123 registers) was 3-27% slower and is not kept
+(its diff: benchmarks/results/session19/scripts/). Nor is it with scales and zeros in the words'
+layout, which kept two blocks in flight at 88 registers without spills: every grid tried was
+slower than the default's best, by 2-7% on each 13B 4-bit shape (BENCHMARKS.md, session 26;
+the code is in git history at 46c38db).
 
 Under Triton's CPU interpreter (no inline PTX) ``_words_dot`` and ``_pairs3_dot`` run the same
 steps as plain fp16 operations (a multiply and an add, two roundings, where the PTX fuses them).
@@ -177,40 +176,23 @@ if HAVE_TRITON:
         return ((z_lo << Q) | top) | (((z_hi << Q) | top) << 16)
 
     @triton.jit
-    def _zero_pair_twice(z, Q: tl.constexpr):
-        """_zero_pair(z, z, Q) in one integer multiply-add: (z << Q) | top in each half is a sum
-        (the fields do not overlap: z << Q < 2**10); the constant as the int32 of the same bits."""
-        top: tl.constexpr = 0x8000 | ((25 - Q) << 10)
-        tops: tl.constexpr = ((top << 16) | top) - (1 << 32)
-        return z * (0x10001 << Q) + tops
-
-    @triton.jit
-    def _words4(blk, wa, s_ptr, z_ptr, units, offs_n, n_ok, N, ROWS: tl.constexpr = False):
+    def _words4(blk, wa, s_ptr, z_ptr, units, offs_n, n_ok, N):
         """What a 4-bit layout block reads from memory: its words v (word rows r) and u (rows
-        r + 8), int32 [8, BN], and its group's scales and zeros [BN] (groups of ``units`` blocks);
-        ROWS: scales and zeros as [8, BN] whose rows are the same, in the words' own layout (one
-        word row of 8 features a thread: no layout conversion through shared memory, fewer
-        registers, which leaves room for a second block in flight: PREFETCH)."""
+        r + 8), int32 [8, BN], and its group's scales and zeros [BN] (groups of ``units`` blocks)."""
         r = tl.arange(0, 8)
         wp = wa + (blk * 16 + r)[:, None] * N + offs_n[None, :]
-        m = n_ok[None, :]
-        v = tl.load(wp, mask=m, other=0)
-        u = tl.load(wp + 8 * N, mask=m, other=0)
+        v = tl.load(wp, mask=n_ok[None, :], other=0)
+        u = tl.load(wp + 8 * N, mask=n_ok[None, :], other=0)
         g = blk // units
-        if ROWS:
-            gp = g * N + offs_n[None, :] + 0 * r[:, None]
-            s = tl.load(s_ptr + gp, mask=m, other=0.0)
-            z = tl.load(z_ptr + gp, mask=m, other=0)
-        else:
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0)
-            z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0)
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0)
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0)
         return v, u, s, z
 
     @triton.jit
     def _math4(acc, blk, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED: tl.constexpr,
-               LIMIT_LOG2: tl.constexpr, ROWS: tl.constexpr = False):
-        """acc [8, BN] += one 4-bit layout block from its _words4 (ROWS as there): word rows r and
-        r + 8, summed together in fp16."""
+               LIMIT_LOG2: tl.constexpr):
+        """acc [8, BN] += one 4-bit layout block from its _words4: word rows r and r + 8, summed
+        together in fp16."""
         r = tl.arange(0, 8)
         if FUSED:
             x0, x1, x2, x3, y0, y1, y2, y3, xsc = _coop_pairs4(x_ptr, q_ptr, blk, n_cols, LIMIT_LOG2)
@@ -225,18 +207,11 @@ if HAVE_TRITON:
             y3 = _xpair(xp_ptr, blk, r + 8, 8, 3)
             xsc = tl.load(xs_ptr + blk)
         zi = z.to(tl.int32)
-        if ROWS:  # [8, BN], as the words
-            za = _zero_pair_twice(zi, 0)  # fp16 -(1024 + z), twice
-            zb = _zero_pair_twice(zi, 4)  # fp16 -(64 + z), twice
-        else:  # [BN] vectors, broadcast over the word rows
-            za = _zero_pair(zi, zi, 0)[None, :]
-            zb = _zero_pair(zi, zi, 4)[None, :]
+        za = _zero_pair(zi, zi, 0)[None, :]  # fp16 -(1024 + z), twice
+        zb = _zero_pair(zi, zi, 4)[None, :]  # fp16 -(64 + z), twice
         d = _words_dot(v, u, x0[:, None], x1[:, None], x2[:, None], x3[:, None], y0[:, None], y1[:, None],
                        y2[:, None], y3[:, None], za, zb)
-        if ROWS:
-            return acc + d * (s.to(tl.float32) * xsc)
-        else:
-            return acc + d * (s.to(tl.float32) * xsc)[None, :]
+        return acc + d * (s.to(tl.float32) * xsc)[None, :]
 
     @triton.jit
     def _words3(blk, wa, wb, s_ptr, z_ptr, units, n_groups, offs_n, n_ok, N):
@@ -312,35 +287,24 @@ if HAVE_TRITON:
     @triton.jit
     def _segment_sum(pid_s, xp_ptr, xs_ptr, x_ptr, q_ptr, wa, wb, s_ptr, z_ptr, N, n_cols, n_blocks, units,
                      n_groups, blocks_per_split, offs_n, n_ok, BITS: tl.constexpr, BN: tl.constexpr,
-                     FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                     FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr, PDL: tl.constexpr):
         """float32 [1, BN]: split-K run pid_s (blocks_per_split layout blocks) of one 3- or 4-bit
         segment's x @ W^T for features offs_n. acc [rows, BN] holds scaled sums per word row,
         added once at the end. PDL: wait for x's gather (the primary launch) before the first
-        block's math, after its loads. PREFETCH (4 bits): each block's math after the next
-        block's loads are issued (masked off past the run), so that two blocks a program are in
-        flight; ptxas keeps them early only with registers to spare (launch_plan.Config.maxnreg
-        88: 0 spills in sm_90 SASS; 72 spills)."""
+        block's math, after its loads."""
         acc = tl.zeros((8 if BITS == 4 else 16, BN), dtype=tl.float32)
         b_lo = pid_s * blocks_per_split
         b_hi = tl.minimum(b_lo + blocks_per_split, n_blocks)
         # the first block's loads issued before the wait for x's gather (the weights do not depend
         # on it); a program always has a first block (plan_launches)
         if BITS == 4:
-            v, u, s, z = _words4(b_lo, wa, s_ptr, z_ptr, units, offs_n, n_ok, N, PREFETCH)
+            v, u, s, z = _words4(b_lo, wa, s_ptr, z_ptr, units, offs_n, n_ok, N)
             if PDL:
                 gdc_wait()
-            if PREFETCH:
-                for blk in range(b_lo, b_hi):
-                    v2, u2, s2, z2 = _words4(blk + 1, wa, s_ptr, z_ptr, units, offs_n, n_ok & (blk + 1 < b_hi), N,
-                                             PREFETCH)
-                    acc = _math4(acc, blk, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2,
-                                 PREFETCH)
-                    v, u, s, z = v2, u2, s2, z2
-            else:
-                acc = _math4(acc, b_lo, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2)
-                for blk in range(b_lo + 1, b_hi):
-                    v, u, s, z = _words4(blk, wa, s_ptr, z_ptr, units, offs_n, n_ok, N)
-                    acc = _math4(acc, blk, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2)
+            acc = _math4(acc, b_lo, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2)
+            for blk in range(b_lo + 1, b_hi):
+                v, u, s, z = _words4(blk, wa, s_ptr, z_ptr, units, offs_n, n_ok, N)
+                acc = _math4(acc, blk, v, u, s, z, xp_ptr, xs_ptr, x_ptr, q_ptr, n_cols, FUSED, LIMIT_LOG2)
         else:
             A0, A1, B, s0, s1, s2, s3, z0, z1, z2, z3 = _words3(b_lo, wa, wb, s_ptr, z_ptr, units,
                                                                 n_groups, offs_n, n_ok, N)
@@ -361,7 +325,7 @@ if HAVE_TRITON:
                    xp2, xs2, q2, wa2, wb2, s2, z2, n2, nblk2, u2, ng2, bps2,
                    BITS1: tl.constexpr, BITS2: tl.constexpr, NSEG: tl.constexpr, BN: tl.constexpr,
                    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr,
-                   PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                   PDL: tl.constexpr = False):
         """y [1, N] (+)= x @ W^T over one or two 3- or 4-bit segments (a mixed-width layer's two
         widths in one launch). Per segment: x as pregathered pairs xp and block scales xs
         (half2_gather._gather_pairs), or (FUSED) gathered here, each program for its own blocks,
@@ -382,12 +346,12 @@ if HAVE_TRITON:
         if NSEG == 2:
             if pid_s < split1:
                 y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, u1, ng1, bps1,
-                                 offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, PDL, PREFETCH)
+                                 offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, PDL)
             else:
                 y = _segment_sum(pid_s - split1, xp2, xs2, x_ptr, q2, wa2, wb2, s2, z2, N, n2, nblk2, u2, ng2,
-                                 bps2, offs_n, n_ok, BITS2, BN, FUSED, LIMIT_LOG2, PDL, PREFETCH)
+                                 bps2, offs_n, n_ok, BITS2, BN, FUSED, LIMIT_LOG2, PDL)
         else:
             y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, u1, ng1, bps1,
-                             offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, PDL, PREFETCH)
+                             offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, PDL)
         om = tl.arange(0, 1)
         write_out(y, om, om < 1, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)

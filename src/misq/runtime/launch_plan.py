@@ -60,10 +60,6 @@ class Config:
     # h2: registers a thread the compiler may use (Triton's maxnreg; 0: its own choice): fewer
     # registers let more programs stay on an SM at once
     maxnreg: int = 0
-    # h2, 4 bits: each program issues its next block's loads before its current block's math, two
-    # blocks in flight (half2_kernel._segment_sum); sm_90 SASS keeps those loads early without
-    # spills uncapped (127 registers) or with maxnreg 88 or more, and spills below 88
-    prefetch: bool = False
 
 
 class _Settings(dict):
