@@ -57,6 +57,9 @@ DECODE_RUNS = [(1, "fma"), (1, "mma"), (5, "mma"), (5, "mma_pregather"), (16, "m
 # merged layers: the batch-1 fp16-pairs path (one width; a mixed 3/4 pair) and the exact path with 16-bit columns
 MERGED_LAYERS = [((4,), 128, "unstructured"), ((3, 4), 128, "dense"), ((2, 3, 4, 6, 8, 16), 32, "unstructured")]
 PREFILL_ROWS = 40
+# the gated gate/up layer's paths: (path, rows)
+GLU_RUNS = [("decode:h2", 1), ("decode:h2_nosplit", 1), ("decode:h2_fused", 1), ("forward", 1), ("decode:fma", 1),
+            ("decode:mma_split", 16), ("decode:mma_nosplit", 5), ("forward", 16), ("forward", PREFILL_ROWS)]
 LAYER_ROWS = 72  # output features: two BLOCK_N slices of 64, the second partial
 GATHERS = [(1, 389, 389), (16, 5120, 5120), (13, 13824, 7000)]  # (rows, columns of x, indices)
 
@@ -76,6 +79,7 @@ class Case:
     merged: bool = False  # three act-order layers of one column order merged into one (misq.runtime.merge)
     cols: int = 0  # columns of the layer (0: 389, or 392 for 2:4)
     out_rows: int = 0  # output features (0: LAYER_ROWS); a multiple of 64 fills every BLOCK_N slice, none partial
+    glu: bool = False  # gate and up of LAYER_ROWS rows each, merged gated (misq.runtime.merge.merge_gated)
 
     @property
     def id(self) -> str:
@@ -83,7 +87,8 @@ class Case:
         big = f"-x{self.x_scale:g}" if self.x_scale != 1.0 else ""
         wide = f"-c{self.cols}" if self.cols else ""
         tall = f"-n{self.out_rows}" if self.out_rows else ""
-        return f"{self.path}-m{self.rows}{'-bias' * self.bias}{big}-{layer}{'-merged' * self.merged}{wide}{tall}"
+        return (f"{self.path}-m{self.rows}{'-bias' * self.bias}{big}-{layer}{'-merged' * self.merged}{'-glu' * self.glu}"
+                f"{wide}{tall}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,11 @@ def cases() -> list[Case | GatherCase]:
     for layer in MERGED_LAYERS:  # q/k/v-like layers merged: the layer's own dispatch at decode and prefill
         out += [Case(path, rows, *layer, bias=rows == 16, merged=True)
                 for path, rows in (("forward", 1), ("forward", 16), ("prefill_dequant", PREFILL_ROWS))]
+    # gate/up merged gated: SiLU(gate) * up made by the kernel that writes the output (direct, or the
+    # split-K workspace's last program), by each decode path, and by torch after prefill's matmul
+    for layer, runs in ((((4,), 128, "unstructured"), GLU_RUNS), (((3, 4), 128, "dense"), GLU_RUNS[:4]),
+                        (((2, 3, 4, 6, 8, 16), 32, "unstructured"), GLU_RUNS[3:])):
+        out += [Case(path, rows, *layer, bias=rows == 16, glu=True) for path, rows in runs]
     return out + [GatherCase(*g) for g in GATHERS]
 
 
@@ -132,6 +142,19 @@ def fp16_tolerance(x, W, ref):
     unrounded, so the outputs may differ by up to 2**-11 * (|x| @ |W|^T); the output itself is
     rounded to fp16 (half an ulp, doubled for the float32 sums' order)."""
     return 2.0 ** -11 * (x.abs().double() @ W.abs().double().t()) + 2.0 ** -10 * ref.abs() + 1e-5
+
+
+def gated_tolerance(ref, tolerance):
+    """(SiLU(gate) * up, its tolerance) from the gate/up pairs' exact outputs ref [M, 2n] and their
+    tolerances: SiLU's slope is within [-0.1, 1.1], and the activation is rounded to fp16 (from
+    float32 sums in the kernel, from fp16 gate and up after prefill's matmul: both within this)."""
+    import torch
+
+    gate, up = ref[:, 0::2], ref[:, 1::2]
+    silu = gate * torch.sigmoid(gate)
+    act = silu * up
+    tol = 1.1 * tolerance[:, 0::2] * up.abs() + silu.abs() * tolerance[:, 1::2] + 2.0 ** -10 * act.abs() + 1e-5
+    return act, tol
 
 
 # The interpreter these scripts were written against: Triton 3.9's refuses masks that 3.6 and the
@@ -199,7 +222,16 @@ def _layer(case: Case, cache: dict) -> tuple[Any, Any]:
     groups and blocks); a fresh copy each case, as a case may set its bias."""
     from runtime_layers import random_layer
 
-    key = (case.widths, case.groupsize, case.pattern, case.maskless, case.rows, case.merged, case.cols, case.out_rows)
+    key = (case.widths, case.groupsize, case.pattern, case.maskless, case.rows, case.merged, case.cols, case.out_rows,
+           case.glu)
+    if key not in cache and case.glu:  # gate and up of one act-order column order, rows interleaved
+        import torch
+
+        from misq.runtime.merge import merge_gated
+
+        gate, up = (random_layer(LAYER_ROWS, 389, case.widths, case.groupsize, case.pattern, act_order=True,
+                                 seed=case.rows + i, order_seed=98)[:2] for i in range(2))
+        cache[key] = merge_gated(gate[0], up[0]), torch.stack([gate[1], up[1]], 1).flatten(0, 1)
     if key not in cache and case.merged:  # rows 72 + 24 + 40: q/k/v of unequal heights, one act-order column order
         import torch
 
@@ -270,12 +302,14 @@ def run_case(case: Case | GatherCase, cache: dict) -> dict[str, Any]:
     if lin.bias is not None:
         ref += lin.bias.double()
     tolerance = fp16_tolerance(x, dense, ref)
+    if case.glu:
+        ref, tolerance = gated_tolerance(ref, tolerance)
     ratio = 0.0
     for _ in range(1 if case.path.startswith("prefill") else 2):
         y = run(x)
-        if y.dtype != torch.float16 or tuple(y.shape) != (case.rows, lin.out_features):
+        if y.dtype != torch.float16 or tuple(y.shape) != (case.rows, lin.output_features):
             return {"ratio": None, "error": f"output {y.dtype} {tuple(y.shape)}, expected float16 "
-                                            f"{(case.rows, lin.out_features)}", "skipped": None}
+                                            f"{(case.rows, lin.output_features)}", "skipped": None}
         err = ((y.double() - ref).abs() / tolerance).nan_to_num(nan=float("inf"))
         ratio = max(ratio, err.max().item())
     return {"ratio": ratio, "error": None, "skipped": None}

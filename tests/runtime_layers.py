@@ -51,12 +51,14 @@ def stand_in_kernels(monkeypatch) -> list:
     """Make PackedLinear take its GPU path on the CPU, its kernels stood in for by dequantize +
     F.linear (they need CUDA). Returns the list every stood-in call appends its layer to."""
     from misq.runtime import linear
+    from misq.runtime.decode_plan import gated
 
     calls = []
 
     def kernels_on_cpu(self, x):
         calls.append(self)
-        return torch.nn.functional.linear(x, self.dequantize(x.dtype))
+        y = torch.nn.functional.linear(x, self.dequantize(x.dtype))
+        return gated(y) if self.glu else y
 
     monkeypatch.setattr(linear.PackedLinear, "kernel_forward", kernels_on_cpu)
     monkeypatch.setattr(linear.PackedLinear, "_kernel_ok", lambda self, x: True)

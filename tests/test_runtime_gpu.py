@@ -272,6 +272,39 @@ def test_compiled_packed_model_on_gpu(packed_tiny):
         assert (a - b).abs().max().item() < 2e-2, T  # the compiled norms and activations round differently
 
 
+@pytest.mark.parametrize("widths,pattern", [((4,), "unstructured"), ((3,), "dense"), ((3, 4), "dense"),
+                                            ((2, 3, 4, 6, 8, 16), "unstructured")])
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+def test_gated_layer_on_gpu(widths, pattern, rows):
+    """gate and up merged gated (misq.runtime.merge.merge_gated): SiLU(gate) * up from the kernel
+    that writes the output at decode (its split-K workspace's last program, or the only one), from
+    torch after prefill's matmul; within the fp16 tolerance carried through SiLU and the product,
+    on two calls (the workspace left clean), and replayed in a CUDA graph at M = 1."""
+    from kernels_interpreted import gated_tolerance
+
+    from misq.runtime.merge import merge_gated
+
+    parts = [random_layer(72, 389, widths, 128 if len(widths) < 3 else 32, pattern, act_order=True, seed=rows + i,
+                          order_seed=5)[:2] for i in range(2)]
+    glu = merge_gated(parts[0][0], parts[1][0]).cuda()
+    glu.bias = torch.randn(144, device="cuda", dtype=torch.float16)
+    W = torch.stack([parts[0][1], parts[1][1]], 1).flatten(0, 1).cuda().double()
+    x = torch.randn(rows, 389, device="cuda").half()
+    for _ in range(2):
+        ref, tol = gated_tolerance(x.double() @ W.t() + glu.bias.double(), fp16_tolerance(x, W, x.double() @ W.t()))
+        y = glu(x)
+        assert y.dtype == torch.float16 and y.shape == (rows, 72)
+        assert ((y.double() - ref).abs() / tol).max().item() <= 1.0
+    if rows == 1:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = glu(x)
+        x.copy_(torch.randn(1, 389, device="cuda").half())
+        graph.replay()
+        ref, tol = gated_tolerance(x.double() @ W.t() + glu.bias.double(), fp16_tolerance(x, W, x.double() @ W.t()))
+        assert ((y.double() - ref).abs() / tol).max().item() <= 1.0
+
+
 def test_merged_projections_on_gpu(packed_uniform, capsys):
     """A uniform checkpoint's q/k/v and gate/up run merged (misq.runtime.merge): the logits equal
     the unmerged layers' within fp16 rounding at decode and prefill, eager, compiled (one graph)
@@ -279,11 +312,12 @@ def test_merged_projections_on_gpu(packed_uniform, capsys):
     import misq
     from misq.config import GenerateConfig
     from misq.runtime.generate import run_generate
-    from misq.runtime.merge import SharedInputSlice
+    from misq.runtime.merge import GatedMLP, SharedInputSlice
 
     merged = misq.load(str(packed_uniform), runtime="packed", dtype="float16", device="cuda")
     plain = misq.load(str(packed_uniform), runtime="packed", dtype="float16", device="cuda", merge=False)
-    assert sum(isinstance(m, SharedInputSlice) for m in merged.modules()) == 5 * merged.config.num_hidden_layers
+    assert sum(isinstance(m, SharedInputSlice) for m in merged.modules()) == 3 * merged.config.num_hidden_layers
+    assert sum(isinstance(m, GatedMLP) for m in merged.modules()) == merged.config.num_hidden_layers
     torch._dynamo.reset()
     compiled = torch.compile(merged, fullgraph=True)
     for T in (1, 40):

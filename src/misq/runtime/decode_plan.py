@@ -15,6 +15,7 @@ Argument slots every step shares: 0 is x fp16 [M, C] (unit column stride), 1 the
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from misq.runtime import kernels, launch_plan
@@ -33,6 +34,17 @@ if HAVE_TRITON:
     from misq.runtime.tile_kernel import _decode_mm
 
 X, OUT = Slot(0), Slot(1)
+
+
+def out_stride(rows: int, glu: bool) -> int:
+    """The output's row stride: the layer's rows, or half of them for a gated output."""
+    return rows // 2 if glu else rows
+
+
+def gated(y: Tensor) -> Tensor:
+    """y [..., 2n] of gate/up feature pairs (gate 2i, up 2i + 1) -> SiLU(gate) * up [..., n], in
+    y's dtype: a LLaMA MLP's activation, as its own forward computes it from fp16 gate and up."""
+    return F.silu(y[..., 0::2]) * y[..., 1::2]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -56,7 +68,7 @@ class _H2Step:
     that makes x's fp16 pairs for all of them (cfg.pregather), or with each program gathering
     its own blocks."""
 
-    def __init__(self, lc: Launch, perm: Tensor, rows: int, sinks: list, mode: int, bias: bool):
+    def __init__(self, lc: Launch, perm: Tensor, rows: int, sinks: list, mode: int, bias: bool, glu: bool):
         segs, cfg = lc.segs, lc.cfg
         qs = [perm[s.start:s.start + s.n] for s in segs]
         self.nblks = [_cdiv(s.n, block_cols(s.bits)) for s in segs]
@@ -86,8 +98,8 @@ class _H2Step:
                          seg.scales.shape[0], bps])
         self.decode = BoundLaunch(
             _decode_h2, (lc.n_nblk, lc.split),
-            [X, OUT, *sinks, rows, rows, lc.off2 if two else lc.split, *args[0], *args[-1]],
-            dict(widths, BN=cfg.block_n, MODE=mode, HAS_BIAS=bias, FUSED=not cfg.pregather),
+            [X, OUT, *sinks, rows, out_stride(rows, glu), lc.off2 if two else lc.split, *args[0], *args[-1]],
+            dict(widths, BN=cfg.block_n, MODE=mode, HAS_BIAS=bias, FUSED=not cfg.pregather, GLU=glu),
             cfg.num_warps, cfg.num_stages, launch_pdl=pdl, maxnreg=cfg.maxnreg)
 
     def __call__(self, x: Tensor, out: Tensor, scratch: dict) -> None:
@@ -105,7 +117,7 @@ class _MmaStep:
     kernel's column order (scratch "xq", made once per call by the plan) or gathered here."""
 
     def __init__(self, lc: Launch, rows: int, kperm: Tensor, bases: list[int], sinks: list, mode: int,
-                 bias: bool, gather: bool):
+                 bias: bool, gather: bool, glu: bool = False):
         cfg, segs = lc.cfg, lc.segs
         self.gather, self.block_m, self.n_nblk = gather, cfg.block_m, lc.n_nblk
         # slot 2: the gathered x (its row stride is slot 4's); slot 3: M; slot 4: x's row stride
@@ -117,8 +129,9 @@ class _MmaStep:
         consts = {**kernels.seg_consts(segs[0], 1), **kernels.seg_consts(segs[-1], 2)}
         self.launch = BoundLaunch(
             _mma_mm, (lc.n_nblk, lc.split),
-            [OUT, *sinks, Slot(3), rows, Slot(4), rows, lc.off2, *seg_args[0], *seg_args[-1]],
-            dict(consts, NSEG=len(segs), BM=cfg.block_m, BN=cfg.block_n, GATHER=gather, MODE=mode, HAS_BIAS=bias),
+            [OUT, *sinks, Slot(3), rows, Slot(4), out_stride(rows, glu), lc.off2, *seg_args[0], *seg_args[-1]],
+            dict(consts, NSEG=len(segs), BM=cfg.block_m, BN=cfg.block_n, GATHER=gather, MODE=mode, HAS_BIAS=bias,
+                 GLU=glu),
             cfg.num_warps, cfg.num_stages)
 
     def __call__(self, x: Tensor, out: Tensor, scratch: dict) -> None:
@@ -132,7 +145,7 @@ class _TileStep:
     M = 1 for one-piece widths with whole groups, x gathered first as float32 times each slot's
     2**-q (gather_kernel._gather_scaled)."""
 
-    def __init__(self, lc: Launch, perm: Tensor, rows: int, sinks: list, mode: int, bias: bool, M: int):
+    def __init__(self, lc: Launch, perm: Tensor, rows: int, sinks: list, mode: int, bias: bool, M: int, glu: bool):
         seg, cfg = lc.segs[0], lc.cfg
         ptrs, pc = kernels.pieces_args(seg)
         dot = cfg.path == "dot" or M > 1
@@ -145,9 +158,9 @@ class _TileStep:
         self.launch = BoundLaunch(
             _decode_mm, (lc.n_nblk, lc.split),
             [Slot(2) if self.xprep else X, perm[seg.start:], OUT, *sinks, *ptrs, seg.scales, seg.zeros, seg.gidx,
-             Slot(3), rows, seg.n, seg.scales.shape[0], Slot(4), rows, lc.bps[0], kernels.MAGIC_BITS],
+             Slot(3), rows, seg.n, seg.scales.shape[0], Slot(4), out_stride(rows, glu), lc.bps[0], kernels.MAGIC_BITS],
             dict(BITS=seg.bits, **pc, GROUP=kernels.kernel_group(seg), BM=16 if dot else 1, BN=cfg.block_n, DOT=dot,
-                 MODE=mode, HAS_BIAS=bias, XPREP=self.xprep), cfg.num_warps, cfg.num_stages)
+                 MODE=mode, HAS_BIAS=bias, XPREP=self.xprep, GLU=glu), cfg.num_warps, cfg.num_stages)
 
     def __call__(self, x: Tensor, out: Tensor, scratch: dict) -> None:
         xs = None
@@ -162,12 +175,13 @@ class DecodePlan:
     M of it), bound to the layer's tensors. ``configs``: one launch_plan.Config per segment
     (default: tuned or default settings); ``has_extra``: calls will pass a float32 [M, rows] to
     add (the 16-bit columns' product); ``pair_h2`` false runs a mixed layer's h2 widths one
-    launch each (benchmarks)."""
+    launch each (benchmarks); ``glu``: the rows are gate/up pairs and the output SiLU(gate) * up
+    [M, rows / 2], made by the launch that writes the output (triton_common.write_out)."""
 
     def __init__(self, perm: Tensor, segments: list[Segment], rows: int, M: int, bias: Tensor | None = None,
                  has_extra: bool = False, configs: list[Config] | None = None, kperm: Tensor | None = None,
-                 pair_h2: bool = True):
-        self.rows, self.segments, self.bias = rows, segments, bias
+                 pair_h2: bool = True, glu: bool = False):
+        self.rows, self.segments, self.bias, self.glu = rows, segments, bias, glu
         cfgs = list(configs or [config_for(M, s.bits, rows, perm.numel()) for s in segments])
         launches = plan_launches(segments, cfgs, rows, M, pair_h2)
         direct = len(launches) == 1 and not has_extra and launches[0].split == 1
@@ -179,6 +193,7 @@ class DecodePlan:
         self.steps: list = []
         for i, lc in enumerate(launches):
             mode = 0 if direct else (2 if i == len(launches) - 1 else 1)
+            writes = glu and i == len(launches) - 1  # the one launch whose programs write the output
             sinks = _sinks(OUT, self.ws, cnt, bias, lc.segs[0].gidx)
             has_bias = bias is not None
             if lc.cfg.path == "mma":
@@ -190,19 +205,21 @@ class DecodePlan:
                                                  [X, self.kperm, Slot(2), K, Slot(3), K],
                                                  dict(BLOCK=kernels.GATHER_BLOCK))
                 self.steps.append(_MmaStep(lc, rows, self.kperm, [bases[id(s)] for s in lc.segs], sinks, mode,
-                                           has_bias, not lc.cfg.pregather))
+                                           has_bias, not lc.cfg.pregather, writes))
             elif lc.cfg.path == "h2":
-                self.steps.append(_H2Step(lc, perm, rows, sinks, mode, has_bias))
+                self.steps.append(_H2Step(lc, perm, rows, sinks, mode, has_bias, writes))
             else:
-                self.steps.append(_TileStep(lc, perm, rows, sinks, mode, has_bias, M))
+                self.steps.append(_TileStep(lc, perm, rows, sinks, mode, has_bias, M, writes))
 
     def __call__(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
-        """x fp16 [M, C] (unit column stride; not gathered) -> fp16 [M, rows] (module docstring)."""
+        """x fp16 [M, C] (unit column stride; not gathered) -> fp16 [M, rows] (module docstring;
+        glu: [M, rows / 2])."""
         M, rows = x.shape[0], self.rows
-        out = torch.empty(M, rows, dtype=x.dtype, device=x.device)
+        out = torch.empty(M, rows // 2 if self.glu else rows, dtype=x.dtype, device=x.device)
         if not self.segments:  # only 16-bit columns
             y = extra if extra is not None else torch.zeros(M, rows, dtype=torch.float32, device=x.device)
-            return (y + (self.bias.float() if self.bias is not None else 0)).to(x.dtype)
+            y = (y + (self.bias.float() if self.bias is not None else 0)).to(x.dtype)
+            return gated(y) if self.glu else y
         if extra is not None:
             self.ws[:M * rows].view(M, rows).add_(extra)
         scratch = {}
@@ -217,11 +234,12 @@ class DecodePlan:
 
 def decode_matmul(x: Tensor, perm: Tensor, segments: list, rows: int, bias: Tensor | None = None,
                   extra: Tensor | None = None, configs: list[Config] | None = None,
-                  kperm: Tensor | None = None, pair_h2: bool = True) -> Tensor:
+                  kperm: Tensor | None = None, pair_h2: bool = True, glu: bool = False) -> Tensor:
     """x fp16 [M, C] (M <= 16, unit column stride; not gathered) -> fp16 [M, rows]: the sum over
     quantized segments of x[:, perm][:, segment] @ W_segment^T, plus ``extra`` (float32 [M, rows],
-    e.g. the 16-bit columns' product) and ``bias``: a :class:`DecodePlan` made for this call."""
-    plan = DecodePlan(perm, segments, rows, x.shape[0], bias, extra is not None, configs, kperm, pair_h2)
+    e.g. the 16-bit columns' product) and ``bias``: a :class:`DecodePlan` made for this call
+    (``glu``: its gated output, [M, rows / 2])."""
+    plan = DecodePlan(perm, segments, rows, x.shape[0], bias, extra is not None, configs, kperm, pair_h2, glu)
     return plan(x, extra)
 
 

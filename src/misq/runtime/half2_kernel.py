@@ -325,7 +325,7 @@ if HAVE_TRITON:
                    xp2, xs2, q2, wa2, wb2, s2, z2, n2, nblk2, u2, ng2, bps2,
                    BITS1: tl.constexpr, BITS2: tl.constexpr, NSEG: tl.constexpr, BN: tl.constexpr,
                    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, LIMIT_LOG2: tl.constexpr,
-                   PDL: tl.constexpr = False):
+                   PDL: tl.constexpr = False, GLU: tl.constexpr = False):
         """y [1, N] (+)= x @ W^T over one or two 3- or 4-bit segments (a mixed-width layer's two
         widths in one launch). Per segment: x as pregathered pairs xp and block scales xs
         (half2_gather._gather_pairs), or (FUSED) gathered here, each program for its own blocks,
@@ -338,7 +338,7 @@ if HAVE_TRITON:
         pid_s - split1 of segment 2 from there. MODE as tile_kernel's (the split-K workspace and
         its counter span both segments' programs). PDL: launched as the x gather's programmatic
         dependent, so its programs may start before the gather is done: they wait for it
-        (_segment_sum)."""
+        (_segment_sum). GLU: the output is SiLU(gate) * up of N / 2 feature pairs (write_out)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -354,4 +354,5 @@ if HAVE_TRITON:
             y = _segment_sum(pid_s, xp1, xs1, x_ptr, q1, wa1, wb1, s1, z1, N, n1, nblk1, u1, ng1, bps1,
                              offs_n, n_ok, BITS1, BN, FUSED, LIMIT_LOG2, PDL)
         om = tl.arange(0, 1)
-        write_out(y, om, om < 1, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)
+        write_out(y, om, om < 1, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE,
+                  GLU)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from misq.checkpoint.packing import Pattern
 from misq.runtime import kernels, launch_plan
-from misq.runtime.decode_plan import DecodePlan, prefill_matmul
+from misq.runtime.decode_plan import DecodePlan, gated, prefill_matmul
 from misq.runtime.layout import Segment, build_segments, dequantize, kernel_perm
 from misq.runtime.triton_common import HAVE_TRITON
 
@@ -58,7 +58,7 @@ def packed_linear(x: Tensor, layer: int) -> Tensor:
 
 @packed_linear.register_fake
 def _packed_linear_shape(x: Tensor, layer: int) -> Tensor:
-    return x.new_empty(*x.shape[:-1], _LAYERS[layer].out_features)
+    return x.new_empty(*x.shape[:-1], _LAYERS[layer].output_features)
 
 
 def _buffer(device: torch.device, numel: int) -> Tensor:
@@ -76,12 +76,19 @@ class PackedLinear(nn.Module):
     kernel's column order, :func:`misq.runtime.layout.kernel_perm`); per segment i ``seg{i}_w{p}``
     int32 words, ``seg{i}_scales`` fp16 [K_b, R], ``seg{i}_zeros`` uint8 [K_b, R],
     ``seg{i}_gidx`` int32 [n_b]; ``fp_cols`` [R, n_fp] for 16-bit columns; ``bias`` [R].
+
+    ``glu``: the R rows are a LLaMA MLP's gate and up projections, interleaved (gate row i is row
+    2i, up row i is row 2i + 1: :func:`misq.runtime.merge.merge_gated`), and forward returns
+    SiLU(gate) * up [..., R / 2] (``output_features``): at decode the kernel that writes the output
+    makes it from its float32 sums, so the activation takes no launch of its own.
     """
 
     def __init__(self, perm: Tensor, segments: list[Segment], fp_cols: Tensor | None, rows: int,
-                 bias: Tensor | None = None, weight_dtype: torch.dtype = torch.float16):
+                 bias: Tensor | None = None, weight_dtype: torch.dtype = torch.float16, glu: bool = False):
         super().__init__()
-        self.in_features, self.out_features = int(perm.numel()), rows
+        if glu and rows % 2:
+            raise ValueError(f"a gated layer holds gate/up row pairs, so an even number of rows, not {rows}")
+        self.in_features, self.out_features, self.glu = int(perm.numel()), rows, glu
         self.weight_dtype = weight_dtype  # the dense model's weights are rounded to this dtype
         self.register_buffer("perm", perm.to(torch.int32))
         self.register_buffer("kperm", kernel_perm(self.perm, segments))
@@ -141,6 +148,11 @@ class PackedLinear(nn.Module):
         return out
 
     @property
+    def output_features(self) -> int:
+        """Features forward returns: the weight's rows, or half of them if ``glu``."""
+        return self.out_features // 2 if self.glu else self.out_features
+
+    @property
     def weight_nbytes(self) -> int:
         """Bytes this layer holds (all buffers but the bias): its share of GPU memory."""
         return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")
@@ -155,29 +167,33 @@ class PackedLinear(nn.Module):
         return HAVE_TRITON and x.is_cuda and x.dtype == torch.float16
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [..., C] -> [..., R] in x's dtype."""
+        """x [..., C] -> [..., R] in x's dtype ([..., R / 2] if glu)."""
         if not self._kernel_ok(x):
-            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            y = F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return gated(y) if self.glu else y
         if torch.compiler.is_compiling():
             return packed_linear(x, self._handle)
         return self.kernel_forward(x)
 
     def kernel_forward(self, x: Tensor) -> Tensor:
-        """x fp16 [..., C] on CUDA -> [..., R] through the kernels (module docstring)."""
+        """x fp16 [..., C] on CUDA -> [..., R] ([..., R / 2] if glu) through the kernels (module
+        docstring)."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        R = self.out_features
         M = x2.shape[0]
         if M <= launch_plan.DECODE_MAX_ROWS:  # one fused launch per width or two: gather, dot, bias, fp16
-            return self._decode(x2 if x2.stride(1) == 1 else x2.contiguous()).reshape(*shape[:-1], R)
-        if M <= launch_plan.PREFILL_FUSED_MAX_ROWS and self.fused_prefill_ok():
-            return self._prefill_fused(x2).reshape(*shape[:-1], R)
-        return self._prefill_dequant(x2).reshape(*shape[:-1], R)
+            y = self._decode(x2 if x2.stride(1) == 1 else x2.contiguous())
+        else:
+            fused = M <= launch_plan.PREFILL_FUSED_MAX_ROWS and self.fused_prefill_ok()
+            y = self._prefill_fused(x2) if fused else self._prefill_dequant(x2)
+            if self.glu:  # prefill's cuBLAS writes gate and up: the activation is torch's, as the model's own
+                y = gated(y)
+        return y.reshape(*shape[:-1], self.output_features)
 
     def _decode(self, x2: Tensor, configs: list | None = None) -> Tensor:
-        """x2 fp16 [M <= 16, C] (unit column stride) -> [M, R]: the layer's DecodePlan for M's
-        bucket (M = 1, or 2..16), the 16-bit columns' product added. ``configs``: one
-        launch_plan.Config per segment (default: the tuned or default settings)."""
+        """x2 fp16 [M <= 16, C] (unit column stride) -> [M, R] ([M, R / 2] if glu): the layer's
+        DecodePlan for M's bucket (M = 1, or 2..16), the 16-bit columns' product added.
+        ``configs``: one launch_plan.Config per segment (default: the tuned or default settings)."""
         plan = self.decode_plan(x2.shape[0], configs)
         extra = None
         if self.fp_cols is not None:
@@ -191,7 +207,7 @@ class PackedLinear(nn.Module):
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = DecodePlan(self.perm, self.segments, self.out_features, M, self.bias,
-                                                 self.fp_cols is not None, configs, self.kperm)
+                                                 self.fp_cols is not None, configs, self.kperm, glu=self.glu)
         return plan
 
     def fused_prefill_ok(self) -> bool:
@@ -225,4 +241,5 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         widths = ",".join(str(m[0]) for m in self._meta) + (",16" if self.fp_cols is not None else "")
-        return f"in_features={self.in_features}, out_features={self.out_features}, widths={widths}"
+        glu = ", gated: SiLU(gate) * up of row pairs" if self.glu else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, widths={widths}{glu}"

@@ -12,6 +12,12 @@ The model keeps its modules and its forward: each projection becomes a :class:`S
 that returns its rows of the merged layer's output. The output is computed once per input
 tensor and dropped once every slice has read it. Its views are strided, as a fused QKV
 projection's split is.
+
+A LLaMA-style MLP, down(SiLU(gate(x)) * up(x)), goes one step further (:class:`GatedMLP`): gate
+and up are merged with their rows interleaved (:func:`merge_gated`), and the merged layer
+returns SiLU(gate) * up itself. At decode the kernel's last program for each slice of
+features makes it from its float32 sums, so the activation is not a kernel of its own (a
+launch, and the gate/up output written and read back, each decode step of each layer).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from misq.runtime.layout import Segment
@@ -61,6 +68,64 @@ def merge_linears(layers: Sequence[PackedLinear]) -> PackedLinear:
                         first.weight_dtype)
 
 
+def merge_gated(gate: PackedLinear, up: PackedLinear) -> PackedLinear:
+    """One gated PackedLinear (``glu``) of ``gate`` and ``up`` (mergeable, as many rows each):
+    gate's row i is its row 2i, up's row i its row 2i + 1, so each kernel program's slice of
+    features holds whole pairs and forward returns SiLU(gate) * up."""
+    if gate.out_features != up.out_features:
+        raise ValueError(f"gate and up differ in rows ({gate.out_features}, {up.out_features})")
+
+    def pairs(a: Tensor, b: Tensor, dim: int) -> Tensor:  # a's and b's slices along dim, in turn
+        return torch.stack([a, b], dim=dim + 1).flatten(dim, dim + 1)
+
+    segments = [Segment(bits=g.bits, start=g.start, n=g.n, group_len=g.group_len, gidx=g.gidx,
+                        words={p: pairs(g.words[p], u.words[p], 1) for p in g.words},
+                        scales=pairs(g.scales, u.scales, 1), zeros=pairs(g.zeros, u.zeros, 1))
+                for g, u in zip(gate.segments, up.segments, strict=True)]
+    fp = None if gate.fp_cols is None else pairs(gate.fp_cols, up.fp_cols, 0)
+    bias = None if gate.bias is None else pairs(gate.bias, up.bias, 0)
+    return PackedLinear(gate.perm, segments, fp, 2 * gate.out_features, bias, gate.weight_dtype, glu=True)
+
+
+# The MLPs whose forward is down(SiLU(gate(x)) * up(x)) (transformers' LLaMA family,
+# misq.models.layout.KNOWN_MODEL_TYPES; Gemma's gates with GELU)
+GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
+def _is_silu(act: nn.Module) -> bool:
+    probe = torch.linspace(-8, 8, 33)
+    return torch.allclose(act(probe), F.silu(probe))
+
+
+class GatedMLP(nn.Module):
+    """A LLaMA-style MLP, down(SiLU(gate(x)) * up(x)), with gate and up as one gated packed layer
+    (:func:`merge_gated`) that returns the activation."""
+
+    def __init__(self, gate_up: PackedLinear, down_proj: nn.Module):
+        super().__init__()
+        self.gate_up = gate_up
+        self.down_proj = down_proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., hidden] -> [..., hidden]."""
+        return self.down_proj(self.gate_up(x))
+
+
+def _gated_mlp(block: nn.Module, names: Sequence[str]) -> tuple[str, nn.Module] | None:
+    """(its name in ``block``, the MLP) if ``names`` are the gate and up projections of a
+    LLaMA-style MLP (GATED_MLPS, SiLU), else None."""
+    parents = {n.rpartition(".")[0] for n in names}
+    if len(names) != 2 or len(parents) != 1 or [n.rpartition(".")[2] for n in names] != ["gate_proj", "up_proj"]:
+        return None
+    parent = parents.pop()
+    if not parent:
+        return None
+    mlp = block.get_submodule(parent)
+    if type(mlp).__name__ not in GATED_MLPS or not _is_silu(getattr(mlp, "act_fn", nn.Identity())):
+        return None
+    return parent, mlp
+
+
 class _SharedOutput:
     """The merged layer's last input and output, until each of ``readers`` slices has read it."""
 
@@ -98,11 +163,12 @@ class SharedInputSlice(nn.Module):
         return f"rows={self.start}:{self.stop} of a merged {self.merged.out_features}-row layer"
 
 
-def merge_shared_inputs(model: nn.Module, groups: Sequence[Sequence[str]]) -> int:
+def merge_shared_inputs(model: nn.Module, groups: Sequence[Sequence[str]], gated: bool = True) -> int:
     """Replace, in every decoder layer of ``model.model.layers``, each group of projections that
     read one input (``groups``: names within a layer, e.g. ``("self_attn.q_proj", ...)``) by slices
-    of one merged layer, where all of them are packed and :func:`mergeable`. Returns how many
-    groups were merged; the others stay as they were."""
+    of one merged layer, where all of them are packed and :func:`mergeable`; a LLaMA-style MLP's
+    gate and up, with ``gated``, by a :class:`GatedMLP` instead. Returns how many groups were
+    merged; the others stay as they were."""
     merged_groups = 0
     for block in model.model.layers:
         for names in groups:
@@ -110,6 +176,11 @@ def merge_shared_inputs(model: nn.Module, groups: Sequence[Sequence[str]]) -> in
                 continue
             layers = [block.get_submodule(n) for n in names]
             if not all(isinstance(layer, PackedLinear) for layer in layers) or not mergeable(layers):
+                continue
+            mlp = _gated_mlp(block, names) if gated else None
+            if mlp is not None and layers[0].out_features == layers[1].out_features:
+                block.set_submodule(mlp[0], GatedMLP(merge_gated(*layers), mlp[1].down_proj))
+                merged_groups += 1
                 continue
             merged = merge_linears(layers)
             shared = _SharedOutput(len(names))

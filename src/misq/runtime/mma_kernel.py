@@ -110,12 +110,13 @@ if HAVE_TRITON:
                 GROUP1: tl.constexpr, TC1: tl.constexpr, EVEN1: tl.constexpr,
                 BITS2: tl.constexpr, PA2: tl.constexpr, PB2: tl.constexpr, PC2: tl.constexpr, PD2: tl.constexpr,
                 GROUP2: tl.constexpr, TC2: tl.constexpr, EVEN2: tl.constexpr, NSEG: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, GATHER: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, GATHER: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                GLU: tl.constexpr = False):
         """y[rows, cols] = x @ W^T over one or two segments (widths), on the tensor cores. Program
         (pid, s): output tile pid (BM rows of x fastest, then BN features); split s takes blocks
         [s bps1, (s + 1) bps1) of segment 1 and [(s - off2) bps2, ...) of segment 2 (off2: the
         programs of segment 1 when they split disjointly, 0 when each takes part of both). MODE as
-        _decode_mm's (1 and 2 only with one BM tile of rows)."""
+        _decode_mm's (1 and 2 only with one BM tile of rows); GLU as write_out's."""
         pid = tl.program_id(0)
         n_m = tl.cdiv(M, BM)
         pid_m = pid % n_m
@@ -139,4 +140,4 @@ if HAVE_TRITON:
             acc = _mma_segment(acc, x2, q2, stride_xm, offs_m, m_ok, a2, b2, c2, d2, s2, z2, g2, lo, hi, n2, k2,
                                offs_n, n_ok, N, BITS2, PA2, PB2, PC2, PD2, GROUP2, TC2, EVEN2, GATHER, BM > 16)
         write_out(tl.trans(acc), offs_m, m_ok, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr,
-                   HAS_BIAS, MODE)
+                   HAS_BIAS, MODE, GLU)

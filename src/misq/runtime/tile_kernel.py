@@ -67,9 +67,11 @@ if HAVE_TRITON:
                    M, N, n_cols, n_groups, stride_xm, stride_om, blocks_per_split, magic,
                    BITS: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, PC: tl.constexpr, PD: tl.constexpr,
                    GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
-                   MODE: tl.constexpr, HAS_BIAS: tl.constexpr, XPREP: tl.constexpr = False):
+                   MODE: tl.constexpr, HAS_BIAS: tl.constexpr, XPREP: tl.constexpr = False,
+                   GLU: tl.constexpr = False):
         # MODE 0: store out (fp16, + bias); 1: add into the workspace; 2: add, and the last program
         # of each BLOCK_N slice writes out from the workspace (zeroing it) and resets its counter.
+        # GLU: the output is SiLU(gate) * up of the N / 2 feature pairs (triton_common.write_out).
         PMIN: tl.constexpr = PD if PD > 0 else (PC if PC > 0 else (PB if PB > 0 else PA))
         T: tl.constexpr = 32 // PMIN
         BKB: tl.constexpr = 16 * T
@@ -176,4 +178,4 @@ if HAVE_TRITON:
             y = tl.sum(acc, axis=0)[None, :]
             om = tl.arange(0, 1)
             mo = om < 1
-        write_out(y, om, mo, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE)
+        write_out(y, om, mo, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr, HAS_BIAS, MODE, GLU)

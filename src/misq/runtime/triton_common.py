@@ -203,19 +203,37 @@ if HAVE_TRITON:
         return zz, ss
 
     @triton.jit
+    def store_output(y, om, mo, offs_n, n_ok, N, pid_n, out_ptr, stride_om, GLU: tl.constexpr):
+        """Store the finished y [rows, BN] (fp32, bias added) as fp16: features ``offs_n`` (BN from
+        pid_n * BN) of output rows ``om`` (valid: ``mo``). GLU: the N features are a gate/up pair
+        each (gate 2i, up 2i + 1: misq.runtime.merge.merge_gated), and the output is SiLU(gate) * up
+        [rows, N / 2], features pid_n * BN / 2 on; from the float32 sums, so it differs from SiLU
+        and the product of the fp16-rounded gate and up by their rounding."""
+        if GLU:
+            H: tl.constexpr = y.shape[1] // 2
+            gate, up = tl.split(tl.reshape(y, (y.shape[0], H, 2)))
+            oc = pid_n * H + tl.arange(0, H)
+            tl.store(out_ptr + om[:, None] * stride_om + oc[None, :],
+                     (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mo[:, None] & (oc < N // 2)[None, :])
+        else:
+            tl.store(out_ptr + om[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=mo[:, None] & n_ok[None, :])
+
+    @triton.jit
     def write_out(y, om, mo, offs_n, n_ok, N, pid_n, out_ptr, stride_om, ws_ptr, cnt_ptr, bias_ptr,
-                   HAS_BIAS: tl.constexpr, MODE: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, MODE: tl.constexpr, GLU: tl.constexpr = False):
         """Store y [rows, BN] (fp32) for output rows ``om`` (valid: ``mo``) and features ``offs_n``.
 
         MODE 0: y (+ bias) is the output. MODE 1/2 (split-K): y is added into the fp32 workspace
         [M, N]; in MODE 2 the last program of column block ``pid_n`` reads the sums back (leaving
         zeros for the next call), adds the bias and writes the output, so no second launch is needed.
+        GLU: the output is SiLU(gate) * up of the feature pairs (store_output).
         """
         msk = mo[:, None] & n_ok[None, :]
         if MODE == 0:
             if HAS_BIAS:
                 y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + om[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=msk)
+            store_output(y, om, mo, offs_n, n_ok, N, pid_n, out_ptr, stride_om, GLU)
         else:
             wsp = ws_ptr + om[:, None] * N + offs_n[None, :]
             tl.atomic_add(wsp, y, mask=msk, sem="relaxed")
@@ -231,8 +249,7 @@ if HAVE_TRITON:
                     tot = bits.to(tl.float32, bitcast=True)
                     if HAS_BIAS:
                         tot += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                    tl.store(out_ptr + om[:, None] * stride_om + offs_n[None, :],
-                             tot.to(out_ptr.dtype.element_ty), mask=msk)
+                    store_output(tot, om, mo, offs_n, n_ok, N, pid_n, out_ptr, stride_om, GLU)
                     tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")  # the kernel's end orders it for the next call
 
     @triton.jit
