@@ -42,6 +42,8 @@ def _compile(kern, ptrs: dict[str, str], consts: dict, aligned: tuple[str, ...],
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # constexpr arguments left out take their defaults, as a launch's do (not an i32 argument's branch)
+    consts = {**{p.name: p.default for p in kern.params if p.is_constexpr and p.has_default}, **consts}
     sig = {n: ("constexpr" if n in consts else ptrs.get(n, "i32")) for n in kern.arg_names}
     idx = [i for i, n in enumerate(kern.arg_names) if n in ptrs or n in aligned]
     src = ASTSource(fn=kern, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in idx})
