@@ -36,8 +36,8 @@ if HAVE_TRITON:
 X, OUT = Slot(0), Slot(1)
 
 
-def out_stride(rows: int, glu: bool) -> int:
-    """The output's row stride: the layer's rows, or half of them for a gated output."""
+def out_width(rows: int, glu: bool) -> int:
+    """The output's features (its row stride): the layer's rows, or half of them when gated."""
     return rows // 2 if glu else rows
 
 
@@ -98,7 +98,7 @@ class _H2Step:
                          seg.scales.shape[0], bps])
         self.decode = BoundLaunch(
             _decode_h2, (lc.n_nblk, lc.split),
-            [X, OUT, *sinks, rows, out_stride(rows, glu), lc.off2 if two else lc.split, *args[0], *args[-1]],
+            [X, OUT, *sinks, rows, out_width(rows, glu), lc.off2 if two else lc.split, *args[0], *args[-1]],
             dict(widths, BN=cfg.block_n, MODE=mode, HAS_BIAS=bias, FUSED=not cfg.pregather, GLU=glu),
             cfg.num_warps, cfg.num_stages, launch_pdl=pdl, maxnreg=cfg.maxnreg)
 
@@ -129,7 +129,7 @@ class _MmaStep:
         consts = {**kernels.seg_consts(segs[0], 1), **kernels.seg_consts(segs[-1], 2)}
         self.launch = BoundLaunch(
             _mma_mm, (lc.n_nblk, lc.split),
-            [OUT, *sinks, Slot(3), rows, Slot(4), out_stride(rows, glu), lc.off2, *seg_args[0], *seg_args[-1]],
+            [OUT, *sinks, Slot(3), rows, Slot(4), out_width(rows, glu), lc.off2, *seg_args[0], *seg_args[-1]],
             dict(consts, NSEG=len(segs), BM=cfg.block_m, BN=cfg.block_n, GATHER=gather, MODE=mode, HAS_BIAS=bias,
                  GLU=glu),
             cfg.num_warps, cfg.num_stages)
@@ -158,7 +158,7 @@ class _TileStep:
         self.launch = BoundLaunch(
             _decode_mm, (lc.n_nblk, lc.split),
             [Slot(2) if self.xprep else X, perm[seg.start:], OUT, *sinks, *ptrs, seg.scales, seg.zeros, seg.gidx,
-             Slot(3), rows, seg.n, seg.scales.shape[0], Slot(4), out_stride(rows, glu), lc.bps[0], kernels.MAGIC_BITS],
+             Slot(3), rows, seg.n, seg.scales.shape[0], Slot(4), out_width(rows, glu), lc.bps[0], kernels.MAGIC_BITS],
             dict(BITS=seg.bits, **pc, GROUP=kernels.kernel_group(seg), BM=16 if dot else 1, BN=cfg.block_n, DOT=dot,
                  MODE=mode, HAS_BIAS=bias, XPREP=self.xprep, GLU=glu), cfg.num_warps, cfg.num_stages)
 
@@ -215,7 +215,7 @@ class DecodePlan:
         """x fp16 [M, C] (unit column stride; not gathered) -> fp16 [M, rows] (module docstring;
         glu: [M, rows / 2])."""
         M, rows = x.shape[0], self.rows
-        out = torch.empty(M, rows // 2 if self.glu else rows, dtype=x.dtype, device=x.device)
+        out = torch.empty(M, out_width(rows, self.glu), dtype=x.dtype, device=x.device)
         if not self.segments:  # only 16-bit columns
             y = extra if extra is not None else torch.zeros(M, rows, dtype=torch.float32, device=x.device)
             y = (y + (self.bias.float() if self.bias is not None else 0)).to(x.dtype)

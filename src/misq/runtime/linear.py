@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from misq.checkpoint.packing import Pattern
 from misq.runtime import kernels, launch_plan
-from misq.runtime.decode_plan import DecodePlan, gated, prefill_matmul
+from misq.runtime.decode_plan import DecodePlan, gated, out_width, prefill_matmul
 from misq.runtime.layout import Segment, build_segments, dequantize, kernel_perm
 from misq.runtime.triton_common import HAVE_TRITON
 
@@ -150,7 +150,7 @@ class PackedLinear(nn.Module):
     @property
     def output_features(self) -> int:
         """Features forward returns: the weight's rows, or half of them if ``glu``."""
-        return self.out_features // 2 if self.glu else self.out_features
+        return out_width(self.out_features, self.glu)
 
     @property
     def weight_nbytes(self) -> int:
